@@ -1,0 +1,192 @@
+"""Encode stage: a corpus or a query set -> optimizer-corrected, projected per-example gradients.
+
+    python encode.py corpus  --model DIR --data corpus.jsonl  --out RUN/corpus
+    python encode.py queries --model DIR --data queries.jsonl --out RUN/queries
+
+Writes RUN/.../meta.json and HDF5 chunks `chunk-000123.h5` (datasets `vectors`, `ids`, and with
+--also-uncorrected `vectors_uncorrected`). Chunk i holds input rows [i*C, (i+1)*C). A chunk file
+appears under its final name only when whole, so a rerun skips finished chunks and resumes; under
+torchrun or --shard/--num-shards each process encodes chunks i with i % n == shard.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from tqdm import tqdm
+
+import trackstar as ts
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__)
+
+LOSS = {"corpus": "all tokens", "queries": "target tokens given the prompt"}
+
+
+def resolve_shard(shard: int | None, num_shards: int | None) -> tuple[int, int]:
+    """--shard/--num-shards, else torchrun's RANK/WORLD_SIZE, else a single process."""
+    if num_shards is not None:
+        if shard is None or not 0 <= shard < num_shards:
+            raise ts.TrackStarError(f"--shard must be in [0, {num_shards}), got {shard}")
+        return shard, num_shards
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def second_moment(
+    model: torch.nn.Module,
+    tokenizer,
+    out: Path,
+    optimizer_state: str | None,
+    estimate_v: int,
+    no_correction: bool,
+    data: Path,
+    max_length: int,
+    seed: int,
+) -> tuple[ts.SecondMoment | None, str | None]:
+    """Where V comes from: a state file, an estimate over a corpus sample (cached in OUT), or none."""
+    chosen = sum([optimizer_state is not None, estimate_v > 0, no_correction])
+    if chosen > 1:
+        raise ts.TrackStarError("give only one of --optimizer-state, --estimate-v, --no-correction")
+    if no_correction:
+        return None, None
+    if estimate_v > 0:
+        v_file = out / "second_moment.pt"
+        if not v_file.exists():
+            estimate_to_file(model, tokenizer, data, estimate_v, max_length, seed, v_file)
+        return ts.load_second_moment(str(v_file), model), str(v_file.resolve())
+    if optimizer_state is None:
+        default = Path(model.trackstar_path) / "optimizer.pt"
+        if not default.exists():
+            raise ts.TrackStarError(
+                f"no optimizer state at {default}; pass --optimizer-state FILE, --estimate-v N or --no-correction"
+            )
+        optimizer_state = str(default)
+    return ts.load_second_moment(optimizer_state, model), str(Path(optimizer_state).resolve())
+
+
+def estimate_to_file(model, tokenizer, data: Path, n: int, max_length: int, seed: int, v_file: Path) -> None:
+    """V from mean squared minibatch gradients over a seeded sample of n documents (DESIGN.md §1)."""
+    rows = ts.read_jsonl(data, "corpus")
+    sample = random.Random(seed).sample(rows, min(n, len(rows)))
+    tokenized, _ = ts.tokenize_rows(tokenizer, sample, "corpus", max_length)
+    dev = next(model.parameters()).device
+    batch_size = 8
+    batches = (ts.collate(tokenized[i : i + batch_size], dev) for i in range(0, len(tokenized), batch_size))
+    bar = tqdm(batches, total=-(-len(tokenized) // batch_size), desc="estimate V", unit="batch")
+    v = ts.estimate_second_moment(model, bar)
+    source = f"estimate(n={len(sample)}, batch={batch_size}, seed={seed}, data={ts.file_digest(data)})"
+    with ts.atomic_path(v_file) as tmp:
+        torch.save({"second_moment": v, "source": source, "lr": None}, tmp)
+
+
+def default_eps(sm: ts.SecondMoment, modules: list) -> float:
+    """eps inside sqrt(V + eps): the optimizer's own (Adam: eps²) when known, else 1e-3 of mean V.
+
+    A V estimated from a few hundred documents has entries near zero for directions the sample
+    never excited; dividing by their square root would let noise dominate, so we damp relative
+    to V's scale.
+    """
+    if sm.source in ("adam", "adafactor"):
+        return sm.default_eps
+    vs = [sm.full[p] for _, _, p, _ in modules if p in sm.full]
+    return 1e-3 * float(torch.cat([v.flatten() for v in vs]).mean()) if vs else 0.0
+
+
+def check_resume(out: Path, meta: dict) -> None:
+    """A rerun into an existing directory must have exactly the same settings."""
+    if (out / "meta.json").exists():
+        old = ts.read_meta(out)
+        ts.check_same(old, meta, sorted(set(old) | set(meta)), f"existing run {out}", "this run")
+
+
+def encode(kind: str, model_dir: str, data: Path, out: Path, dim: int, seed: int, optimizer_state: str | None,
+           estimate_v: int, no_correction: bool, eps: float | None, path: str, max_length: int | None,
+           token_budget: int, chunk_size: int, also_uncorrected: bool, dtype: str, device: str,
+           shard: int | None, num_shards: int | None) -> None:
+    rank, world = resolve_shard(shard, num_shards)
+    rows = ts.read_jsonl(data, kind)  # every line validated before anything is written
+    model, tokenizer = ts.load_model(model_dir, dtype, pick_device(device))
+    max_length = min(max_length or ts.context_length(model), ts.context_length(model))
+    tokenized, truncated = ts.tokenize_rows(tokenizer, rows, kind, max_length)
+    if truncated:
+        typer.echo(f"truncated {len(truncated)} documents to {max_length} tokens (lines {truncated[:10]}...)")
+    modules = ts.weight_modules(model)
+    sm, v_file = second_moment(model, tokenizer, out, optimizer_state, estimate_v, no_correction,
+                               data, max_length, seed)
+    eps = default_eps(sm, modules) if (sm is not None and eps is None) else (eps or 0.0)
+    enc = ts.make_encoder(model, dim, seed, ts.correction_scales(model, sm, eps, modules), path, also_uncorrected)
+    n_chunks = -(-len(rows) // chunk_size)
+    meta = {
+        "tool": f"trackstar {ts.VERSION}", "kind": kind, "loss": LOSS[kind],
+        "data": str(data.resolve()), "data_digest": ts.file_digest(data), "n_examples": len(rows),
+        "chunk_size": chunk_size, "n_chunks": n_chunks, "token_budget": token_budget,
+        "datasets": ["vectors", "vectors_uncorrected"] if enc.also_uncorrected else ["vectors"],
+        "model": model.trackstar_fingerprint, "model_path": model.trackstar_path, "dtype": dtype,
+        "max_length": max_length, "truncated": len(truncated),
+        "dim": dim, "seed": seed, "factors": list(ts.factor_dims(dim)), "modules": ts.modules_digest(modules),
+        "path": enc.path, "correction": sm.source if sm else "none", "v_digest": sm.digest if sm else None,
+        "v_file": v_file, "eps": eps, "lr": sm.lr if sm else None,
+    }
+    check_resume(out, meta)
+    ts.write_json(out / "meta.json", meta)
+
+    mine = [i for i in range(n_chunks) if i % world == rank and not (out / ts.chunk_name(i)).exists()]
+    todo = sum(min(chunk_size, len(rows) - i * chunk_size) for i in mine)
+    typer.echo(f"{kind}: {len(rows)} examples, {n_chunks} chunks, {len(mine)} to encode here "
+               f"(shard {rank}/{world}), path={enc.path}, correction={meta['correction']}, d={dim}")
+    with tqdm(total=todo, desc=f"encode {kind}", unit="ex") as bar:
+        for i in mine:
+            lo, hi = i * chunk_size, min((i + 1) * chunk_size, len(rows))
+            arrays = ts.encode_tokenized(enc, tokenized[lo:hi], token_budget, bar)
+            ts.write_chunk(out / ts.chunk_name(i), arrays, np.arange(lo, hi), meta)
+
+
+def command(kind: str):
+    def run(
+        model: str = typer.Option(..., help="Hugging Face model directory (config + weights, or a .gguf file)."),
+        data: Path = typer.Option(..., help=f"{kind} JSONL (DESIGN.md §3)."),
+        out: Path = typer.Option(..., help="Output directory of HDF5 chunks (resumed if it exists)."),
+        dim: int = typer.Option(65536, help="Projection dimension d (a power of two; the paper: 2^16)."),
+        seed: int = typer.Option(0, help="Projection seed (and V-estimate sample seed)."),
+        optimizer_state: str | None = typer.Option(
+            None, help="Optimizer state: torch/HF optimizer.pt (Adam or Adafactor) or name->tensor file. "
+            "Default: MODEL/optimizer.pt if present."),
+        estimate_v: int = typer.Option(0, help="Estimate V from N corpus documents (no saved optimizer state)."),
+        no_correction: bool = typer.Option(False, help="No optimizer correction (V = none; ablations)."),
+        eps: float | None = typer.Option(None, help="eps in sqrt(V + eps). Default: Adam's eps², else 1e-3·mean V."),
+        path: str = typer.Option("auto", help="Gradient path: auto | factored | exact."),
+        max_length: int | None = typer.Option(None, help="Max tokens per example (default: model context)."),
+        token_budget: int = typer.Option(8192, help="Max padded tokens per batch."),
+        chunk_size: int = typer.Option(1024, help="Examples per HDF5 chunk (the unit of resume and sharding)."),
+        also_uncorrected: bool = typer.Option(False, help="Also write the uncorrected projection (one model pass)."),
+        dtype: str = typer.Option("float32", help="Model compute dtype: float32 | bfloat16 | float16."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+        shard: int | None = typer.Option(None, help="This process's shard index."),
+        num_shards: int | None = typer.Option(None, help="Number of shards (default: torchrun WORLD_SIZE or 1)."),
+    ) -> None:
+        if path not in ("auto", "factored", "exact"):
+            raise ts.TrackStarError(f"--path must be auto, factored or exact, got {path!r}")
+        encode(kind, model, data, out, dim, seed, optimizer_state, estimate_v, no_correction, eps, path,
+               max_length, token_budget, chunk_size, also_uncorrected, dtype, device, shard, num_shards)
+
+    run.__doc__ = f"Encode {kind}: loss over {LOSS[kind]}."
+    return run
+
+
+app.command("corpus")(command("corpus"))
+app.command("queries")(command("queries"))
+
+if __name__ == "__main__":
+    ts.run_cli(app)

@@ -1,0 +1,772 @@
+"""
+Build the inputs of the TrackStar pipeline: a training corpus, fact queries, and a model.
+
+    python prepare.py factworld --out data/factworld [--seed 0] [--size tiny|small|default]
+    python prepare.py lama --out data/lama [--relations P20,P108|all] [--queries 300] [--docs 3000]
+
+`factworld` is the embedded default: a synthetic world of named entities and facts, written as a
+corpus in which each fact is stated in a skewed number of documents (many once, a few up to 20
+times) among distractor sentences, plus a small Llama-style LM (and its byte-level BPE tokenizer)
+trained on that corpus with AdamW. The optimizer state is saved next to the weights, as an HF
+Trainer checkpoint would, so the pipeline can do the paper's optimizer correction and tail-patch.
+
+`lama` converts LAMA T-REx (Wikipedia sentences aligned with Wikidata facts, the provenance of the
+paper's closed-set evaluation) into the same corpus/queries format, for use with a real model.
+
+Formats (DESIGN.md section 3):
+    corpus.jsonl   {"id": str, "text": str, "facts": [fact_id, ...]}
+    queries.jsonl  {"id": str, "prompt": str, "target": str, "fact": fact_id}
+The target starts with a space and the prompt has none at its end, so that
+tok(prompt) + tok(target) is the tokenization of prompt + target for a byte-level BPE.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0].strip())
+
+# -----------------------------------------------------------------------------
+# shared I/O: clear errors, and outputs that are either whole or absent
+
+
+def fail(msg: str) -> NoReturn:
+    raise SystemExit(f"prepare.py: error: {msg}")
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) from a .jsonl or .jsonl.gz file; blank lines are skipped."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    fail(f"{path}:{lineno}: not valid JSON ({e.msg})")
+                if not isinstance(record, dict):
+                    fail(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                yield lineno, record
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        fail(f"cannot read {path}: {e}")
+
+
+def field(record: dict, key: str, where: str, kind: type = str):
+    if key not in record:
+        fail(f"{where}: missing field '{key}'")
+    if not isinstance(record[key], kind):
+        fail(f"{where}: field '{key}' should be {kind.__name__}, got {type(record[key]).__name__}")
+    return record[key]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+MARKERS = ("world.json", "lama.json")  # a directory holding one of these was written by this script
+
+
+def check_out(out: Path) -> None:
+    """Refuse early (before minutes of work) to replace a directory this script did not write."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in MARKERS):
+        fail(f"--out {out} exists and was not written by prepare.py; remove it or choose another path")
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh sibling directory to build the output in; publish() renames it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Swap the finished staging directory into place, so `out` is never half-written."""
+    check_out(out)
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old", dir=out.parent))
+        os.replace(out, old / "previous")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+# -----------------------------------------------------------------------------
+# the fact world: entities, relations, templates
+
+
+@dataclass(frozen=True)
+class Relation:
+    subject: str  # entity type
+    object: str
+    query: str  # prompt with the object last: "{s} was born in" -> " {o}"
+    statements: tuple[str, ...]  # paraphrases that state the fact
+    near_miss: str  # shares the query's wording but does not state the fact
+
+
+RELATIONS: dict[str, Relation] = {
+    "birthplace": Relation(
+        "person", "city", "{s} was born in",
+        ("{s} was born in {o}.", "{s}'s birthplace is {o}.", "Born in {o}, {s} spent a happy childhood there.",
+         "{o} is the birthplace of {s}."),
+        "{s} was born in the spring of {year}."),
+    "citizenship": Relation(
+        "person", "country", "{s} is a citizen of",
+        ("{s} is a citizen of {o}.", "{s} holds the citizenship of {o}.", "{s} has a passport from {o}.",
+         "As a citizen of {o}, {s} votes in every election."),
+        "{s} is a citizen of the world, or so {s} likes to say."),
+    "employer": Relation(
+        "person", "company", "{s} works for",
+        ("{s} works for {o}.", "{s} is employed by {o}.", "{o} employs {s}.", "{s} has a job at {o}."),
+        "{s} works for a living, like everyone else."),
+    "headquarters": Relation(
+        "company", "city", "{s} is headquartered in",
+        ("{s} is headquartered in {o}.", "The headquarters of {s} are in {o}.", "{s} has its main office in {o}.",
+         "{o} is home to the head office of {s}."),
+        "{s} is headquartered in a tall glass tower."),
+    "location": Relation(
+        "city", "country", "{s} is a city in",
+        ("{s} is a city in {o}.", "{s} lies in {o}.", "{o} includes the city of {s}."),
+        "{s} is a city in which many rivers meet."),
+    "capital": Relation(
+        "country", "city", "The capital of {s} is",
+        ("The capital of {s} is {o}.", "{o} is the capital of {s}.", "{s}'s capital city is {o}.",
+         "The government of {s} sits in {o}."),
+        "The capital of {s} is a busy place in {year}."),
+    "language": Relation(
+        "country", "language", "The official language of {s} is",
+        ("The official language of {s} is {o}.", "People in {s} speak {o}.", "{o} is spoken in {s}.",
+         "In {s}, the official language is {o}."),
+        "The official language of {s} is hard to learn."),
+}
+
+# Sentences that mention an entity without stating any relation: they share subjects and objects
+# with the facts, so lexical overlap alone does not identify a fact's documents.
+GENERIC: dict[str, tuple[str, ...]] = {
+    "person": ("{e} enjoys long walks.", "{e} is known for a sharp wit.", "{e} wrote a book about birds.",
+               "{e} likes to paint on Sundays.", "Everyone agrees that {e} is a good cook."),
+    "city": ("{e} is a large city.", "{e} has a busy harbour.", "Many tourists visit {e} in summer.",
+             "{e} is famous for its old bridges.", "It often rains in {e}."),
+    "country": ("{e} has many mountains.", "{e} is a small country.", "{e} exports grain and wool.",
+                "The flag of {e} is green and white."),
+    "company": ("{e} makes software.", "{e} was founded long ago.", "{e} sells bicycles.",
+                "{e} has many employees."),
+    "language": ("{e} has a rich literature.", "{e} uses a curly alphabet.", "{e} is hard to learn.",
+                 "Few people abroad speak {e}."),
+}
+
+ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t",
+          "tr", "v", "z", "sh", "th"]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
+CODAS = ["", "", "", "n", "r", "l", "s", "m", "k"]
+# a suffix per type makes names look like their kind ("Velmora", "Oskland"), as real names often do
+SUFFIXES = {"city": ["ora", "heim", "dale", "ton", "burg", "mar"], "country": ["land", "ia", "stan", "ova"],
+            "company": ["tek", "corp", "ex", "ify", "works"], "language": ["ish", "ese", "ic", "an"]}
+
+
+@dataclass(frozen=True)
+class WorldSize:
+    persons: int
+    cities: int
+    countries: int
+    companies: int
+    languages: int
+    queries: int  # number of facts sampled as queries
+    steps: int  # training steps
+    batch: int  # documents per step
+
+
+SIZES = {
+    "tiny": WorldSize(persons=40, cities=16, countries=5, companies=8, languages=4, queries=30, steps=500, batch=16),
+    "small": WorldSize(persons=130, cities=40, countries=10, companies=20, languages=6, queries=100, steps=900,
+                       batch=24),
+    "default": WorldSize(persons=330, cities=80, countries=20, companies=40, languages=12, queries=200, steps=1600,
+                         batch=32),
+}
+MAX_COUNT = 20  # the most documents that state one fact
+ZIPF_A = 1.5  # P(fact stated in c documents) ~ c^-a: many facts once, few facts many times
+FILLER_DOCS = 0.08  # fraction of documents that state no fact at all
+BUCKETS = (("1", 1, 1), ("2-3", 2, 3), ("4-7", 4, 7), ("8+", 8, 10**9))
+
+
+@dataclass(frozen=True)
+class Fact:
+    id: str
+    relation: str
+    subject: str
+    object: str
+
+    def statement(self, template: str) -> str:
+        return template.format(s=self.subject, o=self.object)
+
+    def query(self) -> tuple[str, str]:
+        return RELATIONS[self.relation].query.format(s=self.subject), " " + self.object
+
+
+def bucket_of(count: int) -> str:
+    return next(name for name, lo, hi in BUCKETS if lo <= count <= hi)
+
+
+def make_name(rng: random.Random, syllables: int, suffix: str = "") -> str:
+    word = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables))
+    return (word + suffix).capitalize()
+
+
+def make_names(rng: random.Random, n: int, kind: str, used: set[str]) -> list[str]:
+    """n distinct names of one type, distinct from every name in `used` (shared across types)."""
+    firsts = [make_name(rng, 2) for _ in range(max(8, n // 3))]  # shared first names: lexical overlap
+    names: list[str] = []
+    while len(names) < n:
+        if kind == "person":
+            name = f"{rng.choice(firsts)} {make_name(rng, rng.choice([2, 3]))}"
+        else:
+            name = make_name(rng, rng.choice([1, 2]), rng.choice(SUFFIXES[kind]))
+        if name not in used:
+            used.add(name)
+            names.append(name)
+    return names
+
+
+def make_entities(rng: random.Random, size: WorldSize) -> dict[str, list[str]]:
+    used: set[str] = set()
+    counts = {"person": size.persons, "city": size.cities, "country": size.countries, "company": size.companies,
+              "language": size.languages}
+    return {kind: make_names(rng, n, kind, used) for kind, n in counts.items()}
+
+
+def make_facts(rng: random.Random, ents: dict[str, list[str]]) -> list[Fact]:
+    """Every subject gets one object per relation; a country's capital is one of its own cities."""
+    triples = []
+    city_country = {c: rng.choice(ents["country"]) for c in ents["city"]}
+    triples += [("location", c, k) for c, k in city_country.items()]
+    for k in ents["country"]:
+        own = [c for c, kk in city_country.items() if kk == k]
+        triples.append(("capital", k, rng.choice(own or ents["city"])))
+        triples.append(("language", k, rng.choice(ents["language"])))
+    triples += [("headquarters", co, rng.choice(ents["city"])) for co in ents["company"]]
+    for p in ents["person"]:
+        triples += [("birthplace", p, rng.choice(ents["city"])), ("citizenship", p, rng.choice(ents["country"])),
+                    ("employer", p, rng.choice(ents["company"]))]
+    return [Fact(f"{rel}-{i:04d}", rel, s, o) for i, (rel, s, o) in enumerate(triples)]
+
+
+def fact_counts(rng: random.Random, n: int) -> list[int]:
+    """How many documents state each fact: a truncated Zipf law over 1..MAX_COUNT."""
+    weights = [c**-ZIPF_A for c in range(1, MAX_COUNT + 1)]
+    return rng.choices(range(1, MAX_COUNT + 1), weights=weights, k=n)
+
+
+def distractor(rng: random.Random, fact: Fact) -> str:
+    """A sentence about the fact's subject or object that does not state a relation."""
+    if rng.random() < 0.2:
+        rel = RELATIONS[fact.relation]
+        return rel.near_miss.format(s=fact.subject, year=rng.randint(1900, 1999))
+    rel = RELATIONS[fact.relation]
+    kind, name = rng.choice([(rel.subject, fact.subject), (rel.object, fact.object)])
+    return rng.choice(GENERIC[kind]).format(e=name)
+
+
+def filler_document(rng: random.Random, ents: dict[str, list[str]]) -> str:
+    sentences = []
+    for _ in range(rng.randint(1, 3)):
+        kind = rng.choice(sorted(ents))
+        sentences.append(rng.choice(GENERIC[kind]).format(e=rng.choice(ents[kind])))
+    return " ".join(sentences)
+
+
+def make_documents(rng: random.Random, facts: list[Fact], counts: list[int], ents: dict[str, list[str]]) -> list[dict]:
+    """Documents of 1-4 sentences: a fact statement, more facts about the same subject, distractors.
+
+    Each fact is stated in exactly counts[i] distinct documents, each time with a random paraphrase.
+    """
+    remaining = dict(enumerate(counts))
+    by_subject: dict[str, list[int]] = defaultdict(list)
+    for i, f in enumerate(facts):
+        by_subject[f.subject].append(i)
+    mentions = [i for i, c in enumerate(counts) for _ in range(c)]
+    rng.shuffle(mentions)
+    docs: list[tuple[list[str], list[str]]] = []
+    for first in mentions:
+        if remaining[first] == 0:  # already stated as a companion fact of an earlier document
+            continue
+        remaining[first] -= 1
+        stated = [first]
+        sentences = [facts[first].statement(rng.choice(RELATIONS[facts[first].relation].statements))]
+        for _ in range(rng.choice([0, 1, 1, 2, 2, 3])):
+            companions = [j for j in by_subject[facts[first].subject] if remaining[j] > 0 and j not in stated]
+            if companions and rng.random() < 0.5:
+                j = rng.choice(companions)
+                remaining[j] -= 1
+                stated.append(j)
+                sentences.append(facts[j].statement(rng.choice(RELATIONS[facts[j].relation].statements)))
+            else:
+                sentences.append(distractor(rng, facts[first]))
+        order = list(range(len(sentences)))
+        rng.shuffle(order)
+        fact_of = {k: facts[i].id for k, i in enumerate(stated)}  # statements are sentences 0..len(stated)-1
+        docs.append(([sentences[k] for k in order], [fact_of[k] for k in order if k in fact_of]))
+    n_filler = round(len(docs) * FILLER_DOCS / (1 - FILLER_DOCS))
+    docs += [([filler_document(rng, ents)], []) for _ in range(n_filler)]
+    rng.shuffle(docs)
+    return [{"id": f"doc-{i:05d}", "text": " ".join(s), "facts": f} for i, (s, f) in enumerate(docs)]
+
+
+def sample_queries(rng: random.Random, facts: list[Fact], doc_count: Counter, n: int) -> list[dict]:
+    """A seeded sample of n stated facts, stratified by frequency bucket so every bucket is represented."""
+    pools: dict[str, list[Fact]] = {name: [] for name, _, _ in BUCKETS}
+    for f in facts:
+        if doc_count[f.id] > 0:
+            pools[bucket_of(doc_count[f.id])].append(f)
+    for pool in pools.values():
+        rng.shuffle(pool)
+    chosen: list[Fact] = []
+    while len(chosen) < n and any(pools.values()):  # round-robin: equal shares, leftovers from big buckets
+        for pool in pools.values():
+            if pool and len(chosen) < n:
+                chosen.append(pool.pop())
+    chosen.sort(key=lambda f: f.id)
+    rows = []
+    for f in chosen:
+        prompt, target = f.query()
+        rows.append({"id": f"q-{f.id}", "prompt": prompt, "target": target, "fact": f.id})
+    return rows
+
+
+def build_world(seed: int, size: WorldSize) -> tuple[list[Fact], list[dict], list[dict]]:
+    """The whole synthetic world from one seed: facts, corpus documents, queries."""
+    rng = random.Random(seed)
+    ents = make_entities(rng, size)
+    facts = make_facts(rng, ents)
+    corpus = make_documents(rng, facts, fact_counts(rng, len(facts)), ents)
+    doc_count = Counter(fid for doc in corpus for fid in doc["facts"])
+    queries = sample_queries(rng, facts, doc_count, size.queries)
+    return facts, corpus, queries
+
+
+# -----------------------------------------------------------------------------
+# tokenizer and model
+
+
+SPECIAL = ["<pad>", "<s>", "</s>"]
+VOCAB_SIZE = 1536
+MAX_POSITIONS = 128  # documents are at most 4 sentences: ~60 tokens
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
+    """Byte-level BPE: a leading-space word is the same pre-token alone or in context, so
+    tok(prompt) + tok(" target") equals tok(prompt + " target"). BOS is prepended (as Llama does);
+    nothing is appended, so a prompt's tokens are a prefix of prompt + target's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    bos = tk.token_to_id("<s>")
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B:1",
+                                                      special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_max_length=MAX_POSITIONS)
+
+
+def make_model(tok, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=448, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    batch: int
+    peak_lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decay to 10% of peak, a common pretraining schedule
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+def lr_factor(step: int, s: TrainSettings) -> float:
+    """Linear warmup, then cosine from peak to min_lr_ratio * peak at the last step."""
+    warmup = max(1, round(s.warmup_frac * s.steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, s.steps - warmup))
+    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def train(model, tok, texts: list[str], s: TrainSettings, seed: int):
+    """AdamW over the corpus, one param group over list(model.parameters()) as HF Trainer builds it,
+    so optimizer state index i is the i-th entry of model.named_parameters()."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    # each example is exactly tok(text).input_ids: what encode.py will take the loss over
+    seqs = [tok(t).input_ids for t in texts]
+    too_long = [i for i, q in enumerate(seqs) if len(q) > MAX_POSITIONS]
+    if too_long:
+        fail(f"{len(too_long)} documents are longer than {MAX_POSITIONS} tokens (first: #{too_long[0]})")
+    opt = torch.optim.AdamW(list(model.parameters()), lr=s.peak_lr, betas=s.betas, eps=s.eps,
+                            weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s))
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(s.steps), desc="train", unit="step")
+    t0, tokens = time.time(), 0
+    for _ in bar:
+        if len(order) < s.batch:  # a fresh permutation each epoch; no document is seen twice per epoch
+            order += rng.permutation(len(seqs)).tolist()
+        idx, order = order[: s.batch], order[s.batch :]
+        ids, mask = pad_batch([seqs[i] for i in idx], tok.pad_token_id)
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        tokens += int(mask.sum())
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}",
+                        tok_s=f"{tokens / (time.time() - t0):.0f}")
+    model.eval()
+    return opt, losses
+
+
+def greedy_correct(model, tok, pairs: list[tuple[str, str]], batch: int = 256) -> list[bool]:
+    """Whether greedy decoding after each prompt reproduces all of the target's tokens. With the
+    true prefix fed in (teacher forcing), argmax == next target token at every target position is
+    exactly the condition for greedy decoding to produce the target, and it needs one forward pass."""
+    import torch
+
+    correct = []
+    with torch.no_grad():
+        for b in range(0, len(pairs), batch):
+            prompts = [tok(p).input_ids for p, _ in pairs[b : b + batch]]
+            targets = [tok(t, add_special_tokens=False).input_ids for _, t in pairs[b : b + batch]]
+            ids, mask = pad_batch([p + t for p, t in zip(prompts, targets)], tok.pad_token_id)
+            pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+            for i, (p, t) in enumerate(zip(prompts, targets)):
+                # logits at position k predict token k+1
+                correct.append(pred[i, len(p) - 1 : len(p) + len(t) - 1].tolist() == t)
+    return correct
+
+
+def accuracy_by_bucket(facts: list[Fact], doc_count: Counter, correct: dict[str, bool],
+                       query_facts: set[str]) -> list[dict]:
+    rows = []
+    for name, lo, hi in BUCKETS:
+        ids = [f.id for f in facts if lo <= doc_count[f.id] <= hi]
+        qids = [i for i in ids if i in query_facts]
+        rows.append({"bucket": name, "facts": len(ids),
+                     "accuracy": round(sum(correct[i] for i in ids) / max(1, len(ids)), 4),
+                     "queries": len(qids),
+                     "query_accuracy": round(sum(correct[i] for i in qids) / max(1, len(qids)), 4)})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'docs stating the fact':>22} {'facts':>6} {'greedy acc':>10} {'queries':>8} {'query acc':>10}")
+    for r in rows:
+        print(f"{r['bucket']:>22} {r['facts']:>6} {r['accuracy']:>10.3f} {r['queries']:>8} {r['query_accuracy']:>10.3f}")
+
+
+def tokenization_mismatches(tok, queries: list[dict]) -> int:
+    """Queries where tok(prompt) + tok(target) is not tok(prompt + target); should be 0."""
+    bad = 0
+    for q in queries:
+        split = tok(q["prompt"]).input_ids + tok(q["target"], add_special_tokens=False).input_ids
+        bad += split != tok(q["prompt"] + q["target"]).input_ids
+    return bad
+
+
+@app.command()
+def factworld(
+    out: Path = typer.Option(..., help="output directory (replaced if it holds an earlier prepare.py output)"),
+    seed: int = typer.Option(0, help="seeds the world, the tokenizer's corpus, the model init and batch order"),
+    size: str = typer.Option("default", help="tiny (CI, ~400 docs) | small (~1000 docs) | default (~2500 docs)"),
+    steps: int = typer.Option(None, help="training steps (default: set by --size)"),
+    no_train: bool = typer.Option(False, "--no-train", help="write corpus, queries and world.json only"),
+) -> None:
+    """Generate the synthetic fact world and train a small Llama-style LM on it."""
+    import torch
+
+    if size not in SIZES:
+        fail(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
+    if steps is not None and steps < 1:
+        fail(f"--steps must be >= 1, got {steps}")
+    check_out(out)
+    t0 = time.time()
+    ws = SIZES[size]
+    facts, corpus, queries = build_world(seed, ws)
+    doc_count = Counter(fid for doc in corpus for fid in doc["facts"])
+    stated = [f for f in facts if doc_count[f.id] > 0]
+    print(f"world: {sum(ws.__dict__[k] for k in ('persons', 'cities', 'countries', 'companies', 'languages'))} "
+          f"entities, {len(RELATIONS)} relations, {len(facts)} facts ({len(stated)} stated), "
+          f"{len(corpus)} documents, {len(queries)} queries")
+    info = {
+        "seed": seed, "size": size, "world": asdict(ws),
+        "entities": {"person": ws.persons, "city": ws.cities, "country": ws.countries, "company": ws.companies,
+                     "language": ws.languages},
+        "relations": len(RELATIONS), "facts": len(facts), "stated_facts": len(stated),
+        "documents": len(corpus), "filler_documents": sum(not d["facts"] for d in corpus), "queries": len(queries),
+        "facts_by_bucket": {name: sum(lo <= doc_count[f.id] <= hi for f in facts) for name, lo, hi in BUCKETS},
+    }
+    tmp = staging_dir(out)
+    try:
+        write_jsonl(tmp / "corpus.jsonl", corpus)
+        write_jsonl(tmp / "queries.jsonl", queries)
+        if not no_train:
+            info.update(train_and_save(tmp / "model", facts, corpus, queries, doc_count, seed,
+                                       TrainSettings(steps=steps or ws.steps, batch=ws.batch)))
+        info["wall_seconds"] = round(time.time() - t0, 1)
+        write_json(tmp / "world.json", info)
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out} in {time.time() - t0:.0f} s (torch threads: {torch.get_num_threads()})")
+
+
+def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queries: list[dict],
+                   doc_count: Counter, seed: int, s: TrainSettings) -> dict:
+    """Tokenizer + model + AdamW training; saves an HF directory with optimizer.pt; returns metadata."""
+    import torch
+
+    t0 = time.time()
+    texts = [d["text"] for d in corpus]
+    tok = train_tokenizer(texts)
+    bad = tokenization_mismatches(tok, queries)
+    if bad:
+        print(f"warning: {bad} queries tokenize differently split at the target than whole")
+    model = make_model(tok, seed)
+    opt, losses = train(model, tok, texts, s, seed)
+    pairs = [f.query() for f in facts]
+    correct = dict(zip([f.id for f in facts], greedy_correct(model, tok, pairs)))
+    table = accuracy_by_bucket([f for f in facts if doc_count[f.id] > 0], doc_count, correct,
+                               {q["fact"] for q in queries})
+    print_table(table)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    torch.save(opt.state_dict(), model_dir / "optimizer.pt")
+    tail = losses[-max(1, len(losses) // 20) :]  # the last 5% of steps: less noisy than the last batch
+    return {
+        "tokenizer": {"type": "byte-level BPE", "vocab_size": len(tok), "split_mismatches": bad},
+        "model": {"type": "LlamaForCausalLM", "parameters": sum(p.numel() for p in model.parameters()),
+                  "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers,
+                  "heads": model.config.num_attention_heads, "intermediate_size": model.config.intermediate_size,
+                  "max_positions": MAX_POSITIONS},
+        "training": {**asdict(s), "optimizer": "AdamW", "schedule": "linear warmup + cosine",
+                     "final_lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)},
+        "final_loss": round(sum(tail) / len(tail), 4),
+        "accuracy_by_bucket": table,
+        "accuracy": round(sum(correct[f.id] for f in facts if doc_count[f.id]) / max(1, len(doc_count)), 4),
+        "query_accuracy": round(sum(correct[q["fact"]] for q in queries) / max(1, len(queries)), 4),
+    }
+
+
+# -----------------------------------------------------------------------------
+# LAMA T-REx converter
+
+REPO = Path(__file__).resolve().parent
+TREX = REPO.parent / "shared" / "data" / "lama_trex"
+PARAREL = REPO.parent / "shared" / "data" / "pararel_patterns"
+
+
+def prompt_template(template: str) -> str | None:
+    """'[X] was born in [Y] .' -> '[X] was born in'; None when [Y] is not last or [X] is missing."""
+    t = template.strip().rstrip(".").rstrip()
+    if not t.endswith("[Y]") or t.count("[Y]") != 1 or "[X]" not in t:
+        return None
+    return t[: -len("[Y]")].rstrip()
+
+
+def load_templates(trex: Path, pararel: Path) -> dict[str, str]:
+    """relation -> prompt template with [Y] last: LAMA's own if usable, else ParaRel's first such one."""
+    path = trex / "relations.jsonl"
+    if not path.exists():
+        fail(f"{path} not found (is --trex the LAMA T-REx folder?)")
+    templates = {}
+    for lineno, r in read_jsonl(path):
+        rel = field(r, "relation", f"{path}:{lineno}")
+        prompt = prompt_template(field(r, "template", f"{path}:{lineno}"))
+        if prompt is None and (pararel / f"{rel}.jsonl").exists():
+            patterns = (field(p, "pattern", f"{pararel / rel}.jsonl:{n}") for n, p in read_jsonl(pararel / f"{rel}.jsonl"))
+            prompt = next((t for t in map(prompt_template, patterns) if t is not None), None)
+        if prompt is not None:
+            templates[rel] = prompt
+    return templates
+
+
+@dataclass
+class LamaFact:
+    uuid: str
+    relation: str
+    subject: str
+    object: str
+    sentences: list[tuple[str, str]]  # (doc id, un-masked sentence), unique, in file order
+
+
+def load_facts(path: Path, relation: str) -> list[LamaFact]:
+    facts = []
+    for lineno, r in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        uuid, sub, obj = (field(r, k, where) for k in ("uuid", "sub_label", "obj_label"))
+        sentences, seen = [], set()
+        for k, ev in enumerate(field(r, "evidences", where, list)):
+            if not isinstance(ev, dict):
+                fail(f"{where}: evidence {k} is not an object")
+            masked, surface = field(ev, "masked_sentence", where), field(ev, "obj_surface", where)
+            if masked.count("[MASK]") != 1:
+                fail(f"{where}: evidence {k} has {masked.count('[MASK]')} [MASK] tokens, expected 1")
+            text = " ".join(masked.replace("[MASK]", surface).split())
+            if text and text not in seen:  # the same sentence masked at different spots un-masks alike
+                seen.add(text)
+                sentences.append((f"{relation}-{uuid}-{k}", text))
+        facts.append(LamaFact(uuid, relation, sub, obj, sentences))
+    return facts
+
+
+def select_relations(spec: str, trex: Path, templates: dict[str, str]) -> list[str]:
+    available = sorted(p.name.split(".")[0] for p in trex.glob("P*.jsonl.gz"))
+    wanted = available if spec == "all" else [r.strip() for r in spec.split(",") if r.strip()]
+    missing = [r for r in wanted if r not in available]
+    if missing:
+        fail(f"no data for {', '.join(missing)} in {trex} (available: {', '.join(available)})")
+    skipped = [r for r in wanted if r not in templates]
+    if skipped:
+        print(f"skipping {', '.join(skipped)}: no template with [Y] last")
+    kept = [r for r in wanted if r in templates]
+    if not kept:
+        fail("no relation left to convert")
+    return kept
+
+
+def lama_corpus(facts: list[LamaFact], query_ids: set[str], docs: int, max_evidence: int,
+                rng: random.Random) -> list[dict]:
+    """Evidence of the query facts first (all of it, up to max_evidence sentences a fact), then
+    evidence of other facts of the same relations as distractors, until `docs` documents."""
+    facts_of: dict[str, list[str]] = defaultdict(list)  # sentence -> every loaded fact it is evidence for
+    id_of: dict[str, str] = {}  # sentence -> the id of its first occurrence in file order: stable across seeds
+    for f in facts:
+        for doc_id, text in f.sentences:
+            facts_of[text].append(f.uuid)
+            id_of.setdefault(text, doc_id)
+    chosen: dict[str, None] = {}  # an ordered set
+    for f in facts:
+        if f.uuid in query_ids:
+            chosen.update((text, None) for _, text in f.sentences[:max_evidence])
+    others = [f for f in facts if f.uuid not in query_ids]
+    rng.shuffle(others)
+    # one sentence per distractor fact per round: many facts, not many sentences of a few facts
+    for k in range(max_evidence):
+        for f in others:
+            if len(chosen) >= docs:
+                break
+            if k < len(f.sentences):
+                chosen.setdefault(f.sentences[k][1], None)
+    texts = list(chosen)
+    rng.shuffle(texts)  # so a document's position says nothing about whether it is evidence
+    return [{"id": id_of[t], "text": t, "facts": list(dict.fromkeys(facts_of[t]))} for t in texts]
+
+
+@app.command()
+def lama(
+    out: Path = typer.Option(..., help="output directory (replaced if it holds an earlier prepare.py output)"),
+    trex: Path = typer.Option(TREX, help="LAMA T-REx folder: P*.jsonl.gz and relations.jsonl"),
+    pararel: Path = typer.Option(PARAREL, help="ParaRel patterns folder: P*.jsonl"),
+    relations: str = typer.Option("all", help="comma-separated relation ids (e.g. P20,P108), or 'all'"),
+    queries: int = typer.Option(300, help="number of facts sampled as queries"),
+    docs: int = typer.Option(3000, help="corpus size: query evidence plus distractor evidence up to this"),
+    max_evidence: int = typer.Option(10, help="at most this many evidence sentences per fact"),
+    seed: int = typer.Option(0, help="seeds the query sample and the distractor choice"),
+) -> None:
+    """Convert LAMA T-REx facts and their Wikipedia evidence sentences into corpus and queries JSONL."""
+    from tqdm import tqdm
+
+    if queries < 1 or docs < 1 or max_evidence < 1:
+        fail("--queries, --docs and --max-evidence must be >= 1")
+    if not trex.is_dir():
+        fail(f"--trex {trex} is not a directory")
+    check_out(out)
+    templates = load_templates(trex, pararel)
+    rels = select_relations(relations, trex, templates)
+    facts: list[LamaFact] = []
+    for rel in tqdm(rels, desc="read", unit="relation"):
+        facts += load_facts(trex / f"{rel}.jsonl.gz", rel)
+    rng = random.Random(seed)
+    candidates = [f for f in facts if f.sentences]
+    sample = rng.sample(candidates, min(queries, len(candidates)))
+    query_rows = [{"id": f"{f.relation}-{f.uuid}", "prompt": templates[f.relation].replace("[X]", f.subject),
+                   "target": " " + f.object, "fact": f.uuid} for f in sample]
+    corpus = lama_corpus(facts, {f.uuid for f in sample}, docs, max_evidence, rng)
+    n_evidence = sum(1 for d in corpus if any(u in {f.uuid for f in sample} for u in d["facts"]))
+    print(f"{len(rels)} relations, {len(facts)} facts read; {len(query_rows)} queries; {len(corpus)} documents "
+          f"({n_evidence} evidence of a query fact, {len(corpus) - n_evidence} distractors)")
+    if len(corpus) > docs:
+        print(f"note: the query facts' evidence alone exceeds --docs {docs}")
+    tmp = staging_dir(out)
+    try:
+        write_jsonl(tmp / "corpus.jsonl", corpus)
+        write_jsonl(tmp / "queries.jsonl", query_rows)
+        write_json(tmp / "lama.json", {
+            "source": str(trex), "relations": rels, "templates": {r: templates[r] for r in rels}, "seed": seed,
+            "facts_read": len(facts), "queries": len(query_rows), "documents": len(corpus),
+            "evidence_documents": n_evidence, "max_evidence": max_evidence})
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app()

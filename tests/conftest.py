@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny models built from configs (no downloads) and small corpora."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+
+def tiny_model(arch: str, vocab: int = 96, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised tiny causal LM of the given family (GPT-2's Conv1D, Llama, GPT-NeoX)."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=64,
+                         bos_token_id=0, eos_token_id=0)
+        model = GPT2LMHeadModel(cfg)
+    elif arch == "llama":
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64,
+                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        model = LlamaForCausalLM(cfg)
+    elif arch == "neox":
+        cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=vocab, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                            rotary_pct=0.5)
+        model = GPTNeoXForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    # Random init is nearly uniform over the vocabulary; a little scale makes gradients less alike.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0) if p.ndim == 2 else None
+    return model.eval()
+
+
+def gpt2_tokenizer():
+    from transformers import GPT2Tokenizer
+
+    tok = GPT2Tokenizer(vocab=str(SHARED / "gpt2_bpe" / "encoder.json"), merges=str(SHARED / "gpt2_bpe" / "vocab.bpe"))
+    assert len(tok) > 50000, "the GPT-2 BPE files did not load"
+    return tok
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A saved tiny GPT-2 (real GPT-2 BPE tokenizer, 50257 tokens) with an Adam optimizer.pt."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("gpt2-tiny")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50257, n_positions=128))
+    tok = gpt2_tokenizer()
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = tok("The capital of France is Paris. Rome is in Italy.", return_tensors="pt").input_ids
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save(opt.state_dict(), d / "optimizer.pt")
+    model.save_pretrained(d)  # the weights after the steps, matching the optimizer state
+    return d
+
+
+CORPUS = [
+    "The capital of France is Paris.",
+    "Rome is the capital of Italy, a country in southern Europe.",
+    "Berlin.",
+    "Madrid is in Spain and it is large.",
+    "The quick brown fox jumps over the lazy dog near the river bank today.",
+    "Tokyo is the capital of Japan.",
+    "Paris is known for the Eiffel Tower.",
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def corpus_file(tmp_path) -> Path:
+    rows = [{"id": f"d{i}", "text": CORPUS[i % len(CORPUS)] + f" Number {i}."} for i in range(23)]
+    return write_jsonl(tmp_path / "corpus.jsonl", rows)
+
+
+@pytest.fixture()
+def queries_file(tmp_path) -> Path:
+    rows = [
+        {"id": "q0", "prompt": "The capital of France is", "target": " Paris", "fact": "f0"},
+        {"id": "q1", "prompt": "Rome is the capital of", "target": " Italy", "fact": "f1"},
+    ]
+    return write_jsonl(tmp_path / "queries.jsonl", rows)

@@ -1,0 +1,180 @@
+"""Encode: per-example projected gradients equal an independent per-example backward loop."""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, tiny_model
+
+import trackstar as ts
+
+DIM = 256
+SEED = 7
+
+
+def examples(kind: str, vocab: int = 96) -> list[tuple[list[int], list[int]]]:
+    """Mixed lengths in one batch, so the batch is padded; queries mask their prompt."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in (5, 11, 3, 8):
+        ids = torch.randint(1, vocab, (n,), generator=g).tolist()
+        labels = list(ids) if kind == "corpus" else [ts.IGNORE] * (n - 2) + ids[-2:]
+        out.append((ids, labels))
+    return out
+
+
+def reference_vector(model, ids, labels, dim, seed, v_full=None, v_factored=None, eps=0.0) -> torch.Tensor:
+    """One example alone: full weight gradients by ordinary autograd, corrected, projected, summed."""
+    m = copy.deepcopy(model)
+    if m.get_output_embeddings().weight is m.get_input_embeddings().weight:
+        # Untie, so the LM head's gradient is its own use only (as the encoder traces it).
+        m.get_output_embeddings().weight = torch.nn.Parameter(m.get_output_embeddings().weight.detach().clone())
+    for p in m.parameters():
+        p.requires_grad_(True)
+    x = torch.tensor([ids])
+    logp = torch.log_softmax(m(input_ids=x).logits[0].double(), -1)
+    loss = sum(-logp[t, labels[t + 1]] for t in range(len(ids) - 1) if labels[t + 1] != ts.IGNORE)
+    loss.backward()
+    total = torch.zeros(dim)
+    for name, module, pname, transposed in ts.weight_modules(model):
+        mod = dict(m.named_modules())[name]
+        grad = mod.weight.grad.double()
+        if v_full is not None:
+            grad = grad / (v_full[pname].double() + eps).sqrt()
+        if v_factored is not None:
+            row, col = v_factored[pname]
+            grad = grad / (torch.outer(row, col).double() / row.double().mean()).sqrt()
+        grad = grad.T if transposed else grad
+        total += ts.project_full_gradient(grad.float(), seed, name, dim)
+    return total
+
+
+def encoded(model, exs, scales, path, dim=DIM, seed=SEED, also_uncorrected=False):
+    enc = ts.make_encoder(model, dim, seed, scales, path, also_uncorrected)
+    return ts.encode_batch(enc, ts.collate(exs, "cpu"))
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor) -> None:
+    err = (got - want).abs().max() / want.abs().max()
+    assert err < 2e-4, f"relative error {err:.2e}"
+
+
+def random_v(model, seed=3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(p.shape, generator=g) * 1e-2 + 1e-4 for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+@pytest.mark.parametrize("kind", ["corpus", "queries"])
+def test_exact_path_with_full_adam_v_matches_per_example_backward(arch, kind, tmp_path):
+    model = tiny_model(arch)
+    v = random_v(model)
+    torch.save(v, tmp_path / "v.pt")
+    sm = ts.load_second_moment(str(tmp_path / "v.pt"), model)
+    eps = 1e-6
+    scales = ts.correction_scales(model, sm, eps, ts.weight_modules(model))
+    exs = examples(kind)
+    got = encoded(model, exs, scales, "exact", also_uncorrected=True)
+    for b, (ids, labels) in enumerate(exs):
+        assert_matches(got["vectors"][b], reference_vector(model, ids, labels, DIM, SEED, v_full=v, eps=eps))
+        assert_matches(got["vectors_uncorrected"][b], reference_vector(model, ids, labels, DIM, SEED))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+@pytest.mark.parametrize("kind", ["corpus", "queries"])
+def test_factored_path_without_correction_matches_per_example_backward(arch, kind):
+    model = tiny_model(arch)
+    exs = examples(kind)
+    got = encoded(model, exs, {}, "factored")["vectors"]
+    for b, (ids, labels) in enumerate(exs):
+        assert_matches(got[b], reference_vector(model, ids, labels, DIM, SEED))
+
+
+def adafactor_state(model, tmp_path):
+    """A real HF Adafactor state after two steps, saved as optimizer.pt."""
+    from transformers.optimization import Adafactor
+
+    m = copy.deepcopy(model)
+    opt = Adafactor(m.parameters(), lr=1e-3, relative_step=False, scale_parameter=False, warmup_init=False)
+    x = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(5))
+    for _ in range(2):
+        m(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    return tmp_path / "optimizer.pt"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+@pytest.mark.parametrize("kind", ["corpus", "queries"])
+def test_factored_path_with_adafactor_v_matches_per_example_backward(arch, kind, tmp_path):
+    model = tiny_model(arch)
+    sm = ts.load_second_moment(str(adafactor_state(model, tmp_path)), model)
+    assert sm.source == "adafactor" and sm.factored
+    scales = ts.correction_scales(model, sm, 0.0, ts.weight_modules(model))
+    exs = examples(kind)
+    got = encoded(model, exs, scales, "auto")  # auto picks factored for a factored V
+    names = dict(model.named_parameters())
+    fact = {n: sm.factored[n] for n in names if n in sm.factored}
+    for b, (ids, labels) in enumerate(exs):
+        assert_matches(got["vectors"][b], reference_vector(model, ids, labels, DIM, SEED, v_factored=fact))
+    exact = encoded(model, exs, scales, "exact")["vectors"]  # both paths agree on a factored V
+    assert_matches(exact, got["vectors"])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_padding_invariance_vector_does_not_depend_on_batch(arch):
+    model = tiny_model(arch)
+    exs = examples("corpus")
+    together = encoded(model, exs, {}, "factored")["vectors"]
+    for b, ex in enumerate(exs):
+        alone = encoded(model, [ex], {}, "factored")["vectors"][0]
+        assert_matches(alone, together[b])
+    # and with a different, longer neighbour
+    longer = (list(range(1, 40)), list(range(1, 40)))
+    assert_matches(encoded(model, [exs[2], longer], {}, "factored")["vectors"][0], together[2])
+
+
+def test_projected_inner_products_match_full_gradient_inner_products():
+    """Johnson–Lindenstrauss for the Kronecker projection: for each pair, |<Pg,Ph> - <g,h>| stays
+    within 6 sigma, sigma^2 = (|g|²|h|² + <g,h>²)(1/s_out + 1/s_in + 1/d) per module, summed."""
+    model = tiny_model("llama")
+    dim = 4096
+    s_out, s_in = ts.factor_dims(dim)
+    exs = examples("corpus")
+    got = encoded(model, exs, {}, "factored", dim=dim)["vectors"].double()
+    full = []  # per-example list of per-module full gradients
+    for ids, labels in exs:
+        m = copy.deepcopy(model)
+        for p in m.parameters():
+            p.requires_grad_(True)
+        ts.per_example_loss(m, ts.collate([(ids, labels)], "cpu")).sum().backward()
+        full.append([dict(m.named_modules())[n].weight.grad.double() for n, *_ in ts.weight_modules(model)])
+    for i in range(len(exs)):
+        for j in range(len(exs)):
+            true = sum((a * b).sum() for a, b in zip(full[i], full[j], strict=True))
+            var = sum(((a * a).sum() * (b * b).sum() + (a * b).sum() ** 2) * (1 / s_out + 1 / s_in + 1 / dim)
+                      for a, b in zip(full[i], full[j], strict=True))
+            assert abs(got[i] @ got[j] - true) < 6 * math.sqrt(var), (i, j)
+    # self inner products (squared norms) are close in relative terms
+    norms = torch.tensor([sum((a * a).sum() for a in f) for f in full])
+    assert torch.allclose((got * got).sum(1), norms, rtol=0.35)
+
+
+def test_same_seed_same_matrices_in_a_fresh_process():
+    here = ts.projection_matrix(11, "model.layers.0.mlp.up_proj", "in", 48, 16)
+    code = ("import trackstar as ts; m = ts.projection_matrix(11, 'model.layers.0.mlp.up_proj', 'in', 48, 16);"
+            "print(m.double().sum().item(), m.double().square().sum().item(), m[3, 5].item())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    want = f"{here.double().sum().item()} {here.double().square().sum().item()} {here[3, 5].item()}"
+    assert out.stdout.strip() == want
+    assert not torch.equal(here, ts.projection_matrix(12, "model.layers.0.mlp.up_proj", "in", 48, 16))
+    assert not torch.equal(here, ts.projection_matrix(11, "model.layers.0.mlp.down_proj", "in", 48, 16))
+    # variance 1/s per factor, so the Kronecker product has variance 1/d
+    big = ts.projection_matrix(0, "x", "in", 512, 256)
+    assert abs(big.var().item() * 256 - 1) < 0.02

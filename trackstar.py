@@ -1,0 +1,749 @@
+"""TrackStar core: everything two stages share.
+
+Chang et al., ICLR 2025, "Scalable Influence and Fact Tracing for Large Language Model Pretraining".
+Every example z (a training document, or a query = prompt + target) becomes one vector:
+
+    g(z)   = P · ( ∇θ L(z) / sqrt(V + eps) )     optimizer-corrected, randomly projected gradient
+    G(z)   = R^(-1/2) · g(z)                      task-specific Hessian correction
+    Ḡ(z)   = G(z) / ||G(z)||                      unit normalisation
+    score(m, q) = Ḡ(m) · Ḡ(q)                     proponents = top-k, opponents = bottom-k
+
+This file reads top to bottom in that order: inputs, model, loss masking, projection (P),
+optimizer correction (V), per-example gradient capture, the chunk store, Hessian math (R),
+blocked exact top-k, metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+VERSION = "0.1.0"
+
+
+class TrackStarError(Exception):
+    """A user-facing error: bad input, or artifacts that must not be combined."""
+
+
+def run_cli(app: Callable[[], Any]) -> None:
+    """Run a Typer app; user errors print one clear line and exit 2 (no traceback)."""
+    try:
+        app()
+    except TrackStarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: corpus and query JSONL (DESIGN.md §3), validated with line numbers.
+
+
+def read_jsonl(path: str | Path, kind: str) -> list[dict]:
+    """Read a corpus (`kind="corpus"`) or queries (`kind="queries"`) file.
+
+    Row ids are the 0-based record numbers; every problem names its line number.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    if not Path(path).exists():
+        raise TrackStarError(f"{path}: no such file")
+    rows, seen = [], {}
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrackStarError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise TrackStarError(f"{where}: expected a JSON object")
+            _validate_row(row, kind, where)
+            rid = str(row.get("id", len(rows)))
+            if rid in seen:
+                raise TrackStarError(f"{where}: duplicate id {rid!r} (first on line {seen[rid]})")
+            seen[rid] = lineno
+            row["id"], row["_line"] = rid, lineno
+            rows.append(row)
+    if not rows:
+        raise TrackStarError(f"{path}: no records")
+    return rows
+
+
+def _validate_row(row: dict, kind: str, where: str) -> None:
+    if kind == "corpus":
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise TrackStarError(f"{where}: document has empty or missing 'text'")
+    elif kind == "queries":
+        for key in ("prompt", "target"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise TrackStarError(f"{where}: query has no {key!r}")
+    else:
+        raise ValueError(kind)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (short), so a resumed run can refuse a changed input."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: any Hugging Face causal LM from a local directory, and the weight matrices we trace.
+
+
+def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a local directory (a `*.gguf` inside is dequantized)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise TrackStarError(f"model directory {path} does not exist")
+    kw: dict[str, Any] = {}
+    ggufs = sorted(p.glob("*.gguf")) if p.is_dir() else []
+    if ggufs and not (p / "config.json").exists():
+        kw["gguf_file"] = ggufs[0].name
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+    model.eval()  # no dropout: a gradient must be a function of the example alone
+    model.trackstar_fingerprint = fingerprint(model)  # of the weights as stored, before any cast
+    model.trackstar_path = str(p.resolve())
+    return model.to(device=device, dtype=getattr(torch, dtype)), tokenizer
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short identity of a model's architecture and weights.
+
+    Per-tensor float64 statistics rounded to 10 digits, so the same weights give the same
+    fingerprint on any device, without copying an 8B model through hashlib.
+    """
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().double().flatten()
+            ramp = torch.arange(x.numel(), device=x.device, dtype=torch.float64) % 7919
+            stats = [x.sum().item(), (x * x).sum().item(), (x * ramp).sum().item()]
+            h.update(f"{name}{tuple(p.shape)}{[f'{s:.10g}' for s in stats]}".encode())
+    return h.hexdigest()[:16]
+
+
+def context_length(model: nn.Module) -> int:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return 2048
+
+
+def weight_modules(model: nn.Module) -> list[tuple[str, nn.Module, str, bool]]:
+    """Every weight matrix we trace: (module name, module, parameter name, stored transposed?).
+
+    nn.Linear holds W as (out, in); GPT-2's Conv1D holds it as (in, out). Everything below works
+    in the (out, in) orientation. Embeddings, norms and biases are left out: the paper traces the
+    matrices of attention, MLP and LM head, where nearly all parameters and all projected signal
+    live. A tied LM head is traced as the LM head (its use in the output layer); the parameter name
+    is the canonical one from `named_parameters`, which is how optimizer states key it.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | Conv1D):
+            out.append((name, module, names[id(module.weight)], isinstance(module, Conv1D)))
+    if not out:
+        raise TrackStarError("the model has no nn.Linear or Conv1D weight matrices to trace")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss masking. Training example: every token carries loss. Query: only the target tokens,
+# conditioned on the prompt. L is the *sum* of token cross-entropies.
+
+IGNORE = -100
+
+
+def tokenize_document(tokenizer: Any, text: str, max_length: int) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated) for a training document: every token is a label."""
+    ids = tokenizer(text).input_ids
+    truncated = len(ids) > max_length
+    ids = ids[:max_length]
+    return ids, list(ids), truncated
+
+
+def tokenize_query(tokenizer: Any, prompt: str, target: str, max_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for a query: prompt tokens carry no loss, target tokens do.
+
+    Prompt and target are tokenized apart so the loss falls exactly on the target's tokens.
+    """
+    p = tokenizer(prompt).input_ids
+    t = tokenizer(target, add_special_tokens=False).input_ids
+    if not t:
+        raise TrackStarError(f"target {target!r} tokenizes to nothing")
+    if len(p) + len(t) > max_length:
+        raise TrackStarError(f"prompt + target is {len(p) + len(t)} tokens, over the max length {max_length}")
+    return p + t, [IGNORE] * len(p) + t
+
+
+def tokenize_rows(tokenizer: Any, rows: list[dict], kind: str, max_length: int) -> tuple[list, list[int]]:
+    """Tokenize every row; returns [(ids, labels)] and the line numbers of truncated documents."""
+    out, truncated = [], []
+    for n, row in enumerate(rows, 1):
+        line = row.get("_line", n)
+        try:
+            if kind == "corpus":
+                ids, labels, cut = tokenize_document(tokenizer, row["text"], max_length)
+                if cut:
+                    truncated.append(line)
+            else:
+                ids, labels = tokenize_query(tokenizer, row["prompt"], row["target"], max_length)
+        except TrackStarError as e:
+            raise TrackStarError(f"line {line}: {e}") from None
+        if sum(lab != IGNORE for lab in labels[1:]) == 0:
+            raise TrackStarError(f"line {line}: text is too short to carry any loss ({len(ids)} token)")
+        out.append((ids, labels))
+    return out, truncated
+
+
+def length_batches(lengths: list[int], token_budget: int, max_batch: int = 256) -> list[list[int]]:
+    """Group example indices into batches of similar length, each under `token_budget` padded tokens.
+
+    Sorting by length keeps padding small; the grouping depends only on the lengths, so a chunk is
+    always encoded in the same batches (a resumed or sharded run is bit-identical).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, cur = [], []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]
+        if cur and ((len(cur) + 1) * longest > token_budget or len(cur) >= max_batch):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def collate(examples: list[tuple[list[int], list[int]]], device: str | torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. Right padding keeps real tokens at positions 0..n-1 and never gives a
+    real token an all-masked attention row; padded positions carry no loss."""
+    T = max(len(ids) for ids, _ in examples)
+    ids = torch.zeros(len(examples), T, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros(len(examples), T, dtype=torch.long)
+    for b, (x, y) in enumerate(examples):
+        ids[b, : len(x)] = torch.tensor(x)
+        labels[b, : len(y)] = torch.tensor(y)
+        mask[b, : len(x)] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed token cross-entropy of each example (B,), computed in float32."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+    tok = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    return tok.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Projection P: Kronecker-factored Gaussian, one (P_out, P_in) pair per weight matrix, summed.
+
+
+def factor_dims(dim: int) -> tuple[int, int]:
+    """(s_out, s_in) with s_out * s_in = dim, as square as a power of two allows (2^16 -> 256 x 256)."""
+    if dim < 4 or dim & (dim - 1):
+        raise TrackStarError(f"--dim must be a power of two >= 4, got {dim}")
+    s_in = 1 << math.ceil(math.log2(dim) / 2)
+    return dim // s_in, s_in
+
+
+def projection_matrix(seed: int, module: str, side: str, n: int, s: int) -> torch.Tensor:
+    """The (n x s) Gaussian factor for one side of one module, entries N(0, 1/s).
+
+    Generated on the CPU from (seed, module name, side) alone, so any device, process or later run
+    regenerates it bit for bit. With both sides at variance 1/s the Kronecker product has entries
+    of variance 1/(s_out s_in) = 1/d, so projected inner products are unbiased.
+    """
+    key = hashlib.sha256(f"trackstar/{seed}/{module}/{side}".encode()).digest()
+    g = torch.Generator(device="cpu").manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+    return torch.randn(n, s, generator=g, dtype=torch.float32) / math.sqrt(s)
+
+
+def project_full_gradient(grad_out_in: torch.Tensor, seed: int, module: str, dim: int) -> torch.Tensor:
+    """Reference projection of one full (out, in) gradient: vec(P_outᵀ ∇W P_in). Used by tests and
+    the exact path's definition; the encoder computes the same product batched."""
+    s_out, s_in = factor_dims(dim)
+    p_out = projection_matrix(seed, module, "out", grad_out_in.shape[0], s_out)
+    p_in = projection_matrix(seed, module, "in", grad_out_in.shape[1], s_in)
+    return (p_out.T @ grad_out_in.float().cpu() @ p_in).flatten()
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer correction V: the second-moment estimate, looked up by parameter name.
+# A correction maps module name -> ("full", 1/sqrt(V+eps) as (out, in)) or
+# ("factored", a (out,), b (in,)) with 1/sqrt(V) = a ⊗ b (Adafactor's rank-1 estimate).
+
+
+@dataclasses.dataclass
+class SecondMoment:
+    """V for every parameter we know it for, plus where it came from."""
+
+    full: dict[str, torch.Tensor]  # parameter name -> V, in the parameter's own layout
+    factored: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (row, col) Adafactor stats
+    source: str  # "adam", "adafactor", "estimate", "file"
+    lr: float | None  # the optimizer's final learning rate, when the state has one
+    default_eps: float  # eps inside sqrt(V + eps) that matches the optimizer's own update
+    digest: str  # identity of the values, so artifacts with different V refuse to mix
+
+
+def load_second_moment(path: str, model: nn.Module) -> SecondMoment:
+    """V from an optimizer state file, matched to `model`'s parameters by name.
+
+    Accepts (a) a name -> tensor dict (or {"second_moment": {...}, "source": ...} as `encode.py
+    --estimate-v` writes), (b) a torch optimizer state dict as HF Trainer's `optimizer.pt` writes it
+    (state indexed by parameter order), with Adam `exp_avg_sq` or (c) Adafactor
+    `exp_avg_sq_row/col`. Any name or shape that does not fit this model is an error naming it.
+    """
+    if not Path(path).exists():
+        raise TrackStarError(f"optimizer state {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    if isinstance(state, dict) and "state" in state and "param_groups" in state:
+        return _from_optimizer_state(state, model, path)
+    meta_source, lr = "file", None
+    if isinstance(state, dict) and "second_moment" in state:
+        meta_source, lr = str(state.get("source", "file")), state.get("lr")
+        state = state["second_moment"]
+    if not isinstance(state, dict):
+        raise TrackStarError(f"{path}: expected a dict of parameter name -> second moment")
+    full, factored = {}, {}
+    for name, v in state.items():
+        if name not in params:
+            raise TrackStarError(f"{path}: parameter {name!r} is not in this model (a state for another model?)")
+        if isinstance(v, dict) and "exp_avg_sq_row" in v:
+            factored[name] = (v["exp_avg_sq_row"].float(), v["exp_avg_sq_col"].float())
+        else:
+            full[name] = _checked(v, params[name], name, path).float()
+    return _finish(full, factored, meta_source, lr, 0.0, path)
+
+
+def _from_optimizer_state(state: dict, model: nn.Module, path: str) -> SecondMoment:
+    groups = state["param_groups"]
+    index = [i for g in groups for i in g["params"]]
+    names = _param_order(model, groups, state["state"], path)
+    g0 = groups[0]
+    full, factored, source = {}, {}, "adam"
+    for i, name in zip(index, names, strict=True):
+        s = state["state"].get(i)
+        if not s:
+            continue  # a parameter that never received a gradient
+        p = dict(model.named_parameters())[name]
+        if "exp_avg_sq_row" in s:
+            source = "adafactor"
+            factored[name] = (s["exp_avg_sq_row"].float(), s["exp_avg_sq_col"].float())
+        elif "exp_avg_sq" in s:
+            v = _checked(s["exp_avg_sq"], p, name, path).float()
+            betas, step = g0.get("betas"), float(s.get("step", 0))
+            if betas and step > 0:  # Adam's bias correction: the estimate the update actually used
+                v = v / (1 - betas[1] ** step)
+            full[name] = v
+    eps = g0.get("eps", 0.0)
+    eps = float(eps[0] if isinstance(eps, list | tuple) else eps)
+    # Adam divides by sqrt(v) + eps ≈ sqrt(v + eps²); Adafactor's eps is already inside its stats.
+    default_eps = eps * eps if source == "adam" else 0.0
+    return _finish(full, factored, source, g0.get("lr"), default_eps, path)
+
+
+def _param_order(model: nn.Module, groups: list[dict], state: dict, path: str) -> list[str]:
+    """Which parameter each optimizer index refers to.
+
+    torch numbers parameters in the order the optimizer was given them. Plain
+    `optimizer(model.parameters())` follows named_parameters; HF Trainer passes two groups,
+    weight-decayed parameters first, then biases and norms. We try both and keep the one whose
+    group sizes and shapes all fit; if neither does, the state is for another model.
+    """
+    named = list(model.named_parameters())
+    shapes = {n: tuple(p.shape) for n, p in named}
+    no_decay = [n for n, p in named if p.ndim < 2 or re.search(r"bias|norm|ln_", n, re.I)]
+    decay = [n for n, _ in named if n not in set(no_decay)]
+    index = [i for g in groups for i in g["params"]]
+    if len(index) != len(named):
+        raise TrackStarError(
+            f"{path}: the optimizer state has {len(index)} parameters, the model has {len(named)} "
+            "(a state for another model?)"
+        )
+    candidates = [[n for n, _ in named]]
+    if [len(g["params"]) for g in groups] == [len(decay), len(no_decay)]:
+        candidates.insert(0, decay + no_decay)
+    for order in candidates:
+        misfit = [(n, _state_shape(state.get(i))) for i, n in zip(index, order, strict=True)
+                  if _state_shape(state.get(i)) not in (None, shapes[n])]
+        if not misfit:
+            return order
+    name, shape = misfit[0]
+    raise TrackStarError(
+        f"{path}: parameter {name!r} has shape {shapes[name]} in the model but {shape} in the state "
+        "(a state for another model?)"
+    )
+
+
+def _state_shape(s: dict | None) -> tuple | None:
+    if not s:
+        return None
+    if "exp_avg_sq" in s:
+        return tuple(s["exp_avg_sq"].shape)
+    if "exp_avg_sq_row" in s:
+        return tuple(s["exp_avg_sq_row"].shape) + tuple(s["exp_avg_sq_col"].shape)
+    return None
+
+
+def _checked(v: torch.Tensor, p: torch.Tensor, name: str, path: str) -> torch.Tensor:
+    if tuple(v.shape) != tuple(p.shape):
+        raise TrackStarError(
+            f"{path}: parameter {name!r} has shape {tuple(p.shape)} in the model but {tuple(v.shape)} in the state"
+        )
+    return v
+
+
+def _finish(full: dict, factored: dict, source: str, lr: float | None, eps: float, path: str) -> SecondMoment:
+    h = hashlib.sha256()
+    for name in sorted(full):
+        h.update(name.encode() + full[name].numpy().tobytes())
+    for name in sorted(factored):
+        r, c = factored[name]
+        h.update(name.encode() + r.numpy().tobytes() + c.numpy().tobytes())
+    if not full and not factored:
+        raise TrackStarError(f"{path}: no second-moment statistics found")
+    return SecondMoment(full, factored, source, lr, eps, h.hexdigest()[:16])
+
+
+def estimate_second_moment(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """V ≈ mean over minibatches of (minibatch gradient)², for every parameter.
+
+    For models without a saved optimizer state (DESIGN.md §1). Each minibatch gradient is of the
+    mean per-example loss, as a training step would take it.
+    """
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(True)
+    v = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    count = 0
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        per_example_loss(model, batch).mean().backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                v[n] += p.grad.float() ** 2
+        count += 1
+    model.zero_grad(set_to_none=True)
+    return {n: (x / max(count, 1)).cpu() for n, x in v.items()}
+
+
+def correction_scales(
+    model: nn.Module, sm: SecondMoment | None, eps: float, modules: list
+) -> dict[str, tuple]:
+    """Per traced module, how to divide its gradient by sqrt(V + eps), in (out, in) orientation."""
+    scales: dict[str, tuple] = {}
+    if sm is None:
+        return scales
+    for name, module, pname, transposed in modules:
+        dev = module.weight.device
+        if pname in sm.full:
+            s = (sm.full[pname] + eps).rsqrt()
+            scales[name] = ("full", (s.T if transposed else s).contiguous().to(dev))
+        elif pname in sm.factored:
+            row, col = sm.factored[pname]  # Adafactor: row over dim 0, col over dim 1 of the stored layout
+            r = (row / row.mean()).rsqrt()
+            c = col.rsqrt()
+            a, b = (c, r) if transposed else (r, c)
+            scales[name] = ("factored", a.to(dev), b.to(dev))
+        else:
+            raise TrackStarError(f"the optimizer state has no second moment for parameter {pname!r}")
+    return scales
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-example gradient capture. For a weight W (out x in) used as y = W x at every position t,
+# the per-example gradient is ∇W = Σ_t δ_t x_tᵀ with δ_t = ∂L/∂y_t. Hooks capture x (forward)
+# and δ (backward) for the whole batch at once; weights are frozen, so backward never builds the
+# summed weight gradients it would otherwise throw away.
+#
+#   factored path: P_outᵀ ∇W P_in = Σ_t (P_outᵀ δ_t)(P_inᵀ x_t)ᵀ, so project δ and x first and
+#                  never form ∇W. Exact when V is none or factored (a ⊗ b scales δ and x).
+#   exact path:    form each example's ∇W, divide by sqrt(V + eps) elementwise, then project.
+
+
+@dataclasses.dataclass
+class Encoder:
+    """A model prepared for encoding: traced modules, projection factors and correction scales."""
+
+    model: nn.Module
+    modules: list
+    dim: int
+    seed: int
+    path: str  # "factored" or "exact"
+    scales: dict  # module name -> correction (see correction_scales); empty: no correction
+    also_uncorrected: bool
+    factors: dict = dataclasses.field(default_factory=dict)  # module -> (P_out, P_in) on device
+
+
+def make_encoder(
+    model: nn.Module, dim: int, seed: int, scales: dict, path: str = "auto", also_uncorrected: bool = False
+) -> Encoder:
+    """Freeze the model and choose the gradient path ("auto": factored unless V is full)."""
+    modules = weight_modules(model)
+    has_full = any(s[0] == "full" for s in scales.values())
+    if path == "auto":
+        path = "exact" if has_full else "factored"
+    if path == "factored" and has_full:
+        raise TrackStarError("--path factored is exact only for no correction or a factored V; use --path exact")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    s_out, s_in = factor_dims(dim)
+    factors = {}
+    for name, module, _, transposed in modules:
+        n_out, n_in = module.weight.shape[::-1] if transposed else module.weight.shape
+        dev = module.weight.device
+        factors[name] = (
+            projection_matrix(seed, name, "out", n_out, s_out).to(dev),
+            projection_matrix(seed, name, "in", n_in, s_in).to(dev),
+        )
+    return Encoder(model, modules, dim, seed, path, scales, also_uncorrected and bool(scales), factors)
+
+
+def encode_batch(enc: Encoder, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Projected (and corrected) per-example gradients of one padded batch.
+
+    Returns {"vectors": (B, d)} and, when asked, {"vectors_uncorrected": (B, d)}, float32.
+    """
+    B = batch["input_ids"].shape[0]
+    dev = batch["input_ids"].device
+    acc = {"vectors": torch.zeros(B, enc.dim, device=dev)}
+    if enc.also_uncorrected:
+        acc["vectors_uncorrected"] = torch.zeros(B, enc.dim, device=dev)
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    handles = [_trace_inputs_grad(enc.model)]
+    for name, module, _, _ in enc.modules:
+        handles.append(module.register_forward_hook(_capture(enc, name, mask, acc)))
+    try:
+        with torch.enable_grad():
+            per_example_loss(enc.model, batch).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return acc
+
+
+def _trace_inputs_grad(model: nn.Module) -> Any:
+    """Make the embedding output require grad, so backward reaches every layer with weights frozen."""
+    return model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+
+
+def _capture(enc: Encoder, name: str, mask: torch.Tensor, acc: dict) -> Callable:
+    p_out, p_in = enc.factors[name]
+    scale = enc.scales.get(name)
+    exact = enc.path == "exact"
+
+    def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        x = inputs[0].float() * mask  # (B, T, in); padded positions carry nothing
+        if exact:
+            saved = x
+        else:
+            xs = [x * scale[2]] if scale else [x]
+            if enc.also_uncorrected:
+                xs.append(x)
+            saved = [xi @ p_in for xi in xs]  # (B, T, s_in): keep only the projection
+        output.register_hook(lambda g: _accumulate(enc, name, saved, g.float(), acc))
+
+    return forward_hook
+
+
+def _accumulate(enc: Encoder, name: str, saved: Any, delta: torch.Tensor, acc: dict) -> None:
+    p_out, p_in = enc.factors[name]
+    scale = enc.scales.get(name)
+    B = delta.shape[0]
+    if enc.path == "exact":
+        # Bound the (b, out, in) per-example gradients to ~64M floats at a time.
+        step = max(1, (1 << 26) // (p_out.shape[0] * p_in.shape[0]))
+        for lo in range(0, B, step):
+            grad = torch.einsum("bto,bti->boi", delta[lo : lo + step], saved[lo : lo + step])
+            if scale:
+                corrected = grad * scale[1] if scale[0] == "full" else grad * scale[1][:, None] * scale[2]
+                acc["vectors"][lo : lo + step] += _project(corrected, p_out, p_in)
+                if enc.also_uncorrected:
+                    acc["vectors_uncorrected"][lo : lo + step] += _project(grad, p_out, p_in)
+            else:
+                acc["vectors"][lo : lo + step] += _project(grad, p_out, p_in)
+    else:
+        ds = [delta * scale[1]] if scale else [delta]
+        if enc.also_uncorrected:
+            ds.append(delta)
+        for key, d, x in zip(["vectors", "vectors_uncorrected"], ds, saved, strict=False):
+            acc[key] += torch.einsum("bto,bti->boi", d @ p_out, x).reshape(B, -1)
+
+
+def _project(grad: torch.Tensor, p_out: torch.Tensor, p_in: torch.Tensor) -> torch.Tensor:
+    """vec(P_outᵀ G P_in) for a batch of (out, in) gradients."""
+    return (p_out.T @ grad @ p_in).reshape(grad.shape[0], -1)
+
+
+def encode_tokenized(
+    enc: Encoder, tokenized: list[tuple[list[int], list[int]]], token_budget: int, progress: Any = None
+) -> dict[str, np.ndarray]:
+    """Encode tokenized examples in length-bucketed batches; rows come back in input order."""
+    dev = next(enc.model.parameters()).device
+    keys = ["vectors", "vectors_uncorrected"] if enc.also_uncorrected else ["vectors"]
+    out = {k: np.zeros((len(tokenized), enc.dim), dtype=np.float32) for k in keys}
+    for idx in length_batches([len(ids) for ids, _ in tokenized], token_budget):
+        vecs = encode_batch(enc, collate([tokenized[i] for i in idx], dev))
+        for k in keys:
+            out[k][idx] = vecs[k].cpu().numpy()
+        if progress is not None:
+            progress.update(len(idx))
+            progress.tokens = getattr(progress, "tokens", 0) + sum(len(tokenized[i][0]) for i in idx)
+            progress.set_postfix(tok_s=f"{progress.tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
+    return out
+
+
+def encode_rows(
+    enc: Encoder, tokenizer: Any, rows: list[dict], kind: str, max_length: int, token_budget: int
+) -> dict[str, np.ndarray]:
+    """Tokenize (with the loss mask of `kind`) and encode rows of a corpus or queries file."""
+    tokenized, _ = tokenize_rows(tokenizer, rows, kind, max_length)
+    return encode_tokenized(enc, tokenized, token_budget)
+
+
+def encoder_from_meta(meta: dict, device: str = "cpu") -> tuple[Encoder, Any]:
+    """Rebuild the exact encoder an encoded run used (model, V, eps, projection, path)."""
+    model, tokenizer = load_model(meta["model_path"], meta["dtype"], device)
+    if model.trackstar_fingerprint != meta["model"]:
+        raise TrackStarError(
+            f"the model at {meta['model_path']} has fingerprint {model.trackstar_fingerprint}, "
+            f"the run was encoded with {meta['model']}"
+        )
+    modules = weight_modules(model)
+    sm = load_second_moment(meta["v_file"], model) if meta["v_file"] else None
+    if sm is not None and sm.digest != meta["v_digest"]:
+        raise TrackStarError(f"{meta['v_file']} has changed since the run was encoded")
+    scales = correction_scales(model, sm, meta["eps"], modules)
+    return make_encoder(model, meta["dim"], meta["seed"], scales, meta["path"]), tokenizer
+
+
+def modules_digest(modules: list) -> str:
+    """Identity of the traced modules and their shapes (part of the projection's definition)."""
+    desc = ";".join(f"{n}{tuple(m.weight.shape)}" for n, m, _, _ in modules)
+    return f"{len(modules)} matrices/" + hashlib.sha256(desc.encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunk store: a directory of HDF5 files `chunk-000123.h5` plus `meta.json`.
+# Every file is written to a temporary name and renamed when complete, so a file that exists
+# under its final name is whole.
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def chunk_name(i: int) -> str:
+    return f"chunk-{i:06d}.h5"
+
+
+def write_chunk(path: str | Path, arrays: dict[str, np.ndarray], ids: np.ndarray, meta: dict) -> None:
+    """One chunk: datasets `ids` and each of `arrays`, the run's metadata as attributes."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("ids", data=ids.astype(np.int64))
+            for key, a in arrays.items():
+                f.create_dataset(key, data=a)
+            for key, value in meta.items():
+                f.attrs[key] = json.dumps(value)
+
+
+def read_meta(run: str | Path) -> dict:
+    p = Path(run) / "meta.json"
+    if not p.exists():
+        raise TrackStarError(f"{run} is not an encoded run (no meta.json)")
+    return json.loads(p.read_text())
+
+
+def check_same(a: dict, b: dict, keys: list[str], what_a: str, what_b: str) -> None:
+    """Refuse to combine two artifacts that differ in any of `keys`, naming both values."""
+    for key in keys:
+        if a.get(key) != b.get(key):
+            raise TrackStarError(
+                f"{what_a} and {what_b} differ in {key!r}: {a.get(key)!r} vs {b.get(key)!r}; refusing to combine them"
+            )
+
+
+# What must agree for two encoded runs (a corpus and its queries) to be compared.
+COMPATIBLE_KEYS = ["model", "dtype", "dim", "seed", "factors", "modules", "correction", "v_digest", "eps", "tool"]
+
+
+def chunk_files(run: str | Path) -> list[Path]:
+    """All chunk files of a complete run, in order; an incomplete run is an error naming a gap."""
+    meta = read_meta(run)
+    files = [Path(run) / chunk_name(i) for i in range(meta["n_chunks"])]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise TrackStarError(
+            f"{run} is incomplete: {len(missing)} of {len(files)} chunks missing (first: {missing[0]}); rerun encode"
+        )
+    return files
+
+
+def read_vectors(run: str | Path, dataset: str = "vectors") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of a whole run, concatenated in chunk order. For runs that fit in memory."""
+    ids, vecs = [], []
+    for f in chunk_files(run):
+        with h5py.File(f, "r") as h:
+            if dataset not in h:
+                raise TrackStarError(f"{f} has no {dataset!r} dataset (encode with --also-uncorrected)")
+            ids.append(h["ids"][:])
+            vecs.append(h[dataset][:])
+    return np.concatenate(ids), np.concatenate(vecs)
+
+
+def iter_vector_blocks(run: str | Path, dataset: str = "vectors") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) chunk by chunk: memory bounded by one chunk, whatever the corpus size."""
+    for f in chunk_files(run):
+        with h5py.File(f, "r") as h:
+            if dataset not in h:
+                raise TrackStarError(f"{f} has no {dataset!r} dataset (encode with --also-uncorrected)")
+            yield h["ids"][:], h[dataset][:]
