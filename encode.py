@@ -91,19 +91,6 @@ def estimate_to_file(model, tokenizer, data: Path, n: int, max_length: int, seed
         torch.save({"second_moment": v, "source": source, "lr": None}, tmp)
 
 
-def default_eps(sm: ts.SecondMoment, modules: list) -> float:
-    """eps inside sqrt(V + eps): the optimizer's own (Adam: eps²) when known, else 1e-3 of mean V.
-
-    A V estimated from a few hundred documents has entries near zero for directions the sample
-    never excited; dividing by their square root would let noise dominate, so we damp relative
-    to V's scale.
-    """
-    if sm.source in ("adam", "adafactor"):
-        return sm.default_eps
-    vs = [sm.full[p] for _, _, p, _ in modules if p in sm.full]
-    return 1e-3 * float(torch.cat([v.flatten() for v in vs]).mean()) if vs else 0.0
-
-
 def check_resume(out: Path, meta: dict) -> None:
     """A rerun into an existing directory must have exactly the same settings."""
     if (out / "meta.json").exists():
@@ -125,7 +112,7 @@ def encode(kind: str, model_dir: str, data: Path, out: Path, dim: int, seed: int
     modules = ts.weight_modules(model)
     sm, v_file = second_moment(model, tokenizer, out, optimizer_state, estimate_v, no_correction,
                                data, max_length, seed)
-    eps = default_eps(sm, modules) if (sm is not None and eps is None) else (eps or 0.0)
+    eps = ts.default_eps(sm, [p for _, _, p, _ in modules]) if (sm is not None and eps is None) else (eps or 0.0)
     enc = ts.make_encoder(model, dim, seed, ts.correction_scales(model, sm, eps, modules), path, also_uncorrected)
     n_chunks = -(-len(rows) // chunk_size)
     meta = {

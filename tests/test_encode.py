@@ -41,7 +41,7 @@ def reference_vector(model, ids, labels, dim, seed, v_full=None, v_factored=None
     loss = sum(-logp[t, labels[t + 1]] for t in range(len(ids) - 1) if labels[t + 1] != ts.IGNORE)
     loss.backward()
     total = torch.zeros(dim)
-    for name, module, pname, transposed in ts.weight_modules(model):
+    for name, _, pname, transposed in ts.weight_modules(model):
         mod = dict(m.named_modules())[name]
         grad = mod.weight.grad.double()
         if v_full is not None:

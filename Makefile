@@ -1,0 +1,114 @@
+# TrackStar: `make all` runs the whole demo; `make test` runs the tests. Both install what they need.
+#
+#   make all                                   the embedded fact world, end to end, prints the table
+#   make all MODEL=dir CORPUS=c.jsonl QUERIES=q.jsonl [OPTIMIZER=optimizer.pt | ESTIMATE_V=512] [LR=1e-4]
+#   make real                                  SmolLM2-135M on LAMA T-REx (see README)
+#   make test | make bench | make lint
+#
+# Stages are chained by file dependencies, so a stage reruns only when its inputs (or its code) change.
+
+PY      ?= .venv/bin/python
+TORCH   ?= torch==2.13.0
+SIZE    ?= default
+SEED    ?= 0
+DIM     ?= 4096
+K       ?= 10
+DEVICE  ?= auto
+TOKEN_BUDGET ?= 8192
+
+ifdef MODEL
+RUN     ?= runs/custom
+else
+WORLD   := data/factworld-$(SIZE)-seed$(SEED)
+MODEL   := $(WORLD)/model
+CORPUS  := $(WORLD)/corpus.jsonl
+QUERIES := $(WORLD)/queries.jsonl
+RUN     ?= runs/factworld-$(SIZE)-seed$(SEED)
+endif
+
+# Where V comes from (DESIGN.md §1): an optimizer state, an estimate over the corpus, or MODEL/optimizer.pt.
+ifdef ESTIMATE_V
+CORPUS_V := --estimate-v $(ESTIMATE_V)
+QUERY_V  := --optimizer-state $(RUN)/corpus/second_moment.pt
+TAIL_V   := --optimizer-state $(RUN)/corpus/second_moment.pt
+else ifdef OPTIMIZER
+CORPUS_V := --optimizer-state $(OPTIMIZER)
+QUERY_V  := --optimizer-state $(OPTIMIZER)
+TAIL_V   := --optimizer-state $(OPTIMIZER)
+endif
+LR_OPT := $(if $(LR),--lr $(LR),)
+
+ENCODE_OPTS = --model $(MODEL) --dim $(DIM) --seed $(SEED) --also-uncorrected --device $(DEVICE) \
+              --token-budget $(TOKEN_BUDGET) $(ENCODE_EXTRA)
+
+# The ablation rows (DESIGN.md §5): name -> index.py flags.
+VARIANTS := dot cosine trak optcorr train eval trackstar
+FLAGS_dot       := --hessian none --no-unit-norm --uncorrected
+FLAGS_cosine    := --hessian none --uncorrected
+FLAGS_trak      := --trak --uncorrected
+FLAGS_optcorr   := --hessian none
+FLAGS_train     := --hessian train
+FLAGS_eval      := --hessian eval
+FLAGS_trackstar := --hessian mixed
+
+CORE := trackstar.py .venv/.installed
+empty :=
+comma := ,
+METHODS := bm25,$(subst $(empty) $(empty),$(comma),$(VARIANTS))
+
+.PHONY: all install test bench lint real clean
+.DELETE_ON_ERROR:
+
+all: $(RUN)/results.md
+	@cat $(RUN)/results.md
+	@echo "report: $(RUN)/report.html"
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: .venv/.installed
+
+$(WORLD)/world.json: prepare.py .venv/.installed
+	$(PY) prepare.py factworld --out $(WORLD) --size $(SIZE) --seed $(SEED)
+
+# A user's own inputs have no prepare step; the fact world's come from it.
+$(MODEL) $(CORPUS) $(QUERIES): $(if $(WORLD),$(WORLD)/world.json)
+
+$(RUN)/corpus.done: $(CORPUS) $(MODEL) encode.py $(CORE)
+	$(PY) encode.py corpus --data $(CORPUS) --out $(RUN)/corpus $(ENCODE_OPTS) $(CORPUS_V)
+	touch $@
+
+$(RUN)/queries.done: $(QUERIES) $(RUN)/corpus.done encode.py $(CORE)
+	$(PY) encode.py queries --data $(QUERIES) --out $(RUN)/queries $(ENCODE_OPTS) $(QUERY_V)
+	touch $@
+
+$(RUN)/index-%/index.h5: $(RUN)/corpus.done $(RUN)/queries.done index.py $(CORE)
+	$(PY) index.py --corpus $(RUN)/corpus --queries $(RUN)/queries --out $(RUN)/index-$* $(FLAGS_$*)
+
+$(RUN)/proponents-%.jsonl: $(RUN)/index-%/index.h5 query.py
+	$(PY) query.py --index $(RUN)/index-$* --queries $(RUN)/queries --out $@ --k $(K) --device $(DEVICE)
+
+$(RUN)/proponents-bm25.jsonl: $(CORPUS) $(QUERIES) query.py $(CORE)
+	$(PY) query.py --method bm25 --corpus $(CORPUS) --queries $(QUERIES) --out $@ --k $(K)
+
+$(RUN)/results.md: $(RUN)/proponents-bm25.jsonl $(foreach v,$(VARIANTS),$(RUN)/proponents-$(v).jsonl) evaluate.py
+	$(PY) evaluate.py --run $(RUN) --model $(MODEL) --corpus $(CORPUS) --queries $(QUERIES) \
+	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE)
+
+
+test: .venv/.installed
+	$(PY) -m pytest -q
+
+bench: .venv/.installed
+	$(PY) bench_encode.py
+	$(PY) bench_index.py
+
+lint: .venv/.installed
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf runs

@@ -1,0 +1,142 @@
+"""Encode benchmark: encode throughput and peak memory as ratios to a plain training step.
+
+    python bench_encode.py [--dim 65536] [--device auto]
+
+Each mode runs in its own process on the same batches of a small GPT-2-like model, so peak memory
+(CPU: max RSS above the process's baseline; GPU: torch.cuda.max_memory_allocated above baseline)
+is the mode's own. Ratios, not absolute figures, are the result: these machines are shared.
+Targets (issue 2): factored >= 0.8x, exact >= 0.4x a training step's tokens/s; memory <= 1.5x.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import typer
+
+import trackstar as ts
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def build(arch: str, dtype: str, device: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2-small":  # ~100M parameters, for the GPU
+        model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024))
+    elif arch == "llama-100m":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                             num_attention_heads=12, vocab_size=32000))
+    else:  # a small GPT-2-like model that a 2-core CPU runs in seconds
+        model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=512))
+    return model.eval().to(device=device, dtype=getattr(torch, dtype))
+
+
+def batches(vocab: int, n: int, batch: int, length: int, device: str):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        lengths = [length - (i * length // (4 * batch)) for i in range(batch)]  # mixed lengths, padded
+        out.append(ts.collate([(ids := torch.randint(0, vocab, (L,), generator=g).tolist(), ids) for L in lengths],
+                              device))
+    return out
+
+
+def memory_now(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_memory(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_mode(mode: str, arch: str, dtype: str, device: str, dim: int, n: int, batch: int, length: int) -> dict:
+    """One mode in this process: warm up, then time n batches; memory above the set-up baseline."""
+    model = build(arch, dtype, device)
+    data = batches(model.config.vocab_size, n + 1, batch, length, device)
+    if mode == "train":
+        step = train_step(model)
+    else:
+        modules = ts.weight_modules(model)
+        sm = None
+        if mode == "exact":  # a full Adam-like V for every traced matrix
+            v = {p: torch.rand(m.weight.shape) + 0.1 for _, m, p, _ in modules}
+            sm = ts.SecondMoment(v, {}, "file", None, 0.0, "bench")
+        enc = ts.make_encoder(model, dim, 0, ts.correction_scales(model, sm, 1e-8, modules), mode)
+        def step(b):
+            return ts.encode_batch(enc, b)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    base = memory_now(device)
+    step(data[0])  # warm-up (allocator, kernels)
+    sync(device)
+    t0 = time.perf_counter()
+    tokens = 0
+    for b in data[1:]:
+        step(b)
+        tokens += int(b["attention_mask"].sum())
+    sync(device)
+    return {"mode": mode, "tokens_per_s": tokens / (time.perf_counter() - t0),
+            "peak_mib": peak_memory(device) - base, "base_mib": base}
+
+
+def train_step(model):
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+    def step(b):
+        ts.per_example_loss(model, b).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@app.command()
+def main(
+    dim: int = typer.Option(65536, help="Projection dimension."),
+    arch: str = typer.Option("gpt2-tiny", help="gpt2-tiny (CPU) | gpt2-small | llama-100m (GPU, ~100M)."),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("auto"),
+    n: int = typer.Option(6, help="Timed batches per mode."),
+    batch: int = typer.Option(8),
+    length: int = typer.Option(128),
+    mode: str = typer.Option("", hidden=True, help="Internal: run one mode and print JSON."),
+) -> None:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if mode:
+        print(json.dumps(run_mode(mode, arch, dtype, device, dim, n, batch, length)))
+        return
+    results = {}
+    for m in ("train", "factored", "exact"):
+        cmd = [sys.executable, __file__, "--mode", m, "--dim", str(dim), "--arch", arch, "--dtype", dtype,
+               "--device", device, "--n", str(n), "--batch", str(batch), "--length", str(length)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[m] = json.loads(out.stdout.strip().splitlines()[-1])
+    train = results["train"]
+    print(f"\nencode benchmark: {arch} {dtype} on {device}, d={dim}, batch={batch} x <= {length} tokens (padded)")
+    print(f"{'mode':10} {'tokens/s':>10} {'÷ train':>8} {'peak MiB':>9} {'÷ train':>8}  target")
+    for m, target in (("train", ""), ("factored", ">= 0.8x speed"), ("exact", ">= 0.4x speed")):
+        r = results[m]
+        print(f"{m:10} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / train['tokens_per_s']:8.2f} "
+              f"{r['peak_mib']:9.0f} {r['peak_mib'] / max(train['peak_mib'], 1e-9):8.2f}  {target}")
+
+
+if __name__ == "__main__":
+    app()
