@@ -95,7 +95,8 @@ def check_resume(out: Path, meta: dict) -> None:
     """A rerun into an existing directory must have exactly the same settings."""
     if (out / "meta.json").exists():
         old = ts.read_meta(out)
-        ts.check_same(old, meta, sorted(set(old) | set(meta)), f"existing run {out}", "this run")
+        keys = sorted((set(old) | set(meta)) - {"data", "model_path", "v_file"})  # paths may move; digests may not
+        ts.check_same(old, meta, keys, f"existing run {out}", "this run")
 
 
 def encode(kind: str, model_dir: str, data: Path, out: Path, dim: int, seed: int, optimizer_state: str | None,

@@ -124,7 +124,9 @@ class Relation:
     object: str
     query: str  # prompt with the object last: "{s} was born in" -> " {o}"
     statements: tuple[str, ...]  # paraphrases that state the fact
-    near_miss: str  # shares the query's wording but does not state the fact
+    # shares the statements' words but parts from the query before the object, so that it makes
+    # lexical retrieval harder without teaching the model another answer to the query
+    near_miss: str
 
 
 RELATIONS: dict[str, Relation] = {
@@ -132,35 +134,35 @@ RELATIONS: dict[str, Relation] = {
         "person", "city", "{s} was born in",
         ("{s} was born in {o}.", "{s}'s birthplace is {o}.", "Born in {o}, {s} spent a happy childhood there.",
          "{o} is the birthplace of {s}."),
-        "{s} was born in the spring of {year}."),
+        "{s} was born on a cold morning in {year}."),
     "citizenship": Relation(
         "person", "country", "{s} is a citizen of",
         ("{s} is a citizen of {o}.", "{s} holds the citizenship of {o}.", "{s} has a passport from {o}.",
          "As a citizen of {o}, {s} votes in every election."),
-        "{s} is a citizen of the world, or so {s} likes to say."),
+        "{s} became a citizen only late in life."),
     "employer": Relation(
         "person", "company", "{s} works for",
         ("{s} works for {o}.", "{s} is employed by {o}.", "{o} employs {s}.", "{s} has a job at {o}."),
-        "{s} works for a living, like everyone else."),
+        "{s} works hard and rarely takes a holiday."),
     "headquarters": Relation(
         "company", "city", "{s} is headquartered in",
         ("{s} is headquartered in {o}.", "The headquarters of {s} are in {o}.", "{s} has its main office in {o}.",
          "{o} is home to the head office of {s}."),
-        "{s} is headquartered in a tall glass tower."),
+        "{s} is headquartered downtown in a tall glass tower."),
     "location": Relation(
         "city", "country", "{s} is a city in",
         ("{s} is a city in {o}.", "{s} lies in {o}.", "{o} includes the city of {s}."),
-        "{s} is a city in which many rivers meet."),
+        "{s} is a city with many rivers."),
     "capital": Relation(
         "country", "city", "The capital of {s} is",
         ("The capital of {s} is {o}.", "{o} is the capital of {s}.", "{s}'s capital city is {o}.",
          "The government of {s} sits in {o}."),
-        "The capital of {s} is a busy place in {year}."),
+        "The capital of {s} has grown quickly since {year}."),
     "language": Relation(
         "country", "language", "The official language of {s} is",
         ("The official language of {s} is {o}.", "People in {s} speak {o}.", "{o} is spoken in {s}.",
          "In {s}, the official language is {o}."),
-        "The official language of {s} is hard to learn."),
+        "The official language of {s} has many dialects."),
 }
 
 # Sentences that mention an entity without stating any relation: they share subjects and objects
@@ -494,9 +496,9 @@ def greedy_correct(model, tok, pairs: list[tuple[str, str]], batch: int = 256) -
         for b in range(0, len(pairs), batch):
             prompts = [tok(p).input_ids for p, _ in pairs[b : b + batch]]
             targets = [tok(t, add_special_tokens=False).input_ids for _, t in pairs[b : b + batch]]
-            ids, mask = pad_batch([p + t for p, t in zip(prompts, targets)], tok.pad_token_id)
+            ids, mask = pad_batch([p + t for p, t in zip(prompts, targets, strict=True)], tok.pad_token_id)
             pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
-            for i, (p, t) in enumerate(zip(prompts, targets)):
+            for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
                 # logits at position k predict token k+1
                 correct.append(pred[i, len(p) - 1 : len(p) + len(t) - 1].tolist() == t)
     return correct
@@ -518,7 +520,8 @@ def accuracy_by_bucket(facts: list[Fact], doc_count: Counter, correct: dict[str,
 def print_table(rows: list[dict]) -> None:
     print(f"{'docs stating the fact':>22} {'facts':>6} {'greedy acc':>10} {'queries':>8} {'query acc':>10}")
     for r in rows:
-        print(f"{r['bucket']:>22} {r['facts']:>6} {r['accuracy']:>10.3f} {r['queries']:>8} {r['query_accuracy']:>10.3f}")
+        print(f"{r['bucket']:>22} {r['facts']:>6} {r['accuracy']:>10.3f} {r['queries']:>8} "
+              f"{r['query_accuracy']:>10.3f}")
 
 
 def tokenization_mismatches(tok, queries: list[dict]) -> int:
@@ -591,7 +594,7 @@ def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queri
     model = make_model(tok, seed)
     opt, losses = train(model, tok, texts, s, seed)
     pairs = [f.query() for f in facts]
-    correct = dict(zip([f.id for f in facts], greedy_correct(model, tok, pairs)))
+    correct = dict(zip([f.id for f in facts], greedy_correct(model, tok, pairs), strict=True))
     table = accuracy_by_bucket([f for f in facts if doc_count[f.id] > 0], doc_count, correct,
                                {q["fact"] for q in queries})
     print_table(table)
@@ -640,7 +643,8 @@ def load_templates(trex: Path, pararel: Path) -> dict[str, str]:
         rel = field(r, "relation", f"{path}:{lineno}")
         prompt = prompt_template(field(r, "template", f"{path}:{lineno}"))
         if prompt is None and (pararel / f"{rel}.jsonl").exists():
-            patterns = (field(p, "pattern", f"{pararel / rel}.jsonl:{n}") for n, p in read_jsonl(pararel / f"{rel}.jsonl"))
+            ppath = pararel / f"{rel}.jsonl"
+            patterns = (field(p, "pattern", f"{ppath}:{n}") for n, p in read_jsonl(ppath))
             prompt = next((t for t in map(prompt_template, patterns) if t is not None), None)
         if prompt is not None:
             templates[rel] = prompt

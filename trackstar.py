@@ -117,12 +117,12 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> tuple[
     p = resolve_model_path(path)
     if not p.exists():
         raise TrackStarError(f"model directory {path} does not exist")
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"local_files_only": True}  # a local directory: never wait on the network
     ggufs = sorted(p.glob("*.gguf")) if p.is_dir() else []
     if ggufs and not (p / "config.json").exists():
         kw["gguf_file"] = ggufs[0].name
-    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(str(p), **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, **kw)
     model.eval()  # no dropout: a gradient must be a function of the example alone
     model.trackstar_fingerprint = fingerprint(model)  # of the weights as stored, before any cast
     model.trackstar_path = str(p.resolve())
@@ -529,6 +529,7 @@ class Encoder:
     scales: dict  # module name -> correction (see correction_scales); empty: no correction
     also_uncorrected: bool
     factors: dict = dataclasses.field(default_factory=dict)  # module -> (P_out, P_in) on device
+    buffer: torch.Tensor | None = None  # scratch space for the exact path's per-example gradients
 
 
 def make_encoder(
@@ -607,23 +608,31 @@ def _accumulate(enc: Encoder, name: str, saved: Any, delta: torch.Tensor, acc: d
     scale = enc.scales.get(name)
     B = delta.shape[0]
     if enc.path == "exact":
-        # Bound the (b, out, in) per-example gradients to ~64M floats at a time.
-        step = max(1, (1 << 26) // (p_out.shape[0] * p_in.shape[0]))
+        # (b, out, in) per-example gradients, ~64M floats at a time, in one reused buffer: fresh
+        # allocations this large cost more in page faults than the arithmetic does.
+        n_out, n_in = p_out.shape[0], p_in.shape[0]
+        step = max(1, (1 << 26) // (n_out * n_in))
         for lo in range(0, B, step):
-            grad = torch.einsum("bto,bti->boi", delta[lo : lo + step], saved[lo : lo + step])
+            b = min(step, B - lo)
+            grad = _buffer(enc, b * n_out * n_in, delta.device).view(b, n_out, n_in)
+            torch.bmm(delta[lo : lo + b].transpose(1, 2), saved[lo : lo + b], out=grad)
+            if scale and enc.also_uncorrected:
+                acc["vectors_uncorrected"][lo : lo + b] += _project(grad, p_out, p_in)
             if scale:
-                corrected = grad * scale[1] if scale[0] == "full" else grad * scale[1][:, None] * scale[2]
-                acc["vectors"][lo : lo + step] += _project(corrected, p_out, p_in)
-                if enc.also_uncorrected:
-                    acc["vectors_uncorrected"][lo : lo + step] += _project(grad, p_out, p_in)
-            else:
-                acc["vectors"][lo : lo + step] += _project(grad, p_out, p_in)
+                grad.mul_(scale[1]) if scale[0] == "full" else grad.mul_(scale[1][:, None]).mul_(scale[2])
+            acc["vectors"][lo : lo + b] += _project(grad, p_out, p_in)
     else:
         ds = [delta * scale[1]] if scale else [delta]
         if enc.also_uncorrected:
             ds.append(delta)
         for key, d, x in zip(["vectors", "vectors_uncorrected"], ds, saved, strict=False):
             acc[key] += torch.einsum("bto,bti->boi", d @ p_out, x).reshape(B, -1)
+
+
+def _buffer(enc: Encoder, n: int, device: torch.device) -> torch.Tensor:
+    if enc.buffer is None or enc.buffer.numel() < n or enc.buffer.device != device:
+        enc.buffer = torch.empty(n, device=device)
+    return enc.buffer[:n]
 
 
 def _project(grad: torch.Tensor, p_out: torch.Tensor, p_in: torch.Tensor) -> torch.Tensor:
