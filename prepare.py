@@ -86,6 +86,7 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 MARKERS = ("world.json", "lama.json")  # a directory holding one of these was written by this script
+OUT_HELP = "output directory, written atomically (replaces an earlier prepare.py output, nothing else)"
 
 
 def check_out(out: Path) -> None:
@@ -99,7 +100,11 @@ def check_out(out: Path) -> None:
 def staging_dir(out: Path) -> Path:
     """A fresh sibling directory to build the output in; publish() renames it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the published directory private
+    return tmp
 
 
 def publish(tmp: Path, out: Path) -> None:
@@ -132,8 +137,8 @@ class Relation:
 RELATIONS: dict[str, Relation] = {
     "birthplace": Relation(
         "person", "city", "{s} was born in",
-        ("{s} was born in {o}.", "{s}'s birthplace is {o}.", "Born in {o}, {s} spent a happy childhood there.",
-         "{o} is the birthplace of {s}."),
+        ("{s} was born in {o}.", "{s}'s birthplace is {o}.",
+         "Born in {o}, {s} spent a happy childhood there.", "{o} is the birthplace of {s}."),
         "{s} was born on a cold morning in {year}."),
     "citizenship": Relation(
         "person", "country", "{s} is a citizen of",
@@ -146,8 +151,8 @@ RELATIONS: dict[str, Relation] = {
         "{s} works hard and rarely takes a holiday."),
     "headquarters": Relation(
         "company", "city", "{s} is headquartered in",
-        ("{s} is headquartered in {o}.", "The headquarters of {s} are in {o}.", "{s} has its main office in {o}.",
-         "{o} is home to the head office of {s}."),
+        ("{s} is headquartered in {o}.", "The headquarters of {s} are in {o}.",
+         "{s} has its main office in {o}.", "{o} is home to the head office of {s}."),
         "{s} is headquartered downtown in a tall glass tower."),
     "location": Relation(
         "city", "country", "{s} is a city in",
@@ -200,13 +205,18 @@ class WorldSize:
     steps: int  # training steps
     batch: int  # documents per step
 
+    def entities(self) -> dict[str, int]:
+        return {"person": self.persons, "city": self.cities, "country": self.countries,
+                "company": self.companies, "language": self.languages}
+
 
 SIZES = {
-    "tiny": WorldSize(persons=40, cities=16, countries=5, companies=8, languages=4, queries=30, steps=500, batch=16),
-    "small": WorldSize(persons=130, cities=40, countries=10, companies=20, languages=6, queries=100, steps=900,
-                       batch=24),
-    "default": WorldSize(persons=330, cities=80, countries=20, companies=40, languages=12, queries=200, steps=1600,
-                         batch=32),
+    "tiny": WorldSize(persons=40, cities=16, countries=5, companies=8, languages=4,
+                      queries=30, steps=500, batch=16),
+    "small": WorldSize(persons=100, cities=40, countries=10, companies=20, languages=6,
+                       queries=100, steps=900, batch=24),
+    "default": WorldSize(persons=280, cities=80, countries=20, companies=40, languages=12,
+                         queries=200, steps=1600, batch=32),
 }
 MAX_COUNT = 20  # the most documents that state one fact
 ZIPF_A = 1.5  # P(fact stated in c documents) ~ c^-a: many facts once, few facts many times
@@ -254,9 +264,7 @@ def make_names(rng: random.Random, n: int, kind: str, used: set[str]) -> list[st
 
 def make_entities(rng: random.Random, size: WorldSize) -> dict[str, list[str]]:
     used: set[str] = set()
-    counts = {"person": size.persons, "city": size.cities, "country": size.countries, "company": size.companies,
-              "language": size.languages}
-    return {kind: make_names(rng, n, kind, used) for kind, n in counts.items()}
+    return {kind: make_names(rng, n, kind, used) for kind, n in size.entities().items()}
 
 
 def make_facts(rng: random.Random, ents: dict[str, list[str]]) -> list[Fact]:
@@ -270,7 +278,8 @@ def make_facts(rng: random.Random, ents: dict[str, list[str]]) -> list[Fact]:
         triples.append(("language", k, rng.choice(ents["language"])))
     triples += [("headquarters", co, rng.choice(ents["city"])) for co in ents["company"]]
     for p in ents["person"]:
-        triples += [("birthplace", p, rng.choice(ents["city"])), ("citizenship", p, rng.choice(ents["country"])),
+        triples += [("birthplace", p, rng.choice(ents["city"])),
+                    ("citizenship", p, rng.choice(ents["country"])),
                     ("employer", p, rng.choice(ents["company"]))]
     return [Fact(f"{rel}-{i:04d}", rel, s, o) for i, (rel, s, o) in enumerate(triples)]
 
@@ -283,10 +292,9 @@ def fact_counts(rng: random.Random, n: int) -> list[int]:
 
 def distractor(rng: random.Random, fact: Fact) -> str:
     """A sentence about the fact's subject or object that does not state a relation."""
-    if rng.random() < 0.2:
-        rel = RELATIONS[fact.relation]
-        return rel.near_miss.format(s=fact.subject, year=rng.randint(1900, 1999))
     rel = RELATIONS[fact.relation]
+    if rng.random() < 0.2:
+        return rel.near_miss.format(s=fact.subject, year=rng.randint(1900, 1999))
     kind, name = rng.choice([(rel.subject, fact.subject), (rel.object, fact.object)])
     return rng.choice(GENERIC[kind]).format(e=name)
 
@@ -299,7 +307,8 @@ def filler_document(rng: random.Random, ents: dict[str, list[str]]) -> str:
     return " ".join(sentences)
 
 
-def make_documents(rng: random.Random, facts: list[Fact], counts: list[int], ents: dict[str, list[str]]) -> list[dict]:
+def make_documents(rng: random.Random, facts: list[Fact], counts: list[int],
+                   ents: dict[str, list[str]]) -> list[dict]:
     """Documents of 1-4 sentences: a fact statement, more facts about the same subject, distractors.
 
     Each fact is stated in exactly counts[i] distinct documents, each time with a random paraphrase.
@@ -310,30 +319,31 @@ def make_documents(rng: random.Random, facts: list[Fact], counts: list[int], ent
         by_subject[f.subject].append(i)
     mentions = [i for i, c in enumerate(counts) for _ in range(c)]
     rng.shuffle(mentions)
-    docs: list[tuple[list[str], list[str]]] = []
+
+    def state(i: int) -> tuple[str, str]:
+        remaining[i] -= 1
+        return facts[i].statement(rng.choice(RELATIONS[facts[i].relation].statements)), facts[i].id
+
+    docs: list[list[tuple[str, str | None]]] = []  # sentences with the fact each states
     for first in mentions:
         if remaining[first] == 0:  # already stated as a companion fact of an earlier document
             continue
-        remaining[first] -= 1
-        stated = [first]
-        sentences = [facts[first].statement(rng.choice(RELATIONS[facts[first].relation].statements))]
+        stated, doc = {first}, [state(first)]
         for _ in range(rng.choice([0, 1, 1, 2, 2, 3])):
             companions = [j for j in by_subject[facts[first].subject] if remaining[j] > 0 and j not in stated]
             if companions and rng.random() < 0.5:
                 j = rng.choice(companions)
-                remaining[j] -= 1
-                stated.append(j)
-                sentences.append(facts[j].statement(rng.choice(RELATIONS[facts[j].relation].statements)))
+                stated.add(j)
+                doc.append(state(j))
             else:
-                sentences.append(distractor(rng, facts[first]))
-        order = list(range(len(sentences)))
-        rng.shuffle(order)
-        fact_of = {k: facts[i].id for k, i in enumerate(stated)}  # statements are sentences 0..len(stated)-1
-        docs.append(([sentences[k] for k in order], [fact_of[k] for k in order if k in fact_of]))
+                doc.append((distractor(rng, facts[first]), None))
+        rng.shuffle(doc)
+        docs.append(doc)
     n_filler = round(len(docs) * FILLER_DOCS / (1 - FILLER_DOCS))
-    docs += [([filler_document(rng, ents)], []) for _ in range(n_filler)]
+    docs += [[(filler_document(rng, ents), None)] for _ in range(n_filler)]
     rng.shuffle(docs)
-    return [{"id": f"doc-{i:05d}", "text": " ".join(s), "facts": f} for i, (s, f) in enumerate(docs)]
+    return [{"id": f"doc-{i:05d}", "text": " ".join(text for text, _ in doc),
+             "facts": [fid for _, fid in doc if fid is not None]} for i, doc in enumerate(docs)]
 
 
 def sample_queries(rng: random.Random, facts: list[Fact], doc_count: Counter, n: int) -> list[dict]:
@@ -402,8 +412,9 @@ def make_model(tok, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-        intermediate_size=448, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False,
+        vocab_size=len(tok), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=448, max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=False,  # separate input/output matrices, as in Llama: each gets its own V and P
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
@@ -444,9 +455,23 @@ def pad_batch(seqs: list[list[int]], pad_id: int):
     return ids, mask
 
 
+def length_grouped_batches(lengths: list[int], batch: int, rng) -> Iterator[list[int]]:
+    """Endless epochs of shuffled batches in which documents of similar length go together (as HF's
+    group_by_length does), so that little compute is spent on padding; every document once per epoch."""
+    group = 50 * batch
+    while True:
+        perm = rng.permutation(len(lengths)).tolist()
+        epoch = []
+        for g in range(0, len(perm), group):
+            chunk = sorted(perm[g : g + group], key=lambda i: lengths[i])
+            epoch += [chunk[k : k + batch] for k in range(0, len(chunk), batch)]
+        yield from (epoch[i] for i in rng.permutation(len(epoch)))
+
+
 def train(model, tok, texts: list[str], s: TrainSettings, seed: int):
     """AdamW over the corpus, one param group over list(model.parameters()) as HF Trainer builds it,
-    so optimizer state index i is the i-th entry of model.named_parameters()."""
+    so optimizer state index i is the i-th entry of model.named_parameters(). Bit-identical from run
+    to run on one machine; other CPUs or thread counts may differ by float rounding."""
     import numpy as np
     import torch
     from tqdm import tqdm
@@ -459,16 +484,13 @@ def train(model, tok, texts: list[str], s: TrainSettings, seed: int):
     opt = torch.optim.AdamW(list(model.parameters()), lr=s.peak_lr, betas=s.betas, eps=s.eps,
                             weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s))
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
+    batches = length_grouped_batches([len(q) for q in seqs], s.batch, np.random.default_rng(seed))
     losses: list[float] = []
     model.train()
     bar = tqdm(range(s.steps), desc="train", unit="step")
     t0, tokens = time.time(), 0
     for _ in bar:
-        if len(order) < s.batch:  # a fresh permutation each epoch; no document is seen twice per epoch
-            order += rng.permutation(len(seqs)).tolist()
-        idx, order = order[: s.batch], order[s.batch :]
+        idx = next(batches)
         ids, mask = pad_batch([seqs[i] for i in idx], tok.pad_token_id)
         labels = ids.masked_fill(mask == 0, -100)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -535,9 +557,9 @@ def tokenization_mismatches(tok, queries: list[dict]) -> int:
 
 @app.command()
 def factworld(
-    out: Path = typer.Option(..., help="output directory (replaced if it holds an earlier prepare.py output)"),
-    seed: int = typer.Option(0, help="seeds the world, the tokenizer's corpus, the model init and batch order"),
-    size: str = typer.Option("default", help="tiny (CI, ~400 docs) | small (~1000 docs) | default (~2500 docs)"),
+    out: Path = typer.Option(..., help=OUT_HELP),
+    seed: int = typer.Option(0, help="seeds the world, the model's initialisation and the batch order"),
+    size: str = typer.Option("default", help="tiny (CI, ~450 docs) | small (~1150) | default (~2950)"),
     steps: int = typer.Option(None, help="training steps (default: set by --size)"),
     no_train: bool = typer.Option(False, "--no-train", help="write corpus, queries and world.json only"),
 ) -> None:
@@ -554,16 +576,13 @@ def factworld(
     facts, corpus, queries = build_world(seed, ws)
     doc_count = Counter(fid for doc in corpus for fid in doc["facts"])
     stated = [f for f in facts if doc_count[f.id] > 0]
-    print(f"world: {sum(ws.__dict__[k] for k in ('persons', 'cities', 'countries', 'companies', 'languages'))} "
-          f"entities, {len(RELATIONS)} relations, {len(facts)} facts ({len(stated)} stated), "
-          f"{len(corpus)} documents, {len(queries)} queries")
+    print(f"world: {sum(ws.entities().values())} entities, {len(RELATIONS)} relations, {len(facts)} facts "
+          f"({len(stated)} stated), {len(corpus)} documents, {len(queries)} queries")
     info = {
-        "seed": seed, "size": size, "world": asdict(ws),
-        "entities": {"person": ws.persons, "city": ws.cities, "country": ws.countries, "company": ws.companies,
-                     "language": ws.languages},
-        "relations": len(RELATIONS), "facts": len(facts), "stated_facts": len(stated),
-        "documents": len(corpus), "filler_documents": sum(not d["facts"] for d in corpus), "queries": len(queries),
-        "facts_by_bucket": {name: sum(lo <= doc_count[f.id] <= hi for f in facts) for name, lo, hi in BUCKETS},
+        "seed": seed, "size": size, "entities": ws.entities(), "relations": len(RELATIONS),
+        "facts": len(facts), "stated_facts": len(stated), "documents": len(corpus),
+        "filler_documents": sum(not d["facts"] for d in corpus), "queries": len(queries),
+        "facts_by_bucket": {b: sum(lo <= doc_count[f.id] <= hi for f in stated) for b, lo, hi in BUCKETS},
     }
     tmp = staging_dir(out)
     try:
@@ -606,13 +625,14 @@ def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queri
         "tokenizer": {"type": "byte-level BPE", "vocab_size": len(tok), "split_mismatches": bad},
         "model": {"type": "LlamaForCausalLM", "parameters": sum(p.numel() for p in model.parameters()),
                   "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers,
-                  "heads": model.config.num_attention_heads, "intermediate_size": model.config.intermediate_size,
+                  "heads": model.config.num_attention_heads,
+                  "intermediate_size": model.config.intermediate_size,
                   "max_positions": MAX_POSITIONS},
         "training": {**asdict(s), "optimizer": "AdamW", "schedule": "linear warmup + cosine",
                      "final_lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)},
         "final_loss": round(sum(tail) / len(tail), 4),
         "accuracy_by_bucket": table,
-        "accuracy": round(sum(correct[f.id] for f in facts if doc_count[f.id]) / max(1, len(doc_count)), 4),
+        "accuracy": round(sum(correct[f] for f in doc_count) / max(1, len(doc_count)), 4),  # stated facts
         "query_accuracy": round(sum(correct[q["fact"]] for q in queries) / max(1, len(queries)), 4),
     }
 
@@ -680,7 +700,7 @@ def load_facts(path: Path, relation: str) -> list[LamaFact]:
     return facts
 
 
-def select_relations(spec: str, trex: Path, templates: dict[str, str]) -> list[str]:
+def select_relations(spec: str, trex: Path, pararel: Path, templates: dict[str, str]) -> list[str]:
     available = sorted(p.name.split(".")[0] for p in trex.glob("P*.jsonl.gz"))
     wanted = available if spec == "all" else [r.strip() for r in spec.split(",") if r.strip()]
     missing = [r for r in wanted if r not in available]
@@ -688,7 +708,7 @@ def select_relations(spec: str, trex: Path, templates: dict[str, str]) -> list[s
         fail(f"no data for {', '.join(missing)} in {trex} (available: {', '.join(available)})")
     skipped = [r for r in wanted if r not in templates]
     if skipped:
-        print(f"skipping {', '.join(skipped)}: no template with [Y] last")
+        print(f"skipping {', '.join(skipped)}: no template with [Y] last in relations.jsonl or {pararel}")
     kept = [r for r in wanted if r in templates]
     if not kept:
         fail("no relation left to convert")
@@ -700,7 +720,7 @@ def lama_corpus(facts: list[LamaFact], query_ids: set[str], docs: int, max_evide
     """Evidence of the query facts first (all of it, up to max_evidence sentences a fact), then
     evidence of other facts of the same relations as distractors, until `docs` documents."""
     facts_of: dict[str, list[str]] = defaultdict(list)  # sentence -> every loaded fact it is evidence for
-    id_of: dict[str, str] = {}  # sentence -> the id of its first occurrence in file order: stable across seeds
+    id_of: dict[str, str] = {}  # sentence -> id of its first occurrence in file order: the same for any seed
     for f in facts:
         for doc_id, text in f.sentences:
             facts_of[text].append(f.uuid)
@@ -725,7 +745,7 @@ def lama_corpus(facts: list[LamaFact], query_ids: set[str], docs: int, max_evide
 
 @app.command()
 def lama(
-    out: Path = typer.Option(..., help="output directory (replaced if it holds an earlier prepare.py output)"),
+    out: Path = typer.Option(..., help=OUT_HELP),
     trex: Path = typer.Option(TREX, help="LAMA T-REx folder: P*.jsonl.gz and relations.jsonl"),
     pararel: Path = typer.Option(PARAREL, help="ParaRel patterns folder: P*.jsonl"),
     relations: str = typer.Option("all", help="comma-separated relation ids (e.g. P20,P108), or 'all'"),
@@ -743,7 +763,7 @@ def lama(
         fail(f"--trex {trex} is not a directory")
     check_out(out)
     templates = load_templates(trex, pararel)
-    rels = select_relations(relations, trex, templates)
+    rels = select_relations(relations, trex, pararel, templates)
     facts: list[LamaFact] = []
     for rel in tqdm(rels, desc="read", unit="relation"):
         facts += load_facts(trex / f"{rel}.jsonl.gz", rel)
@@ -754,7 +774,7 @@ def lama(
                    "target": " " + f.object, "fact": f.uuid} for f in sample]
     corpus = lama_corpus(facts, {f.uuid for f in sample}, docs, max_evidence, rng)
     n_evidence = sum(1 for d in corpus if any(u in {f.uuid for f in sample} for u in d["facts"]))
-    print(f"{len(rels)} relations, {len(facts)} facts read; {len(query_rows)} queries; {len(corpus)} documents "
+    print(f"{len(rels)} relations, {len(facts)} facts read; {len(query_rows)} queries; {len(corpus)} docs "
           f"({n_evidence} evidence of a query fact, {len(corpus) - n_evidence} distractors)")
     if len(corpus) > docs:
         print(f"note: the query facts' evidence alone exceeds --docs {docs}")
@@ -763,7 +783,8 @@ def lama(
         write_jsonl(tmp / "corpus.jsonl", corpus)
         write_jsonl(tmp / "queries.jsonl", query_rows)
         write_json(tmp / "lama.json", {
-            "source": str(trex), "relations": rels, "templates": {r: templates[r] for r in rels}, "seed": seed,
+            "source": str(trex), "relations": rels, "templates": {r: templates[r] for r in rels},
+            "seed": seed,
             "facts_read": len(facts), "queries": len(query_rows), "documents": len(corpus),
             "evidence_documents": n_evidence, "max_evidence": max_evidence})
         publish(tmp, out)

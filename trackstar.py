@@ -24,7 +24,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +324,7 @@ class SecondMoment:
     factored: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (row, col) Adafactor stats
     source: str  # "adam", "adafactor", "estimate", "file"
     lr: float | None  # the optimizer's final learning rate, when the state has one
+    beta2: float | None  # Adam's β2, when the state has one
     optimizer_eps: float  # eps inside sqrt(V + eps) that matches the optimizer's own update
     digest: str  # identity of the values, so artifacts with different V refuse to mix
 
@@ -356,7 +357,7 @@ def load_second_moment(path: str, model: nn.Module) -> SecondMoment:
             factored[name] = (v["exp_avg_sq_row"].float(), v["exp_avg_sq_col"].float())
         else:
             full[name] = _checked(v, params[name], name, path).float()
-    return _finish(full, factored, meta_source, lr, 0.0, path)
+    return _finish(full, factored, meta_source, lr, None, 0.0, path)
 
 
 def _from_optimizer_state(state: dict, model: nn.Module, path: str) -> SecondMoment:
@@ -383,7 +384,8 @@ def _from_optimizer_state(state: dict, model: nn.Module, path: str) -> SecondMom
     eps = float(eps[0] if isinstance(eps, list | tuple) else eps)
     # Adam divides by sqrt(v) + eps ≈ sqrt(v + eps²); Adafactor's eps is already inside its stats.
     default_eps = eps * eps if source == "adam" else 0.0
-    return _finish(full, factored, source, g0.get("lr"), default_eps, path)
+    beta2 = g0["betas"][1] if g0.get("betas") else None
+    return _finish(full, factored, source, g0.get("lr"), beta2, default_eps, path)
 
 
 def _param_order(model: nn.Module, groups: list[dict], state: dict, path: str) -> list[str]:
@@ -437,7 +439,9 @@ def _checked(v: torch.Tensor, p: torch.Tensor, name: str, path: str) -> torch.Te
     return v
 
 
-def _finish(full: dict, factored: dict, source: str, lr: float | None, eps: float, path: str) -> SecondMoment:
+def _finish(
+    full: dict, factored: dict, source: str, lr: float | None, beta2: float | None, eps: float, path: str
+) -> SecondMoment:
     h = hashlib.sha256()
     for name in sorted(full):
         h.update(name.encode() + full[name].numpy().tobytes())
@@ -446,7 +450,7 @@ def _finish(full: dict, factored: dict, source: str, lr: float | None, eps: floa
         h.update(name.encode() + r.numpy().tobytes() + c.numpy().tobytes())
     if not full and not factored:
         raise TrackStarError(f"{path}: no second-moment statistics found")
-    return SecondMoment(full, factored, source, lr, eps, h.hexdigest()[:16])
+    return SecondMoment(full, factored, source, lr, beta2, eps, h.hexdigest()[:16])
 
 
 def estimate_second_moment(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -784,6 +788,382 @@ def iter_vector_blocks(run: str | Path, dataset: str = "vectors") -> Iterator[tu
 
 
 # ----------------------------------------------------------------------------------------------
+# Index and query: the Hessian R (second moments, λ, R^(-1/2)), transforms, the index file, exact
+# blocked top-k, BM25.
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op CPU threads set to `n` inside the block (None: unchanged)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hessian R: second moments of projected gradients, the mixing weight λ, R^(-1/2).
+
+
+def chunk_sizes(run: str | Path, dataset: str) -> list[int]:
+    """Rows per chunk of an encoded run, read from the HDF5 shapes (no vectors are loaded)."""
+    sizes = []
+    for f in chunk_files(run):
+        with h5py.File(f, "r") as h:
+            if dataset not in h:
+                raise TrackStarError(f"{f} has no {dataset!r} dataset (encode with --also-uncorrected)")
+            sizes.append(h[dataset].shape[0])
+    return sizes
+
+
+def sample_blocks(run: str | Path, dataset: str, n_sample: int, seed: int) -> Iterator[np.ndarray]:
+    """A seeded uniform sample of `n_sample` rows (without replacement), chunk by chunk.
+
+    The sample is drawn over row positions in chunk order, so it depends only on (seed, chunk sizes);
+    only the sampled rows are read, and memory is bounded by one chunk's sample.
+    """
+    sizes = chunk_sizes(run, dataset)
+    total = sum(sizes)
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(total, size=min(n_sample, total), replace=False))
+    starts = np.cumsum([0] + sizes)
+    for f, lo, hi in zip(chunk_files(run), starts[:-1], starts[1:], strict=True):
+        local = picked[(picked >= lo) & (picked < hi)] - lo
+        if len(local):
+            with h5py.File(f, "r") as h:
+                yield h[dataset][local]  # h5py reads an increasing row list as one selection
+
+
+def second_moment_matrix(blocks: Iterable[np.ndarray], device: str = "cpu") -> tuple[np.ndarray, int]:
+    """(XᵀX / n, n): the uncentred second moment of all rows of `blocks`, accumulated in float64.
+
+    Uncentred, as the paper's autocorrelation: the mean gradient direction is exactly what the
+    correction should down-weight (it is shared by all examples).
+    """
+    acc, n = None, 0
+    for x in blocks:
+        x = torch.as_tensor(x, device=device).double()
+        acc = x.T @ x if acc is None else acc.addmm_(x.T, x)
+        n += x.shape[0]
+    if acc is None or n == 0:
+        raise TrackStarError("no vectors to estimate a second moment from")
+    return (acc / n).cpu().numpy(), n
+
+
+def _eigh_threads(d: int) -> int | None:
+    """CPU threads for a d x d eigendecomposition. Small ones run on one thread: there MKL's solver
+    synchronises its threads so often that on shared cores two threads took 1 s where one took 1 ms
+    (d = 128, measured here); from d ~ 512 up, threads pay off again."""
+    return 1 if d <= 512 else None
+
+
+def spectrum(R: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """Eigenvalues of a symmetric matrix, float64, sorted descending."""
+    with cpu_threads(_eigh_threads(R.shape[0])):
+        return torch.linalg.eigvalsh(torch.as_tensor(R, device=device).double()).flip(0).cpu().numpy()
+
+
+def numerical_rank(eigenvalues: np.ndarray) -> int:
+    """How many eigenvalues are above float64 round-off of the largest (LAPACK's usual threshold)."""
+    top = float(np.max(eigenvalues, initial=0.0))
+    return int(np.sum(eigenvalues > top * len(eigenvalues) * np.finfo(np.float64).eps))
+
+
+def crossing_component(dim: int, e_train: np.ndarray, e_eval: np.ndarray) -> tuple[int, int]:
+    """(k, k_target): the component where λ·R_eval and (1−λ)·R_train should cross.
+
+    The paper crosses at about the 1000th of 65,536 components; we scale that with d. R_eval has
+    rank at most n_queries (and R_train at most the sample size), past which its eigenvalues are
+    round-off, so k is clipped below both numerical ranks.
+    """
+    k_target = round(1000 * dim / 65536)
+    limit = min(numerical_rank(e_train), numerical_rank(e_eval))
+    if limit == 0:
+        raise TrackStarError("R_train or R_eval is zero: all vectors are zero?")
+    return min(k_target, limit - 1), k_target
+
+
+def mix_lambda(e_train: np.ndarray, e_eval: np.ndarray, k: int) -> float:
+    """λ with λ·e_eval[k] = (1−λ)·e_train[k]: the two scaled spectra cross at component k."""
+    a, b = float(e_train[k]), float(e_eval[k])
+    if a + b <= 0:
+        raise TrackStarError(f"both spectra are zero at component {k}; give --lam explicitly")
+    return a / (a + b)
+
+
+def mixed_hessian(R_train: np.ndarray, R_eval: np.ndarray, lam: float) -> np.ndarray:
+    """R = λ·R_eval + (1−λ)·R_train (λ=0: R_train alone, λ=1: R_eval alone)."""
+    if lam == 0.0:
+        return R_train.copy()
+    if lam == 1.0:
+        return R_eval.copy()
+    return lam * R_eval + (1.0 - lam) * R_train
+
+
+def damp(R: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
+    """(R + δI, δ) with δ = damping · trace(R)/d: relative to the mean eigenvalue, so the same
+    --damping means the same thing at any gradient scale."""
+    delta = damping * float(np.trace(R)) / R.shape[0]
+    return R + delta * np.eye(R.shape[0]), delta
+
+
+def symmetric_power(R: np.ndarray, power: float, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(R^power, eigenvalues of R descending) by a float64 eigendecomposition; R must be positive definite."""
+    with cpu_threads(_eigh_threads(R.shape[0])):
+        w, V = torch.linalg.eigh(torch.as_tensor(R, device=device).double())
+    if w.min().item() <= 0:
+        raise TrackStarError(
+            f"R is not positive definite (smallest eigenvalue {w.min().item():.3g}); use --damping > 0"
+        )
+    return ((V * w.pow(power)) @ V.T).cpu().numpy(), w.flip(0).cpu().numpy()
+
+
+def inverse_sqrt(R: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """R^(-1/2), symmetric, float64."""
+    return symmetric_power(R, -0.5, device)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms: what the index applies to documents and query.py applies to queries.
+
+
+def unit_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length; an all-zero row stays zero (it scores 0 against everything)."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x / norm.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def transform(x: torch.Tensor, matrix: torch.Tensor | None, unit_norm: bool) -> torch.Tensor:
+    """x ↦ x·M (M symmetric, so this is M·x per row), then optionally unit-normalised."""
+    if matrix is not None:
+        x = x @ matrix
+    return unit_normalize(x) if unit_norm else x
+
+
+def check_finite(x: np.ndarray | torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(torch.as_tensor(x)).all()):
+        raise TrackStarError(f"{where} contains NaN or inf vectors (a diverged model or a bad encode?)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The index file: `vectors` (N x d, float16 or float32) and `ids` (int64 corpus row numbers).
+# Attributes are JSON values, as in the chunk store.
+
+
+def write_attrs(obj: h5py.HLObject, attrs: dict) -> None:
+    for key, value in attrs.items():
+        obj.attrs[key] = json.dumps(value)
+
+
+def read_attrs(obj: h5py.HLObject) -> dict:
+    return {key: json.loads(value) for key, value in obj.attrs.items()}
+
+
+def read_index_meta(index: str | Path) -> dict:
+    """The attributes of RUN/index/index.h5 (the corpus meta plus the index settings)."""
+    path = Path(index) / "index.h5"
+    if not path.exists():
+        raise TrackStarError(f"{index} is not an index (no index.h5); run index.py first")
+    with h5py.File(path, "r") as f:
+        meta = read_attrs(f)
+        meta["n_rows"] = f["vectors"].shape[0]
+    return meta
+
+
+def read_query_transform(index: str | Path) -> np.ndarray | None:
+    """The d x d matrix query.py applies to query vectors, or None for identity."""
+    with h5py.File(Path(index) / "index.h5", "r") as f:
+        return f["query_transform"][:] if "query_transform" in f else None
+
+
+def mapped(path: str | Path, dataset: h5py.Dataset) -> np.ndarray | None:
+    """An HDF5 dataset memory-mapped from its file, or None when its layout does not allow it.
+
+    index.py writes `vectors` and `ids` contiguous and uncompressed: plain arrays at fixed offse
+    Mapped, the page cache is read in place, saving the copy (and the per-call cost) of an HDF5
+    read. Copy-on-write mode gives torch writable views without ever touching the file.
+    """
+    offset = dataset.id.get_offset()
+    if offset is None or dataset.chunks is not None or dataset.dtype.byteorder == ">":
+        return None
+    return np.memmap(path, dtype=dataset.dtype, mode="c", offset=offset, shape=dataset.shape)
+
+
+def iter_index_blocks(
+    path: str | Path, block: int, device: str = "cpu"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, float32 vectors) of an index file, `block` rows at a time, on `device`.
+
+    Rows are converted into one preallocated float32 buffer (on a GPU, after crossing the bus in
+    their narrow storage dtype), so memory is about one block whatever the corpus size. The yielded
+    tensors are views of reused buffers: use them before asking for the next block.
+    """
+    with h5py.File(path, "r") as f:
+        vectors, ids = f["vectors"], f["ids"]
+        n, d = vectors.shape
+        rows = max(1, min(block, n))
+        vectors_map, ids_map = mapped(path, vectors), mapped(path, ids)
+        all_ids = ids[:] if ids_map is None else ids_map  # 8 bytes a document: small beside the vectors
+        if n and (all_ids.min() < 0 or all_ids.max() >= _LOW):
+            raise TrackStarError(f"{path}: document ids must lie in [0, 2^32) for exact tie-breaking")
+        staging = np.empty((rows, d), vectors.dtype) if vectors_map is None else None
+        wide = torch.empty((rows, d), dtype=torch.float32, device=device)
+        narrow = None if wide.device.type == "cpu" else torch.empty(
+            (rows, d), dtype=torch.from_numpy(np.empty(0, vectors.dtype)).dtype, device=device)
+        for lo in range(0, n, rows):
+            m = min(rows, n - lo)
+            if vectors_map is not None:
+                raw = torch.from_numpy(vectors_map[lo : lo + m])
+            else:
+                vectors.read_direct(staging, np.s_[lo : lo + m], np.s_[:m])
+                raw = torch.from_numpy(staging[:m])
+            if narrow is not None:
+                narrow[:m].copy_(raw)
+                raw = narrow[:m]
+            # A float32 index on the CPU is scored where it lies; anything else is converted once.
+            block_vectors = raw if raw.dtype == torch.float32 and raw.device == wide.device else wide[:m].copy_(raw)
+            yield torch.from_numpy(np.asarray(all_ids[lo : lo + m])).to(device), block_vectors
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact blocked top-k. Each float32 score becomes an int64 key that sorts like (score, -row id):
+# the high 32 bits are the score's bits mapped to an order-preserving int32, the low 32 bits are
+# 2^32-1-id. Keys are unique, so torch.topk over keys is exactly a stable sort of the full score
+# matrix with ties to the lower id, and a running top-k merges with each block exactly.
+
+_LOW = 1 << 32
+
+
+def score_block(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """(Q, B) float32 scores of one index block: the only per-block score matrix the scan makes."""
+    return queries @ vectors.T
+
+
+def order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys with the order of float32 `scores` (−0.0 is +0.0; NaN must not occur).
+
+    Non-negative floats already sort like their bits read as int32; negative ones sort reversed,
+    so their 31 low bits are flipped (x ^ 0x7FFFFFFF when the sign bit is set).
+    """
+    bits = (scores + 0.0).view(torch.int32)  # -0.0 + 0.0 = +0.0: one key for zero
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+
+
+def order_to_scores(order: torch.Tensor) -> torch.Tensor:
+    """Inverse of order_keys (the bit flip is its own inverse): the exact float32 scores."""
+    bits = order.to(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
+def pack_keys(order: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """order·2^32 + (2^32−1−id): larger key = larger order, then lower id."""
+    return (_LOW - 1 - ids).add(order, alpha=_LOW)
+
+
+def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, id) back from pack_keys."""
+    order = torch.div(keys, _LOW, rounding_mode="floor")
+    return order, _LOW - 1 - (keys - order * _LOW)
+
+
+def _merge(best: torch.Tensor | None, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest keys per row of `best` ∪ `keys`, sorted descending."""
+    keys = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
+    if best is not None:
+        keys = torch.cat([best, keys], dim=1)
+        keys = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
+    return keys
+
+
+# Below this many queries a CPU scan is bound by memory bandwidth, which one core nearly saturates;
+# more threads then mostly add wake-up costs per block (milliseconds when the cores are shared).
+FEW_QUERIES = 8
+
+
+def blocked_topk(
+    queries: torch.Tensor, index_blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top_scores, top_ids, bottom_scores, bottom_ids), each (Q, min(k, N)), on the CPU.
+
+    Proponents: highest scores first; opponents: lowest first; ties to the lower id in both, exactly
+    as a stable sort of the full (Q, N) score matrix. Memory: one block of scores at a time.
+    `index_blocks` yields (ids int64 < 2^32, vectors float32) on the device of `queries`.
+    """
+    top = bottom = None
+    few = queries.device.type == "cpu" and len(queries) < FEW_QUERIES
+    with cpu_threads(1 if few else None):
+        for ids, vectors in index_blocks:
+            order = order_keys(score_block(queries, vectors))  # (Q, B)
+            # pack_keys, sharing the tie term (B,) between both lists: the lower id wins a tie in each
+            tie = _LOW - 1 - ids.to(queries.device)
+            top = _merge(top, tie.add(order, alpha=_LOW), k)
+            bottom = _merge(bottom, (tie - _LOW).sub(order, alpha=_LOW), k)  # (~order)·2^32 + tie
+    if top is None:
+        raise TrackStarError("the index is empty")
+    top_order, top_ids = unpack_keys(top.cpu())
+    bottom_order, bottom_ids = unpack_keys(bottom.cpu())
+    return order_to_scores(top_order), top_ids, order_to_scores(~bottom_order), bottom_ids
+
+
+# ----------------------------------------------------------------------------------------------
+# BM25 baseline: rank_bm25's BM25Okapi statistics, scored through an inverted index. The scores
+# equal BM25Okapi.get_scores bit for bit (same float64 expression per document), but a query
+# costs its postings instead of a Python loop over every document.
+
+_WORD = re.compile(r"\w+")
+
+
+def bm25_tokenize(text: str) -> list[str]:
+    """Lowercase word tokens (letters, digits, underscore)."""
+    return _WORD.findall(text.lower())
+
+
+class BM25Index:
+    """BM25Okapi over tokenized documents, with postings for fast exact scoring."""
+
+    def __init__(self, docs: list[list[str]]) -> None:
+        from rank_bm25 import BM25Okapi
+
+        self.okapi = bm = BM25Okapi(docs)
+        doc_len = np.array(bm.doc_len)
+        self.norm = bm.k1 * (1 - bm.b + bm.b * doc_len / bm.avgdl)  # the per-document denominator term
+        postings: dict[str, tuple[list[int], list[int]]] = {}
+        for i, freqs in enumerate(bm.doc_freqs):
+            for term, f in freqs.items():
+                p = postings.setdefault(term, ([], []))
+                p[0].append(i)
+                p[1].append(f)
+        self.postings = {t: (np.array(d, dtype=np.int64), np.array(f, dtype=np.int64))
+                         for t, (d, f) in postings.items()}
+
+    def scores(self, query: list[str]) -> np.ndarray:
+        """float64 BM25 score of every document, as BM25Okapi.get_scores(query)."""
+        bm, score = self.okapi, np.zeros(self.okapi.corpus_size)
+        for term in query:  # a repeated query word counts again, as in BM25Okapi
+            if term in self.postings:
+                docs, f = self.postings[term]
+                score[docs] += (bm.idf.get(term) or 0) * (f * (bm.k1 + 1) / (f + self.norm[docs]))
+        return score
+
+
+def exact_topk_numpy(scores: np.ndarray, k: int, largest: bool = True) -> np.ndarray:
+    """Row positions of the k best scores, ties to the lower position (a stable sort's order).
+
+    A partition finds the k-th value; only rows at least as good are sorted, so a query costs O(N).
+    """
+    s = -scores if largest else scores
+    k = min(k, len(s))
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = np.partition(s, k - 1)[k - 1]
+    candidates = np.flatnonzero(s <= kth)  # increasing positions: the stable sort keeps them so on ties
+    return candidates[np.argsort(s[candidates], kind="stable")[:k]]
+
+
+# ----------------------------------------------------------------------------------------------
 # Metrics (DESIGN.md §5). Attribution: does a retrieved document state the query's fact?
 # Influence (tail-patch): does one training step on a proponent raise the target's probability?
 
@@ -810,10 +1190,16 @@ def target_logprob(model: nn.Module, tokenizer: Any, queries: list[dict], max_le
 
 
 def training_step_direction(
-    model: nn.Module, tokenized: tuple[list[int], list[int]], v: dict[str, torch.Tensor] | None, eps: float
+    model: nn.Module, tokenized: tuple[list[int], list[int]], v: dict[str, torch.Tensor] | None, eps: float,
+    beta2: float = 0.999,
 ) -> dict[str, torch.Tensor]:
-    """The update of one training step on one document: ∇L/sqrt(V + eps) (Adam without momentum),
-    or ∇L (SGD) when V is unknown. L is the document's mean token loss, as a batch of one trains it."""
+    """The update of one training step on one document: g/sqrt(V' + eps), Adam without momentum, or g
+    (SGD) when V is unknown. L is the document's mean token loss, as a batch of one trains it.
+
+    V' = β2·V + (1-β2)·g² is the second moment Adam itself would divide by on this step. Using the
+    stale V alone lets a document with a rare token (V ≈ 0 in its embedding/LM-head rows) take an
+    unbounded step; with V' every coordinate moves at most lr/sqrt(1-β2), as in Adam.
+    """
     params = dict(model.named_parameters())
     for p in params.values():
         p.requires_grad_(True)
@@ -827,20 +1213,23 @@ def training_step_direction(
         if p.grad is None:
             continue
         g = p.grad.detach()
-        out[name] = g / (v[name].to(g.device) + eps).sqrt() if v is not None else g
+        if v is not None:
+            v_step = beta2 * v[name].to(g.device) + (1 - beta2) * g * g
+            g = g / (v_step + eps).sqrt()
+        out[name] = g
     model.zero_grad(set_to_none=True)
     return out
 
 
 def tail_patch(
     model: nn.Module, tokenizer: Any, doc: tuple[list[int], list[int]], queries: list[dict], lr: float,
-    v: dict[str, torch.Tensor] | None, eps: float, max_length: int, base: torch.Tensor,
+    v: dict[str, torch.Tensor] | None, eps: float, max_length: int, base: torch.Tensor, beta2: float = 0.999,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Δp and Δlog p of each query's target after one step on `doc`; weights are restored bit-exactly.
 
     `base` is log p(target) of the queries under the untouched weights.
     """
-    step = training_step_direction(model, doc, v, eps)
+    step = training_step_direction(model, doc, v, eps, beta2)
     params = dict(model.named_parameters())
     saved = {n: params[n].detach().clone() for n in step}
     try:

@@ -1,0 +1,175 @@
+"""Benchmark the index scan and BM25 against this machine's own limits, measured in the same run.
+
+    python bench_index.py [--rows 200000] [--dim 4096] [--keep DIR]
+
+Prints: memory read bandwidth (GB/s), float32 matmul rate (GFLOP/s), then query.py's blocked
+exact scan over a float16 index read from HDF5 (page cache warm) for 1 and for 1,024 queries,
+as GB/s of index read and as a fraction of the binding limit (bandwidth for one query, matmul
+for many), and BM25 queries/s on 100k short synthetic documents. Takes about 2-3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import typer
+
+import query
+import trackstar as ts
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+
+def best_of(f: Callable[[], object], repeat: int = 3) -> float:
+    """Fastest wall time of `repeat` runs: the machine's capability, least disturbed by neighbours."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def memory_bandwidth(gib: float = 1.0) -> float:
+    """GB/s of one streaming read (a sum over an array far larger than the caches)."""
+    a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
+    return a.nbytes / best_of(lambda: a.sum()) / 1e9
+
+
+def matmul_rate(n: int = 4096) -> float:
+    """float32 GFLOP/s of an n x n x n matmul (sgemm)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up the BLAS threads
+    return 2 * n**3 / best_of(lambda: a @ b) / 1e9
+
+
+def make_index(path: Path, rows: int, dim: int) -> None:
+    """A float16 index laid out as index.py writes it (contiguous), filled with random unit-ish rows."""
+    rng = np.random.default_rng(0)
+    base = (rng.standard_normal((8192, dim)) / np.sqrt(dim)).astype(np.float16)
+    with h5py.File(path, "w") as f:
+        vectors = f.create_dataset("vectors", shape=(rows, dim), dtype="float16")
+        f.create_dataset("ids", data=np.arange(rows, dtype=np.int64))
+        for lo in range(0, rows, len(base)):
+            n = min(len(base), rows - lo)
+            vectors[lo : lo + n] = np.roll(base, lo // len(base), axis=1)[:n]  # rows differ across blocks
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def scan_seconds(path: Path, n_queries: int, dim: int, block: int, repeat: int) -> float:
+    q = torch.nn.functional.normalize(torch.randn(n_queries, dim), dim=1)
+    with torch.inference_mode():
+        return best_of(lambda: ts.blocked_topk(q, ts.iter_index_blocks(path, block), 10), repeat)
+
+
+def profile_one_query(path: Path, dim: int, block: int) -> dict[str, float]:
+    """Seconds per pass over the index for each stage of the 1-query scan run alone (one thread, as
+    the scan runs for few queries): fp16 page cache -> fp32 block, the score matvec, keys + top-k;
+    and the HDF5 read the memory map replaces."""
+    q, ids = torch.randn(1, dim), torch.arange(block)
+    wide = torch.empty(block, dim)
+    with h5py.File(path, "r") as f, ts.cpu_threads(1):
+        vectors = f["vectors"]
+        mapped, n = ts.mapped(path, vectors), vectors.shape[0]
+        staging = np.empty((block, dim), dtype=np.float16)
+        steps = range(0, n - block + 1, block)
+
+        def convert() -> None:
+            for lo in steps:
+                wide.copy_(torch.from_numpy(mapped[lo : lo + block]))
+
+        def score() -> None:
+            for _ in steps:
+                ts.score_block(q, wide)
+
+        def topk() -> None:
+            s = ts.score_block(q, wide)
+            for _ in steps:
+                ts._merge(None, ts.pack_keys(ts.order_keys(s), ids), 10)
+
+        def hdf5_read() -> None:
+            for lo in steps:
+                vectors.read_direct(staging, np.s_[lo : lo + block], np.s_[:block])
+
+        return {name: best_of(fn, 2) * n / (len(steps) * block) for name, fn in
+                (("fp16->fp32", convert), ("score", score), ("keys+top-k", topk), ("HDF5 read (unused)", hdf5_read))}
+
+
+def bm25_rate(n_docs: int = 100_000, n_queries: int = 200) -> tuple[float, float, float]:
+    """(build seconds, queries/s through BM25Index, queries/s through rank_bm25's own get_scores)."""
+    rng = np.random.default_rng(0)
+    vocab = np.array([f"w{i}" for i in range(20000)])
+    p = 1 / np.arange(1, len(vocab) + 1)  # Zipf-like word frequencies
+    p /= p.sum()
+    docs = [list(vocab[rng.choice(len(vocab), size=rng.integers(8, 25), p=p)]) for _ in range(n_docs)]
+    queries = [list(vocab[rng.choice(len(vocab), size=8, p=p)]) for _ in range(n_queries)]
+    t = time.perf_counter()
+    bm25 = ts.BM25Index(docs)
+    build = time.perf_counter() - t
+    t = time.perf_counter()
+    for qt in queries:
+        s = bm25.scores(qt)
+        ts.exact_topk_numpy(s, 10), ts.exact_topk_numpy(s, 10, largest=False)
+    fast = n_queries / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for qt in queries[:3]:
+        bm25.okapi.get_scores(qt)
+    slow = 3 / (time.perf_counter() - t)
+    return build, fast, slow
+
+
+@app.command(help=__doc__)
+def main(
+    rows: int = typer.Option(200_000, help="Index rows (200k x 4096 float16 = 1.6 GB)."),
+    dim: int = typer.Option(4096, help="Vector dimension d."),
+    keep: Path | None = typer.Option(None, help="Directory for the index file (default: a temporary one)."),
+) -> None:
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"load average {os.getloadavg()[0]:.2f} (other processes share these cores)")
+    bw, gflops = memory_bandwidth(), matmul_rate()
+    with tempfile.TemporaryDirectory(dir=keep) as tmp:
+        path = Path(tmp) / "index.h5"
+        t = time.perf_counter()
+        make_index(path, rows, dim)
+        warm(path)
+        gb = rows * dim * 2 / 1e9
+        print(f"index: {rows} x {dim} float16 = {gb:.2f} GB (written and read once in {time.perf_counter() - t:.1f} s)")
+        timings = {}
+        for n_queries, repeat in ((1, 3), (1024, 1)):
+            timings[n_queries] = scan_seconds(path, n_queries, dim, query.default_block("cpu", n_queries), repeat)
+        blocks = {b: scan_seconds(path, 1, dim, b, 2) for b in (128, 2048, 65536)}
+        prof = profile_one_query(path, dim, query.default_block("cpu", 1))
+    # The limits, measured again after the scans: neighbours come and go, so keep the best of both.
+    bw, gflops = max(bw, memory_bandwidth()), max(gflops, matmul_rate())
+    print(f"memory read bandwidth  {bw:8.1f} GB/s    (numpy sum over 1 GiB, one core)")
+    print(f"float32 matmul         {gflops:8.1f} GFLOP/s (4096^3 sgemm, {torch.get_num_threads()} threads)")
+    for n_queries, dt in timings.items():
+        bw_bound = bw * 1e9 / (2 * dim)  # docs/s if the scan only had to read the index once
+        mm_bound = gflops * 1e9 / (2 * n_queries * dim)  # docs/s if it only had to do the matmul
+        bound, name = min((bw_bound, "bandwidth"), (mm_bound, "matmul"))
+        print(f"scan {n_queries:>4} queries: {dt:6.2f} s  {gb / dt:6.2f} GB/s of index  {rows / dt / 1e3:7.1f}k docs/s"
+              f"  = {rows / dt / bw_bound:.2f} of bandwidth, {rows / dt / mm_bound:.2f} of matmul"
+              f"  -> binding: {name}, achieved {rows / dt / bound:.2f} of it")
+    print("  1 query by --block: " + ", ".join(f"{b}: {gb / dt:.1f} GB/s" for b, dt in blocks.items()))
+    print(f"  1-query stages alone (--block {query.default_block('cpu', 1)}): "
+          + ", ".join(f"{k} {gb / v:.1f} GB/s" for k, v in prof.items()))
+
+    build, fast, slow = bm25_rate()
+    print(f"BM25: 100k docs indexed in {build:.1f} s; {fast:.0f} queries/s "
+          f"(rank_bm25 get_scores alone: {slow:.1f} queries/s)")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,280 @@
+"""Fit the task-specific Hessian R and write the searchable index (DESIGN.md §1, §4).
+
+    python index.py --corpus RUN/corpus --queries RUN/queries --out RUN/index
+
+R = λ·R_eval + (1−λ)·R_train, where R_train is the second moment of a seeded sample of corpus
+vectors g(m) and R_eval that of the query vectors g(q). The index holds every corpus vector as
+Ḡ(m) = (R + δI)^(-1/2) g(m) / ||·||, and records what query.py must apply to a query vector so
+that score(m, q) = Ḡ(m) · Ḡ(q). Outputs, in RUN/index:
+
+    hessian.h5     λ, k, the spectra of R_train, R_eval and R + δI, R^(-1/2) (and TRAK's R^(-1)), settings
+    spectrum.png   the sorted spectra of λ·R_eval and (1−λ)·R_train, crossing marked
+    index.h5       `vectors` (N x d), `ids`, `query_transform`; written last, so it exists only whole
+
+The ablation rows of DESIGN.md §5 are flag combinations:
+
+    dot product          --hessian none --no-unit-norm --uncorrected
+    cosine               --hessian none --uncorrected
+    TRAK-like            --trak --uncorrected      (documents as they are; queries times R_train^(-1))
+    + optimizer corr.    --hessian none
+    + R_train            --hessian train
+    + R_eval             --hessian eval
+    TrackStar            (defaults: --hessian mixed --lam auto)
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import typer
+from tqdm import tqdm
+
+import trackstar as ts
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+
+class Hessian(str, Enum):
+    mixed = "mixed"
+    train = "train"
+    eval = "eval"
+    none = "none"
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def vector_dataset(meta: dict, uncorrected: bool, run: Path) -> str:
+    """Which chunk dataset holds the vectors this index is built from."""
+    if not uncorrected:
+        return "vectors"
+    if "vectors_uncorrected" in meta.get("datasets", []):
+        return "vectors_uncorrected"
+    if meta.get("correction") == "none":
+        return "vectors"  # encoded without correction: `vectors` already is the uncorrected projection
+    raise ts.TrackStarError(f"{run} has no uncorrected vectors (encode with --also-uncorrected) for --uncorrected")
+
+
+def read_runs(corpus: Path, queries: Path, uncorrected: bool) -> tuple[dict, dict, str]:
+    """The two runs' metadata, refusing a pair that was not encoded the same way."""
+    cmeta, qmeta = ts.read_meta(corpus), ts.read_meta(queries)
+    for run, meta, kind in ((corpus, cmeta, "corpus"), (queries, qmeta, "queries")):
+        if meta.get("kind") != kind:
+            raise ts.TrackStarError(f"--{kind} {run} holds an encoded {meta.get('kind')!r} run, not {kind!r}")
+    ts.check_same(cmeta, qmeta, ts.COMPATIBLE_KEYS, f"corpus run {corpus}", f"queries run {queries}")
+    dataset = vector_dataset(cmeta, uncorrected, corpus)
+    if dataset != vector_dataset(qmeta, uncorrected, queries):
+        raise ts.TrackStarError(f"{corpus} and {queries} differ in which vectors are uncorrected")
+    return cmeta, qmeta, dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# The Hessian: R_train, R_eval, λ, damping, the transforms for documents and queries.
+
+
+def fit_hessian(corpus: Path, queries: Path, dataset: str, mode: str, lam: str, trak: bool, damping: float,
+                train_sample: int, sample_seed: int, device: str) -> dict:
+    """Everything hessian.h5 records; `corpus_transform`/`query_transform` are None for identity."""
+    if mode == "none":
+        return {"lam": None, "corpus_transform": None, "query_transform": None}
+    R_train, n_train = ts.second_moment_matrix(ts.sample_blocks(corpus, dataset, train_sample, sample_seed),
+                                                 device)
+    R_eval, n_eval = ts.second_moment_matrix((x for _, x in ts.iter_vector_blocks(queries, dataset)), device)
+    e_train, e_eval = ts.spectrum(R_train, device), ts.spectrum(R_eval, device)
+    k, k_target = ts.crossing_component(R_train.shape[0], e_train, e_eval)
+    if mode == "mixed":
+        value = ts.mix_lambda(e_train, e_eval, k) if lam == "auto" else float(lam)
+    else:
+        value = 0.0 if mode == "train" else 1.0
+    R, delta = ts.damp(ts.mixed_hessian(R_train, R_eval, value), damping)
+    inv_sqrt, e_R = ts.symmetric_power(R, -0.5, device)
+    source = ("auto" if lam == "auto" else "given") if mode == "mixed" else mode
+    h = {"lam": value, "lam_source": source, "k": k, "k_target": k_target,
+         "k_clipped": k != k_target, "delta": delta, "n_train": n_train, "n_eval": n_eval,
+         "e_train": e_train, "e_eval": e_eval, "e_R": e_R, "inverse_sqrt": inv_sqrt}
+    if trak:  # TRAK: g(m)ᵀ R_train^(-1) g(q); documents stay as they are, queries carry the inverse
+        h.update(corpus_transform=None, query_transform=ts.symmetric_power(R, -1.0, device)[0])
+    else:
+        h.update(corpus_transform=inv_sqrt, query_transform=inv_sqrt)
+    return h
+
+
+def write_hessian(path: Path, h: dict, settings: dict) -> None:
+    with ts.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for key in ("e_train", "e_eval", "e_R"):
+            if key in h:
+                f.create_dataset(key, data=h[key])
+        if "inverse_sqrt" in h:
+            f.create_dataset("inverse_sqrt", data=h["inverse_sqrt"].astype(np.float32))
+        if h["query_transform"] is not None and h["query_transform"] is not h.get("inverse_sqrt"):
+            f.create_dataset("query_transform", data=h["query_transform"].astype(np.float32))  # TRAK's R^(-1)
+        ts.write_attrs(f, settings)
+
+
+def plot_spectrum(path: Path, h: dict, mode: str) -> None:
+    """Log-log sorted spectra of λ·R_eval and (1−λ)·R_train; they cross at the marked component."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lam = h["lam"]
+    mixed = mode == "mixed" and 0 < lam < 1
+    w_eval, w_train = (lam, 1 - lam) if mixed else (1.0, 1.0)  # unscaled when one side has weight 0
+    x = np.arange(1, len(h["e_train"]) + 1)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for e, w, name in ((h["e_eval"], w_eval, "R_eval"), (h["e_train"], w_train, "R_train")):
+        y = np.where(x <= ts.numerical_rank(e), w * e, np.nan)  # past its rank a spectrum is round-off
+        ax.loglog(x, y, label=f"{w:.3g}·{name}" if mixed else name)
+    if mixed:
+        k = h["k"]
+        ax.plot([k + 1], [(1 - lam) * h["e_train"][k]], "ko", label=f"crossing: component {k + 1}")
+    ax.set(xlabel="component (sorted)", ylabel="eigenvalue",
+           title=f"hessian={mode}, λ={lam:.4g}" + (" (k clipped by rank)" if h["k_clipped"] else ""))
+    ax.legend()
+    fig.tight_layout()
+    with ts.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The index: the corpus streamed through the transform, in blocks.
+
+
+def storage_scale(corpus: Path, dataset: str, h: dict, unit_norm: bool, dtype: str, settings: dict,
+                  device: str) -> float:
+    """A power of two the stored vectors are divided by (and queries multiplied by).
+
+    Unit vectors fit float16 as they are. Raw gradients can exceed float16's range (65504) or sink
+    into its subnormals; scaling by a power of two is exact and changes no ranking, so we put the
+    sample's largest entry near 2^8, leaving 2^8 of headroom for rows outside the sample.
+    """
+    if unit_norm or dtype == "float32":
+        return 1.0
+    matrix = _device_matrix(h["corpus_transform"], device)
+    peak = 0.0
+    for x in ts.sample_blocks(corpus, dataset, settings["train_sample"], settings["sample_seed"]):
+        y = ts.transform(torch.as_tensor(x, device=device), matrix, False)
+        peak = max(peak, float(y.abs().max()))
+    return 2.0 ** round(math.log2(peak / 256)) if peak > 0 else 1.0
+
+
+def _device_matrix(m: np.ndarray | None, device: str) -> torch.Tensor | None:
+    return None if m is None else torch.as_tensor(m, dtype=torch.float32, device=device)
+
+
+def write_index(path: Path, corpus: Path, dataset: str, h: dict, unit_norm: bool, dtype: str, scale: float,
+                block: int, device: str, attrs: dict) -> None:
+    """Stream corpus chunks through the transform into a contiguous N x d dataset.
+
+    Contiguous and uncompressed, so query.py's scan reads a block as one plain copy.
+    """
+    n = sum(ts.chunk_sizes(corpus, dataset))
+    matrix = _device_matrix(h["corpus_transform"], device)
+    with ts.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        d = attrs["dim"]
+        vectors = f.create_dataset("vectors", shape=(n, d), dtype=dtype)
+        ids = f.create_dataset("ids", shape=(n,), dtype=np.int64)
+        if h["query_transform"] is not None:
+            f.create_dataset("query_transform", data=h["query_transform"].astype(np.float32))
+        ts.write_attrs(f, attrs)
+        pos = 0
+        with tqdm(total=n, desc="index", unit="doc", unit_scale=True) as bar:
+            for chunk_ids, x in ts.iter_vector_blocks(corpus, dataset):
+                ts.check_finite(x, f"{corpus} ({dataset})")
+                for lo in range(0, len(x), block):
+                    y = ts.transform(torch.as_tensor(x[lo : lo + block], device=device), matrix, unit_norm)
+                    y = (y / scale).to(getattr(torch, dtype)).cpu()
+                    if not bool(torch.isfinite(y).all()):
+                        raise ts.TrackStarError(f"index vectors overflow {dtype}; use --dtype float32")
+                    vectors[pos : pos + len(y)] = y.numpy()
+                    ids[pos : pos + len(y)] = chunk_ids[lo : lo + block]
+                    pos += len(y)
+                    bar.update(len(y))
+
+
+@app.command(help=__doc__.replace("\n\n    ", "\n\n\b\n    "))  # \b: click keeps those lines as written
+def main(
+    corpus: Path = typer.Option(..., help="Encoded corpus run directory (encode.py corpus --out)."),
+    queries: Path = typer.Option(..., help="Encoded queries run directory; its vectors give R_eval."),
+    out: Path = typer.Option(..., help="Index directory to write (hessian.h5, spectrum.png, index.h5)."),
+    hessian: Hessian = typer.Option(Hessian.mixed, help="R: mixed (λ·R_eval + (1−λ)·R_train), train (λ=0), "
+                                    "eval (λ=1), or none (identity: no Hessian correction)."),
+    lam: str = typer.Option("auto", help="λ for --hessian mixed: a number in [0, 1], or auto (spectra cross "
+                            "at component round(1000·d/65536), clipped below the ranks of R_eval and R_train)."),
+    no_unit_norm: bool = typer.Option(False, "--no-unit-norm", help="Keep G(z) unnormalised (dot-product rows)."),
+    uncorrected: bool = typer.Option(False, "--uncorrected", help="Use the vectors without optimizer correction "
+                                     "(dataset vectors_uncorrected; encode with --also-uncorrected)."),
+    trak: bool = typer.Option(False, "--trak", help="TRAK-like row: documents untransformed, queries times "
+                              "(R_train + δI)^(-1), no unit norm. Implies --hessian train."),
+    dtype: str = typer.Option("float16", help="Storage dtype of the index vectors: float16 | float32."),
+    train_sample: int = typer.Option(10000, help="Corpus vectors sampled (seeded, uniform) for R_train."),
+    sample_seed: int = typer.Option(0, help="Seed of the R_train sample."),
+    damping: float = typer.Option(1e-3, help="δ = damping · trace(R)/d is added to R's diagonal before "
+                                  "R^(-1/2) (relative to the mean eigenvalue)."),
+    block: int = typer.Option(8192, help="Corpus rows transformed at a time (bounds memory)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: the GPU when there is one)."),
+) -> None:
+    mode = hessian.value
+    if trak:
+        if mode not in ("mixed", "train"):  # mixed is the default: --trak alone means train
+            raise ts.TrackStarError(f"--trak uses R_train; it cannot be combined with --hessian {mode}")
+        mode, no_unit_norm = "train", True
+    if lam != "auto":
+        try:
+            value = float(lam)
+        except ValueError:
+            raise ts.TrackStarError(f"--lam must be auto or a number in [0, 1], got {lam!r}") from None
+        if not 0 <= value <= 1:
+            raise ts.TrackStarError(f"--lam must lie in [0, 1], got {value}")
+        if mode != "mixed":
+            raise ts.TrackStarError(f"--lam applies to --hessian mixed only (got --hessian {mode})")
+    if dtype not in ("float16", "float32"):
+        raise ts.TrackStarError(f"--dtype must be float16 or float32, got {dtype!r}")
+    if damping < 0 or train_sample < 1 or block < 1:
+        raise ts.TrackStarError("--damping must be >= 0, --train-sample and --block >= 1")
+    cmeta, qmeta, dataset = read_runs(corpus, queries, uncorrected)
+    device = pick_device(device)
+    for stale in ("index.h5", "spectrum.png"):  # never leave an old index or plot beside a new hessian.h5
+        (out / stale).unlink(missing_ok=True)
+
+    h = fit_hessian(corpus, queries, dataset, mode, lam, trak, damping, train_sample, sample_seed, device)
+    settings = {"hessian": mode, "lam": h["lam"], "unit_norm": not no_unit_norm, "uncorrected": uncorrected,
+                "trak": trak, "dtype": dtype, "train_sample": train_sample, "sample_seed": sample_seed,
+                "damping": damping, "vector_dataset": dataset, "corpus_run": str(corpus.resolve()),
+                "queries_run": str(queries.resolve()),
+                "corpus_side": "identity" if mode == "none" or trak else "(R + δI)^(-1/2)",
+                "query_side": "identity" if mode == "none" else "(R_train + δI)^(-1)" if trak else "(R + δI)^(-1/2)"}
+    settings.update({key: h[key] for key in ("lam_source", "k", "k_target", "k_clipped", "delta", "n_train",
+                                             "n_eval") if key in h})
+    write_hessian(out / "hessian.h5", h, {**settings, "tool": f"trackstar {ts.VERSION}"})
+    if mode != "none":
+        plot_spectrum(out / "spectrum.png", h, mode)
+        typer.echo(f"R: hessian={mode} λ={h['lam']:.4g} (k={h['k']}, target {h['k_target']}"
+                   f"{', clipped by rank' if h['k_clipped'] else ''}) δ={h['delta']:.3g}, "
+                   f"R_train from {h['n_train']} corpus vectors, R_eval from {h['n_eval']} queries")
+
+    if mode in ("mixed", "train") and h["n_train"] < cmeta["dim"]:
+        typer.echo(f"warning: R_train comes from {h['n_train']} vectors in d={cmeta['dim']} dimensions, so it is "
+                   "rank-deficient and whitening by it over-fits the sample (documents turn near-orthogonal). "
+                   "Sample at least d vectors (--train-sample, more documents), lower d, or raise --damping "
+                   "(e.g. 0.1-1).", err=True)
+    scale = storage_scale(corpus, dataset, h, not no_unit_norm, dtype, settings, device)
+    # The corpus meta stays top-level so query.py compares it to a queries run as index.py did here.
+    attrs = {**cmeta, "index": settings, "unit_norm": not no_unit_norm, "vector_dataset": dataset,
+             "scale": scale, "corpus_data": cmeta["data"], "queries_data": qmeta["data"]}
+    write_index(out / "index.h5", corpus, dataset, h, not no_unit_norm, dtype, scale, block, device, attrs)
+    typer.echo(f"wrote {out / 'index.h5'} ({cmeta['n_examples']} documents, d={cmeta['dim']}, {dtype})")
+
+
+if __name__ == "__main__":
+    ts.run_cli(app)
