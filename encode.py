@@ -36,12 +36,6 @@ def resolve_shard(shard: int | None, num_shards: int | None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
 
 
 def second_moment(
@@ -105,7 +99,7 @@ def encode(kind: str, model_dir: str, data: Path, out: Path, dim: int, seed: int
            shard: int | None, num_shards: int | None) -> None:
     rank, world = resolve_shard(shard, num_shards)
     rows = ts.read_jsonl(data, kind)  # every line validated before anything is written
-    model, tokenizer = ts.load_model(model_dir, dtype, pick_device(device))
+    model, tokenizer = ts.load_model(model_dir, dtype, ts.pick_device(device))
     max_length = min(max_length or ts.context_length(model), ts.context_length(model))
     tokenized, truncated = ts.tokenize_rows(tokenizer, rows, kind, max_length)
     if truncated:

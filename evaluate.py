@@ -245,7 +245,7 @@ def main(
     max_queries: int = typer.Option(0, help="Evaluate a seeded sample of this many queries (0: all)."),
     device: str = typer.Option("auto"),
 ) -> None:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = ts.pick_device(device)
     docs = ts.read_jsonl(corpus, "corpus")
     qs = ts.read_jsonl(queries, "queries")
     if max_queries and max_queries < len(qs):

@@ -46,10 +46,6 @@ class Hessian(str, Enum):
     none = "none"
 
 
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def vector_dataset(meta: dict, uncorrected: bool, run: Path) -> str:
@@ -243,7 +239,7 @@ def main(
     if damping < 0 or train_sample < 1 or block < 1:
         raise ts.TrackStarError("--damping must be >= 0, --train-sample and --block >= 1")
     cmeta, qmeta, dataset = read_runs(corpus, queries, uncorrected)
-    device = pick_device(device)
+    device = ts.pick_device(device)
     for stale in ("index.h5", "spectrum.png"):  # never leave an old index or plot beside a new hessian.h5
         (out / stale).unlink(missing_ok=True)
 

@@ -37,10 +37,6 @@ class Method(str, Enum):
     bm25 = "bm25"
 
 
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def default_block(device: str, n_queries: int) -> int:
@@ -206,7 +202,7 @@ def main(
         return query_bm25(corpus, queries, out, k)
     if index is None:
         raise ts.TrackStarError("give --index (or --method bm25)")
-    device = pick_device(device)
+    device = ts.pick_device(device)
     if prompt is not None or target is not None:
         if not (prompt and target):
             raise ts.TrackStarError("an ad-hoc query needs both --prompt and --target")

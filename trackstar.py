@@ -158,6 +158,15 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def pick_device(device: str = "auto") -> str:
+    """"auto": this process's GPU when there is one (torchrun's LOCAL_RANK), else the CPU."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
 def context_length(model: nn.Module) -> int:
     cfg = model.config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):

