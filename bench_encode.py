@@ -129,13 +129,31 @@ def main(
                "--device", device, "--n", str(n), "--batch", str(batch), "--length", str(length)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[m] = json.loads(out.stdout.strip().splitlines()[-1])
+    flops = flop_model(arch, dim, length)
     train = results["train"]
     print(f"\nencode benchmark: {arch} {dtype} on {device}, d={dim}, batch={batch} x <= {length} tokens (padded)")
     print(f"{'mode':10} {'tokens/s':>10} {'÷ train':>8} {'peak MiB':>9} {'÷ train':>8}  target")
+    print(f"{'mode':10} {'tokens/s':>10} {'÷ train':>8} {'peak MiB':>9} {'÷ train':>8} {'model GFLOP/s':>14}  target")
     for m, target in (("train", ""), ("factored", ">= 0.8x speed"), ("exact", ">= 0.4x speed")):
         r = results[m]
         print(f"{m:10} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / train['tokens_per_s']:8.2f} "
-              f"{r['peak_mib']:9.0f} {r['peak_mib'] / max(train['peak_mib'], 1e-9):8.2f}  {target}")
+              f"{r['peak_mib']:9.0f} {r['peak_mib'] / max(train['peak_mib'], 1e-9):8.2f} "
+              f"{r['tokens_per_s'] * flops[m] / 1e9:14.1f}  {target}")
+    print("model GFLOP/s: tokens/s x the FLOP model of README §Scale (train 6N; factored 4N + projections;\n"
+          "exact 6N + per-example projections), N = traced weight-matrix parameters. Compare with the\n"
+          "machine's matmul rate (bench_index.py prints it) to see what fraction of peak each mode reaches.")
+
+
+def flop_model(arch: str, dim: int, length: int) -> dict[str, float]:
+    """FLOPs per token of each mode, from the traced matrices' shapes (README, section Scale)."""
+    model = build(arch, "float32", "cpu")
+    s_out, s_in = ts.factor_dims(dim)
+    shapes = [(m.weight.shape[::-1] if t else m.weight.shape) for _, m, _, t in ts.weight_modules(model)]
+    n = sum(o * i for o, i in shapes)
+    projections = sum(2 * (i * s_in + o * s_out) + 2 * dim for o, i in shapes)
+    per_example = sum(2 * o * i * s_out + 2 * s_out * i * s_in for o, i in shapes)  # P_outᵀ G, then · P_in
+    mean_length = 0.89 * length  # of the unpadded examples in `batches`
+    return {"train": 6 * n, "factored": 4 * n + projections, "exact": 6 * n + per_example / mean_length}
 
 
 if __name__ == "__main__":

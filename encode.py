@@ -94,8 +94,8 @@ def check_resume(out: Path, meta: dict) -> None:
 
 
 def encode(kind: str, model_dir: str, data: Path, out: Path, dim: int, seed: int, optimizer_state: str | None,
-           estimate_v: int, no_correction: bool, eps: float | None, path: str, max_length: int | None,
-           token_budget: int, chunk_size: int, also_uncorrected: bool, dtype: str, device: str,
+           estimate_v: int, no_correction: bool, eps: float | None, factor_v: bool, path: str,
+           max_length: int | None, token_budget: int, chunk_size: int, also_uncorrected: bool, dtype: str, device: str,
            shard: int | None, num_shards: int | None) -> None:
     rank, world = resolve_shard(shard, num_shards)
     rows = ts.read_jsonl(data, kind)  # every line validated before anything is written
@@ -108,7 +108,10 @@ def encode(kind: str, model_dir: str, data: Path, out: Path, dim: int, seed: int
     sm, v_file = second_moment(model, tokenizer, out, optimizer_state, estimate_v, no_correction,
                                data, max_length, seed)
     eps = ts.default_eps(sm, [p for _, _, p, _ in modules]) if (sm is not None and eps is None) else (eps or 0.0)
-    enc = ts.make_encoder(model, dim, seed, ts.correction_scales(model, sm, eps, modules), path, also_uncorrected)
+    if factor_v and sm is not None:
+        sm = ts.factor_second_moment(sm, eps)  # eps is folded into the factors
+    scales = ts.correction_scales(model, sm, 0.0 if factor_v else eps, modules)
+    enc = ts.make_encoder(model, dim, seed, scales, path, also_uncorrected)
     n_chunks = -(-len(rows) // chunk_size)
     meta = {
         "tool": f"trackstar {ts.VERSION}", "kind": kind, "loss": LOSS[kind],
@@ -119,7 +122,7 @@ def encode(kind: str, model_dir: str, data: Path, out: Path, dim: int, seed: int
         "max_length": max_length, "truncated": len(truncated),
         "dim": dim, "seed": seed, "factors": list(ts.factor_dims(dim)), "modules": ts.modules_digest(modules),
         "path": enc.path, "correction": sm.source if sm else "none", "v_digest": sm.digest if sm else None,
-        "v_file": v_file, "eps": eps, "lr": sm.lr if sm else None,
+        "v_file": v_file, "eps": eps, "lr": sm.lr if sm else None, "factor_v": factor_v,
     }
     check_resume(out, meta)
     ts.write_json(out / "meta.json", meta)
@@ -148,6 +151,8 @@ def command(kind: str):
         estimate_v: int = typer.Option(0, help="Estimate V from N corpus documents (no saved optimizer state)."),
         no_correction: bool = typer.Option(False, help="No optimizer correction (V = none; ablations)."),
         eps: float | None = typer.Option(None, help="eps in sqrt(V + eps). Default: Adam's eps², else 1e-3·mean V."),
+        factor_v: bool = typer.Option(False, help="Replace a full V by Adafactor's rank-1 factors (row and column "
+                                      "means), so the factored path applies: ~a training step's cost."),
         path: str = typer.Option("auto", help="Gradient path: auto | factored | exact."),
         max_length: int | None = typer.Option(None, help="Max tokens per example (default: model context)."),
         token_budget: int = typer.Option(8192, help="Max padded tokens per batch."),
@@ -160,7 +165,7 @@ def command(kind: str):
     ) -> None:
         if path not in ("auto", "factored", "exact"):
             raise ts.TrackStarError(f"--path must be auto, factored or exact, got {path!r}")
-        encode(kind, model, data, out, dim, seed, optimizer_state, estimate_v, no_correction, eps, path,
+        encode(kind, model, data, out, dim, seed, optimizer_state, estimate_v, no_correction, eps, factor_v, path,
                max_length, token_budget, chunk_size, also_uncorrected, dtype, device, shard, num_shards)
 
     run.__doc__ = f"Encode {kind}: loss over {LOSS[kind]}."

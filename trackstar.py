@@ -496,6 +496,20 @@ def default_eps(sm: SecondMoment, params: list[str]) -> float:
     return 1e-3 * float(torch.cat([v.flatten() for v in vs]).mean()) if vs else 0.0
 
 
+def factor_second_moment(sm: SecondMoment, eps: float) -> SecondMoment:
+    """Adafactor's rank-1 estimate of every matrix's full V + eps: row and column means, with
+    V̂ = row ⊗ col / mean(row). The factored path is then exact for V̂ and costs about a
+    training step, where the exact path's per-example ∇W costs several on short documents."""
+    factored = dict(sm.factored)
+    full = {}
+    for name, v in sm.full.items():
+        if v.ndim == 2:
+            factored[name] = ((v + eps).mean(1), (v + eps).mean(0))
+        else:
+            full[name] = v
+    return _finish(full, factored, f"{sm.source}+factored", sm.lr, sm.beta2, 0.0, "second moment")
+
+
 def correction_scales(
     model: nn.Module, sm: SecondMoment | None, eps: float, modules: list
 ) -> dict[str, tuple]:
@@ -689,9 +703,12 @@ def encoder_from_meta(meta: dict, device: str = "cpu") -> tuple[Encoder, Any]:
         )
     modules = weight_modules(model)
     sm = load_second_moment(meta["v_file"], model) if meta["v_file"] else None
+    eps = meta["eps"]
+    if sm is not None and meta.get("factor_v"):
+        sm, eps = factor_second_moment(sm, eps), 0.0
     if sm is not None and sm.digest != meta["v_digest"]:
         raise TrackStarError(f"{meta['v_file']} has changed since the run was encoded")
-    scales = correction_scales(model, sm, meta["eps"], modules)
+    scales = correction_scales(model, sm, eps, modules)
     return make_encoder(model, meta["dim"], meta["seed"], scales, meta["path"]), tokenizer
 
 

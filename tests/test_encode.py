@@ -178,3 +178,20 @@ def test_same_seed_same_matrices_in_a_fresh_process():
     # variance 1/s per factor, so the Kronecker product has variance 1/d
     big = ts.projection_matrix(0, "x", "in", 512, 256)
     assert abs(big.var().item() * 256 - 1) < 0.02
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_factored_full_v_matches_exact_path_on_its_rank_one_estimate(arch, tmp_path):
+    """--factor-v: the factored path on Adafactor's row/column means of V + eps equals the reference
+    gradient divided by sqrt(row ⊗ col / mean(row))."""
+    model = tiny_model(arch)
+    v = random_v(model)
+    torch.save(v, tmp_path / "v.pt")
+    eps = 1e-4
+    sm = ts.factor_second_moment(ts.load_second_moment(str(tmp_path / "v.pt"), model), eps)
+    scales = ts.correction_scales(model, sm, 0.0, ts.weight_modules(model))
+    exs = examples("queries")
+    got = encoded(model, exs, scales, "auto")["vectors"]
+    fact = {n: ((x + eps).mean(1), (x + eps).mean(0)) for n, x in v.items() if x.ndim == 2}
+    for b, (ids, labels) in enumerate(exs):
+        assert_matches(got[b], reference_vector(model, ids, labels, DIM, SEED, v_factored=fact))
