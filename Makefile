@@ -15,6 +15,7 @@ DIM     ?= 4096
 K       ?= 10
 DEVICE  ?= auto
 TOKEN_BUDGET ?= 8192
+TAIL_QUERIES ?= 0
 
 ifdef MODEL
 RUN     ?= runs/custom
@@ -64,6 +65,7 @@ REAL_DOCS     ?= 1500
 REAL_DIM      ?= 4096
 REAL_ESTIMATE ?= 256
 REAL_LR       ?= 1e-4
+REAL_TAIL_QUERIES ?= 50
 REAL_DATA     ?= $(DATA)/lama-q$(REAL_QUERIES)-d$(REAL_DOCS)
 REAL_RUN      ?= runs/real-q$(REAL_QUERIES)-d$(REAL_DOCS)
 
@@ -112,7 +114,7 @@ $(RUN)/proponents-bm25.jsonl: $(CORPUS) $(QUERIES) query.py $(CORE)
 
 $(RUN)/results.md: $(RUN)/proponents-bm25.jsonl $(foreach v,$(VARIANTS),$(RUN)/proponents-$(v).jsonl) evaluate.py
 	$(PY) evaluate.py --run $(RUN) --model $(MODEL) --corpus $(CORPUS) --queries $(QUERIES) \
-	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE)
+	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE) --tail-queries $(TAIL_QUERIES)
 
 
 $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl &: prepare.py .venv/.installed
@@ -120,7 +122,8 @@ $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl &: prepare.py .venv/.instal
 
 real: $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl
 	$(MAKE) all MODEL=smollm2 CORPUS=$(REAL_DATA)/corpus.jsonl QUERIES=$(REAL_DATA)/queries.jsonl \
-	    ESTIMATE_V=$(REAL_ESTIMATE) LR=$(REAL_LR) DIM=$(REAL_DIM) RUN=$(REAL_RUN) ENCODE_EXTRA=--factor-v
+	    ESTIMATE_V=$(REAL_ESTIMATE) LR=$(REAL_LR) DIM=$(REAL_DIM) RUN=$(REAL_RUN) ENCODE_EXTRA=--factor-v \
+	    TAIL_QUERIES=$(REAL_TAIL_QUERIES)
 
 test: .venv/.installed
 	$(PY) -m pytest -q

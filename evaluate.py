@@ -95,16 +95,18 @@ def attribution(rankings: dict, queries: list[dict], facts_of: dict[str, list[st
     return {"mrr": mrr, "recall": rec}
 
 
-def influence(model, tokenizer, corpus_tok: dict, rankings: dict, queries: list[dict], lr: float, v, eps: float,
-              beta2: float, max_length: int, k: int) -> dict[str, dict[str, list[float]]]:
-    """Tail-patch Δp and Δlog p for every (method, query): mean over its top-k proponents."""
+def influence(model, tokenizer, corpus_tok: dict, rankings: dict, all_queries: list[dict], queries: list[dict],
+              lr: float, v, eps: float, beta2: float, max_length: int, k: int) -> dict[str, dict[str, list[float]]]:
+    """Tail-patch Δp and Δlog p for every (method, query) of `all_queries`: the mean over its top-k
+    proponents, measured for the queries in `queries` (a sample, or all), NaN for the others."""
     base = ts.target_logprob(model, tokenizer, queries, max_length)
     qindex = {q["id"]: i for i, q in enumerate(queries)}
     need: dict[str, set[int]] = {}  # document id -> queries that retrieved it (any method)
     for ranks in rankings.values():
         for qid, props in ranks.items():
-            for p in props[:k]:
-                need.setdefault(p["id"], set()).add(qindex[qid])
+            if qid in qindex:
+                for p in props[:k]:
+                    need.setdefault(p["id"], set()).add(qindex[qid])
     effect: dict[tuple[str, int], tuple[float, float]] = {}
     for doc_id in tqdm(sorted(need), desc="tail-patch", unit="doc"):
         qs = sorted(need[doc_id])
@@ -115,8 +117,8 @@ def influence(model, tokenizer, corpus_tok: dict, rankings: dict, queries: list[
     out = {}
     for method, ranks in rankings.items():
         dps, dlps = [], []
-        for q in queries:
-            props = ranks[q["id"]][:k]
+        for q in all_queries:
+            props = ranks[q["id"]][:k] if q["id"] in qindex else []
             pairs = [effect[(p["id"], qindex[q["id"]])] for p in props]
             dps.append(float(np.mean([a for a, _ in pairs])) if pairs else float("nan"))
             dlps.append(float(np.mean([b for _, b in pairs])) if pairs else float("nan"))
@@ -181,7 +183,8 @@ def write_markdown(path: Path, results: dict, methods: list[str]) -> None:
     md = [f"# TrackStar evaluation: {s['run']}", "",
           f"Model `{s['model']}`, {s['n_docs']} documents, {s['n_queries']} queries, top-k = {s['k']}; "
           f"tail-patch lr = {s['lr']:.3g}, V = {s['v_source']}, eps = {s['eps']:.3g}. "
-          f"The model answers {sum(known)} of {len(known)} queries correctly (greedy).", "",
+          f"The model answers {sum(known)} of {len(known)} queries correctly (greedy). "
+          f"Tail-patch measured on {s['tail_patch_queries']} of the {len(known)} queries.", "",
           "Mean ± standard error over queries. MRR / recall@10: does a retrieved document state the query's "
           "fact. Tail-patch: change in p(target | prompt) after one training step on each proponent, "
           "averaged over the top 10.", "",
@@ -243,6 +246,8 @@ def main(
     eps: float | None = typer.Option(None, help="eps in sqrt(V + eps) (default as encode.py)."),
     k: int = typer.Option(10, help="Proponents per query for metrics and tail-patch."),
     max_queries: int = typer.Option(0, help="Evaluate a seeded sample of this many queries (0: all)."),
+    tail_queries: int = typer.Option(0, help="Tail-patch a seeded sample of this many queries (0: all); "
+                                     "MRR/recall still use every query. Costs a training step per document."),
     device: str = typer.Option("auto"),
 ) -> None:
     device = ts.pick_device(device)
@@ -276,12 +281,15 @@ def main(
     correct = model_answers(mdl, tok, qs, max_length)
     per_query = {m: attribution(rankings[m], qs, facts_of, k) for m in method_list}
     beta2 = sm.beta2 if sm and sm.beta2 else 0.999
-    infl = influence(mdl, tok, corpus_tok, rankings, qs, lr, v, eps, beta2, max_length, k)
+    tail_qs = sorted(random.Random(1).sample(qs, tail_queries), key=lambda q: q["_line"]) \
+        if 0 < tail_queries < len(qs) else qs
+    infl = influence(mdl, tok, corpus_tok, rankings, qs, tail_qs, lr, v, eps, beta2, max_length, k)
     for m in method_list:
         per_query[m].update(infl[m])
     results = {
         "settings": {"run": str(run), "model": model, "n_docs": len(docs), "n_queries": len(qs), "k": k,
-                     "lr": lr, "v_source": sm.source if sm else "none (SGD)", "eps": eps, "methods": method_list},
+                     "lr": lr, "v_source": sm.source if sm else "none (SGD)", "eps": eps, "methods": method_list,
+                     "tail_patch_queries": len(tail_qs)},
         "queries": [q["id"] for q in qs], "model_correct": correct, "per_query": per_query,
         "summary": {m: {key: summarize(per_query[m][key], [True] * len(qs))[0]
                         for key in ("mrr", "recall", "dp", "dlogp")} for m in method_list},
