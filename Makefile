@@ -66,8 +66,9 @@ REAL_DIM      ?= 4096
 REAL_ESTIMATE ?= 256
 REAL_LR       ?= 1e-4
 REAL_TAIL_QUERIES ?= 50
-REAL_DATA     ?= $(DATA)/lama-q$(REAL_QUERIES)-d$(REAL_DOCS)
-REAL_RUN      ?= runs/real-q$(REAL_QUERIES)-d$(REAL_DOCS)
+REAL_RELATIONS ?= all
+REAL_DATA     ?= $(DATA)/lama-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES)-d$(REAL_DOCS)
+REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES)-d$(REAL_DOCS)
 
 # A model named by a shortcut (smollm2) is a package, not a file make can track.
 MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
@@ -118,7 +119,8 @@ $(RUN)/results.md: $(RUN)/proponents-bm25.jsonl $(foreach v,$(VARIANTS),$(RUN)/p
 
 
 $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl &: prepare.py .venv/.installed
-	$(PY) prepare.py lama --trex $(LAMA) --out $(REAL_DATA) --queries $(REAL_QUERIES) --docs $(REAL_DOCS)
+	$(PY) prepare.py lama --trex $(LAMA) --out $(REAL_DATA) --queries $(REAL_QUERIES) --docs $(REAL_DOCS) \
+	    --relations $(REAL_RELATIONS)
 
 real: $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl
 	$(MAKE) all MODEL=smollm2 CORPUS=$(REAL_DATA)/corpus.jsonl QUERIES=$(REAL_DATA)/queries.jsonl \
