@@ -75,6 +75,8 @@ MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 
 .PHONY: all install test bench lint real clean screenshot
 .DELETE_ON_ERROR:
+# Indexes are products users query again (`query.py --index ... --prompt`), not intermediates to delete.
+.SECONDARY: $(foreach v,$(VARIANTS),$(RUN)/index-$(v)/index.h5)
 
 all: $(RUN)/results.md
 	@cat $(RUN)/results.md
