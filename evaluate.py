@@ -22,6 +22,7 @@ import math
 import random
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import typer
@@ -177,6 +178,31 @@ def findings(results: dict, methods: list[str]) -> str:
     return "\n".join(checks) + "\n"
 
 
+def diagnostics(run: Path, methods: list[str]) -> str:
+    """How each gradient row was built, and the one condition known to make R_train rows unreliable:
+    fewer sampled training vectors than dimensions (a rank-deficient R_train, see README)."""
+    lines = []
+    meta = ts.read_meta(run / "corpus") if (run / "corpus" / "meta.json").exists() else {}
+    if meta:
+        lines.append(f"- encoding: d = {meta['dim']}, V = {meta['correction']}, eps = {meta['eps']:.3g}, "
+                     f"path = {meta['path']}, model dtype {meta['dtype']}")
+    for m in methods:
+        hessian = run / f"index-{m}" / "hessian.h5"
+        if not hessian.exists():
+            continue
+        with h5py.File(hessian, "r") as f:
+            a = ts.read_attrs(f)
+        if a.get("hessian") in (None, "none"):
+            continue
+        line = (f"- {NAMES.get(m, m)}: R = {a['hessian']}, λ = {a['lam']:.3g}, R_train from {a['n_train']} vectors, "
+                f"R_eval from {a['n_eval']}, damping {a['damping']:g} (δ = {a['delta']:.3g})")
+        if meta and a["hessian"] in ("train", "mixed") and a["n_train"] < meta["dim"]:
+            line += (f" — **R_train is rank-deficient ({a['n_train']} < d = {meta['dim']}): "
+                     "whitening by it is unreliable**")
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def write_markdown(path: Path, results: dict, methods: list[str]) -> None:
     known = results["model_correct"]
     s = results["settings"]
@@ -191,7 +217,8 @@ def write_markdown(path: Path, results: dict, methods: list[str]) -> None:
           table(results, methods, [True] * len(known), "All queries"),
           table(results, methods, known, "Queries the model answers correctly"),
           table(results, methods, [not c for c in known], "Queries the model gets wrong"),
-          "## The paper's findings, checked on this run", "", findings(results, methods)]
+          "## The paper's findings, checked on this run", "", findings(results, methods),
+          "## How the rows were built", "", diagnostics(Path(s["run"]), methods)]
     with ts.atomic_path(path) as tmp:
         tmp.write_text("\n".join(md))
 
