@@ -148,7 +148,10 @@ def fingerprint(model: nn.Module) -> str:
     Per-tensor float64 statistics rounded to 10 digits, so the same weights give the same
     fingerprint on any device, without copying an 8B model through hashlib.
     """
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    # The architecture, not where it was loaded from: `_name_or_path` & co. differ between a relative
+    # and an absolute path to the same directory.
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
             x = p.detach().double().flatten()

@@ -170,3 +170,17 @@ def test_state_for_a_different_model_is_refused(tmp_path, model_dir):
     torch.save(opt.state_dict(), tmp_path / "other.pt")
     r = bad(tmp_path, model_dir, "corpus", [GOOD], "--optimizer-state", str(tmp_path / "other.pt"))
     assert "shape" in r.stderr and "another model" in r.stderr
+
+
+def test_fingerprint_names_the_weights_not_the_path(model_dir, tmp_path, monkeypatch):
+    """The same model loaded by a relative and an absolute path (Makefile vs meta.json) is the same
+    model; different weights are not."""
+    import trackstar as ts
+
+    monkeypatch.chdir(model_dir.parent)
+    rel, _ = ts.load_model(model_dir.name)
+    absolute, _ = ts.load_model(str(model_dir))
+    assert rel.trackstar_fingerprint == absolute.trackstar_fingerprint
+    with torch.no_grad():
+        absolute.lm_head.weight[0, 0] += 1e-3
+    assert ts.fingerprint(absolute) != rel.trackstar_fingerprint
