@@ -280,12 +280,12 @@ def main(
     device = ts.pick_device(device)
     docs = ts.read_jsonl(corpus, "corpus")
     qs = ts.read_jsonl(queries, "queries")
+    n_all = len(qs)  # query.py ranked every query of the file
     if max_queries and max_queries < len(qs):
         qs = sorted(random.Random(0).sample(qs, max_queries), key=lambda q: q["_line"])
     if any("fact" not in q for q in qs):
         raise ts.TrackStarError(f"{queries}: every query needs a 'fact' for attribution metrics")
     method_list = [m for m in methods.split(",") if m]
-    n_all = sum(1 for _ in open(queries) if _.strip())
     rankings = {m: read_rankings(run, m, n_all) for m in method_list}
     rankings["truth"] = truth_rankings(docs, qs, k)
     method_list.append("truth")
