@@ -130,7 +130,7 @@ real: $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl
 	    TAIL_QUERIES=$(REAL_TAIL_QUERIES)
 
 test: .venv/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 bench: .venv/.installed
 	$(PY) bench_encode.py
