@@ -71,7 +71,7 @@ def warm(path: Path) -> None:
 def scan_seconds(path: Path, n_queries: int, dim: int, block: int, repeat: int) -> float:
     q = torch.nn.functional.normalize(torch.randn(n_queries, dim), dim=1)
     with torch.inference_mode():
-        return best_of(lambda: ts.blocked_topk(q, ts.iter_index_blocks(path, block), 10), repeat)
+        return best_of(lambda: query.blocked_topk(q, query.iter_index_blocks(path, block), 10), repeat)
 
 
 def profile_one_query(path: Path, dim: int, block: int) -> dict[str, float]:
@@ -82,7 +82,7 @@ def profile_one_query(path: Path, dim: int, block: int) -> dict[str, float]:
     wide = torch.empty(block, dim)
     with h5py.File(path, "r") as f, ts.cpu_threads(1):
         vectors = f["vectors"]
-        mapped, n = ts.mapped(path, vectors), vectors.shape[0]
+        mapped, n = query.mapped(path, vectors), vectors.shape[0]
         staging = np.empty((block, dim), dtype=np.float16)
         steps = range(0, n - block + 1, block)
 
@@ -92,12 +92,12 @@ def profile_one_query(path: Path, dim: int, block: int) -> dict[str, float]:
 
         def score() -> None:
             for _ in steps:
-                ts.score_block(q, wide)
+                query.score_block(q, wide)
 
         def topk() -> None:
-            s = ts.score_block(q, wide)
+            s = query.score_block(q, wide)
             for _ in steps:
-                ts._merge(None, ts.pack_keys(ts.order_keys(s), ids), 10)
+                query._merge(None, query.pack_keys(query.order_keys(s), ids), 10)
 
         def hdf5_read() -> None:
             for lo in steps:
@@ -116,12 +116,12 @@ def bm25_rate(n_docs: int = 100_000, n_queries: int = 200) -> tuple[float, float
     docs = [list(vocab[rng.choice(len(vocab), size=rng.integers(8, 25), p=p)]) for _ in range(n_docs)]
     queries = [list(vocab[rng.choice(len(vocab), size=8, p=p)]) for _ in range(n_queries)]
     t = time.perf_counter()
-    bm25 = ts.BM25Index(docs)
+    bm25 = query.BM25Index(docs)
     build = time.perf_counter() - t
     t = time.perf_counter()
     for qt in queries:
         s = bm25.scores(qt)
-        ts.exact_topk_numpy(s, 10), ts.exact_topk_numpy(s, 10, largest=False)
+        query.exact_topk_numpy(s, 10), query.exact_topk_numpy(s, 10, largest=False)
     fast = n_queries / (time.perf_counter() - t)
     t = time.perf_counter()
     for qt in queries[:3]:

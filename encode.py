@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import typer
+from torch import nn
 from tqdm import tqdm
 
 import trackstar as ts
@@ -68,6 +70,28 @@ def second_moment(
     return ts.load_second_moment(optimizer_state, model), str(Path(optimizer_state).resolve())
 
 
+def estimate_second_moment(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """V ≈ mean over minibatches of (minibatch gradient)², for every parameter.
+
+    For models without a saved optimizer state (DESIGN.md §1). Each minibatch gradient is of the
+    mean per-example loss, as a training step would take it.
+    """
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(True)
+    v = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    count = 0
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        ts.per_example_loss(model, batch).mean().backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                v[n] += p.grad.float() ** 2
+        count += 1
+    model.zero_grad(set_to_none=True)
+    return {n: (x / max(count, 1)).cpu() for n, x in v.items()}
+
+
 def estimate_to_file(model, tokenizer, data: Path, n: int, max_length: int, seed: int, v_file: Path) -> None:
     """V from mean squared minibatch gradients over a seeded sample of n documents (DESIGN.md §1)."""
     rows = ts.read_jsonl(data, "corpus")
@@ -77,7 +101,7 @@ def estimate_to_file(model, tokenizer, data: Path, n: int, max_length: int, seed
     batch_size = 8
     batches = (ts.collate(tokenized[i : i + batch_size], dev) for i in range(0, len(tokenized), batch_size))
     bar = tqdm(batches, total=-(-len(tokenized) // batch_size), desc="estimate V", unit="batch")
-    v = ts.estimate_second_moment(model, bar)
+    v = estimate_second_moment(model, bar)
     source = f"estimate(n={len(sample)}, batch={batch_size}, seed={seed}, data={ts.file_digest(data)})"
     with ts.atomic_path(v_file) as tmp:
         torch.save({"second_moment": v, "source": source, "lr": None}, tmp)

@@ -21,11 +21,13 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
 import typer
+from torch import nn
 from tqdm import tqdm
 
 import trackstar as ts
@@ -43,6 +45,101 @@ NAMES = {
     "trackstar": "TrackStar (mixed R)",
     "truth": "Ground truth (documents stating the fact)",
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics. Attribution: does a retrieved document state the query's fact? Influence (tail-patch):
+# does one training step on a proponent raise the target's probability?
+
+
+def reciprocal_rank(retrieved_facts: list[list[str]], fact: str) -> float:
+    """1 / rank of the first retrieved document stating `fact`, 0 if none does."""
+    for rank, facts in enumerate(retrieved_facts, 1):
+        if fact in facts:
+            return 1.0 / rank
+    return 0.0
+
+
+def recall_at(retrieved_facts: list[list[str]], fact: str, k: int = 10) -> float:
+    """1 if any of the top k retrieved documents states `fact`."""
+    return float(any(fact in facts for facts in retrieved_facts[:k]))
+
+
+def target_logprob(model: nn.Module, tokenizer: Any, queries: list[dict], max_length: int) -> torch.Tensor:
+    """log p(target | prompt) of each query under the current weights (float64 on the CPU)."""
+    dev = next(model.parameters()).device
+    tokenized, _ = ts.tokenize_rows(tokenizer, queries, "queries", max_length)
+    with torch.no_grad():
+        return -ts.per_example_loss(model, ts.collate(tokenized, dev)).double().cpu()
+
+
+def training_step_direction(
+    model: nn.Module, tokenized: tuple[list[int], list[int]], v: dict[str, torch.Tensor] | None, eps: float,
+    beta2: float = 0.999,
+) -> dict[str, torch.Tensor]:
+    """The update of one training step on one document: g/sqrt(V' + eps), Adam without momentum, or g
+    (SGD) when V is unknown. L is the document's mean token loss, as a batch of one trains it.
+
+    V' = β2·V + (1-β2)·g² is the second moment Adam itself would divide by on this step. Using the
+    stale V alone lets a document with a rare token (V ≈ 0 in its embedding/LM-head rows) take an
+    unbounded step; with V' every coordinate moves at most lr/sqrt(1-β2), as in Adam.
+    """
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    dev = next(model.parameters()).device
+    batch = ts.collate([tokenized], dev)
+    n_tokens = (batch["labels"][:, 1:] != ts.IGNORE).sum()
+    (ts.per_example_loss(model, batch).sum() / n_tokens).backward()
+    out = {}
+    for name, p in params.items():
+        if p.grad is None:
+            continue
+        g = p.grad.detach()
+        if v is not None:
+            v_step = beta2 * v[name].to(g.device) + (1 - beta2) * g * g
+            g = g / (v_step + eps).sqrt()
+        out[name] = g
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def tail_patch(
+    model: nn.Module, tokenizer: Any, doc: tuple[list[int], list[int]], queries: list[dict], lr: float,
+    v: dict[str, torch.Tensor] | None, eps: float, max_length: int, base: torch.Tensor, beta2: float = 0.999,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δp and Δlog p of each query's target after one step on `doc`; weights are restored bit-exactly.
+
+    `base` is log p(target) of the queries under the untouched weights.
+    """
+    step = training_step_direction(model, doc, v, eps, beta2)
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in step}
+    try:
+        with torch.no_grad():
+            for n, d in step.items():
+                params[n].sub_(lr * d)
+        after = target_logprob(model, tokenizer, queries, max_length)
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                params[n].copy_(w)
+    return after.exp() - base.exp(), after - base
+
+
+def full_second_moment(sm: ts.SecondMoment, model: nn.Module) -> dict[str, torch.Tensor]:
+    """V for every parameter, expanding Adafactor's factored estimate; missing ones are an error."""
+    v = {}
+    for name, _ in model.named_parameters():
+        if name in sm.full:
+            v[name] = sm.full[name]
+        elif name in sm.factored:
+            row, col = sm.factored[name]
+            v[name] = torch.outer(row, col) / row.mean()
+        else:
+            raise ts.TrackStarError(f"the optimizer state has no second moment for parameter {name!r}")
+    return v
 
 
 def read_rankings(run: Path, method: str, n_queries: int) -> dict[str, list[dict]]:
@@ -91,8 +188,8 @@ def attribution(rankings: dict, queries: list[dict], facts_of: dict[str, list[st
     mrr, rec = [], []
     for q in queries:
         retrieved = [facts_of[p["id"]] for p in rankings[q["id"]][:k]]
-        mrr.append(ts.reciprocal_rank(retrieved, q["fact"]))
-        rec.append(ts.recall_at(retrieved, q["fact"], k))
+        mrr.append(reciprocal_rank(retrieved, q["fact"]))
+        rec.append(recall_at(retrieved, q["fact"], k))
     return {"mrr": mrr, "recall": rec}
 
 
@@ -100,7 +197,7 @@ def influence(model, tokenizer, corpus_tok: dict, rankings: dict, all_queries: l
               lr: float, v, eps: float, beta2: float, max_length: int, k: int) -> dict[str, dict[str, list[float]]]:
     """Tail-patch Δp and Δlog p for every (method, query) of `all_queries`: the mean over its top-k
     proponents, measured for the queries in `queries` (a sample, or all), NaN for the others."""
-    base = ts.target_logprob(model, tokenizer, queries, max_length)
+    base = target_logprob(model, tokenizer, queries, max_length)
     qindex = {q["id"]: i for i, q in enumerate(queries)}
     need: dict[str, set[int]] = {}  # document id -> queries that retrieved it (any method)
     for ranks in rankings.values():
@@ -111,7 +208,7 @@ def influence(model, tokenizer, corpus_tok: dict, rankings: dict, all_queries: l
     effect: dict[tuple[str, int], tuple[float, float]] = {}
     for doc_id in tqdm(sorted(need), desc="tail-patch", unit="doc"):
         qs = sorted(need[doc_id])
-        dp, dlp = ts.tail_patch(model, tokenizer, corpus_tok[doc_id], [queries[i] for i in qs], lr, v, eps,
+        dp, dlp = tail_patch(model, tokenizer, corpus_tok[doc_id], [queries[i] for i in qs], lr, v, eps,
                                 max_length, base[qs], beta2)
         for i, a, b in zip(qs, dp.tolist(), dlp.tolist(), strict=True):
             effect[(doc_id, i)] = (a, b)
@@ -300,7 +397,7 @@ def main(
     lr = lr if lr is not None else (sm.lr if sm else None)
     if lr is None:
         raise ts.TrackStarError("no learning rate in the optimizer state: pass --lr")
-    v = ts.full_second_moment(sm, mdl) if sm else None
+    v = full_second_moment(sm, mdl) if sm else None
     eps = eps if eps is not None else (ts.default_eps(sm, list(v)) if sm else 0.0)
     tokenized, _ = ts.tokenize_rows(tok, docs, "corpus", max_length)
     corpus_tok = {d["id"]: t for d, t in zip(docs, tokenized, strict=True)}

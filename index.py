@@ -25,6 +25,7 @@ The ablation rows of DESIGN.md §5 are flag combinations:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
 
@@ -73,6 +74,126 @@ def read_runs(corpus: Path, queries: Path, uncorrected: bool) -> tuple[dict, dic
 
 
 # ----------------------------------------------------------------------------------------------
+# Second moments of projected gradients, their spectra, λ and R^(-1/2).
+
+
+def chunk_sizes(run: str | Path, dataset: str) -> list[int]:
+    """Rows per chunk of an encoded run, read from the HDF5 shapes (no vectors are loaded)."""
+    sizes = []
+    for f in ts.chunk_files(run):
+        with h5py.File(f, "r") as h:
+            sizes.append(ts.chunk_dataset(h, dataset).shape[0])
+    return sizes
+
+
+def sample_blocks(run: str | Path, dataset: str, n_sample: int, seed: int) -> Iterator[np.ndarray]:
+    """A seeded uniform sample of `n_sample` rows (without replacement), chunk by chunk.
+
+    The sample is drawn over row positions in chunk order, so it depends only on (seed, chunk sizes);
+    only the sampled rows are read, and memory is bounded by one chunk's sample.
+    """
+    sizes = chunk_sizes(run, dataset)
+    total = sum(sizes)
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(total, size=min(n_sample, total), replace=False))
+    starts = np.cumsum([0] + sizes)
+    for f, lo, hi in zip(ts.chunk_files(run), starts[:-1], starts[1:], strict=True):
+        local = picked[(picked >= lo) & (picked < hi)] - lo
+        if len(local):
+            with h5py.File(f, "r") as h:
+                yield h[dataset][local]  # h5py reads an increasing row list as one selection
+
+
+def second_moment_matrix(blocks: Iterable[np.ndarray], device: str = "cpu") -> tuple[np.ndarray, int]:
+    """(XᵀX / n, n): the uncentred second moment of all rows of `blocks`, accumulated in float64.
+
+    Uncentred, as the paper's autocorrelation: the mean gradient direction is exactly what the
+    correction should down-weight (it is shared by all examples).
+    """
+    acc, n = None, 0
+    for x in blocks:
+        x = torch.as_tensor(x, device=device).double()
+        acc = x.T @ x if acc is None else acc.addmm_(x.T, x)
+        n += x.shape[0]
+    if acc is None or n == 0:
+        raise ts.TrackStarError("no vectors to estimate a second moment from")
+    return (acc / n).cpu().numpy(), n
+
+
+def _eigh_threads(d: int) -> int | None:
+    """CPU threads for a d x d eigendecomposition. Small ones run on one thread: there MKL's solver
+    synchronises its threads so often that on shared cores two threads took 1 s where one took 1 ms
+    (d = 128, measured here); from d ~ 512 up, threads pay off again."""
+    return 1 if d <= 512 else None
+
+
+def spectrum(R: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """Eigenvalues of a symmetric matrix, float64, sorted descending."""
+    with ts.cpu_threads(_eigh_threads(R.shape[0])):
+        return torch.linalg.eigvalsh(torch.as_tensor(R, device=device).double()).flip(0).cpu().numpy()
+
+
+def numerical_rank(eigenvalues: np.ndarray) -> int:
+    """How many eigenvalues are above float64 round-off of the largest (LAPACK's usual threshold)."""
+    top = float(np.max(eigenvalues, initial=0.0))
+    return int(np.sum(eigenvalues > top * len(eigenvalues) * np.finfo(np.float64).eps))
+
+
+def crossing_component(dim: int, e_train: np.ndarray, e_eval: np.ndarray) -> tuple[int, int]:
+    """(k, k_target): the component where λ·R_eval and (1−λ)·R_train should cross.
+
+    The paper crosses at about the 1000th of 65,536 components; we scale that with d. R_eval has
+    rank at most n_queries (and R_train at most the sample size), past which its eigenvalues are
+    round-off, so k is clipped below both numerical ranks.
+    """
+    k_target = round(1000 * dim / 65536)
+    limit = min(numerical_rank(e_train), numerical_rank(e_eval))
+    if limit == 0:
+        raise ts.TrackStarError("R_train or R_eval is zero: all vectors are zero?")
+    return min(k_target, limit - 1), k_target
+
+
+def mix_lambda(e_train: np.ndarray, e_eval: np.ndarray, k: int) -> float:
+    """λ with λ·e_eval[k] = (1−λ)·e_train[k]: the two scaled spectra cross at component k."""
+    a, b = float(e_train[k]), float(e_eval[k])
+    if a + b <= 0:
+        raise ts.TrackStarError(f"both spectra are zero at component {k}; give --lam explicitly")
+    return a / (a + b)
+
+
+def mixed_hessian(R_train: np.ndarray, R_eval: np.ndarray, lam: float) -> np.ndarray:
+    """R = λ·R_eval + (1−λ)·R_train (λ=0: R_train alone, λ=1: R_eval alone)."""
+    if lam == 0.0:
+        return R_train.copy()
+    if lam == 1.0:
+        return R_eval.copy()
+    return lam * R_eval + (1.0 - lam) * R_train
+
+
+def damp(R: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
+    """(R + δI, δ) with δ = damping · trace(R)/d: relative to the mean eigenvalue, so the same
+    --damping means the same thing at any gradient scale."""
+    delta = damping * float(np.trace(R)) / R.shape[0]
+    return R + delta * np.eye(R.shape[0]), delta
+
+
+def symmetric_power(R: np.ndarray, power: float, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(R^power, eigenvalues of R descending) by a float64 eigendecomposition; R must be positive definite."""
+    with ts.cpu_threads(_eigh_threads(R.shape[0])):
+        w, V = torch.linalg.eigh(torch.as_tensor(R, device=device).double())
+    if w.min().item() <= 0:
+        raise ts.TrackStarError(
+            f"R is not positive definite (smallest eigenvalue {w.min().item():.3g}); use --damping > 0"
+        )
+    return ((V * w.pow(power)) @ V.T).cpu().numpy(), w.flip(0).cpu().numpy()
+
+
+def inverse_sqrt(R: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """R^(-1/2), symmetric, float64."""
+    return symmetric_power(R, -0.5, device)[0]
+
+
+# ----------------------------------------------------------------------------------------------
 # The Hessian: R_train, R_eval, λ, damping, the transforms for documents and queries.
 
 
@@ -81,23 +202,23 @@ def fit_hessian(corpus: Path, queries: Path, dataset: str, mode: str, lam: str, 
     """Everything hessian.h5 records; `corpus_transform`/`query_transform` are None for identity."""
     if mode == "none":
         return {"lam": None, "corpus_transform": None, "query_transform": None}
-    R_train, n_train = ts.second_moment_matrix(ts.sample_blocks(corpus, dataset, train_sample, sample_seed),
+    R_train, n_train = second_moment_matrix(sample_blocks(corpus, dataset, train_sample, sample_seed),
                                                  device)
-    R_eval, n_eval = ts.second_moment_matrix((x for _, x in ts.iter_vector_blocks(queries, dataset)), device)
-    e_train, e_eval = ts.spectrum(R_train, device), ts.spectrum(R_eval, device)
-    k, k_target = ts.crossing_component(R_train.shape[0], e_train, e_eval)
+    R_eval, n_eval = second_moment_matrix((x for _, x in ts.iter_vector_blocks(queries, dataset)), device)
+    e_train, e_eval = spectrum(R_train, device), spectrum(R_eval, device)
+    k, k_target = crossing_component(R_train.shape[0], e_train, e_eval)
     if mode == "mixed":
-        value = ts.mix_lambda(e_train, e_eval, k) if lam == "auto" else float(lam)
+        value = mix_lambda(e_train, e_eval, k) if lam == "auto" else float(lam)
     else:
         value = 0.0 if mode == "train" else 1.0
-    R, delta = ts.damp(ts.mixed_hessian(R_train, R_eval, value), damping)
-    inv_sqrt, e_R = ts.symmetric_power(R, -0.5, device)
+    R, delta = damp(mixed_hessian(R_train, R_eval, value), damping)
+    inv_sqrt, e_R = symmetric_power(R, -0.5, device)
     source = ("auto" if lam == "auto" else "given") if mode == "mixed" else mode
     h = {"lam": value, "lam_source": source, "k": k, "k_target": k_target,
          "k_clipped": k != k_target, "delta": delta, "n_train": n_train, "n_eval": n_eval,
          "e_train": e_train, "e_eval": e_eval, "e_R": e_R, "inverse_sqrt": inv_sqrt}
     if trak:  # TRAK: g(m)ᵀ R_train^(-1) g(q); documents stay as they are, queries carry the inverse
-        h.update(corpus_transform=None, query_transform=ts.symmetric_power(R, -1.0, device)[0])
+        h.update(corpus_transform=None, query_transform=symmetric_power(R, -1.0, device)[0])
     else:
         h.update(corpus_transform=inv_sqrt, query_transform=inv_sqrt)
     return h
@@ -128,7 +249,7 @@ def plot_spectrum(path: Path, h: dict, mode: str) -> None:
     x = np.arange(1, len(h["e_train"]) + 1)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for e, w, name in ((h["e_eval"], w_eval, "R_eval"), (h["e_train"], w_train, "R_train")):
-        y = np.where(x <= ts.numerical_rank(e), w * e, np.nan)  # past its rank a spectrum is round-off
+        y = np.where(x <= numerical_rank(e), w * e, np.nan)  # past its rank a spectrum is round-off
         ax.loglog(x, y, label=f"{w:.3g}·{name}" if mixed else name)
     if mixed:
         k = h["k"]
@@ -158,7 +279,7 @@ def storage_scale(corpus: Path, dataset: str, h: dict, unit_norm: bool, dtype: s
         return 1.0
     matrix = _device_matrix(h["corpus_transform"], device)
     peak = 0.0
-    for x in ts.sample_blocks(corpus, dataset, settings["train_sample"], settings["sample_seed"]):
+    for x in sample_blocks(corpus, dataset, settings["train_sample"], settings["sample_seed"]):
         y = ts.transform(torch.as_tensor(x, device=device), matrix, False)
         peak = max(peak, float(y.abs().max()))
     return 2.0 ** round(math.log2(peak / 256)) if peak > 0 else 1.0
@@ -174,7 +295,7 @@ def write_index(path: Path, corpus: Path, dataset: str, h: dict, unit_norm: bool
 
     Contiguous and uncompressed, so query.py's scan reads a block as one plain copy.
     """
-    n = sum(ts.chunk_sizes(corpus, dataset))
+    n = sum(chunk_sizes(corpus, dataset))
     matrix = _device_matrix(h["corpus_transform"], device)
     with ts.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         d = attrs["dim"]

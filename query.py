@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import typer
@@ -46,7 +48,7 @@ def default_block(device: str, n_queries: int) -> int:
     per-block top-k work."""
     if torch.device(device).type == "cuda":
         return 65536
-    return 512 if n_queries < ts.FEW_QUERIES else 4096
+    return 512 if n_queries < FEW_QUERIES else 4096
 
 
 def read_checked_jsonl(path: str, kind: str, digest: str | None) -> list[dict]:
@@ -55,6 +57,200 @@ def read_checked_jsonl(path: str, kind: str, digest: str | None) -> list[dict]:
         raise ts.TrackStarError(f"{path} has changed since it was encoded (digest {ts.file_digest(path)} vs "
                                 f"{digest}); re-encode it")
     return ts.read_jsonl(path, kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# The index file and the exact blocked top-k scan.
+
+
+def read_index_meta(index: str | Path) -> dict:
+    """The attributes of RUN/index/index.h5 (the corpus meta plus the index settings)."""
+    path = Path(index) / "index.h5"
+    if not path.exists():
+        raise ts.TrackStarError(f"{index} is not an index (no index.h5); run index.py first")
+    with h5py.File(path, "r") as f:
+        meta = ts.read_attrs(f)
+        meta["n_rows"] = f["vectors"].shape[0]
+    return meta
+
+
+def read_query_transform(index: str | Path) -> np.ndarray | None:
+    """The d x d matrix query.py applies to query vectors, or None for identity."""
+    with h5py.File(Path(index) / "index.h5", "r") as f:
+        return f["query_transform"][:] if "query_transform" in f else None
+
+
+def mapped(path: str | Path, dataset: h5py.Dataset) -> np.ndarray | None:
+    """An HDF5 dataset memory-mapped from its file, or None when its layout does not allow it.
+
+    index.py writes `vectors` and `ids` contiguous and uncompressed: plain arrays at fixed offse
+    Mapped, the page cache is read in place, saving the copy (and the per-call cost) of an HDF5
+    read. Copy-on-write mode gives torch writable views without ever touching the file.
+    """
+    offset = dataset.id.get_offset()
+    if offset is None or dataset.chunks is not None or dataset.dtype.byteorder == ">":
+        return None
+    return np.memmap(path, dtype=dataset.dtype, mode="c", offset=offset, shape=dataset.shape)
+
+
+def iter_index_blocks(
+    path: str | Path, block: int, device: str = "cpu"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, float32 vectors) of an index file, `block` rows at a time, on `device`.
+
+    Rows are converted into one preallocated float32 buffer (on a GPU, after crossing the bus in
+    their narrow storage dtype), so memory is about one block whatever the corpus size. The yielded
+    tensors are views of reused buffers: use them before asking for the next block.
+    """
+    with h5py.File(path, "r") as f:
+        vectors, ids = f["vectors"], f["ids"]
+        n, d = vectors.shape
+        rows = max(1, min(block, n))
+        vectors_map, ids_map = mapped(path, vectors), mapped(path, ids)
+        all_ids = ids[:] if ids_map is None else ids_map  # 8 bytes a document: small beside the vectors
+        if n and (all_ids.min() < 0 or all_ids.max() >= _LOW):
+            raise ts.TrackStarError(f"{path}: document ids must lie in [0, 2^32) for exact tie-breaking")
+        staging = np.empty((rows, d), vectors.dtype) if vectors_map is None else None
+        wide = torch.empty((rows, d), dtype=torch.float32, device=device)
+        narrow = None if wide.device.type == "cpu" else torch.empty(
+            (rows, d), dtype=torch.from_numpy(np.empty(0, vectors.dtype)).dtype, device=device)
+        for lo in range(0, n, rows):
+            m = min(rows, n - lo)
+            if vectors_map is not None:
+                raw = torch.from_numpy(vectors_map[lo : lo + m])
+            else:
+                vectors.read_direct(staging, np.s_[lo : lo + m], np.s_[:m])
+                raw = torch.from_numpy(staging[:m])
+            if narrow is not None:
+                narrow[:m].copy_(raw)
+                raw = narrow[:m]
+            # A float32 index on the CPU is scored where it lies; anything else is converted once.
+            block_vectors = raw if raw.dtype == torch.float32 and raw.device == wide.device else wide[:m].copy_(raw)
+            yield torch.from_numpy(np.asarray(all_ids[lo : lo + m])).to(device), block_vectors
+
+
+_LOW = 1 << 32
+
+
+def score_block(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """(Q, B) float32 scores of one index block: the only per-block score matrix the scan makes."""
+    return queries @ vectors.T
+
+
+def order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys with the order of float32 `scores` (−0.0 is +0.0; NaN must not occur).
+
+    Non-negative floats already sort like their bits read as int32; negative ones sort reversed,
+    so their 31 low bits are flipped (x ^ 0x7FFFFFFF when the sign bit is set).
+    """
+    bits = (scores + 0.0).view(torch.int32)  # -0.0 + 0.0 = +0.0: one key for zero
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+
+
+def order_to_scores(order: torch.Tensor) -> torch.Tensor:
+    """Inverse of order_keys (the bit flip is its own inverse): the exact float32 scores."""
+    bits = order.to(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
+def pack_keys(order: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """order·2^32 + (2^32−1−id): larger key = larger order, then lower id."""
+    return (_LOW - 1 - ids).add(order, alpha=_LOW)
+
+
+def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, id) back from pack_keys."""
+    order = torch.div(keys, _LOW, rounding_mode="floor")
+    return order, _LOW - 1 - (keys - order * _LOW)
+
+
+def _merge(best: torch.Tensor | None, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest keys per row of `best` ∪ `keys`, sorted descending."""
+    keys = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
+    if best is not None:
+        keys = torch.cat([best, keys], dim=1)
+        keys = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
+    return keys
+
+
+# Below this many queries a CPU scan is bound by memory bandwidth, which one core nearly saturates;
+# more threads then mostly add wake-up costs per block (milliseconds when the cores are shared).
+FEW_QUERIES = 8
+
+
+def blocked_topk(
+    queries: torch.Tensor, index_blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top_scores, top_ids, bottom_scores, bottom_ids), each (Q, min(k, N)), on the CPU.
+
+    Proponents: highest scores first; opponents: lowest first; ties to the lower id in both, exactly
+    as a stable sort of the full (Q, N) score matrix. Memory: one block of scores at a time.
+    `index_blocks` yields (ids int64 < 2^32, vectors float32) on the device of `queries`.
+    """
+    top = bottom = None
+    few = queries.device.type == "cpu" and len(queries) < FEW_QUERIES
+    with ts.cpu_threads(1 if few else None):
+        for ids, vectors in index_blocks:
+            order = order_keys(score_block(queries, vectors))  # (Q, B)
+            # pack_keys, sharing the tie term (B,) between both lists: the lower id wins a tie in each
+            tie = _LOW - 1 - ids.to(queries.device)
+            top = _merge(top, tie.add(order, alpha=_LOW), k)
+            bottom = _merge(bottom, (tie - _LOW).sub(order, alpha=_LOW), k)  # (~order)·2^32 + tie
+    if top is None:
+        raise ts.TrackStarError("the index is empty")
+    top_order, top_ids = unpack_keys(top.cpu())
+    bottom_order, bottom_ids = unpack_keys(bottom.cpu())
+    return order_to_scores(top_order), top_ids, order_to_scores(~bottom_order), bottom_ids
+
+
+_WORD = re.compile(r"\w+")
+
+
+def bm25_tokenize(text: str) -> list[str]:
+    """Lowercase word tokens (letters, digits, underscore)."""
+    return _WORD.findall(text.lower())
+
+
+class BM25Index:
+    """BM25Okapi over tokenized documents, with postings for fast exact scoring."""
+
+    def __init__(self, docs: list[list[str]]) -> None:
+        from rank_bm25 import BM25Okapi
+
+        self.okapi = bm = BM25Okapi(docs)
+        doc_len = np.array(bm.doc_len)
+        self.norm = bm.k1 * (1 - bm.b + bm.b * doc_len / bm.avgdl)  # the per-document denominator term
+        postings: dict[str, tuple[list[int], list[int]]] = {}
+        for i, freqs in enumerate(bm.doc_freqs):
+            for term, f in freqs.items():
+                p = postings.setdefault(term, ([], []))
+                p[0].append(i)
+                p[1].append(f)
+        self.postings = {t: (np.array(d, dtype=np.int64), np.array(f, dtype=np.int64))
+                         for t, (d, f) in postings.items()}
+
+    def scores(self, query: list[str]) -> np.ndarray:
+        """float64 BM25 score of every document, as BM25Okapi.get_scores(query)."""
+        bm, score = self.okapi, np.zeros(self.okapi.corpus_size)
+        for term in query:  # a repeated query word counts again, as in BM25Okapi
+            if term in self.postings:
+                docs, f = self.postings[term]
+                score[docs] += (bm.idf.get(term) or 0) * (f * (bm.k1 + 1) / (f + self.norm[docs]))
+        return score
+
+
+def exact_topk_numpy(scores: np.ndarray, k: int, largest: bool = True) -> np.ndarray:
+    """Row positions of the k best scores, ties to the lower position (a stable sort's order).
+
+    A partition finds the k-th value; only rows at least as good are sorted, so a query costs O(N).
+    """
+    s = -scores if largest else scores
+    k = min(k, len(s))
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = np.partition(s, k - 1)[k - 1]
+    candidates = np.flatnonzero(s <= kth)  # increasing positions: the stable sort keeps them so on ties
+    return candidates[np.argsort(s[candidates], kind="stable")[:k]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,7 +264,7 @@ def prepare_queries(vectors: np.ndarray, index: Path, meta: dict, device: str) -
     queries by it gives back the true scores exactly.
     """
     ts.check_finite(vectors, "the query vectors")
-    matrix = ts.read_query_transform(index)
+    matrix = read_query_transform(index)
     matrix = None if matrix is None else torch.as_tensor(matrix, device=device)
     q = ts.transform(torch.as_tensor(vectors, dtype=torch.float32, device=device), matrix, meta["unit_norm"])
     return q * meta["scale"]
@@ -77,7 +273,7 @@ def prepare_queries(vectors: np.ndarray, index: Path, meta: dict, device: str) -
 def progress_blocks(index: Path, block: int, device: str, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The index's blocks with a progress bar (documents/s and index GB/s)."""
     with tqdm(total=n, desc="scan", unit="doc", unit_scale=True) as bar:
-        for ids, vectors in ts.iter_index_blocks(index / "index.h5", block, device):
+        for ids, vectors in iter_index_blocks(index / "index.h5", block, device):
             yield ids, vectors
             bar.update(len(ids))
 
@@ -86,7 +282,7 @@ def search(queries: torch.Tensor, index: Path, k: int, block: int, device: str, 
     """(top_scores, top_ids, bottom_scores, bottom_ids) as numpy, each (Q, min(k, N))."""
     block = block or default_block(device, len(queries))
     with torch.inference_mode():
-        out = ts.blocked_topk(queries, progress_blocks(index, block, device, n), k)
+        out = blocked_topk(queries, progress_blocks(index, block, device, n), k)
     return tuple(t.numpy() for t in out)
 
 
@@ -112,7 +308,7 @@ def corpus_rows_for(meta: dict) -> list[dict]:
 
 
 def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device: str) -> None:
-    meta, qmeta = ts.read_index_meta(index), ts.read_meta(queries)
+    meta, qmeta = read_index_meta(index), ts.read_meta(queries)
     if qmeta.get("kind") != "queries":
         raise ts.TrackStarError(f"--queries {queries} holds an encoded {qmeta.get('kind')!r} run, not 'queries'")
     ts.check_same(meta, qmeta, ts.COMPATIBLE_KEYS, f"index {index}", f"queries run {queries}")
@@ -153,7 +349,7 @@ def print_table(title: str, rows: list[dict], width: int = 72) -> None:
 
 
 def query_adhoc(index: Path, prompt: str, target: str, k: int, block: int, device: str) -> None:
-    meta = ts.read_index_meta(index)
+    meta = read_index_meta(index)
     q = prepare_queries(encode_one(meta, prompt, target, device), index, meta, device)
     top_s, top_i, bot_s, bot_i = search(q, index, k, block, device, meta["n_rows"])
     rows = corpus_rows_for(meta)
@@ -169,11 +365,11 @@ def query_adhoc(index: Path, prompt: str, target: str, k: int, block: int, devic
 def query_bm25(corpus: Path, queries: Path, out: Path, k: int) -> None:
     docs = ts.read_jsonl(corpus, "corpus")
     qs = ts.read_jsonl(queries, "queries")
-    bm25 = ts.BM25Index([ts.bm25_tokenize(d["text"]) for d in docs])
+    bm25 = BM25Index([bm25_tokenize(d["text"]) for d in docs])
     with ts.atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for q in tqdm(qs, desc="bm25", unit="query"):
-            s = bm25.scores(ts.bm25_tokenize(q["prompt"] + " " + q["target"]))
-            top, bottom = ts.exact_topk_numpy(s, k, largest=True), ts.exact_topk_numpy(s, k, largest=False)
+            s = bm25.scores(bm25_tokenize(q["prompt"] + " " + q["target"]))
+            top, bottom = exact_topk_numpy(s, k, largest=True), exact_topk_numpy(s, k, largest=False)
             record = {"query_id": q["id"], "proponents": ranked(docs, top, s[top]),
                       "opponents": ranked(docs, bottom, s[bottom])}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -100,7 +100,8 @@ def planted_ties(n: int = 301, d: int = 24, n_queries: int = 9, seed: int = 0):
 def test_exact_topk_equals_brute_force_with_ties(tmp_path, dtype, k, block, chunked):
     q, x, ids = planted_ties()
     path = write_index_file(tmp_path / "index.h5", x, ids, dtype, chunked)
-    top_s, top_i, bot_s, bot_i = ts.blocked_topk(torch.from_numpy(q), ts.iter_index_blocks(path, block), k)
+    blocks = query_cli.iter_index_blocks(path, block)
+    top_s, top_i, bot_s, bot_i = query_cli.blocked_topk(torch.from_numpy(q), blocks, k)
     want_top, want_bottom = brute_force(q, x, ids, k)
     assert np.array_equal(top_i.numpy(), want_top) and np.array_equal(bot_i.numpy(), want_bottom)
     row = {int(i): r for r, i in enumerate(ids)}
@@ -111,11 +112,11 @@ def test_exact_topk_equals_brute_force_with_ties(tmp_path, dtype, k, block, chun
 
 def test_order_keys_sort_like_floats_and_identify_signed_zeros():
     v = torch.tensor([-np.inf, -3e38, -1.5, -1e-45, -0.0, 0.0, 1e-45, 1e-38, 2.0, 3e38, np.inf])
-    keys = ts.order_keys(v)
+    keys = query_cli.order_keys(v)
     assert torch.all(keys[1:] >= keys[:-1]) and keys[4] == keys[5]
-    assert torch.equal(ts.order_to_scores(keys)[5:], v[5:]) and ts.order_to_scores(keys)[4] == 0.0
-    packed = ts.pack_keys(keys, torch.arange(len(v)))
-    assert torch.equal(torch.stack(ts.unpack_keys(packed)), torch.stack([keys, torch.arange(len(v))]))
+    assert torch.equal(query_cli.order_to_scores(keys)[5:], v[5:]) and query_cli.order_to_scores(keys)[4] == 0.0
+    packed = query_cli.pack_keys(keys, torch.arange(len(v)))
+    assert torch.equal(torch.stack(query_cli.unpack_keys(packed)), torch.stack([keys, torch.arange(len(v))]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,11 +129,11 @@ def test_scan_never_holds_more_than_a_block(tmp_path, monkeypatch, chunked):
     rng = np.random.default_rng(1)
     path = write_index_file(tmp_path / "index.h5", rng.standard_normal((n, d)), np.arange(n), "float16", chunked)
     seen = []
-    real = ts.score_block
-    monkeypatch.setattr(ts, "score_block", lambda q, v: seen.append(real(q, v).numel()) or real(q, v))
+    real = query_cli.score_block
+    monkeypatch.setattr(query_cli, "score_block", lambda q, v: seen.append(real(q, v).numel()) or real(q, v))
     q = torch.from_numpy(rng.standard_normal((nq, d)).astype(np.float32))
     tracemalloc.start()
-    ts.blocked_topk(q, ts.iter_index_blocks(path, block), k=10)
+    query_cli.blocked_topk(q, query_cli.iter_index_blocks(path, block), k=10)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert len(seen) == -(-n // block) and max(seen) <= nq * block, "a score matrix larger than one block"
@@ -149,7 +150,7 @@ def test_inverse_sqrt_whitens_to_float64_precision():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((48, 200))
     R = a @ a.T / 200
-    W = ts.inverse_sqrt(R)
+    W = index_cli.inverse_sqrt(R)
     assert np.allclose(W, W.T, atol=0, rtol=0) or np.abs(W - W.T).max() < 1e-13
     assert np.abs(W @ R @ W - np.eye(48)).max() < 1e-12
 
@@ -158,13 +159,13 @@ def test_lambda_crosses_the_spectra_at_component_k():
     dim = 128  # k_target = round(1000 * 128 / 65536) = 2
     e_train = np.array([16.0, 8, 4, 2, 1] + [0.5] * 123)
     e_eval = np.array([100.0, 50, 12, 1, 0.1] + [0.01] * 123)
-    k, k_target = ts.crossing_component(dim, e_train, e_eval)
+    k, k_target = index_cli.crossing_component(dim, e_train, e_eval)
     assert (k, k_target) == (2, 2)
-    lam = ts.mix_lambda(e_train, e_eval, k)
+    lam = index_cli.mix_lambda(e_train, e_eval, k)
     assert lam == pytest.approx(0.25) and lam * e_eval[k] == pytest.approx((1 - lam) * e_train[k])
     # R_eval of 2 queries has rank 2: k is clipped below it
     e_eval_rank2 = np.array([100.0, 50] + [1e-18] * 126)
-    assert ts.crossing_component(dim, e_train, e_eval_rank2) == (1, 2)
+    assert index_cli.crossing_component(dim, e_train, e_eval_rank2) == (1, 2)
 
 
 def test_lambda_on_matrices_makes_the_scaled_spectra_cross():
@@ -172,15 +173,15 @@ def test_lambda_on_matrices_makes_the_scaled_spectra_cross():
     d = 128
     train = rng.standard_normal((1000, d)) * np.geomspace(1, 1e-2, d)
     evals = rng.standard_normal((50, d)) * np.geomspace(1, 1e-3, d) * 5
-    R_train, _ = ts.second_moment_matrix([train[:400], train[400:]])
-    R_eval, _ = ts.second_moment_matrix([evals])
+    R_train, _ = index_cli.second_moment_matrix([train[:400], train[400:]])
+    R_eval, _ = index_cli.second_moment_matrix([evals])
     assert np.allclose(R_train, train.T @ train / 1000, rtol=1e-12, atol=1e-15)
-    e_train, e_eval = ts.spectrum(R_train), ts.spectrum(R_eval)
-    k, _ = ts.crossing_component(d, e_train, e_eval)
-    lam = ts.mix_lambda(e_train, e_eval, k)
-    assert lam * ts.spectrum(R_eval)[k] == pytest.approx((1 - lam) * ts.spectrum(R_train)[k], rel=1e-9)
-    assert np.array_equal(ts.mixed_hessian(R_train, R_eval, 0.0), R_train)
-    assert np.array_equal(ts.mixed_hessian(R_train, R_eval, 1.0), R_eval)
+    e_train, e_eval = index_cli.spectrum(R_train), index_cli.spectrum(R_eval)
+    k, _ = index_cli.crossing_component(d, e_train, e_eval)
+    lam = index_cli.mix_lambda(e_train, e_eval, k)
+    assert lam * index_cli.spectrum(R_eval)[k] == pytest.approx((1 - lam) * index_cli.spectrum(R_train)[k], rel=1e-9)
+    assert np.array_equal(index_cli.mixed_hessian(R_train, R_eval, 0.0), R_train)
+    assert np.array_equal(index_cli.mixed_hessian(R_train, R_eval, 1.0), R_eval)
 
 
 def test_lambda_0_and_1_give_the_train_and_eval_indexes(tmp_path):
@@ -195,9 +196,9 @@ def test_lambda_0_and_1_give_the_train_and_eval_indexes(tmp_path):
 
 def test_sample_is_seeded_and_streams_only_sampled_rows(tmp_path):
     corpus, _ = runs(tmp_path)
-    a = np.concatenate(list(ts.sample_blocks(corpus, "vectors", 50, seed=3)))
-    b = np.concatenate(list(ts.sample_blocks(corpus, "vectors", 50, seed=3)))
-    c = np.concatenate(list(ts.sample_blocks(corpus, "vectors", 50, seed=4)))
+    a = np.concatenate(list(index_cli.sample_blocks(corpus, "vectors", 50, seed=3)))
+    b = np.concatenate(list(index_cli.sample_blocks(corpus, "vectors", 50, seed=3)))
+    c = np.concatenate(list(index_cli.sample_blocks(corpus, "vectors", 50, seed=4)))
     _, all_rows = ts.read_vectors(corpus)
     assert a.shape == (50, 32) and np.array_equal(a, b) and not np.array_equal(a, c)
     assert {r.tobytes() for r in a} <= {r.tobytes() for r in all_rows}
@@ -275,7 +276,7 @@ def test_bm25_scores_equal_rank_bm25_bit_for_bit():
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(40)]
     docs = [list(rng.choice(words, size=rng.integers(1, 15))) for _ in range(300)]
-    bm25 = ts.BM25Index(docs)
+    bm25 = query_cli.BM25Index(docs)
     for _ in range(20):
         q = list(rng.choice(words + ["unseen"], size=4))
         assert np.array_equal(bm25.scores(q), bm25.okapi.get_scores(q))
@@ -283,9 +284,9 @@ def test_bm25_scores_equal_rank_bm25_bit_for_bit():
 
 def test_numpy_topk_breaks_ties_to_the_lower_position():
     s = np.array([1.0, 3.0, 3.0, 0.0, 3.0, 0.0, -1.0])
-    assert ts.exact_topk_numpy(s, 2).tolist() == [1, 2]
-    assert ts.exact_topk_numpy(s, 5).tolist() == [1, 2, 4, 0, 3]
-    assert ts.exact_topk_numpy(s, 3, largest=False).tolist() == [6, 3, 5]
+    assert query_cli.exact_topk_numpy(s, 2).tolist() == [1, 2]
+    assert query_cli.exact_topk_numpy(s, 5).tolist() == [1, 2, 4, 0, 3]
+    assert query_cli.exact_topk_numpy(s, 3, largest=False).tolist() == [6, 3, 5]
 
 
 # ----------------------------------------------------------------------------------------------
