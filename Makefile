@@ -28,7 +28,7 @@ QUERIES := $(WORLD)/queries.jsonl
 RUN     ?= runs/factworld-$(SIZE)-seed$(SEED)
 endif
 
-# Where V comes from (DESIGN.md §1): an optimizer state, an estimate over the corpus, or MODEL/optimizer.pt.
+# Where V comes from: an optimizer state, an estimate over the corpus, or MODEL/optimizer.pt.
 ifdef ESTIMATE_V
 CORPUS_V := --estimate-v $(ESTIMATE_V)
 QUERY_V  := --optimizer-state $(RUN)/corpus/second_moment.pt
@@ -43,7 +43,7 @@ LR_OPT := $(if $(LR),--lr $(LR),)
 ENCODE_OPTS = --model $(MODEL) --dim $(DIM) --seed $(SEED) --also-uncorrected --device $(DEVICE) \
               --token-budget $(TOKEN_BUDGET) $(ENCODE_EXTRA)
 
-# The ablation rows (DESIGN.md §5): name -> index.py flags.
+# The ablation rows: name -> index.py flags (see index.py --help).
 VARIANTS := dot cosine trak optcorr train eval trackstar
 FLAGS_dot       := --hessian none --no-unit-norm --uncorrected
 FLAGS_cosine    := --hessian none --uncorrected

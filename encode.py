@@ -27,6 +27,8 @@ import trackstar as ts
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__)
 
 LOSS = {"corpus": "all tokens", "queries": "target tokens given the prompt"}
+FIELDS = {"corpus": '{"id", "text", "facts": [fact ids] (optional)}',
+          "queries": '{"id", "prompt", "target", "fact" (optional)}'}
 
 
 def resolve_shard(shard: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -73,7 +75,7 @@ def second_moment(
 def estimate_second_moment(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """V ≈ mean over minibatches of (minibatch gradient)², for every parameter.
 
-    For models without a saved optimizer state (DESIGN.md §1). Each minibatch gradient is of the
+    For models without a saved optimizer state. Each minibatch gradient is of the
     mean per-example loss, as a training step would take it.
     """
     params = dict(model.named_parameters())
@@ -93,7 +95,7 @@ def estimate_second_moment(model: nn.Module, batches: Iterator[dict[str, torch.T
 
 
 def estimate_to_file(model, tokenizer, data: Path, n: int, max_length: int, seed: int, v_file: Path) -> None:
-    """V from mean squared minibatch gradients over a seeded sample of n documents (DESIGN.md §1)."""
+    """V from mean squared minibatch gradients over a seeded sample of n documents."""
     rows = ts.read_jsonl(data, "corpus")
     sample = random.Random(seed).sample(rows, min(n, len(rows)))
     tokenized, _ = ts.tokenize_rows(tokenizer, sample, "corpus", max_length)
@@ -163,7 +165,7 @@ def encode(kind: str, model_dir: str, data: Path, out: Path, dim: int, seed: int
 def command(kind: str):
     def run(
         model: str = typer.Option(..., help="Hugging Face model directory (config + weights, or a .gguf file)."),
-        data: Path = typer.Option(..., help=f"{kind} JSONL (DESIGN.md §3)."),
+        data: Path = typer.Option(..., help=f"{kind} JSONL, one object a line: {FIELDS[kind]}."),
         out: Path = typer.Option(..., help="Output directory of HDF5 chunks (resumed if it exists)."),
         dim: int = typer.Option(65536, help="Projection dimension d (a power of two; the paper: 2^16)."),
         seed: int = typer.Option(0, help="Projection seed (and V-estimate sample seed)."),

@@ -8,7 +8,7 @@ Reads RUN/proponents-<method>.jsonl (query.py's output for each method), writes 
 RUN/results.md and RUN/report.html. A "ground truth" row uses the documents that state each
 query's fact, as an upper reference for tail-patch.
 
-Tail-patch (DESIGN.md §5): for each of a query's top-k proponents, one training step on that
+Tail-patch: for each of a query's top-k proponents, one training step on that
 document alone from the final weights (lr · ∇L/sqrt(V + eps), no momentum; SGD without V), the
 change in p(target | prompt), weights restored exactly; averaged over proponents, then queries.
 Each distinct document is stepped once and every query that retrieved it is measured together.
@@ -73,17 +73,25 @@ def target_logprob(model: nn.Module, tokenizer: Any, queries: list[dict], max_le
         return -ts.per_example_loss(model, ts.collate(tokenized, dev)).double().cpu()
 
 
-def training_step_direction(
-    model: nn.Module, tokenized: tuple[list[int], list[int]], v: dict[str, torch.Tensor] | None, eps: float,
-    beta2: float = 0.999,
-) -> dict[str, torch.Tensor]:
-    """The update of one training step on one document: g/sqrt(V' + eps), Adam without momentum, or g
-    (SGD) when V is unknown. L is the document's mean token loss, as a batch of one trains it.
+# Adam's defaults, for a V that came without its optimizer's settings (an estimate).
+DEFAULT_BETAS = (0.9, 0.999)
 
-    V' = β2·V + (1-β2)·g² is the second moment Adam itself would divide by on this step. Using the
-    stale V alone lets a document with a rare token (V ≈ 0 in its embedding/LM-head rows) take an
-    unbounded step; with V' every coordinate moves at most lr/sqrt(1-β2), as in Adam.
+
+def adam_increment(
+    model: nn.Module, tokenized: tuple[list[int], list[int]], v: dict[str, torch.Tensor] | None, eps: float,
+    betas: tuple[float, float] = DEFAULT_BETAS,
+) -> dict[str, torch.Tensor]:
+    """This document's own share of the next Adam update, per unit learning rate (SGD's g when V is unknown).
+
+    Had the next training batch been this document alone (L = its mean token loss, gradient g), Adam
+    would set m' = β1·m + (1−β1)·g and v' = β2·v + (1−β2)·g² and step by lr·m'/sqrt(v' + eps). The
+    β1·m part is the momentum of earlier batches, the same whichever document comes next, so the part
+    this document contributes is (1−β1)·g / sqrt(v' + eps). Weight decay is left out for the same
+    reason. v is the saved, bias-corrected second moment; with v' (not v) in the denominator a
+    document with a rare token (v ≈ 0 in its rows) still moves each coordinate at most
+    lr·(1−β1)/sqrt(1−β2), as Adam would.
     """
+    beta1, beta2 = betas
     params = dict(model.named_parameters())
     for p in params.values():
         p.requires_grad_(True)
@@ -98,8 +106,8 @@ def training_step_direction(
             continue
         g = p.grad.detach()
         if v is not None:
-            v_step = beta2 * v[name].to(g.device) + (1 - beta2) * g * g
-            g = g / (v_step + eps).sqrt()
+            v_next = beta2 * v[name].to(g.device) + (1 - beta2) * g * g
+            g = (1 - beta1) * g / (v_next + eps).sqrt()
         out[name] = g
     model.zero_grad(set_to_none=True)
     return out
@@ -107,13 +115,14 @@ def training_step_direction(
 
 def tail_patch(
     model: nn.Module, tokenizer: Any, doc: tuple[list[int], list[int]], queries: list[dict], lr: float,
-    v: dict[str, torch.Tensor] | None, eps: float, max_length: int, base: torch.Tensor, beta2: float = 0.999,
+    v: dict[str, torch.Tensor] | None, eps: float, max_length: int, base: torch.Tensor,
+    betas: tuple[float, float] = DEFAULT_BETAS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Δp and Δlog p of each query's target after one step on `doc`; weights are restored bit-exactly.
+    """Δp and Δlog p of each query's target after the step lr·adam_increment(doc); weights restored bit-exactly.
 
     `base` is log p(target) of the queries under the untouched weights.
     """
-    step = training_step_direction(model, doc, v, eps, beta2)
+    step = adam_increment(model, doc, v, eps, betas)
     params = dict(model.named_parameters())
     saved = {n: params[n].detach().clone() for n in step}
     try:
@@ -194,7 +203,7 @@ def attribution(rankings: dict, queries: list[dict], facts_of: dict[str, list[st
 
 
 def influence(model, tokenizer, corpus_tok: dict, rankings: dict, all_queries: list[dict], queries: list[dict],
-              lr: float, v, eps: float, beta2: float, max_length: int, k: int) -> dict[str, dict[str, list[float]]]:
+              lr: float, v, eps: float, betas: tuple, max_length: int, k: int) -> dict[str, dict[str, list[float]]]:
     """Tail-patch Δp and Δlog p for every (method, query) of `all_queries`: the mean over its top-k
     proponents, measured for the queries in `queries` (a sample, or all), NaN for the others."""
     base = target_logprob(model, tokenizer, queries, max_length)
@@ -209,7 +218,7 @@ def influence(model, tokenizer, corpus_tok: dict, rankings: dict, all_queries: l
     for doc_id in tqdm(sorted(need), desc="tail-patch", unit="doc"):
         qs = sorted(need[doc_id])
         dp, dlp = tail_patch(model, tokenizer, corpus_tok[doc_id], [queries[i] for i in qs], lr, v, eps,
-                                max_length, base[qs], beta2)
+                                max_length, base[qs], betas)
         for i, a, b in zip(qs, dp.tolist(), dlp.tolist(), strict=True):
             effect[(doc_id, i)] = (a, b)
     out = {}
@@ -292,7 +301,8 @@ def diagnostics(run: Path, methods: list[str]) -> str:
         if a.get("hessian") in (None, "none"):
             continue
         line = (f"- {NAMES.get(m, m)}: R = {a['hessian']}, λ = {a['lam']:.3g}, R_train from {a['n_train']} vectors, "
-                f"R_eval from {a['n_eval']}, damping {a['damping']:g} (δ = {a['delta']:.3g})")
+                f"R_eval from {a['n_eval']}, damping {a['damping']} (δ = {a['delta']:.3g}, "
+                f"Ledoit–Wolf shrinkage of R_train {a.get('shrinkage', 0.0):.3g})")
         if meta and a["hessian"] in ("train", "mixed") and a["n_train"] < meta["dim"]:
             line += (f" — **R_train is rank-deficient ({a['n_train']} < d = {meta['dim']}): "
                      "whitening by it is unreliable**")
@@ -404,10 +414,10 @@ def main(
 
     correct = model_answers(mdl, tok, qs, max_length)
     per_query = {m: attribution(rankings[m], qs, facts_of, k) for m in method_list}
-    beta2 = sm.beta2 if sm and sm.beta2 else 0.999
+    betas = sm.betas if sm and sm.betas else DEFAULT_BETAS
     tail_qs = sorted(random.Random(1).sample(qs, tail_queries), key=lambda q: q["_line"]) \
         if 0 < tail_queries < len(qs) else qs
-    infl = influence(mdl, tok, corpus_tok, rankings, qs, tail_qs, lr, v, eps, beta2, max_length, k)
+    infl = influence(mdl, tok, corpus_tok, rankings, qs, tail_qs, lr, v, eps, betas, max_length, k)
     for m in method_list:
         per_query[m].update(infl[m])
     results = {

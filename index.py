@@ -1,4 +1,4 @@
-"""Fit the task-specific Hessian R and write the searchable index (DESIGN.md §1, §4).
+"""Fit the task-specific Hessian R and write the searchable index.
 
     python index.py --corpus RUN/corpus --queries RUN/queries --out RUN/index
 
@@ -11,7 +11,7 @@ that score(m, q) = Ḡ(m) · Ḡ(q). Outputs, in RUN/index:
     spectrum.png   the sorted spectra of λ·R_eval and (1−λ)·R_train, crossing marked
     index.h5       `vectors` (N x d), `ids`, `query_transform`; written last, so it exists only whole
 
-The ablation rows of DESIGN.md §5 are flag combinations:
+The rows of the ablation table are flag combinations:
 
     dot product          --hessian none --no-unit-norm --uncorrected
     cosine               --hessian none --uncorrected
@@ -104,20 +104,42 @@ def sample_blocks(run: str | Path, dataset: str, n_sample: int, seed: int) -> It
                 yield h[dataset][local]  # h5py reads an increasing row list as one selection
 
 
-def second_moment_matrix(blocks: Iterable[np.ndarray], device: str = "cpu") -> tuple[np.ndarray, int]:
-    """(XᵀX / n, n): the uncentred second moment of all rows of `blocks`, accumulated in float64.
+def second_moment_matrix(blocks: Iterable[np.ndarray], device: str = "cpu") -> tuple[np.ndarray, int, float]:
+    """(XᵀX / n, n, Σ‖x‖⁴): the uncentred second moment of all rows of `blocks`, accumulated in float64,
+    with what Ledoit–Wolf shrinkage needs besides it (the sum of squared squared norms).
 
     Uncentred, as the paper's autocorrelation: the mean gradient direction is exactly what the
     correction should down-weight (it is shared by all examples).
     """
-    acc, n = None, 0
+    acc, n, norm4 = None, 0, 0.0
     for x in blocks:
         x = torch.as_tensor(x, device=device).double()
         acc = x.T @ x if acc is None else acc.addmm_(x.T, x)
         n += x.shape[0]
+        norm4 += float((x * x).sum(dim=1).square().sum())
     if acc is None or n == 0:
         raise ts.TrackStarError("no vectors to estimate a second moment from")
-    return (acc / n).cpu().numpy(), n
+    return (acc / n).cpu().numpy(), n, norm4
+
+
+def ledoit_wolf(S: np.ndarray, n: int, norm4: float) -> tuple[np.ndarray, float]:
+    """(ρ·μI + (1−ρ)·S, ρ): S = XᵀX/n shrunk toward the scaled identity μI, μ = trace(S)/d.
+
+    Ledoit & Wolf (2004), for an uncentred second moment: ρ = min(β², δ²)/δ² with
+    δ² = ‖S − μI‖²/d, how far S is from the identity, and β² = (Σ‖x‖⁴/n − ‖S‖²)/(n·d), how noisy
+    S is as an estimate from n samples (Σ_i ‖x_i x_iᵀ − S‖² = Σ_i ‖x_i‖⁴ − n‖S‖², so one pass suffices).
+    With n ≫ d, ρ → 0 and S stands; with n < d the estimate is rank-deficient and ρ pulls it toward μI,
+    so whitening does not blow up the directions the sample never saw.
+    """
+    d = S.shape[0]
+    mu = float(np.trace(S)) / d
+    frob2 = float(np.sum(S * S))
+    delta2 = (frob2 - d * mu * mu) / d
+    beta2 = (norm4 / n - frob2) / (n * d)
+    rho = 0.0 if delta2 <= 0 else float(np.clip(min(beta2, delta2) / delta2, 0.0, 1.0))
+    R = (1.0 - rho) * S
+    R[np.diag_indices(d)] += rho * mu
+    return R, rho
 
 
 def _eigh_threads(d: int) -> int | None:
@@ -197,24 +219,41 @@ def inverse_sqrt(R: np.ndarray, device: str = "cpu") -> np.ndarray:
 # The Hessian: R_train, R_eval, λ, damping, the transforms for documents and queries.
 
 
-def fit_hessian(corpus: Path, queries: Path, dataset: str, mode: str, lam: str, trak: bool, damping: float,
+# Below this relative damping R_train is shrunk by Ledoit–Wolf (`--damping auto`); the mix then gets this
+# much on its diagonal, so R stays positive definite when λ = 1 (R_eval alone, rank <= the number of queries).
+AUTO_DAMPING = 1e-3
+
+
+def fit_hessian(corpus: Path, queries: Path, dataset: str, mode: str, lam: str, trak: bool, damping: str,
                 train_sample: int, sample_seed: int, device: str) -> dict:
     """Everything hessian.h5 records; `corpus_transform`/`query_transform` are None for identity."""
     if mode == "none":
         return {"lam": None, "corpus_transform": None, "query_transform": None}
-    R_train, n_train = second_moment_matrix(sample_blocks(corpus, dataset, train_sample, sample_seed),
-                                                 device)
-    R_eval, n_eval = second_moment_matrix((x for _, x in ts.iter_vector_blocks(queries, dataset)), device)
+    train = second_moment_matrix(sample_blocks(corpus, dataset, train_sample, sample_seed), device)
+    R_eval, n_eval, _ = second_moment_matrix((x for _, x in ts.iter_vector_blocks(queries, dataset)), device)
+    return hessian_from_moments(train, R_eval, n_eval, mode, lam, trak, damping, device)
+
+
+def hessian_from_moments(train: tuple[np.ndarray, int, float], R_eval: np.ndarray, n_eval: int, mode: str, lam: str,
+                         trak: bool, damping: str, device: str = "cpu") -> dict:
+    """R from its two estimates: shrink R_train (damping auto), choose λ, mix, damp, take R^(-1/2).
+
+    `train` is second_moment_matrix's (R_train, n, Σ‖x‖⁴); `damping` is "auto" or a number.
+    """
+    R_train, n_train, norm4 = train
+    shrinkage = 0.0
+    if damping == "auto":
+        R_train, shrinkage = ledoit_wolf(R_train, n_train, norm4)
     e_train, e_eval = spectrum(R_train, device), spectrum(R_eval, device)
     k, k_target = crossing_component(R_train.shape[0], e_train, e_eval)
     if mode == "mixed":
         value = mix_lambda(e_train, e_eval, k) if lam == "auto" else float(lam)
     else:
         value = 0.0 if mode == "train" else 1.0
-    R, delta = damp(mixed_hessian(R_train, R_eval, value), damping)
+    R, delta = damp(mixed_hessian(R_train, R_eval, value), AUTO_DAMPING if damping == "auto" else float(damping))
     inv_sqrt, e_R = symmetric_power(R, -0.5, device)
     source = ("auto" if lam == "auto" else "given") if mode == "mixed" else mode
-    h = {"lam": value, "lam_source": source, "k": k, "k_target": k_target,
+    h = {"lam": value, "lam_source": source, "k": k, "k_target": k_target, "shrinkage": shrinkage,
          "k_clipped": k != k_target, "delta": delta, "n_train": n_train, "n_eval": n_eval,
          "e_train": e_train, "e_eval": e_eval, "e_R": e_R, "inverse_sqrt": inv_sqrt}
     if trak:  # TRAK: g(m)ᵀ R_train^(-1) g(q); documents stay as they are, queries carry the inverse
@@ -319,6 +358,19 @@ def write_index(path: Path, corpus: Path, dataset: str, h: dict, unit_norm: bool
                     bar.update(len(y))
 
 
+def parse_damping(text: str) -> str:
+    """"auto", or a finite number >= 0 (kept as its text, so settings record what the user gave)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+        raise ts.TrackStarError(f"--damping must be auto or a finite number >= 0, got {text!r}")
+    return repr(value)
+
+
 @app.command(help=__doc__.replace("\n\n    ", "\n\n\b\n    "))  # \b: click keeps those lines as written
 def main(
     corpus: Path = typer.Option(..., help="Encoded corpus run directory (encode.py corpus --out)."),
@@ -336,8 +388,9 @@ def main(
     dtype: str = typer.Option("float16", help="Storage dtype of the index vectors: float16 | float32."),
     train_sample: int = typer.Option(10000, help="Corpus vectors sampled (seeded, uniform) for R_train."),
     sample_seed: int = typer.Option(0, help="Seed of the R_train sample."),
-    damping: float = typer.Option(1e-3, help="δ = damping · trace(R)/d is added to R's diagonal before "
-                                  "R^(-1/2) (relative to the mean eigenvalue)."),
+    damping: str = typer.Option("1e-3", help="δ = damping · trace(R)/d is added to R's diagonal before "
+                                "R^(-1/2) (relative to the mean eigenvalue); auto: R_train is first shrunk toward "
+                                f"a scaled identity by its Ledoit–Wolf weight, then δ at {AUTO_DAMPING:g}."),
     block: int = typer.Option(8192, help="Corpus rows transformed at a time (bounds memory)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: the GPU when there is one)."),
 ) -> None:
@@ -357,8 +410,9 @@ def main(
             raise ts.TrackStarError(f"--lam applies to --hessian mixed only (got --hessian {mode})")
     if dtype not in ("float16", "float32"):
         raise ts.TrackStarError(f"--dtype must be float16 or float32, got {dtype!r}")
-    if damping < 0 or train_sample < 1 or block < 1:
-        raise ts.TrackStarError("--damping must be >= 0, --train-sample and --block >= 1")
+    damping = parse_damping(damping)
+    if train_sample < 1 or block < 1:
+        raise ts.TrackStarError("--train-sample and --block must be >= 1")
     cmeta, qmeta, dataset = read_runs(corpus, queries, uncorrected)
     device = ts.pick_device(device)
     for stale in ("index.h5", "spectrum.png"):  # never leave an old index or plot beside a new hessian.h5
@@ -372,12 +426,13 @@ def main(
                 "corpus_side": "identity" if mode == "none" or trak else "(R + δI)^(-1/2)",
                 "query_side": "identity" if mode == "none" else "(R_train + δI)^(-1)" if trak else "(R + δI)^(-1/2)"}
     settings.update({key: h[key] for key in ("lam_source", "k", "k_target", "k_clipped", "delta", "n_train",
-                                             "n_eval") if key in h})
+                                             "n_eval", "shrinkage") if key in h})
     write_hessian(out / "hessian.h5", h, {**settings, "tool": f"trackstar {ts.VERSION}"})
     if mode != "none":
         plot_spectrum(out / "spectrum.png", h, mode)
         typer.echo(f"R: hessian={mode} λ={h['lam']:.4g} (k={h['k']}, target {h['k_target']}"
-                   f"{', clipped by rank' if h['k_clipped'] else ''}) δ={h['delta']:.3g}, "
+                   f"{', clipped by rank' if h['k_clipped'] else ''}) δ={h['delta']:.3g} "
+                   f"shrinkage={h['shrinkage']:.3g}, "
                    f"R_train from {h['n_train']} corpus vectors, R_eval from {h['n_eval']} queries")
 
     if mode in ("mixed", "train") and h["n_train"] < cmeta["dim"]:

@@ -1,4 +1,4 @@
-"""Exact top-k proponents and opponents per query (DESIGN.md §1, §4), and the BM25 baseline.
+"""Exact top-k proponents and opponents per query, and the BM25 baseline.
 
     python query.py --index RUN/index --queries RUN/queries --out RUN/proponents.jsonl [--k 10]
     python query.py --index RUN/index --prompt "The capital of France is" --target " Paris"
@@ -60,7 +60,8 @@ def read_checked_jsonl(path: str, kind: str, digest: str | None) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The index file and the exact blocked top-k scan.
+# The index file: `vectors` (N x d, float16 or float32) and `ids` (int64 corpus row numbers).
+# Attributes are JSON values, as in the chunk store.
 
 
 def read_index_meta(index: str | Path) -> dict:
@@ -128,6 +129,12 @@ def iter_index_blocks(
             block_vectors = raw if raw.dtype == torch.float32 and raw.device == wide.device else wide[:m].copy_(raw)
             yield torch.from_numpy(np.asarray(all_ids[lo : lo + m])).to(device), block_vectors
 
+
+# ----------------------------------------------------------------------------------------------
+# Exact blocked top-k. Each float32 score becomes an int64 key that sorts like (score, -row id):
+# the high 32 bits are the score's bits mapped to an order-preserving int32, the low 32 bits are
+# 2^32-1-id. Keys are unique, so torch.topk over keys is exactly a stable sort of the full score
+# matrix with ties to the lower id, and a running top-k merges with each block exactly.
 
 _LOW = 1 << 32
 
@@ -202,6 +209,11 @@ def blocked_topk(
     bottom_order, bottom_ids = unpack_keys(bottom.cpu())
     return order_to_scores(top_order), top_ids, order_to_scores(~bottom_order), bottom_ids
 
+
+# ----------------------------------------------------------------------------------------------
+# BM25 baseline: rank_bm25's BM25Okapi statistics, scored through an inverted index. The scores
+# equal BM25Okapi.get_scores bit for bit (same float64 expression per document), but a query
+# costs its postings instead of a Python loop over every document.
 
 _WORD = re.compile(r"\w+")
 

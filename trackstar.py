@@ -50,7 +50,7 @@ def run_cli(app: Callable[[], Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs: corpus and query JSONL (DESIGN.md §3), validated with line numbers.
+# Inputs: corpus and query JSONL, validated with line numbers.
 
 
 def read_jsonl(path: str | Path, kind: str) -> list[dict]:
@@ -336,7 +336,7 @@ class SecondMoment:
     factored: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (row, col) Adafactor stats
     source: str  # "adam", "adafactor", "estimate", "file"
     lr: float | None  # the optimizer's final learning rate, when the state has one
-    beta2: float | None  # Adam's β2, when the state has one
+    betas: tuple[float, float] | None  # Adam's (β1, β2), when the state has them
     optimizer_eps: float  # eps inside sqrt(V + eps) that matches the optimizer's own update
     digest: str  # identity of the values, so artifacts with different V refuse to mix
 
@@ -396,8 +396,8 @@ def _from_optimizer_state(state: dict, model: nn.Module, path: str) -> SecondMom
     eps = float(eps[0] if isinstance(eps, list | tuple) else eps)
     # Adam divides by sqrt(v) + eps ≈ sqrt(v + eps²); Adafactor's eps is already inside its stats.
     default_eps = eps * eps if source == "adam" else 0.0
-    beta2 = g0["betas"][1] if g0.get("betas") else None
-    return _finish(full, factored, source, g0.get("lr"), beta2, default_eps, path)
+    betas = tuple(g0["betas"]) if g0.get("betas") else None
+    return _finish(full, factored, source, g0.get("lr"), betas, default_eps, path)
 
 
 def _param_order(model: nn.Module, groups: list[dict], state: dict, path: str) -> list[str]:
@@ -452,7 +452,7 @@ def _checked(v: torch.Tensor, p: torch.Tensor, name: str, path: str) -> torch.Te
 
 
 def _finish(
-    full: dict, factored: dict, source: str, lr: float | None, beta2: float | None, eps: float, path: str
+    full: dict, factored: dict, source: str, lr: float | None, betas: tuple | None, eps: float, path: str
 ) -> SecondMoment:
     h = hashlib.sha256()
     for name in sorted(full):
@@ -462,7 +462,7 @@ def _finish(
         h.update(name.encode() + r.numpy().tobytes() + c.numpy().tobytes())
     if not full and not factored:
         raise TrackStarError(f"{path}: no second-moment statistics found")
-    return SecondMoment(full, factored, source, lr, beta2, eps, h.hexdigest()[:16])
+    return SecondMoment(full, factored, source, lr, betas, eps, h.hexdigest()[:16])
 
 
 def default_eps(sm: SecondMoment, params: list[str]) -> float:
@@ -488,7 +488,7 @@ def factor_second_moment(sm: SecondMoment, eps: float) -> SecondMoment:
             factored[name] = ((v + eps).mean(1), (v + eps).mean(0))
         else:
             full[name] = v
-    return _finish(full, factored, f"{sm.source}+factored", sm.lr, sm.beta2, 0.0, "second moment")
+    return _finish(full, factored, f"{sm.source}+factored", sm.lr, sm.betas, 0.0, "second moment")
 
 
 def correction_scales(
@@ -793,11 +793,6 @@ def read_vectors(run: str | Path, dataset: str = "vectors") -> tuple[np.ndarray,
     return np.concatenate(ids), np.concatenate(vecs)
 
 
-# ----------------------------------------------------------------------------------------------
-# Index and query: the Hessian R (second moments, λ, R^(-1/2)), transforms, the index file, exact
-# blocked top-k, BM25.
-
-
 @contextlib.contextmanager
 def cpu_threads(n: int | None) -> Iterator[None]:
     """torch's intra-op CPU threads set to `n` inside the block (None: unchanged)."""
@@ -811,11 +806,8 @@ def cpu_threads(n: int | None) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Hessian R: second moments of projected gradients, the mixing weight λ, R^(-1/2).
-
-
-# ----------------------------------------------------------------------------------------------
-# Transforms: what the index applies to documents and query.py applies to queries.
+# Transforms: what index.py applies to documents and query.py to queries; the attribute format of
+# index.py's HDF5 files (JSON values, as in the chunk store).
 
 
 def unit_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -836,11 +828,6 @@ def check_finite(x: np.ndarray | torch.Tensor, where: str) -> None:
         raise TrackStarError(f"{where} contains NaN or inf vectors (a diverged model or a bad encode?)")
 
 
-# ----------------------------------------------------------------------------------------------
-# The index file: `vectors` (N x d, float16 or float32) and `ids` (int64 corpus row numbers).
-# Attributes are JSON values, as in the chunk store.
-
-
 def write_attrs(obj: h5py.HLObject, attrs: dict) -> None:
     for key, value in attrs.items():
         obj.attrs[key] = json.dumps(value)
@@ -848,23 +835,3 @@ def write_attrs(obj: h5py.HLObject, attrs: dict) -> None:
 
 def read_attrs(obj: h5py.HLObject) -> dict:
     return {key: json.loads(value) for key, value in obj.attrs.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Exact blocked top-k. Each float32 score becomes an int64 key that sorts like (score, -row id):
-# the high 32 bits are the score's bits mapped to an order-preserving int32, the low 32 bits are
-# 2^32-1-id. Keys are unique, so torch.topk over keys is exactly a stable sort of the full score
-# matrix with ties to the lower id, and a running top-k merges with each block exactly.
-
-
-# ----------------------------------------------------------------------------------------------
-# BM25 baseline: rank_bm25's BM25Okapi statistics, scored through an inverted index. The scores
-# equal BM25Okapi.get_scores bit for bit (same float64 expression per document), but a query
-# costs its postings instead of a Python loop over every document.
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics (DESIGN.md §5). Attribution: does a retrieved document state the query's fact?
-# Influence (tail-patch): does one training step on a proponent raise the target's probability?
-
-

@@ -49,23 +49,33 @@ def tiny_model(arch: str, vocab: int = 96, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def gpt2_tokenizer():
-    from transformers import GPT2Tokenizer
+def bpe_tokenizer(vocab_size: int = 400):
+    """A GPT-2-style byte-level BPE tokenizer trained here on the test corpus: no files from outside the repo.
 
-    tok = GPT2Tokenizer(vocab=str(SHARED / "gpt2_bpe" / "encoder.json"), merges=str(SHARED / "gpt2_bpe" / "vocab.bpe"))
-    assert len(tok) > 50000, "the GPT-2 BPE files did not load"
-    return tok
+    Byte-level, so any text (accents, emoji, unseen words) still tokenizes; no BOS/EOS, as GPT-2's.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(CORPUS + [" ".join(CORPUS).lower()], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    """A saved tiny GPT-2 (real GPT-2 BPE tokenizer, 50257 tokens) with an Adam optimizer.pt."""
+    """A saved tiny GPT-2 (a byte-level BPE trained on the test corpus) with an Adam optimizer.pt."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     d = tmp_path_factory.mktemp("gpt2-tiny")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50257, n_positions=128))
-    tok = gpt2_tokenizer()
+    tok = bpe_tokenizer()
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=128))
     model.save_pretrained(d)
     tok.save_pretrained(d)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

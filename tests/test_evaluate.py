@@ -42,3 +42,42 @@ def test_tail_patch_restores_weights_bit_exactly_and_raises_target(model_dir, wi
     other, _, _ = ts.tokenize_document(tok, "Seven green bottles hanging on the wall.", 128)
     dp2, _ = evaluate.tail_patch(model, tok, (other, other), queries, lr, v, eps, 128, base)
     assert dp2[0] < dp[0]
+
+
+def test_tail_patch_step_is_the_documents_share_of_adams_update(model_dir):
+    """The documented rule, computed by hand on a copy of the model: θ' = θ − lr·(1−β1)·g/sqrt(β2·v + (1−β2)·g² + eps),
+    g the gradient of the document's mean token loss (HF's own `labels=` loss), v the bias-corrected exp_avg_sq;
+    Δlog p is read from HF's logits. Catches a dropped (1−β1), the stale v in place of v', or a summed loss."""
+    import copy
+
+    model, tok = ts.load_model(str(model_dir))
+    sm = ts.load_second_moment(str(model_dir / "optimizer.pt"), model)
+    state = torch.load(model_dir / "optimizer.pt", weights_only=True)
+    beta1, beta2 = state["param_groups"][0]["betas"]
+    assert sm.betas == (beta1, beta2)
+    v, eps, lr = evaluate.full_second_moment(sm, model), 1e-12, 1e-3
+    text, prompt, target = "The capital of France is Paris. Rome is in Italy.", "Rome is in", " Italy"
+
+    def logp(m) -> float:
+        p_ids, t_ids = tok(prompt).input_ids, tok(target).input_ids
+        ids = torch.tensor([p_ids + t_ids])
+        with torch.no_grad():
+            logits = m(ids).logits.double().log_softmax(-1)[0]
+        return sum(float(logits[len(p_ids) - 1 + i, t]) for i, t in enumerate(t_ids))
+
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    ids = tok(text, return_tensors="pt").input_ids
+    ref(ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            g = p.grad
+            p -= lr * (1 - beta1) * g / (beta2 * v[name] + (1 - beta2) * g * g + eps).sqrt()
+    want = logp(ref) - logp(model)
+
+    doc, _, _ = ts.tokenize_document(tok, text, 128)
+    queries = [{"prompt": prompt, "target": target}]
+    base = evaluate.target_logprob(model, tok, queries, 128)
+    _, dlogp = evaluate.tail_patch(model, tok, (doc, doc), queries, lr, v, eps, 128, base, (beta1, beta2))
+    assert abs(want) > 1e-4 and float(dlogp[0]) == pytest.approx(want, rel=1e-3, abs=1e-7)

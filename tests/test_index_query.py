@@ -173,8 +173,8 @@ def test_lambda_on_matrices_makes_the_scaled_spectra_cross():
     d = 128
     train = rng.standard_normal((1000, d)) * np.geomspace(1, 1e-2, d)
     evals = rng.standard_normal((50, d)) * np.geomspace(1, 1e-3, d) * 5
-    R_train, _ = index_cli.second_moment_matrix([train[:400], train[400:]])
-    R_eval, _ = index_cli.second_moment_matrix([evals])
+    R_train, _, _ = index_cli.second_moment_matrix([train[:400], train[400:]])
+    R_eval, _, _ = index_cli.second_moment_matrix([evals])
     assert np.allclose(R_train, train.T @ train / 1000, rtol=1e-12, atol=1e-15)
     e_train, e_eval = index_cli.spectrum(R_train), index_cli.spectrum(R_eval)
     k, _ = index_cli.crossing_component(d, e_train, e_eval)
@@ -182,6 +182,49 @@ def test_lambda_on_matrices_makes_the_scaled_spectra_cross():
     assert lam * index_cli.spectrum(R_eval)[k] == pytest.approx((1 - lam) * index_cli.spectrum(R_train)[k], rel=1e-9)
     assert np.array_equal(index_cli.mixed_hessian(R_train, R_eval, 0.0), R_train)
     assert np.array_equal(index_cli.mixed_hessian(R_train, R_eval, 1.0), R_eval)
+
+
+def ledoit_wolf_by_definition(X: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ledoit & Wolf (2004) written out sample by sample, uncentred, with their norm ‖A‖² = trace(AAᵀ)/d."""
+    n, d = X.shape
+    S = X.T @ X / n
+    mu = np.trace(S) / d
+    norm2 = lambda A: np.trace(A @ A.T) / d  # noqa: E731
+    delta2 = norm2(S - mu * np.eye(d))
+    beta2 = sum(norm2(np.outer(x, x) - S) for x in X) / n**2
+    rho = min(beta2, delta2) / delta2
+    return rho * mu * np.eye(d) + (1 - rho) * S, rho
+
+
+@pytest.mark.parametrize("n", [5, 40, 400])
+def test_ledoit_wolf_shrinkage_equals_its_definition(n):
+    """The one-pass formula (Σ‖x‖⁴ instead of a loop over samples) is the textbook estimator; fewer samples
+    than dimensions shrink more, and the shrunk matrix is positive definite even when S is singular."""
+    rng = np.random.default_rng(n)
+    X = rng.standard_normal((n, 12)) * np.geomspace(3, 0.1, 12)
+    S, m, norm4 = index_cli.second_moment_matrix([X[: n // 2], X[n // 2 :]])
+    got, rho = index_cli.ledoit_wolf(S, m, norm4)
+    want, want_rho = ledoit_wolf_by_definition(X)
+    assert m == n and rho == pytest.approx(want_rho, rel=1e-9) and 0 < rho <= 1
+    assert np.allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert np.linalg.eigvalsh(got).min() > 0
+    more = rng.standard_normal((400, 12)) * np.geomspace(3, 0.1, 12)  # the same distribution, sampled more
+    if n == 5:
+        assert np.linalg.matrix_rank(S) == 5 and rho > ledoit_wolf_by_definition(more)[1]
+
+
+def test_damping_auto_records_its_shrinkage_and_refuses_nonsense(tmp_path):
+    corpus, queries = runs(tmp_path)
+    ok(invoke(index_cli.app, ["--corpus", corpus, "--queries", queries, "--out", tmp_path / "auto",
+                              "--damping", "auto"]))
+    with h5py.File(tmp_path / "auto" / "hessian.h5") as f:
+        attrs = {k: json.loads(v) for k, v in f.attrs.items()}
+    assert attrs["damping"] == "auto" and 0 < attrs["shrinkage"] <= 1
+    for bad in ("nan", "-1", "lots"):
+        r = invoke(index_cli.app, ["--corpus", corpus, "--queries", queries, "--out", tmp_path / bad,
+                                   "--damping", bad])
+        assert isinstance(r.exception, ts.TrackStarError) and "--damping" in str(r.exception)
+        assert not (tmp_path / bad).exists()
 
 
 def test_lambda_0_and_1_give_the_train_and_eval_indexes(tmp_path):
