@@ -1,0 +1,259 @@
+"""Sweep: how attribution (MRR, recall@10) and influence (tail-patch) move with the settings that the
+paper fixes by fiat — the projection dimension d, the number of corpus vectors behind R_train, the
+damping of R, and the mixing weight λ. The evidence for every default, as tables and figures.
+
+    python sweep.py --run RUN --model DIR --corpus corpus.jsonl --queries queries.jsonl [--tail-queries 40]
+
+Reads the encoded RUN/corpus and RUN/queries (encoded once, with --also-uncorrected) and writes
+RUN/sweep/sweep.json, sweep.md and one figure per axis (sweep-<axis>.png). Nothing is re-encoded:
+
+- d. The Kronecker projection of a module's gradient is P_outᵀ ∇W P_in, an s_out × s_in block, summed
+  over modules. Keeping the top-left s_out' × s_in' corner of every stored vector is exactly the
+  projection with the first s_out' columns of P_out and s_in' of P_in: a d' = s_out'·s_in' Gaussian
+  projection of the same gradients (its scale differs by a constant, which unit norm and the relative
+  damping remove). So each smaller d is read off the stored vectors.
+- R_train sample size, damping, λ: the Hessian is refitted from the stored vectors with index.py's
+  own functions (`second_moment_matrix`, `hessian_from_moments`).
+
+Scores are computed in float32 in memory (the pipeline's index stores float16: rankings can differ in
+the last ties). Tail-patch uses evaluate.py's rule on a seeded sample of queries; the effect of a
+step on one document is measured once for every sampled query and reused by every setting that
+retrieves it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from tqdm import tqdm
+
+import evaluate
+import index
+import trackstar as ts
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One point of the sweep: which vectors, which R, and how it is estimated."""
+
+    row: str  # the ablation row it belongs to (a label in the figures)
+    dim: int
+    hessian: str = "mixed"  # none | train | eval | mixed
+    corrected: bool = True
+    n_train: int = 0  # corpus vectors behind R_train (0: all)
+    damping: str = "1e-3"
+    lam: str = "auto"
+
+
+def subgrid(x: np.ndarray, dim: int, new_dim: int) -> np.ndarray:
+    """The d'-dimensional projection contained in d-dimensional Kronecker-projected vectors (see above)."""
+    s_out, s_in = ts.factor_dims(dim)
+    a, b = ts.factor_dims(new_dim)
+    if a > s_out or b > s_in:
+        raise ts.TrackStarError(f"d' = {new_dim} ({a} x {b}) is not contained in d = {dim} ({s_out} x {s_in})")
+    return np.ascontiguousarray(x.reshape(len(x), s_out, s_in)[:, :a, :b].reshape(len(x), a * b))
+
+
+def run_vectors(run: Path, dataset: str) -> np.ndarray:
+    """All vectors of an encoded run, in input row order."""
+    ids, x = ts.read_vectors(run, dataset)
+    return x[np.argsort(ids, kind="stable")]
+
+
+def transforms(s: Setting, X: np.ndarray, Q: np.ndarray, seed: int) -> tuple[np.ndarray | None, dict]:
+    """R^(-1/2) for a setting (None: identity), and what was fitted (λ, shrinkage, n)."""
+    if s.hessian == "none":
+        return None, {}
+    n = len(X) if s.n_train in (0, None) or s.n_train >= len(X) else s.n_train
+    rows = np.sort(np.random.default_rng(seed).choice(len(X), size=n, replace=False))
+    train = index.second_moment_matrix([X[rows]])
+    R_eval, n_eval, _ = index.second_moment_matrix([Q])
+    h = index.hessian_from_moments(train, R_eval, n_eval, s.hessian, s.lam, False, s.damping)
+    return h["inverse_sqrt"], {"lam": h["lam"], "shrinkage": h["shrinkage"], "n_train": n, "k": h["k"]}
+
+
+def top_k(X: np.ndarray, Q: np.ndarray, M: np.ndarray | None, k: int) -> np.ndarray:
+    """(Q, k) corpus rows with the highest unit-normalised scores."""
+    x, q = torch.from_numpy(X), torch.from_numpy(Q)
+    if M is not None:
+        m = torch.from_numpy(M.astype(np.float32))
+        x, q = x @ m, q @ m
+    scores = ts.unit_normalize(q) @ ts.unit_normalize(x).T
+    return torch.topk(scores, k, dim=1).indices.numpy()
+
+
+class TailPatchCache:
+    """Δp, Δlog p of every sampled query after a step on a document, computed once per document."""
+
+    def __init__(self, model, tokenizer, docs_tok: list, queries: list[dict], v, eps: float, lr: float,
+                 betas: tuple, max_length: int) -> None:
+        self.args = (model, tokenizer, v, eps, lr, betas, max_length)
+        self.docs_tok, self.queries = docs_tok, queries
+        self.base = evaluate.target_logprob(model, tokenizer, queries, max_length)
+        self.effect: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
+        if doc not in self.effect:
+            model, tok, v, eps, lr, betas, max_length = self.args
+            dp, dlp = evaluate.tail_patch(model, tok, self.docs_tok[doc], self.queries, lr, v, eps, max_length,
+                                          self.base, betas)
+            self.effect[doc] = (dp.numpy(), dlp.numpy())
+        return self.effect[doc]
+
+
+def measure(top: np.ndarray, queries: list[dict], facts_of: list[list[str]], sample: list[int],
+            cache: TailPatchCache) -> dict:
+    """MRR and recall@k over every query; tail-patch (mean ± s.e.) over the sampled ones."""
+    rr = [evaluate.reciprocal_rank([facts_of[i] for i in top[j]], q["fact"]) for j, q in enumerate(queries)]
+    rec = [evaluate.recall_at([facts_of[i] for i in top[j]], q["fact"], top.shape[1]) for j, q in enumerate(queries)]
+    dp, dlp = [], []
+    for si, j in enumerate(sample):
+        effects = [cache(int(i)) for i in top[j]]
+        dp.append(np.mean([e[0][si] for e in effects]))
+        dlp.append(np.mean([e[1][si] for e in effects]))
+    se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0  # noqa: E731
+    return {"mrr": float(np.mean(rr)), "recall": float(np.mean(rec)), "dp": float(np.mean(dp)), "dp_se": se(dp),
+            "dlogp": float(np.mean(dlp)), "dlogp_se": se(dlp)}
+
+
+def axes(dim: int, n_docs: int, default_damping: str) -> dict[str, list[tuple[str, Setting]]]:
+    """The four axes: (x value as text, setting) per point."""
+    dims = [d for d in (dim // 8, dim // 4, dim // 2, dim) if d >= 16]
+    out: dict[str, list[tuple[str, Setting]]] = {"d": []}
+    for d in dims:
+        out["d"] += [(str(d), Setting("gradient cosine", d, "none", corrected=False)),
+                     (str(d), Setting("+ optimizer correction", d, "none")),
+                     (str(d), Setting("+ R_train", d, "train", damping=default_damping)),
+                     (str(d), Setting("TrackStar", d, "mixed", damping=default_damping))]
+    sizes = sorted({n for n in (dim // 2, dim, 2 * dim, 4 * dim, 8 * dim, n_docs) if n <= n_docs})
+    out["n_train"] = [(str(n), Setting(f"{row} (damping {damp})", dim, hess, n_train=n, damping=damp))
+                      for n in sizes for row, hess in (("+ R_train", "train"), ("TrackStar", "mixed"))
+                      for damp in ("1e-3", "auto")]
+    out["damping"] = [(damp, Setting(row, dim, hess, damping=damp))
+                      for damp in ("1e-4", "1e-3", "1e-2", "1e-1", "1", "auto")
+                      for row, hess in (("+ R_train", "train"), ("TrackStar", "mixed"))]
+    out["lambda"] = [(lam, Setting("TrackStar", dim, "mixed", lam=lam, damping=default_damping))
+                     for lam in ("0", "0.5", "0.9", "0.99", "1", "auto")]
+    return out
+
+
+def plot(path: Path, axis: str, points: list[dict]) -> None:
+    """One figure per axis: MRR, recall@10 and tail-patch Δp (± s.e.) against the axis, a line per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, panels = plt.subplots(1, 3, figsize=(14, 4))
+    rows = list(dict.fromkeys(p["row"] for p in points))
+    for row in rows:
+        mine = [p for p in points if p["row"] == row and p["x"] != "auto"]
+        auto = [p for p in points if p["row"] == row and p["x"] == "auto"]
+        xs = [float(p["x"]) for p in mine]
+        for ax, key in zip(panels, ("mrr", "recall", "dp"), strict=True):
+            ys = [p[key] * (1e3 if key == "dp" else 1) for p in mine]
+            err = [p["dp_se"] * 1e3 for p in mine] if key == "dp" else None
+            line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=row)
+            for p in auto:  # auto is a rule, not a value: its chosen λ, or a dashed level for damping
+                y = p[key] * (1e3 if key == "dp" else 1)
+                if axis == "lambda":
+                    ax.plot([p["fitted"]["lam"]], [y], "*", ms=14, color=line[0].get_color(), label="λ auto")
+                else:
+                    ax.axhline(y, ls="--", color=line[0].get_color(), lw=1, label=f"{row}: auto")
+    for ax, title in zip(panels, ("MRR", "recall@10", "tail-patch Δp (×1e-3)"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel({"d": "projection dimension d", "n_train": "corpus vectors behind R_train",
+                       "damping": "damping (relative to the mean eigenvalue)", "lambda": "λ"}[axis])
+        if axis in ("d", "n_train", "damping"):
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    panels[0].legend(fontsize=7)
+    fig.tight_layout()
+    with ts.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Sweep", "", f"{results['n_docs']} documents, {results['n_queries']} queries (MRR, recall@10), "
+             f"tail-patch on a seeded {results['tail_queries']} of them; run d = {results['dim']}.", ""]
+    for axis, points in results["axes"].items():
+        lines += [f"## {axis}", "", f"| {axis} | row | MRR | recall@10 | tail-patch Δp (×1e-3) | Δlog p | fitted |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+        for p in points:
+            fitted = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in p["fitted"].items())
+            lines.append(f"| {p['x']} | {p['row']} | {p['mrr']:.3f} | {p['recall']:.3f} | "
+                         f"{p['dp'] * 1e3:.2f} ± {p['dp_se'] * 1e3:.2f} | {p['dlogp']:.3f} ± {p['dlogp_se']:.3f} | "
+                         f"{fitted} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+@app.command()
+def main(
+    run: Path = typer.Option(..., help="Run directory with corpus/ and queries/ encoded (--also-uncorrected)."),
+    model: str = typer.Option(..., help="The model directory (for tail-patch)."),
+    corpus: Path = typer.Option(..., help="Corpus JSONL (with `facts`)."),
+    queries: Path = typer.Option(..., help="Queries JSONL (with `fact`)."),
+    optimizer_state: str | None = typer.Option(None, help="V for the tail-patch step (default MODEL/optimizer.pt)."),
+    lr: float | None = typer.Option(None, help="Tail-patch learning rate (default: the optimizer's final lr)."),
+    damping: str = typer.Option("1e-3", help="Damping of the rows on the d and λ axes (index.py's --damping)."),
+    tail_queries: int = typer.Option(40, help="Queries sampled (seeded) for tail-patch at every point."),
+    k: int = typer.Option(10, help="Proponents per query."),
+    seed: int = typer.Option(0, help="Seed of the R_train samples and the tail-patch query sample."),
+) -> None:
+    damping = index.parse_damping(damping)
+    meta = ts.read_meta(run / "corpus")
+    docs, qs = ts.read_jsonl(corpus, "corpus"), ts.read_jsonl(queries, "queries")
+    if any("fact" not in q for q in qs):
+        raise ts.TrackStarError(f"{queries}: the sweep measures attribution, so every query needs a 'fact'")
+    X_all = {c: run_vectors(run / "corpus", "vectors" if c else "vectors_uncorrected") for c in (True, False)}
+    Q_all = {c: run_vectors(run / "queries", "vectors" if c else "vectors_uncorrected") for c in (True, False)}
+    facts_of = [d.get("facts", []) for d in docs]
+
+    mdl, tok = ts.load_model(model, "float32", "cpu")
+    sm = ts.load_second_moment(optimizer_state or str(Path(model) / "optimizer.pt"), mdl)
+    v = evaluate.full_second_moment(sm, mdl)
+    lr = lr if lr is not None else sm.lr
+    if lr is None:
+        raise ts.TrackStarError("no learning rate in the optimizer state: pass --lr")
+    max_length = ts.context_length(mdl)
+    docs_tok, _ = ts.tokenize_rows(tok, docs, "corpus", max_length)
+    sample = sorted(random.Random(seed + 1).sample(range(len(qs)), min(tail_queries, len(qs))))
+    cache = TailPatchCache(mdl, tok, docs_tok, [qs[j] for j in sample], v, ts.default_eps(sm, list(v)), lr,
+                           sm.betas or evaluate.DEFAULT_BETAS, max_length)
+
+    results = {"dim": meta["dim"], "n_docs": len(docs), "n_queries": len(qs), "tail_queries": len(sample),
+               "lr": lr, "axes": {}}
+    plan = axes(meta["dim"], len(docs), damping)
+    total = sum(len(p) for p in plan.values())
+    with tqdm(total=total, desc="sweep", unit="setting") as bar:
+        for axis, points in plan.items():
+            out = []
+            for x, s in points:
+                X = subgrid(X_all[s.corrected], meta["dim"], s.dim)
+                Q = subgrid(Q_all[s.corrected], meta["dim"], s.dim)
+                M, fitted = transforms(s, X, Q, seed)
+                top = top_k(X, Q, M, k)
+                out.append({"x": x, "row": s.row, "setting": dataclasses.asdict(s), "fitted": fitted,
+                            **measure(top, qs, facts_of, sample, cache)})
+                bar.set_postfix(docs_stepped=len(cache.effect))
+                bar.update()
+            results["axes"][axis] = out
+            plot(run / "sweep" / f"sweep-{axis}.png", axis, out)
+    ts.write_json(run / "sweep" / "sweep.json", results)
+    with ts.atomic_path(run / "sweep" / "sweep.md") as tmp:
+        tmp.write_text(markdown(results))
+    typer.echo(f"wrote {run / 'sweep'}: {total} settings, {len(cache.effect)} documents stepped for tail-patch")
+
+
+if __name__ == "__main__":
+    ts.run_cli(app)
