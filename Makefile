@@ -1,7 +1,9 @@
 # TrackStar: `make all` runs the whole demo; `make test` runs the tests. Both install what they need.
 #
 #   make all                                   the embedded fact world, end to end, prints the table
+#   make all MODEL=dir CORPUS=c.jsonl          your corpus encoded and indexed (R_train), ready for questions
 #   make all MODEL=dir CORPUS=c.jsonl QUERIES=q.jsonl [OPTIMIZER=optimizer.pt | ESTIMATE_V=512] [LR=1e-4]
+#   make sweep                                 d, R_train sample size, damping and λ against MRR and tail-patch
 #   make real                                  SmolLM2-135M on LAMA T-REx (see README)
 #   make test | make bench | make lint
 #
@@ -11,15 +13,27 @@ PY      ?= .venv/bin/python
 TORCH   ?= torch==2.13.0
 SIZE    ?= default
 SEED    ?= 0
-DIM     ?= 4096
+DIM     ?= 2048
+DAMPING ?= 1e-3
+TRAIN_SAMPLE ?= 100000
 K       ?= 10
 DEVICE  ?= auto
 TOKEN_BUDGET ?= 8192
 TAIL_QUERIES ?= 0
+SWEEP_TAIL_QUERIES ?= 40
 
 ifdef MODEL
 RUN     ?= runs/custom
+ifndef CORPUS
+$(error MODEL=$(MODEL) needs CORPUS=corpus.jsonl: the training documents to attribute to)
+endif
 else
+ifdef CORPUS
+$(error CORPUS=$(CORPUS) needs MODEL=dir: the model that was trained on it)
+endif
+ifdef QUERIES
+$(error QUERIES=$(QUERIES) needs MODEL=dir and CORPUS=corpus.jsonl)
+endif
 DATA    ?= data
 WORLD   := $(DATA)/factworld-$(SIZE)-seed$(SEED)
 MODEL   := $(WORLD)/model
@@ -47,11 +61,12 @@ ENCODE_OPTS = --model $(MODEL) --dim $(DIM) --seed $(SEED) --also-uncorrected --
 VARIANTS := dot cosine trak optcorr train eval trackstar
 FLAGS_dot       := --hessian none --no-unit-norm --uncorrected
 FLAGS_cosine    := --hessian none --uncorrected
-FLAGS_trak      := --trak --uncorrected
+HESSIAN_OPTS    := --damping $(DAMPING) --train-sample $(TRAIN_SAMPLE)
+FLAGS_trak      := --trak --uncorrected $(HESSIAN_OPTS)
 FLAGS_optcorr   := --hessian none
-FLAGS_train     := --hessian train
-FLAGS_eval      := --hessian eval
-FLAGS_trackstar := --hessian mixed
+FLAGS_train     := --hessian train $(HESSIAN_OPTS)
+FLAGS_eval      := --hessian eval $(HESSIAN_OPTS)
+FLAGS_trackstar := --hessian mixed $(HESSIAN_OPTS)
 
 CORE := trackstar.py .venv/.installed
 empty :=
@@ -73,14 +88,24 @@ REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES
 # A model named by a shortcut (smollm2) is a package, not a file make can track.
 MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 
-.PHONY: all install test bench lint real clean screenshot
+.PHONY: all install test bench lint real clean screenshot sweep
 .DELETE_ON_ERROR:
 # Indexes are products users query again (`query.py --index ... --prompt`), not intermediates to delete.
 .SECONDARY: $(foreach v,$(VARIANTS),$(RUN)/index-$(v)/index.h5)
 
+ifeq ($(QUERIES),)
+# No query set yet: encode the corpus once and build the index with R = R_train, ready for questions.
+all: $(RUN)/index-corpus/index.h5
+	@echo "With a query set later, only it is encoded; R_eval is then fitted and the table evaluated:"
+	@echo "  make all MODEL=$(MODEL) CORPUS=$(CORPUS) QUERIES=queries.jsonl"
+
+$(RUN)/index-corpus/index.h5: $(RUN)/corpus.done index.py $(CORE)
+	$(PY) index.py --corpus $(RUN)/corpus --out $(RUN)/index-corpus --hessian train $(HESSIAN_OPTS) --show-example
+else
 all: $(RUN)/results.md
 	@cat $(RUN)/results.md
 	@echo "report: $(RUN)/report.html"
+endif
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -128,6 +153,15 @@ real: $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl
 	$(MAKE) all MODEL=smollm2 CORPUS=$(REAL_DATA)/corpus.jsonl QUERIES=$(REAL_DATA)/queries.jsonl \
 	    ESTIMATE_V=$(REAL_ESTIMATE) LR=$(REAL_LR) DIM=$(REAL_DIM) RUN=$(REAL_RUN) ENCODE_EXTRA=--factor-v \
 	    TAIL_QUERIES=$(REAL_TAIL_QUERIES)
+
+# The evidence for the defaults: d, the R_train sample, damping and λ against MRR, recall@10 and tail-patch,
+# from the encodings `make all` made (nothing is re-encoded). Figures land in $(RUN)/sweep and report.html.
+sweep: $(RUN)/sweep/sweep.md
+
+$(RUN)/sweep/sweep.md: $(RUN)/results.md sweep.py index.py evaluate.py
+	$(PY) sweep.py --run $(RUN) --model $(MODEL) --corpus $(CORPUS) --queries $(QUERIES) $(TAIL_V) $(LR_OPT) \
+	    --damping $(DAMPING) --tail-queries $(SWEEP_TAIL_QUERIES)
+	$(PY) evaluate.py --report-only --run $(RUN) --corpus $(CORPUS) --queries $(QUERIES)
 
 test: .venv/.installed
 	$(PY) -m pytest -q --durations=10

@@ -825,6 +825,8 @@ def main(
     results = jsonable({
         "settings": {"run": str(run), "model": model, "n_docs": len(docs), "n_queries": len(qs), "k": k,
                      "lr": lr, "v_source": sm.source if sm else "none (SGD)", "eps": eps, "methods": method_list,
+                     "betas": list(betas) if sm else None,
+                     "step": "lr·(1−β1)·g/sqrt(β2·v + (1−β2)·g² + eps)" if sm else "lr·g (SGD: no V)",
                      "tail_patch_queries": len(tail_qs), "attribution_queries": sum(scored)},
         "queries": [q["id"] for q in qs], "model_correct": correct, "per_query": per_query,
         "summary": {m: {key: summarize(per_query[m][key], [True] * len(qs))[0] for key, _ in METRICS}

@@ -24,6 +24,7 @@ The rows of the ablation table are flag combinations:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Iterator
 from enum import Enum
@@ -60,9 +61,12 @@ def vector_dataset(meta: dict, uncorrected: bool, run: Path) -> str:
     raise ts.TrackStarError(f"{run} has no uncorrected vectors (encode with --also-uncorrected) for --uncorrected")
 
 
-def read_runs(corpus: Path, queries: Path, uncorrected: bool) -> tuple[dict, dict, str]:
-    """The two runs' metadata, refusing a pair that was not encoded the same way."""
-    cmeta, qmeta = ts.read_meta(corpus), ts.read_meta(queries)
+def read_runs(corpus: Path, queries: Path | None, uncorrected: bool) -> tuple[dict, dict | None, str]:
+    """The two runs' metadata, refusing a pair that was not encoded the same way (no queries: None)."""
+    cmeta = ts.read_meta(corpus)
+    if queries is None:
+        return cmeta, None, vector_dataset(cmeta, uncorrected, corpus)
+    qmeta = ts.read_meta(queries)
     for run, meta, kind in ((corpus, cmeta, "corpus"), (queries, qmeta, "queries")):
         if meta.get("kind") != kind:
             raise ts.TrackStarError(f"--{kind} {run} holds an encoded {meta.get('kind')!r} run, not {kind!r}")
@@ -224,28 +228,34 @@ def inverse_sqrt(R: np.ndarray, device: str = "cpu") -> np.ndarray:
 AUTO_DAMPING = 1e-3
 
 
-def fit_hessian(corpus: Path, queries: Path, dataset: str, mode: str, lam: str, trak: bool, damping: str,
+def fit_hessian(corpus: Path, queries: Path | None, dataset: str, mode: str, lam: str, trak: bool, damping: str,
                 train_sample: int, sample_seed: int, device: str) -> dict:
     """Everything hessian.h5 records; `corpus_transform`/`query_transform` are None for identity."""
     if mode == "none":
         return {"lam": None, "corpus_transform": None, "query_transform": None}
     train = second_moment_matrix(sample_blocks(corpus, dataset, train_sample, sample_seed), device)
-    R_eval, n_eval, _ = second_moment_matrix((x for _, x in ts.iter_vector_blocks(queries, dataset)), device)
+    R_eval, n_eval = None, 0
+    if queries is not None:
+        R_eval, n_eval, _ = second_moment_matrix((x for _, x in ts.iter_vector_blocks(queries, dataset)), device)
     return hessian_from_moments(train, R_eval, n_eval, mode, lam, trak, damping, device)
 
 
-def hessian_from_moments(train: tuple[np.ndarray, int, float], R_eval: np.ndarray, n_eval: int, mode: str, lam: str,
-                         trak: bool, damping: str, device: str = "cpu") -> dict:
+def hessian_from_moments(train: tuple[np.ndarray, int, float], R_eval: np.ndarray | None, n_eval: int, mode: str,
+                         lam: str, trak: bool, damping: str, device: str = "cpu") -> dict:
     """R from its two estimates: shrink R_train (damping auto), choose λ, mix, damp, take R^(-1/2).
 
-    `train` is second_moment_matrix's (R_train, n, Σ‖x‖⁴); `damping` is "auto" or a number.
+    `train` is second_moment_matrix's (R_train, n, Σ‖x‖⁴); `damping` is "auto" or a number. Without
+    queries (R_eval None) R is R_train alone: the paper's Hessian for a task with no query set.
     """
     R_train, n_train, norm4 = train
     shrinkage = 0.0
     if damping == "auto":
         R_train, shrinkage = ledoit_wolf(R_train, n_train, norm4)
-    e_train, e_eval = spectrum(R_train, device), spectrum(R_eval, device)
-    k, k_target = crossing_component(R_train.shape[0], e_train, e_eval)
+    e_train = spectrum(R_train, device)
+    e_eval, k, k_target = None, None, None
+    if R_eval is not None:
+        e_eval = spectrum(R_eval, device)
+        k, k_target = crossing_component(R_train.shape[0], e_train, e_eval)
     if mode == "mixed":
         value = mix_lambda(e_train, e_eval, k) if lam == "auto" else float(lam)
     else:
@@ -266,7 +276,7 @@ def hessian_from_moments(train: tuple[np.ndarray, int, float], R_eval: np.ndarra
 def write_hessian(path: Path, h: dict, settings: dict) -> None:
     with ts.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for key in ("e_train", "e_eval", "e_R"):
-            if key in h:
+            if h.get(key) is not None:
                 f.create_dataset(key, data=h[key])
         if "inverse_sqrt" in h:
             f.create_dataset("inverse_sqrt", data=h["inverse_sqrt"].astype(np.float32))
@@ -288,6 +298,8 @@ def plot_spectrum(path: Path, h: dict, mode: str) -> None:
     x = np.arange(1, len(h["e_train"]) + 1)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for e, w, name in ((h["e_eval"], w_eval, "R_eval"), (h["e_train"], w_train, "R_train")):
+        if e is None:  # no queries: R_train alone
+            continue
         y = np.where(x <= numerical_rank(e), w * e, np.nan)  # past its rank a spectrum is round-off
         ax.loglog(x, y, label=f"{w:.3g}·{name}" if mixed else name)
     if mixed:
@@ -374,7 +386,8 @@ def parse_damping(text: str) -> str:
 @app.command(help=__doc__.replace("\n\n    ", "\n\n\b\n    "))  # \b: click keeps those lines as written
 def main(
     corpus: Path = typer.Option(..., help="Encoded corpus run directory (encode.py corpus --out)."),
-    queries: Path = typer.Option(..., help="Encoded queries run directory; its vectors give R_eval."),
+    queries: Path | None = typer.Option(None, help="Encoded queries run directory; its vectors give R_eval. "
+                                        "Without it R = R_train (the index for a corpus with no query set yet)."),
     out: Path = typer.Option(..., help="Index directory to write (hessian.h5, spectrum.png, index.h5)."),
     hessian: Hessian = typer.Option(Hessian.mixed, help="R: mixed (λ·R_eval + (1−λ)·R_train), train (λ=0), "
                                     "eval (λ=1), or none (identity: no Hessian correction)."),
@@ -386,13 +399,14 @@ def main(
     trak: bool = typer.Option(False, "--trak", help="TRAK-like row: documents untransformed, queries times "
                               "(R_train + δI)^(-1), no unit norm. Implies --hessian train."),
     dtype: str = typer.Option("float16", help="Storage dtype of the index vectors: float16 | float32."),
-    train_sample: int = typer.Option(10000, help="Corpus vectors sampled (seeded, uniform) for R_train."),
+    train_sample: int = typer.Option(100000, help="Corpus vectors sampled (seeded, uniform) for R_train."),
     sample_seed: int = typer.Option(0, help="Seed of the R_train sample."),
     damping: str = typer.Option("1e-3", help="δ = damping · trace(R)/d is added to R's diagonal before "
                                 "R^(-1/2) (relative to the mean eigenvalue); auto: R_train is first shrunk toward "
                                 f"a scaled identity by its Ledoit–Wolf weight, then δ at {AUTO_DAMPING:g}."),
     block: int = typer.Option(8192, help="Corpus rows transformed at a time (bounds memory)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: the GPU when there is one)."),
+    show_example: bool = typer.Option(False, help="End by printing a query.py command line for this index."),
 ) -> None:
     mode = hessian.value
     if trak:
@@ -413,6 +427,12 @@ def main(
     damping = parse_damping(damping)
     if train_sample < 1 or block < 1:
         raise ts.TrackStarError("--train-sample and --block must be >= 1")
+    if queries is None and mode in ("mixed", "eval"):
+        if mode == "eval" or lam != "auto":
+            raise ts.TrackStarError(f"--hessian {mode}{' --lam ' + lam if lam != 'auto' else ''} needs R_eval: "
+                                    "give --queries RUN/queries")
+        mode = "train"  # the task-specific mix needs queries; without them the paper whitens by R_train alone
+        typer.echo("no --queries: R = R_train (no task-specific R_eval); refit with --queries once you have them")
     cmeta, qmeta, dataset = read_runs(corpus, queries, uncorrected)
     device = ts.pick_device(device)
     for stale in ("index.h5", "spectrum.png"):  # never leave an old index or plot beside a new hessian.h5
@@ -422,7 +442,7 @@ def main(
     settings = {"hessian": mode, "lam": h["lam"], "unit_norm": not no_unit_norm, "uncorrected": uncorrected,
                 "trak": trak, "dtype": dtype, "train_sample": train_sample, "sample_seed": sample_seed,
                 "damping": damping, "vector_dataset": dataset, "corpus_run": str(corpus.resolve()),
-                "queries_run": str(queries.resolve()),
+                "queries_run": str(queries.resolve()) if queries else None,
                 "corpus_side": "identity" if mode == "none" or trak else "(R + δI)^(-1/2)",
                 "query_side": "identity" if mode == "none" else "(R_train + δI)^(-1)" if trak else "(R + δI)^(-1/2)"}
     settings.update({key: h[key] for key in ("lam_source", "k", "k_target", "k_clipped", "delta", "n_train",
@@ -431,7 +451,7 @@ def main(
     if mode != "none":
         plot_spectrum(out / "spectrum.png", h, mode)
         typer.echo(f"R: hessian={mode} λ={h['lam']:.4g} (k={h['k']}, target {h['k_target']}"
-                   f"{', clipped by rank' if h['k_clipped'] else ''}) δ={h['delta']:.3g} "
+                   f"{', clipped by rank' if h['k_clipped'] else ''}) δ={h['delta']:.3g}, "
                    f"shrinkage={h['shrinkage']:.3g}, "
                    f"R_train from {h['n_train']} corpus vectors, R_eval from {h['n_eval']} queries")
 
@@ -443,9 +463,20 @@ def main(
     scale = storage_scale(corpus, dataset, h, not no_unit_norm, dtype, settings, device)
     # The corpus meta stays top-level so query.py compares it to a queries run as index.py did here.
     attrs = {**cmeta, "index": settings, "unit_norm": not no_unit_norm, "vector_dataset": dataset,
-             "scale": scale, "corpus_data": cmeta["data"], "queries_data": qmeta["data"]}
+             "scale": scale, "corpus_data": cmeta["data"], "queries_data": qmeta["data"] if qmeta else None}
     write_index(out / "index.h5", corpus, dataset, h, not no_unit_norm, dtype, scale, block, device, attrs)
     typer.echo(f"wrote {out / 'index.h5'} ({cmeta['n_examples']} documents, d={cmeta['dim']}, {dtype})")
+    if show_example:
+        print_example(out, cmeta["data"])
+
+
+def print_example(out: Path, corpus_data: str) -> None:
+    """How to ask the new index a question, with a prompt cut from the corpus's first document."""
+    words = ts.read_jsonl(corpus_data, "corpus")[0]["text"].split()[:12]
+    n = max(1, len(words) - 1)
+    prompt, target = " ".join(words[:n]), " " + (words[n] if n < len(words) else words[0])
+    typer.echo(f"Ask it a question (the answer's tokens carry the loss):\n  python query.py --index {out} "
+               f"--prompt {json.dumps(prompt)} --target {json.dumps(target)}")
 
 
 if __name__ == "__main__":

@@ -324,7 +324,7 @@ def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device
     if qmeta.get("kind") != "queries":
         raise ts.TrackStarError(f"--queries {queries} holds an encoded {qmeta.get('kind')!r} run, not 'queries'")
     ts.check_same(meta, qmeta, ts.COMPATIBLE_KEYS, f"index {index}", f"queries run {queries}")
-    if qmeta["data"] != meta["queries_data"]:
+    if meta["queries_data"] and qmeta["data"] != meta["queries_data"]:
         typer.echo(f"note: the index's R_eval was fit on {meta['queries_data']}, not on these queries", err=True)
     rows, vectors = ts.read_vectors(queries, meta["vector_dataset"])
     order = np.argsort(rows, kind="stable")  # output in the queries file's order

@@ -75,7 +75,8 @@ def model_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("gpt2-tiny")
     torch.manual_seed(0)
     tok = bpe_tokenizer()
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=128))
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=128,
+                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
     model.save_pretrained(d)
     tok.save_pretrained(d)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
