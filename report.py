@@ -1,0 +1,478 @@
+"""The report: results.md (the ablation table, the paper's findings checked, how each row was built) and
+report.html, one self-contained page a person can browse offline — HTML tables, charts of every
+metric with error bars, the R spectra, the sweep's figures, and each query's proponents with the words
+that state its fact highlighted. evaluate.py computes the numbers; this file only presents them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import itertools
+import math
+import re
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+import trackstar as ts
+
+NAMES = {
+    "bm25": "BM25 (lexical)",
+    "dot": "Gradient dot product",
+    "cosine": "Gradient cosine",
+    "trak": "TRAK-like (no opt. corr., R_train, no unit norm)",
+    "optcorr": "+ optimizer correction (cosine)",
+    "train": "+ R_train",
+    "eval": "+ R_eval (λ = 1)",
+    "trackstar": "TrackStar (mixed R)",
+    "truth": "Ground truth (documents stating the fact)",
+}
+
+
+def summarize(values: list[float | None], mask: list[bool]) -> tuple[float, float]:
+    """Mean and standard error over the queries selected by mask (None and NaN, i.e. not measured, skipped)."""
+    x = np.array([v for v, m in zip(values, mask, strict=True) if m and v is not None and not math.isnan(v)])
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The tables, checklist and notes, as data first: results.md and report.html render the same rows.
+
+METRICS = (("mrr", 1.0), ("recall", 1.0), ("dp", 1e3), ("dlogp", 1.0))  # key, display scale
+ATTRIBUTION = ("mrr", "recall")
+
+
+def n_scored(results: dict) -> int:
+    """How many queries carry ground truth (results.json files from before the key: count the MRRs)."""
+    s = results["settings"]
+    if "attribution_queries" in s:
+        return s["attribution_queries"]
+    return sum(v is not None for v in results["per_query"][s["methods"][0]]["mrr"])
+
+
+def splits(results: dict) -> list[tuple[str, list[bool]]]:
+    known = results["model_correct"]
+    return [("All queries", [True] * len(known)),
+            ("Queries the model answers correctly", list(known)),
+            ("Queries the model gets wrong", [not c for c in known])]
+
+
+def header(results: dict) -> list[str]:
+    k = results["settings"]["k"]
+    return ["method", "MRR", f"recall@{k}", "tail-patch Δp (×1e-3)", "tail-patch Δlog p"]
+
+
+def table_rows(results: dict, mask: list[bool]) -> list[list[str]]:
+    """One row per method: name, then mean ± s.e. of each metric; "n/a" without ground truth, "–" if unmeasured."""
+    attributed = n_scored(results) > 0
+    rows = []
+    for m in results["settings"]["methods"]:
+        cells = [NAMES.get(m, m)]
+        for key, scale in METRICS:
+            mean, se = summarize(results["per_query"][m][key], mask)
+            if key in ATTRIBUTION and not attributed:
+                cells.append("n/a")
+            else:
+                cells.append("–" if math.isnan(mean) else f"{mean * scale:.3f} ± {se * scale:.3f}")
+        rows.append(cells)
+    return rows
+
+
+def intro(results: dict) -> list[str]:
+    """The opening paragraphs (Markdown): what was run, and what the numbers mean."""
+    s = results["settings"]
+    known, n = results["model_correct"], len(results["model_correct"])
+    scored = n_scored(results)
+    out = [f"Model `{s['model']}`, {s['n_docs']} documents, {n} queries, top-k = {s['k']}; "
+           f"tail-patch lr = {s['lr']:.3g}, V = {s['v_source']}, eps = {s['eps']:.3g}. "
+           f"The model answers {sum(known)} of {n} queries correctly (greedy). "
+           f"Tail-patch measured on {s['tail_patch_queries']} of the {n} queries."]
+    if scored == 0:
+        out.append("**No ground truth:** the inputs carry no ground truth (no query has a `fact`, or no document "
+                   "lists `facts`), so MRR and recall are n/a and there is no ground-truth row. Tail-patch needs "
+                   "none: it is the evidence here, with the proponents themselves.")
+    elif scored < n:
+        out.append(f"**Partial ground truth:** MRR and recall@{s['k']} are over the {scored} of {n} queries that "
+                   "carry a `fact`; tail-patch is over all measured queries.")
+    out.append("Mean ± standard error over queries. "
+               + (f"MRR / recall@{s['k']}: does a retrieved document state the query's fact. " if scored else "")
+               + "Tail-patch: change in p(target | prompt) after one training step on each proponent, "
+               f"averaged over the top {s['k']}.")
+    return out
+
+
+def findings(results: dict) -> list[tuple[str, bool]]:
+    """The paper's qualitative findings, checked against this run's numbers (all queries); the attribution
+    checks only when there is ground truth."""
+    methods = results["settings"]["methods"]
+    allq = [True] * len(results["queries"])
+    mean = {m: {key: summarize(results["per_query"][m][key], allq)[0] for key in ("mrr", "recall", "dp")}
+            for m in methods}
+    attributed = n_scored(results) > 0
+    checks = []
+    if "truth" in mean:  # the probe itself: a step on the documents that state a fact must raise p(target)
+        truth = {title: summarize(results["per_query"]["truth"]["dp"], mask)[0] for title, mask in splits(results)}
+        checks.append(("Tail-patch is a valid probe: stepping on the fact-stating documents raises p(target) in every "
+                       "split (" + ", ".join(f"{t.lower()}: {v:.2e}" for t, v in truth.items()) + ")",
+                       all(v > 0 for v in truth.values() if not math.isnan(v))))
+    # "A raises tail-patch over B" holds only if A's proponents raise the target at all: a smaller fall is no rise.
+    chain = [m for m in ("cosine", "optcorr", "train", "trackstar") if m in mean]
+    for a, b in zip(chain, chain[1:], strict=False):
+        checks.append((f"{NAMES[b]} raises tail-patch over {NAMES[a]}: {mean[a]['dp']:.2e} → {mean[b]['dp']:.2e}",
+                       mean[b]["dp"] > max(mean[a]["dp"], 0.0)))
+    star = mean.get("trackstar")
+    for base in ("cosine", "trak"):
+        if base in mean and star:
+            checks.append((f"TrackStar beats {NAMES[base]} on tail-patch ({star['dp']:.2e} vs {mean[base]['dp']:.2e})",
+                           star["dp"] > max(mean[base]["dp"], 0.0)))
+            if attributed:
+                checks.append((f"TrackStar beats {NAMES[base]} on MRR ({star['mrr']:.3f} vs {mean[base]['mrr']:.3f})",
+                               star["mrr"] > mean[base]["mrr"]))
+    if "bm25" in mean and star:
+        bm = mean["bm25"]
+        if attributed:
+            checks.append((f"BM25 beats TrackStar on MRR ({bm['mrr']:.3f} vs {star['mrr']:.3f}) "
+                           f"and recall ({bm['recall']:.3f} vs {star['recall']:.3f})",
+                           bm["mrr"] > star["mrr"] and bm["recall"] > star["recall"]))
+        checks.append((f"TrackStar's proponents raise the target more than BM25's ({star['dp']:.2e} vs "
+                       f"{bm['dp']:.2e})", star["dp"] > max(bm["dp"], 0.0)))
+    return checks
+
+
+def diagnostics(run: Path, methods: list[str]) -> list[str]:
+    """How each gradient row was built (Markdown lines), and the one condition known to make R_train rows
+    unreliable: fewer sampled training vectors than dimensions (a rank-deficient R_train, see README)."""
+    lines = []
+    meta = ts.read_meta(run / "corpus") if (run / "corpus" / "meta.json").exists() else {}
+    if meta:
+        lines.append(f"encoding: d = {meta['dim']}, V = {meta['correction']}, eps = {meta['eps']:.3g}, "
+                     f"path = {meta['path']}, model dtype {meta['dtype']}")
+    for m in methods:
+        hessian = run / f"index-{m}" / "hessian.h5"
+        if not hessian.exists():
+            continue
+        with h5py.File(hessian, "r") as f:
+            a = ts.read_attrs(f)
+        if a.get("hessian") in (None, "none"):
+            continue
+        line = (f"{NAMES.get(m, m)}: R = {a['hessian']}, λ = {a['lam']:.3g}, R_train from {a['n_train']} vectors, "
+                f"R_eval from {a['n_eval']}, damping {a['damping']} (δ = {a['delta']:.3g}, "
+                f"Ledoit–Wolf shrinkage of R_train {a.get('shrinkage', 0.0):.3g})")
+        if meta and a["hessian"] in ("train", "mixed") and a["n_train"] < meta["dim"]:
+            line += (f" — **R_train is rank-deficient ({a['n_train']} < d = {meta['dim']}): "
+                     "whitening by it is unreliable**")
+        lines.append(line)
+    return lines or [f"no encoding metadata or R matrices found under `{run}`"]
+
+
+# ----------------------------------------------------------------------------------------------
+# results.md
+
+
+def md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def markdown(run: Path, results: dict) -> str:
+    md = [f"# TrackStar evaluation: {results['settings']['run']}", ""]
+    for para in intro(results):
+        md += [para, ""]
+    for title, mask in splits(results):
+        md += [f"### {title} ({sum(mask)} queries)", "", md_table(header(results), table_rows(results, mask)), ""]
+    md += ["## The paper's findings, checked on this run", ""]
+    md += [f"- [{'x' if ok else ' '}] {text}" for text, ok in findings(results)] + [""]
+    md += ["## How the rows were built", ""]
+    md += [f"- {line}" for line in diagnostics(run, results["settings"]["methods"])] + [""]
+    return "\n".join(md)
+
+
+# ----------------------------------------------------------------------------------------------
+# report.html: one self-contained page (no external files: figures are inlined PNGs) a person can
+# browse offline: tables, charts, the R spectra, the sweep, and every query's proponents.
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:0 auto;padding:1.5em 2em;max-width:1250px;
+  color:#222}
+h1{margin:.2em 0 .4em}h2{margin-top:1.8em;border-bottom:2px solid #e4e4e4;padding-bottom:.2em}
+nav a{margin-right:1em}code{background:#f1f1f1;padding:0 .25em;border-radius:3px}
+table{border-collapse:collapse;margin:.4em 0 1em}th,td{border:1px solid #d5d5d5;padding:3px 7px;vertical-align:top}
+th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+table.results tr:nth-child(even) td,table.md tr:nth-child(even) td{background:#fafafa}
+table.results tr.trackstar td{font-weight:600}
+table.docs{width:100%;font-size:13px;table-layout:fixed}table.docs td:nth-child(3){overflow-wrap:anywhere}
+table.results td:first-child{min-width:21em}table.results td.num{min-width:8em}
+tr.hit td{background:#d9f5d9!important}table.compact{font-size:12px}
+mark{background:#ffe36e;padding:0 1px}mark.subj{background:#bfe0ff}
+mark.part{background:none;border-bottom:2px dotted #5a9bd5}
+.note{background:#fff4d6;border-left:4px solid #e0a800;padding:.5em 1em;margin:1em 0}
+.ok{color:#127a12}.bad{color:#b01c1c}ul.checks{list-style:none;padding-left:.5em}
+img{max-width:100%;height:auto;border:1px solid #eee}figure{margin:1em 0}figcaption{font-weight:600}
+details.q{margin:.5em 0;padding:.4em .8em;border:1px solid #bbb;border-radius:6px}
+details.q[open]{background:#fcfcfc}summary{cursor:pointer}h4{margin:.9em 0 .2em}
+"""
+
+
+def inline(text: str) -> str:
+    """Markdown's inline `code` and **bold** as HTML (the text escaped first)."""
+    s = html.escape(text)
+    s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+
+
+def html_table(head: list[str], rows: list[list[str]], cls: str = "", row_classes: list[str] | None = None) -> str:
+    """A table; cells that read as numbers ("0.123 ± 0.004", "n/a") are right-aligned."""
+    def cell(c: str) -> str:
+        num = re.fullmatch(r"[-+−]?[\d.e+−-]+( ± [\d.e+−-]+)?|n/a|–", c.strip()) is not None
+        return f"<td class='num'>{inline(c)}</td>" if num else f"<td>{inline(c)}</td>"
+
+    out = [f"<table class='{cls}'>"]
+    if head:
+        out.append("<tr>" + "".join(f"<th>{inline(h)}</th>" for h in head) + "</tr>")
+    for i, r in enumerate(rows):
+        rc = row_classes[i] if row_classes else ""
+        out.append(f"<tr class='{rc}'>" + "".join(cell(c) for c in r) + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def markdown_html(md: str) -> str:
+    """Just enough Markdown for the sweep's notes: `#` headings, `|` tables, `-` lists, paragraphs."""
+    def kind(line: str) -> str:
+        s = line.strip()
+        return ("blank" if not s else "heading" if s.startswith("#") else "table" if s.startswith("|")
+                else "list" if s.startswith(("- ", "* ")) else "text")
+
+    out = []
+    for what, group in itertools.groupby(md.splitlines(), key=kind):
+        lines = [ln.strip() for ln in group]
+        if what == "heading":
+            for ln in lines:
+                level = min(len(ln) - len(ln.lstrip("#")) + 2, 6)  # inside the report's own h2 section
+                out.append(f"<h{level}>{inline(ln.lstrip('#').strip())}</h{level}>")
+        elif what == "table":
+            rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+            if len(rows) > 1 and all(re.fullmatch(r":?-+:?", c) for c in rows[1]):
+                out.append(html_table(rows[0], rows[2:], "md"))
+            else:
+                out.append(html_table([], rows, "md"))
+        elif what == "list":
+            out.append("<ul>" + "".join(f"<li>{inline(ln[2:])}</li>" for ln in lines) + "</ul>")
+        elif what == "text":
+            out.append(f"<p>{inline(' '.join(lines))}</p>")
+    return "\n".join(out)
+
+
+def img(png: bytes, alt: str) -> str:
+    """An <img> carrying its PNG inline (a data URI): the page needs no file beside it."""
+    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" alt="{html.escape(alt)}">'
+
+
+def figure_png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def method_colour(m: str) -> str:
+    return {"trackstar": "#dd6b20", "truth": "#9a9a9a", "bm25": "#4c9a5b"}.get(m, "#4c72b0")
+
+
+def results_chart(results: dict) -> bytes:
+    """Bars of MRR, recall and tail-patch Δp per method (± s.e.): one row of panels per query split
+    (splits with no queries left out), the attribution panels only when there is ground truth."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend needed
+
+    methods = results["settings"]["methods"]
+    metrics = [("dp", "tail-patch Δp (×1e-3)", 1e3)]
+    if n_scored(results):
+        metrics = [("mrr", "MRR", 1.0), ("recall", f"recall@{results['settings']['k']}", 1.0)] + metrics
+    rows = [(title, mask) for title, mask in splits(results) if any(mask)]
+    labels = [textwrap.fill(NAMES.get(m, m), 30) for m in methods]
+    fig = Figure(figsize=(3.6 * len(metrics) + 2.6, len(rows) * (0.42 * len(methods) + 0.9)), layout="constrained")
+    axes = fig.subplots(len(rows), len(metrics), squeeze=False, sharey=True)
+    y = np.arange(len(methods))
+    for (title, mask), ax_row in zip(rows, axes, strict=True):
+        for (key, label, scale), ax in zip(metrics, ax_row, strict=True):
+            stats = np.array([summarize(results["per_query"][m][key], mask) for m in methods]) * scale
+            ax.barh(y, np.nan_to_num(stats[:, 0]), xerr=np.nan_to_num(stats[:, 1]), capsize=2,
+                    color=[method_colour(m) for m in methods])
+            ax.axvline(0, color="#333", lw=0.6)
+            ax.set_title(f"{label} — {title.lower()} ({sum(mask)})", fontsize=9)
+            ax.tick_params(labelsize=8)
+            ax.grid(axis="x", alpha=0.3)
+        ax_row[0].set_yticks(y, labels=labels)
+    axes[0][0].invert_yaxis()  # shared: the first method on top, as in the tables
+    return figure_png(fig)
+
+
+def figures(paths: list[Path], captions: list[str]) -> str:
+    return "".join(f"<figure><figcaption>{html.escape(c)}</figcaption>{img(p.read_bytes(), c)}</figure>"
+                   for p, c in zip(paths, captions, strict=True))
+
+
+def spectra_section(run: Path, methods: list[str]) -> str:
+    """index.py's plot of each index's R spectrum, for the methods of this run first."""
+    found = {p.parent.name.removeprefix("index-"): p for p in sorted(run.glob("index-*/spectrum.png"))}
+    order = [m for m in methods if m in found] + [m for m in found if m not in methods]
+    if not order:
+        return ""
+    return ("<h2 id='spectra'>Spectra of R</h2>"
+            + figures([found[m] for m in order], [f"{NAMES.get(m, m)} ({m})" for m in order]))
+
+
+def sweep_section(run: Path) -> str:
+    """The sweep stage's notes (sweep.md) and figures, when it has run."""
+    sweep = run / "sweep"
+    if not sweep.is_dir():
+        return ""
+    parts = ["<h2 id='sweep'>Sweep</h2>"]
+    if (sweep / "sweep.md").exists():
+        parts.append(markdown_html((sweep / "sweep.md").read_text(encoding="utf-8")))
+    pngs = sorted(sweep.glob("*.png"))
+    parts.append(figures(pngs, [p.stem.replace("_", " ").replace("-", " ") for p in pngs]))
+    return "".join(parts)
+
+
+# Capitalised words that begin a prompt without naming its subject.
+FUNCTION_WORDS = frozenset("A An The In On Of At By For From To With As Is Was Are Were It Its He She His Her "
+                           "They Their This That These Those What Who Whom Whose Which Where When How".split())
+
+
+def subject_terms(prompt: str, text: str) -> tuple[list[str], list[str]]:
+    """The prompt's names found in a document: each run of capitalised multi-letter words ("Kroultrok
+    Milpa") where the whole run appears, else (a weaker hint: names share words) those of its words that do."""
+    def found(term: str) -> bool:
+        return re.search(rf"(?<!\w){re.escape(term)}(?!\w)", text) is not None
+
+    whole, parts = [], []
+    for run in re.findall(r"[A-Z][\w'-]*\w(?:\s+[A-Z][\w'-]*\w)*", prompt):
+        words = [w for w in run.split() if w not in FUNCTION_WORDS]
+        name = " ".join(words)
+        if name and found(name):
+            whole.append(name)
+        else:
+            parts += [w for w in words if found(w)]
+    return whole, parts
+
+
+def highlight(text: str, query: dict) -> str:
+    """`text` escaped, the query's target (any case) in <mark>, its subject in <mark class=subj> (a part of
+    the subject's name in <mark class=part>)."""
+    target = query["target"].strip()
+    whole, parts = subject_terms(query["prompt"], text)
+    alts = [f"(?P<t>(?i:{re.escape(target)}))"] if target else []
+    for group, terms in (("subj", whole), ("part", parts)):
+        if terms:  # longest first: "Kroultrok Milpa" before "Kroultrok"
+            alts.append(f"(?P<{group}>" + "|".join(map(re.escape, sorted(set(terms), key=len, reverse=True))) + ")")
+    if not alts:
+        return html.escape(text)
+    out, pos = [], 0
+    for m in re.finditer(rf"(?<!\w)(?:{'|'.join(alts)})(?!\w)", text):
+        cls = "" if m.lastgroup == "t" else f" class='{m.lastgroup}'"
+        out += [html.escape(text[pos:m.start()]), f"<mark{cls}>{html.escape(m.group())}</mark>"]
+        pos = m.end()
+    return "".join(out) + html.escape(text[pos:])
+
+
+def shorten(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n].rstrip() + "…"
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None or math.isnan(x) else format(x, spec)
+
+
+def docs_table(docs: list[dict], query: dict, facts_of: dict, cls: str, n_chars: int) -> str:
+    """Ranked documents, the query's target and subject marked, rows stating its fact green."""
+    head = ("<colgroup><col style='width:2.5em'><col style='width:5.5em'><col style='width:9em'><col></colgroup>"
+            "<tr><th>#</th><th>score</th><th>id</th><th>text</th></tr>")
+    rows = []
+    for rank, p in enumerate(docs, 1):
+        hit = query.get("fact") is not None and query["fact"] in facts_of.get(p["id"], [])
+        rows.append(f"<tr class='{'hit' if hit else ''}'><td class='num'>{rank}</td>"
+                    f"<td class='num'>{p['score']:.4g}</td><td>{html.escape(p['id'])}</td>"
+                    f"<td>{highlight(shorten(p['text'], n_chars), query)}</td></tr>")
+    return f"<table class='docs {cls}'>{head}{''.join(rows)}</table>"
+
+
+def opponent_method(methods: list[str]) -> str | None:
+    """Whose opponents to show: TrackStar's, else the last gradient method's."""
+    gradient = [m for m in methods if m not in ("bm25", "truth")]
+    return "trackstar" if "trackstar" in gradient else (gradient[-1] if gradient else None)
+
+
+def query_section(qi: int, q: dict, results: dict, rankings: dict, opponents: dict, facts_of: dict) -> str:
+    """One query, folded: its prompt and target, then each method's proponents and one method's opponents."""
+    e = html.escape
+    methods, k = results["settings"]["methods"], results["settings"]["k"]
+    ok = results["model_correct"][qi]
+    fact = f" · fact <code>{e(q['fact'])}</code>" if q.get("fact") is not None else ""
+    parts = [f"<details class='q'><summary><b>{e(q['id'])}</b>: {e(q['prompt'])} <mark>{e(q['target'])}</mark> "
+             f"<span class='{'ok' if ok else 'bad'}'>{'model correct' if ok else 'model wrong'}</span>{fact}"
+             "</summary>"]
+    for m in methods:
+        r = results["per_query"][m]
+        parts.append(f"<h4>{e(NAMES.get(m, m))}: RR {fmt(r['mrr'][qi], '.3f')}, "
+                     f"Δp {fmt(r['dp'][qi], '.2e')}, Δlog p {fmt(r['dlogp'][qi], '.3f')}</h4>")
+        parts.append(docs_table(rankings[m][q["id"]][:k], q, facts_of, "", 300))
+    om = opponent_method(methods)
+    if om and opponents[om].get(q["id"]):
+        parts.append(f"<h4>Opponents of {e(NAMES.get(om, om))} (lowest scores)</h4>")
+        parts.append(docs_table(opponents[om][q["id"]][:k], q, facts_of, "compact", 140))
+    parts.append("</details>")
+    return "".join(parts)
+
+
+def html_report(run: Path, results: dict, queries: list[dict], rankings: dict, opponents: dict,
+                facts_of: dict) -> str:
+    e = html.escape
+    methods = results["settings"]["methods"]
+    head = header(results)
+    sections = {"results": "Results", "charts": "Charts", "findings": "Findings", "built": "How rows were built"}
+    spectra, sweep = spectra_section(run, methods), sweep_section(run)
+    if spectra:
+        sections["spectra"] = "Spectra of R"
+    if sweep:
+        sections["sweep"] = "Sweep"
+    sections["queries"] = "Queries"
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>TrackStar report: "
+             f"{e(results['settings']['run'])}</title><style>{CSS}</style></head><body>",
+             f"<h1>TrackStar report: <code>{e(results['settings']['run'])}</code></h1><nav>",
+             "".join(f"<a href='#{a}'>{t}</a>" for a, t in sections.items()), "</nav>"]
+    for para in intro(results):
+        parts.append(f"<p class='note'>{inline(para)}</p>" if para.startswith("**") else f"<p>{inline(para)}</p>")
+    parts.append("<h2 id='results'>Results</h2>")
+    for title, mask in splits(results):
+        parts.append(f"<h3>{e(title)} ({sum(mask)} queries)</h3>")
+        parts.append(html_table(head, table_rows(results, mask), "results",
+                                ["trackstar" if m == "trackstar" else "" for m in methods]))
+    parts.append("<h2 id='charts'>Charts</h2>"
+                 + img(results_chart(results), "MRR, recall and tail-patch per method and query split"))
+    parts.append("<h2 id='findings'>The paper's findings, checked on this run</h2><ul class='checks'>")
+    parts += [f"<li><span class='{'ok' if ok else 'bad'}'>{'✓' if ok else '✗'}</span> {inline(text)}</li>"
+              for text, ok in findings(results)]
+    parts.append("</ul><h2 id='built'>How the rows were built</h2><ul>")
+    parts += [f"<li>{inline(line)}</li>" for line in diagnostics(run, methods)]
+    parts += ["</ul>", spectra, sweep, "<h2 id='queries'>Queries</h2>",
+              "<p>Each query lists every method's top proponents; <span style='background:#d9f5d9'>green</span> "
+              "rows state the query's fact, <mark>target</mark>, <mark class='subj'>subject</mark> and "
+              "<mark class='part'>part of the subject's name</mark> are marked. "
+              "RR: reciprocal rank; Δp, Δlog p: tail-patch averaged over the shown proponents.</p>"]
+    parts += [query_section(qi, q, results, rankings, opponents, facts_of) for qi, q in enumerate(queries)]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render(run: Path, results: dict, queries: list[dict], rankings: dict, opponents: dict, facts_of: dict) -> None:
+    """Write RUN/results.md and RUN/report.html from results (as results.json holds them) and the rankings."""
+    with ts.atomic_path(run / "results.md") as tmp:
+        tmp.write_text(markdown(run, results), encoding="utf-8")
+    with ts.atomic_path(run / "report.html") as tmp:
+        tmp.write_text(html_report(run, results, queries, rankings, opponents, facts_of), encoding="utf-8")
