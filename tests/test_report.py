@@ -12,6 +12,7 @@ from conftest import write_jsonl
 from typer.testing import CliRunner
 
 import evaluate
+import report
 import trackstar as ts
 
 DOCS = [
@@ -133,7 +134,7 @@ def tiny_png() -> bytes:
 
     fig = Figure(figsize=(1, 1))
     fig.subplots().plot([0, 1])
-    return evaluate.figure_png(fig)
+    return report.figure_png(fig)
 
 
 @pytest.mark.parametrize(("where", "bad"), [("corpus", "f1"), ("queries", ["f1"])])
