@@ -139,8 +139,7 @@ def full_second_moment(sm: ts.SecondMoment, model: nn.Module) -> dict[str, torch
         if name in sm.full:
             v[name] = sm.full[name]
         elif name in sm.factored:
-            row, col = sm.factored[name]
-            v[name] = torch.outer(row, col) / row.mean()
+            v[name] = torch.outer(*ts.rank_one(*sm.factored[name]))
         else:
             raise ts.TrackStarError(f"the optimizer state has no second moment for parameter {name!r}")
     return v

@@ -477,6 +477,15 @@ def default_eps(sm: SecondMoment, params: list[str]) -> float:
     return 1e-3 * float(torch.cat([v.flatten() for v in vs]).mean()) if vs else 0.0
 
 
+def rank_one(row: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adafactor's statistics (row and column means of V) as the factors of V̂ = a ⊗ b = row ⊗ col / mean(row).
+
+    The one place the rank-one formula lives: the encoder divides by sqrt(a) ⊗ sqrt(b), tail-patch
+    expands a ⊗ b.
+    """
+    return row / row.mean(), col
+
+
 def factor_second_moment(sm: SecondMoment, eps: float) -> SecondMoment:
     """Adafactor's rank-1 estimate of every matrix's full V + eps: row and column means, with
     V̂ = row ⊗ col / mean(row). The factored path is then exact for V̂ and costs about a
@@ -504,9 +513,8 @@ def correction_scales(
             s = (sm.full[pname] + eps).rsqrt()
             scales[name] = ("full", (s.T if transposed else s).contiguous().to(dev))
         elif pname in sm.factored:
-            row, col = sm.factored[pname]  # Adafactor: row over dim 0, col over dim 1 of the stored layout
-            r = (row / row.mean()).rsqrt()
-            c = col.rsqrt()
+            # Adafactor: row over dim 0, col over dim 1 of the stored layout
+            r, c = (f.rsqrt() for f in rank_one(*sm.factored[pname]))
             a, b = (c, r) if transposed else (r, c)
             scales[name] = ("factored", a.to(dev), b.to(dev))
         else:
