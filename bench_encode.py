@@ -70,11 +70,11 @@ def run_mode(mode: str, arch: str, dtype: str, device: str, dim: int, n: int, ba
         step = train_step(model)
     else:
         modules = ts.weight_modules(model)
-        sm = None
+        V = None
         if mode == "exact":  # a full Adam-like V for every traced matrix
             v = {p: torch.rand(m.weight.shape) + 0.1 for _, m, p, _ in modules}
-            sm = ts.SecondMoment(v, {}, "file", None, None, 0.0, "bench")
-        enc = ts.make_encoder(model, dim, 0, ts.correction_scales(model, sm, 1e-8, modules), mode)
+            V = ts.SecondMoment(v, {}, "file", None, None, 0.0, "bench")
+        enc = ts.make_encoder(model, dim, 0, ts.correction_scales(model, V, 1e-8, modules), mode)
         def step(b):
             return ts.encode_batch(enc, b)
     if device.startswith("cuda"):

@@ -129,12 +129,12 @@ def encode(kind: str, model_dir: str, data: Path, out: Path, dim: int, seed: int
     if truncated:
         typer.echo(f"truncated {len(truncated)} documents to {max_length} tokens (lines {truncated[:10]}...)")
     modules = ts.weight_modules(model)
-    sm, v_file = second_moment(model, tokenizer, out, optimizer_state, estimate_v, no_correction,
+    V, v_file = second_moment(model, tokenizer, out, optimizer_state, estimate_v, no_correction,
                                data, max_length, seed)
-    eps = ts.default_eps(sm, [p for _, _, p, _ in modules]) if (sm is not None and eps is None) else (eps or 0.0)
-    if factor_v and sm is not None:
-        sm = ts.factor_second_moment(sm, eps)  # eps is folded into the factors
-    scales = ts.correction_scales(model, sm, 0.0 if factor_v else eps, modules)
+    eps = ts.default_eps(V, [p for _, _, p, _ in modules]) if (V is not None and eps is None) else (eps or 0.0)
+    if factor_v and V is not None:
+        V = ts.factor_second_moment(V, eps)  # eps is folded into the factors
+    scales = ts.correction_scales(model, V, 0.0 if factor_v else eps, modules)
     enc = ts.make_encoder(model, dim, seed, scales, path, also_uncorrected)
     n_chunks = -(-len(rows) // chunk_size)
     meta = {
@@ -145,8 +145,8 @@ def encode(kind: str, model_dir: str, data: Path, out: Path, dim: int, seed: int
         "model": model.trackstar_fingerprint, "model_path": model.trackstar_path, "dtype": dtype,
         "max_length": max_length, "truncated": len(truncated),
         "dim": dim, "seed": seed, "factors": list(ts.factor_dims(dim)), "modules": ts.modules_digest(modules),
-        "path": enc.path, "correction": sm.source if sm else "none", "v_digest": sm.digest if sm else None,
-        "v_file": v_file, "eps": eps, "lr": sm.lr if sm else None, "factor_v": factor_v,
+        "path": enc.path, "correction": V.source if V else "none", "v_digest": V.digest if V else None,
+        "v_file": v_file, "eps": eps, "lr": V.lr if V else None, "factor_v": factor_v,
     }
     check_resume(out, meta)
     ts.write_json(out / "meta.json", meta)

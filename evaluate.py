@@ -132,14 +132,14 @@ def tail_patch(
     return after.exp() - base.exp(), after - base
 
 
-def full_second_moment(sm: ts.SecondMoment, model: nn.Module) -> dict[str, torch.Tensor]:
+def full_second_moment(V: ts.SecondMoment, model: nn.Module) -> dict[str, torch.Tensor]:
     """V for every parameter, expanding Adafactor's factored estimate; missing ones are an error."""
     v = {}
     for name, _ in model.named_parameters():
-        if name in sm.full:
-            v[name] = sm.full[name]
-        elif name in sm.factored:
-            v[name] = torch.outer(*ts.rank_one(*sm.factored[name]))
+        if name in V.full:
+            v[name] = V.full[name]
+        elif name in V.factored:
+            v[name] = torch.outer(*ts.rank_one(*V.factored[name]))
         else:
             raise ts.TrackStarError(f"the optimizer state has no second moment for parameter {name!r}")
     return v
@@ -345,21 +345,21 @@ def main(
 
     mdl, tok = ts.load_model(model, "float32", device)
     max_length = ts.context_length(mdl)
-    sm = None
+    V = None
     if not no_correction:
         state = optimizer_state or str(Path(model) / "optimizer.pt")
-        sm = ts.load_second_moment(state, mdl)
-    lr = lr if lr is not None else (sm.lr if sm else None)
+        V = ts.load_second_moment(state, mdl)
+    lr = lr if lr is not None else (V.lr if V else None)
     if lr is None:
         raise ts.TrackStarError("no learning rate in the optimizer state: pass --lr")
-    v = full_second_moment(sm, mdl) if sm else None
-    eps = eps if eps is not None else (ts.default_eps(sm, list(v)) if sm else 0.0)
+    v = full_second_moment(V, mdl) if V else None
+    eps = eps if eps is not None else (ts.default_eps(V, list(v)) if V else 0.0)
     tokenized, _ = ts.tokenize_rows(tok, docs, "corpus", max_length)
     corpus_tok = {d["id"]: t for d, t in zip(docs, tokenized, strict=True)}
 
     correct = model_answers(mdl, tok, qs, max_length)
     per_query = {m: attribution(rankings[m], qs, facts_of, k, scored) for m in method_list}
-    betas = sm.betas if sm and sm.betas else DEFAULT_BETAS
+    betas = V.betas if V and V.betas else DEFAULT_BETAS
     tail_qs = sorted(random.Random(1).sample(qs, tail_queries), key=lambda q: q["_line"]) \
         if 0 < tail_queries < len(qs) else qs
     infl = influence(mdl, tok, corpus_tok, rankings, qs, tail_qs, lr, v, eps, betas, max_length, k)
@@ -367,9 +367,9 @@ def main(
         per_query[m].update(infl[m])
     results = jsonable({
         "settings": {"run": str(run), "model": model, "n_docs": len(docs), "n_queries": len(qs), "k": k,
-                     "lr": lr, "v_source": sm.source if sm else "none (SGD)", "eps": eps, "methods": method_list,
-                     "betas": list(betas) if sm else None,
-                     "step": "lr·(1−β1)·g/sqrt(β2·v + (1−β2)·g² + eps)" if sm else "lr·g (SGD: no V)",
+                     "lr": lr, "v_source": V.source if V else "none (SGD)", "eps": eps, "methods": method_list,
+                     "betas": list(betas) if V else None,
+                     "step": "lr·(1−β1)·g/sqrt(β2·v + (1−β2)·g² + eps)" if V else "lr·g (SGD: no V)",
                      "tail_patch_queries": len(tail_qs), "attribution_queries": sum(scored)},
         "queries": [q["id"] for q in qs], "model_correct": correct, "per_query": per_query,
         "summary": {m: {key: report.summarize(per_query[m][key], [True] * len(qs))[0]

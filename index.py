@@ -228,20 +228,20 @@ def inverse_sqrt(R: np.ndarray, device: str = "cpu") -> np.ndarray:
 AUTO_DAMPING = 1e-3
 
 
-def fit_hessian(corpus: Path, queries: Path | None, dataset: str, mode: str, lam: str, trak: bool, damping: str,
+def fit_hessian(corpus: Path, queries: Path | None, dataset: str, hessian_kind: str, lam: str, trak: bool, damping: str,
                 train_sample: int, sample_seed: int, device: str) -> dict:
     """Everything hessian.h5 records; `corpus_transform`/`query_transform` are None for identity."""
-    if mode == "none":
+    if hessian_kind == "none":
         return {"lam": None, "corpus_transform": None, "query_transform": None}
     train = second_moment_matrix(sample_blocks(corpus, dataset, train_sample, sample_seed), device)
     R_eval, n_eval = None, 0
     if queries is not None:
         R_eval, n_eval, _ = second_moment_matrix((x for _, x in ts.iter_vector_blocks(queries, dataset)), device)
-    return hessian_from_moments(train, R_eval, n_eval, mode, lam, trak, damping, device)
+    return hessian_from_moments(train, R_eval, n_eval, hessian_kind, lam, trak, damping, device)
 
 
-def hessian_from_moments(train: tuple[np.ndarray, int, float], R_eval: np.ndarray | None, n_eval: int, mode: str,
-                         lam: str, trak: bool, damping: str, device: str = "cpu") -> dict:
+def hessian_from_moments(train: tuple[np.ndarray, int, float], R_eval: np.ndarray | None, n_eval: int,
+                         hessian_kind: str, lam: str, trak: bool, damping: str, device: str = "cpu") -> dict:
     """R from its two estimates: shrink R_train (damping auto), choose λ, mix, damp, take R^(-1/2).
 
     `train` is second_moment_matrix's (R_train, n, Σ‖x‖⁴); `damping` is "auto" or a number. Without
@@ -256,57 +256,57 @@ def hessian_from_moments(train: tuple[np.ndarray, int, float], R_eval: np.ndarra
     if R_eval is not None:
         e_eval = spectrum(R_eval, device)
         k, k_target = crossing_component(R_train.shape[0], e_train, e_eval)
-    if mode == "mixed":
+    if hessian_kind == "mixed":
         value = mix_lambda(e_train, e_eval, k) if lam == "auto" else float(lam)
     else:
-        value = 0.0 if mode == "train" else 1.0
+        value = 0.0 if hessian_kind == "train" else 1.0
     R, delta = damp(mixed_hessian(R_train, R_eval, value), AUTO_DAMPING if damping == "auto" else float(damping))
     inv_sqrt, e_R = symmetric_power(R, -0.5, device)
-    source = ("auto" if lam == "auto" else "given") if mode == "mixed" else mode
-    h = {"lam": value, "lam_source": source, "k": k, "k_target": k_target, "shrinkage": shrinkage,
+    source = ("auto" if lam == "auto" else "given") if hessian_kind == "mixed" else hessian_kind
+    fit = {"lam": value, "lam_source": source, "k": k, "k_target": k_target, "shrinkage": shrinkage,
          "k_clipped": k != k_target, "delta": delta, "n_train": n_train, "n_eval": n_eval,
          "e_train": e_train, "e_eval": e_eval, "e_R": e_R, "inverse_sqrt": inv_sqrt}
     if trak:  # TRAK: g(m)ᵀ R_train^(-1) g(q); documents stay as they are, queries carry the inverse
-        h.update(corpus_transform=None, query_transform=symmetric_power(R, -1.0, device)[0])
+        fit.update(corpus_transform=None, query_transform=symmetric_power(R, -1.0, device)[0])
     else:
-        h.update(corpus_transform=inv_sqrt, query_transform=inv_sqrt)
-    return h
+        fit.update(corpus_transform=inv_sqrt, query_transform=inv_sqrt)
+    return fit
 
 
-def write_hessian(path: Path, h: dict, settings: dict) -> None:
+def write_hessian(path: Path, fit: dict, settings: dict) -> None:
     with ts.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for key in ("e_train", "e_eval", "e_R"):
-            if h.get(key) is not None:
-                f.create_dataset(key, data=h[key])
-        if "inverse_sqrt" in h:
-            f.create_dataset("inverse_sqrt", data=h["inverse_sqrt"].astype(np.float32))
-        if h["query_transform"] is not None and h["query_transform"] is not h.get("inverse_sqrt"):
-            f.create_dataset("query_transform", data=h["query_transform"].astype(np.float32))  # TRAK's R^(-1)
+            if fit.get(key) is not None:
+                f.create_dataset(key, data=fit[key])
+        if "inverse_sqrt" in fit:
+            f.create_dataset("inverse_sqrt", data=fit["inverse_sqrt"].astype(np.float32))
+        if fit["query_transform"] is not None and fit["query_transform"] is not fit.get("inverse_sqrt"):
+            f.create_dataset("query_transform", data=fit["query_transform"].astype(np.float32))  # TRAK's R^(-1)
         ts.write_attrs(f, settings)
 
 
-def plot_spectrum(path: Path, h: dict, mode: str) -> None:
+def plot_spectrum(path: Path, fit: dict, hessian_kind: str) -> None:
     """Log-log sorted spectra of λ·R_eval and (1−λ)·R_train; they cross at the marked component."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lam = h["lam"]
-    mixed = mode == "mixed" and 0 < lam < 1
+    lam = fit["lam"]
+    mixed = hessian_kind == "mixed" and 0 < lam < 1
     w_eval, w_train = (lam, 1 - lam) if mixed else (1.0, 1.0)  # unscaled when one side has weight 0
-    x = np.arange(1, len(h["e_train"]) + 1)
+    x = np.arange(1, len(fit["e_train"]) + 1)
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for e, w, name in ((h["e_eval"], w_eval, "R_eval"), (h["e_train"], w_train, "R_train")):
+    for e, w, name in ((fit["e_eval"], w_eval, "R_eval"), (fit["e_train"], w_train, "R_train")):
         if e is None:  # no queries: R_train alone
             continue
         y = np.where(x <= numerical_rank(e), w * e, np.nan)  # past its rank a spectrum is round-off
         ax.loglog(x, y, label=f"{w:.3g}·{name}" if mixed else name)
     if mixed:
-        k = h["k"]
-        ax.plot([k + 1], [(1 - lam) * h["e_train"][k]], "ko", label=f"crossing: component {k + 1}")
+        k = fit["k"]
+        ax.plot([k + 1], [(1 - lam) * fit["e_train"][k]], "ko", label=f"crossing: component {k + 1}")
     ax.set(xlabel="component (sorted)", ylabel="eigenvalue",
-           title=f"hessian={mode}, λ={lam:.4g}" + (" (k clipped by rank)" if h["k_clipped"] else ""))
+           title=f"hessian={hessian_kind}, λ={lam:.4g}" + (" (k clipped by rank)" if fit["k_clipped"] else ""))
     ax.legend()
     fig.tight_layout()
     with ts.atomic_path(path) as tmp:
@@ -318,7 +318,7 @@ def plot_spectrum(path: Path, h: dict, mode: str) -> None:
 # The index: the corpus streamed through the transform, in blocks.
 
 
-def storage_scale(corpus: Path, dataset: str, h: dict, unit_norm: bool, dtype: str, settings: dict,
+def storage_scale(corpus: Path, dataset: str, fit: dict, unit_norm: bool, dtype: str, settings: dict,
                   device: str) -> float:
     """A power of two the stored vectors are divided by (and queries multiplied by).
 
@@ -328,7 +328,7 @@ def storage_scale(corpus: Path, dataset: str, h: dict, unit_norm: bool, dtype: s
     """
     if unit_norm or dtype == "float32":
         return 1.0
-    matrix = _device_matrix(h["corpus_transform"], device)
+    matrix = _device_matrix(fit["corpus_transform"], device)
     peak = 0.0
     for x in sample_blocks(corpus, dataset, settings["train_sample"], settings["sample_seed"]):
         y = ts.transform(torch.as_tensor(x, device=device), matrix, False)
@@ -340,20 +340,20 @@ def _device_matrix(m: np.ndarray | None, device: str) -> torch.Tensor | None:
     return None if m is None else torch.as_tensor(m, dtype=torch.float32, device=device)
 
 
-def write_index(path: Path, corpus: Path, dataset: str, h: dict, unit_norm: bool, dtype: str, scale: float,
+def write_index(path: Path, corpus: Path, dataset: str, fit: dict, unit_norm: bool, dtype: str, scale: float,
                 block: int, device: str, attrs: dict) -> None:
     """Stream corpus chunks through the transform into a contiguous N x d dataset.
 
     Contiguous and uncompressed, so query.py's scan reads a block as one plain copy.
     """
     n = sum(chunk_sizes(corpus, dataset))
-    matrix = _device_matrix(h["corpus_transform"], device)
+    matrix = _device_matrix(fit["corpus_transform"], device)
     with ts.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         d = attrs["dim"]
         vectors = f.create_dataset("vectors", shape=(n, d), dtype=dtype)
         ids = f.create_dataset("ids", shape=(n,), dtype=np.int64)
-        if h["query_transform"] is not None:
-            f.create_dataset("query_transform", data=h["query_transform"].astype(np.float32))
+        if fit["query_transform"] is not None:
+            f.create_dataset("query_transform", data=fit["query_transform"].astype(np.float32))
         ts.write_attrs(f, attrs)
         pos = 0
         with tqdm(total=n, desc="index", unit="doc", unit_scale=True) as bar:
@@ -408,11 +408,11 @@ def main(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: the GPU when there is one)."),
     show_example: bool = typer.Option(False, help="End by printing a query.py command line for this index."),
 ) -> None:
-    mode = hessian.value
+    hessian_kind = hessian.value
     if trak:
-        if mode not in ("mixed", "train"):  # mixed is the default: --trak alone means train
-            raise ts.TrackStarError(f"--trak uses R_train; it cannot be combined with --hessian {mode}")
-        mode, no_unit_norm = "train", True
+        if hessian_kind not in ("mixed", "train"):  # mixed is the default: --trak alone means train
+            raise ts.TrackStarError(f"--trak uses R_train; it cannot be combined with --hessian {hessian_kind}")
+        hessian_kind, no_unit_norm = "train", True
     if lam != "auto":
         try:
             value = float(lam)
@@ -420,51 +420,52 @@ def main(
             raise ts.TrackStarError(f"--lam must be auto or a number in [0, 1], got {lam!r}") from None
         if not 0 <= value <= 1:
             raise ts.TrackStarError(f"--lam must lie in [0, 1], got {value}")
-        if mode != "mixed":
-            raise ts.TrackStarError(f"--lam applies to --hessian mixed only (got --hessian {mode})")
+        if hessian_kind != "mixed":
+            raise ts.TrackStarError(f"--lam applies to --hessian mixed only (got --hessian {hessian_kind})")
     if dtype not in ("float16", "float32"):
         raise ts.TrackStarError(f"--dtype must be float16 or float32, got {dtype!r}")
     damping = parse_damping(damping)
     if train_sample < 1 or block < 1:
         raise ts.TrackStarError("--train-sample and --block must be >= 1")
-    if queries is None and mode in ("mixed", "eval"):
-        if mode == "eval" or lam != "auto":
-            raise ts.TrackStarError(f"--hessian {mode}{' --lam ' + lam if lam != 'auto' else ''} needs R_eval: "
+    if queries is None and hessian_kind in ("mixed", "eval"):
+        if hessian_kind == "eval" or lam != "auto":
+            raise ts.TrackStarError(f"--hessian {hessian_kind}{' --lam ' + lam if lam != 'auto' else ''} needs R_eval: "
                                     "give --queries RUN/queries")
-        mode = "train"  # the task-specific mix needs queries; without them the paper whitens by R_train alone
+        hessian_kind = "train"  # the task-specific mix needs queries; without them the paper whitens by R_train alone
         typer.echo("no --queries: R = R_train (no task-specific R_eval); refit with --queries once you have them")
     cmeta, qmeta, dataset = read_runs(corpus, queries, uncorrected)
     device = ts.pick_device(device)
     for stale in ("index.h5", "spectrum.png"):  # never leave an old index or plot beside a new hessian.h5
         (out / stale).unlink(missing_ok=True)
 
-    h = fit_hessian(corpus, queries, dataset, mode, lam, trak, damping, train_sample, sample_seed, device)
-    settings = {"hessian": mode, "lam": h["lam"], "unit_norm": not no_unit_norm, "uncorrected": uncorrected,
+    fit = fit_hessian(corpus, queries, dataset, hessian_kind, lam, trak, damping, train_sample, sample_seed, device)
+    settings = {"hessian": hessian_kind, "lam": fit["lam"], "unit_norm": not no_unit_norm, "uncorrected": uncorrected,
                 "trak": trak, "dtype": dtype, "train_sample": train_sample, "sample_seed": sample_seed,
                 "damping": damping, "vector_dataset": dataset, "corpus_run": str(corpus.resolve()),
                 "queries_run": str(queries.resolve()) if queries else None,
-                "corpus_side": "identity" if mode == "none" or trak else "(R + δI)^(-1/2)",
-                "query_side": "identity" if mode == "none" else "(R_train + δI)^(-1)" if trak else "(R + δI)^(-1/2)"}
-    settings.update({key: h[key] for key in ("lam_source", "k", "k_target", "k_clipped", "delta", "n_train",
-                                             "n_eval", "shrinkage") if key in h})
-    write_hessian(out / "hessian.h5", h, {**settings, "tool": f"trackstar {ts.VERSION}"})
-    if mode != "none":
-        plot_spectrum(out / "spectrum.png", h, mode)
-        typer.echo(f"R: hessian={mode} λ={h['lam']:.4g} (k={h['k']}, target {h['k_target']}"
-                   f"{', clipped by rank' if h['k_clipped'] else ''}) δ={h['delta']:.3g}, "
-                   f"shrinkage={h['shrinkage']:.3g}, "
-                   f"R_train from {h['n_train']} corpus vectors, R_eval from {h['n_eval']} queries")
+                "corpus_side": "identity" if hessian_kind == "none" or trak else "(R + δI)^(-1/2)",
+                "query_side": "identity" if hessian_kind == "none" else
+                              "(R_train + δI)^(-1)" if trak else "(R + δI)^(-1/2)"}
+    settings.update({key: fit[key] for key in ("lam_source", "k", "k_target", "k_clipped", "delta", "n_train",
+                                             "n_eval", "shrinkage") if key in fit})
+    write_hessian(out / "hessian.h5", fit, {**settings, "tool": f"trackstar {ts.VERSION}"})
+    if hessian_kind != "none":
+        plot_spectrum(out / "spectrum.png", fit, hessian_kind)
+        typer.echo(f"R: hessian={hessian_kind} λ={fit['lam']:.4g} (k={fit['k']}, target {fit['k_target']}"
+                   f"{', clipped by rank' if fit['k_clipped'] else ''}) δ={fit['delta']:.3g}, "
+                   f"shrinkage={fit['shrinkage']:.3g}, "
+                   f"R_train from {fit['n_train']} corpus vectors, R_eval from {fit['n_eval']} queries")
 
-    if mode in ("mixed", "train") and h["n_train"] < cmeta["dim"]:
-        typer.echo(f"warning: R_train comes from {h['n_train']} vectors in d={cmeta['dim']} dimensions, so it is "
+    if hessian_kind in ("mixed", "train") and fit["n_train"] < cmeta["dim"]:
+        typer.echo(f"warning: R_train comes from {fit['n_train']} vectors in d={cmeta['dim']} dimensions, so it is "
                    "rank-deficient and whitening by it over-fits the sample (documents turn near-orthogonal). "
                    "Sample at least d vectors (--train-sample, more documents), lower d, or raise --damping "
                    "(e.g. 0.1-1).", err=True)
-    scale = storage_scale(corpus, dataset, h, not no_unit_norm, dtype, settings, device)
+    scale = storage_scale(corpus, dataset, fit, not no_unit_norm, dtype, settings, device)
     # The corpus meta stays top-level so query.py compares it to a queries run as index.py did here.
     attrs = {**cmeta, "index": settings, "unit_norm": not no_unit_norm, "vector_dataset": dataset,
              "scale": scale, "corpus_data": cmeta["data"], "queries_data": qmeta["data"] if qmeta else None}
-    write_index(out / "index.h5", corpus, dataset, h, not no_unit_norm, dtype, scale, block, device, attrs)
+    write_index(out / "index.h5", corpus, dataset, fit, not no_unit_norm, dtype, scale, block, device, attrs)
     typer.echo(f"wrote {out / 'index.h5'} ({cmeta['n_examples']} documents, d={cmeta['dim']}, {dtype})")
     if show_example:
         print_example(out, cmeta["data"])

@@ -220,16 +220,16 @@ def main(
     facts_of = [d.get("facts", []) for d in docs]
 
     mdl, tok = ts.load_model(model, "float32", "cpu")
-    sm = ts.load_second_moment(optimizer_state or str(Path(model) / "optimizer.pt"), mdl)
-    v = evaluate.full_second_moment(sm, mdl)
-    lr = lr if lr is not None else sm.lr
+    V = ts.load_second_moment(optimizer_state or str(Path(model) / "optimizer.pt"), mdl)
+    v = evaluate.full_second_moment(V, mdl)
+    lr = lr if lr is not None else V.lr
     if lr is None:
         raise ts.TrackStarError("no learning rate in the optimizer state: pass --lr")
     max_length = ts.context_length(mdl)
     docs_tok, _ = ts.tokenize_rows(tok, docs, "corpus", max_length)
     sample = sorted(random.Random(seed + 1).sample(range(len(qs)), min(tail_queries, len(qs))))
-    cache = TailPatchCache(mdl, tok, docs_tok, [qs[j] for j in sample], v, ts.default_eps(sm, list(v)), lr,
-                           sm.betas or evaluate.DEFAULT_BETAS, max_length)
+    cache = TailPatchCache(mdl, tok, docs_tok, [qs[j] for j in sample], v, ts.default_eps(V, list(v)), lr,
+                           V.betas or evaluate.DEFAULT_BETAS, max_length)
 
     results = {"dim": meta["dim"], "n_docs": len(docs), "n_queries": len(qs), "tail_queries": len(sample),
                "lr": lr, "axes": {}}

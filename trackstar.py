@@ -465,15 +465,15 @@ def _finish(
     return SecondMoment(full, factored, source, lr, betas, eps, h.hexdigest()[:16])
 
 
-def default_eps(sm: SecondMoment, params: list[str]) -> float:
+def default_eps(V: SecondMoment, params: list[str]) -> float:
     """eps inside sqrt(V + eps): the optimizer's own (Adam: eps²) when known, else 1e-3 of mean V.
 
     A V estimated from a few hundred documents has entries near zero in directions the sample never
     excited; dividing by their square root would let noise dominate, so we damp relative to V's scale.
     """
-    if sm.source in ("adam", "adafactor"):
-        return sm.optimizer_eps
-    vs = [sm.full[p] for p in params if p in sm.full]
+    if V.source in ("adam", "adafactor"):
+        return V.optimizer_eps
+    vs = [V.full[p] for p in params if p in V.full]
     return 1e-3 * float(torch.cat([v.flatten() for v in vs]).mean()) if vs else 0.0
 
 
@@ -486,35 +486,35 @@ def rank_one(row: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.
     return row / row.mean(), col
 
 
-def factor_second_moment(sm: SecondMoment, eps: float) -> SecondMoment:
+def factor_second_moment(V: SecondMoment, eps: float) -> SecondMoment:
     """Adafactor's rank-1 estimate of every matrix's full V + eps: row and column means, with
     V̂ = row ⊗ col / mean(row). The factored path is then exact for V̂ and costs about a
     training step, where the exact path's per-example ∇W costs several on short documents."""
-    factored = dict(sm.factored)
+    factored = dict(V.factored)
     full = {}
-    for name, v in sm.full.items():
+    for name, v in V.full.items():
         if v.ndim == 2:
             factored[name] = ((v + eps).mean(1), (v + eps).mean(0))
         else:
             full[name] = v
-    return _finish(full, factored, f"{sm.source}+factored", sm.lr, sm.betas, 0.0, "second moment")
+    return _finish(full, factored, f"{V.source}+factored", V.lr, V.betas, 0.0, "second moment")
 
 
 def correction_scales(
-    model: nn.Module, sm: SecondMoment | None, eps: float, modules: list
+    model: nn.Module, V: SecondMoment | None, eps: float, modules: list
 ) -> dict[str, tuple]:
     """Per traced module, how to divide its gradient by sqrt(V + eps), in (out, in) orientation."""
     scales: dict[str, tuple] = {}
-    if sm is None:
+    if V is None:
         return scales
     for name, module, pname, transposed in modules:
         dev = module.weight.device
-        if pname in sm.full:
-            s = (sm.full[pname] + eps).rsqrt()
+        if pname in V.full:
+            s = (V.full[pname] + eps).rsqrt()
             scales[name] = ("full", (s.T if transposed else s).contiguous().to(dev))
-        elif pname in sm.factored:
+        elif pname in V.factored:
             # Adafactor: row over dim 0, col over dim 1 of the stored layout
-            r, c = (f.rsqrt() for f in rank_one(*sm.factored[pname]))
+            r, c = (f.rsqrt() for f in rank_one(*V.factored[pname]))
             a, b = (c, r) if transposed else (r, c)
             scales[name] = ("factored", a.to(dev), b.to(dev))
         else:
@@ -691,13 +691,13 @@ def encoder_from_meta(meta: dict, device: str = "cpu") -> tuple[Encoder, Any]:
             f"the run was encoded with {meta['model']}"
         )
     modules = weight_modules(model)
-    sm = load_second_moment(meta["v_file"], model) if meta["v_file"] else None
+    V = load_second_moment(meta["v_file"], model) if meta["v_file"] else None
     eps = meta["eps"]
-    if sm is not None and meta.get("factor_v"):
-        sm, eps = factor_second_moment(sm, eps), 0.0
-    if sm is not None and sm.digest != meta["v_digest"]:
+    if V is not None and meta.get("factor_v"):
+        V, eps = factor_second_moment(V, eps), 0.0
+    if V is not None and V.digest != meta["v_digest"]:
         raise TrackStarError(f"{meta['v_file']} has changed since the run was encoded")
-    scales = correction_scales(model, sm, eps, modules)
+    scales = correction_scales(model, V, eps, modules)
     return make_encoder(model, meta["dim"], meta["seed"], scales, meta["path"]), tokenizer
 
 
