@@ -90,7 +90,7 @@ REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES
 # A model named by a shortcut (smollm2) is a package, not a file make can track.
 MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 
-.PHONY: all install test bench lint real clean screenshot sweep
+.PHONY: all install test bench lint real clean screenshot sweep mutants
 .DELETE_ON_ERROR:
 # Indexes are products users query again (`query.py --index ... --prompt`), not intermediates to delete.
 .SECONDARY: $(foreach v,$(VARIANTS),$(RUN)/index-$(v)/index.h5)
@@ -176,6 +176,10 @@ test: .venv/.installed
 bench: .venv/.installed
 	$(PY) bench_encode.py
 	$(PY) bench_index.py
+
+# Each plausible bug in mutants.py applied alone to a scratch copy: do the tests notice? (minutes; not in CI)
+mutants: .venv/.installed
+	$(PY) mutants.py
 
 lint: .venv/.installed
 	$(PY) -m ruff check .

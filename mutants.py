@@ -1,0 +1,129 @@
+"""Mutation check of the test suite: apply one plausible bug at a time to a scratch copy of the project, run
+the tests that should catch it, and report which bugs no test notices (survivors).
+
+    python mutants.py [--only NAME ...] [--list]
+
+Each mutant is a one-line change a careless refactor could make. Not run in CI (minutes per mutant);
+`make mutants` runs them all. A survivor is a hole in the tests, or an equivalent mutant (a change
+that cannot alter any result): the list says which ones we judge equivalent, and why.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+
+ROOT = Path(__file__).resolve().parent
+ENC, IDX, EVAL, CONV = "tests/test_encode.py", "tests/test_index_query.py", "tests/test_evaluate.py", \
+    "tests/test_conventions.py"
+
+# name -> (file, original text, mutated text, tests to run)
+MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
+    "query loss includes the prompt": (
+        "trackstar.py", "return p + t, [IGNORE] * len(p) + t", "return p + t, p + t", [CONV, ENC]),
+    "Adam bias correction dropped": (
+        "trackstar.py", "v = v / (1 - betas[1] ** step)", "v = v", [CONV, ENC]),
+    "eps not squared": (
+        "trackstar.py", 'default_eps = eps * eps if source == "adam" else 0.0',
+        'default_eps = eps if source == "adam" else 0.0', [CONV, ENC]),
+    "BM25 length normalisation changed": (
+        "query.py", "self.norm = bm.k1 * (1 - bm.b + bm.b * doc_len / bm.avgdl)",
+        "self.norm = bm.k1 * (1 - 0.5 + 0.5 * doc_len / bm.avgdl)", [CONV, IDX]),
+    "left padding": (
+        "trackstar.py", "ids[b, : len(x)] = torch.tensor(x)", "ids[b, T - len(x):] = torch.tensor(x)", [CONV, ENC]),
+    "projection variance 1/d per side": (
+        "trackstar.py", "/ math.sqrt(s)", "/ math.sqrt(s * s)", [ENC]),
+    "correction multiplies instead of divides": (
+        "trackstar.py", 's = (V.full[pname] + eps).rsqrt()', 's = (V.full[pname] + eps).sqrt()', [ENC]),
+    "Ledoit–Wolf noise term uses n, not n²": (
+        "index.py", "beta2 = (norm4 / n - frob2) / (n * d)", "beta2 = (norm4 / n - frob2) / d", [IDX]),
+    "λ crossing uses the wrong spectrum": (
+        "index.py", "a, b = float(e_train[k]), float(e_eval[k])", "a, b = float(e_eval[k]), float(e_train[k])", [IDX]),
+    "R^(-1/2) on documents only": (
+        "index.py", "fit.update(corpus_transform=inv_sqrt, query_transform=inv_sqrt)",
+        "fit.update(corpus_transform=inv_sqrt, query_transform=None)", [IDX]),
+    "top-k ties to the higher id": (
+        "query.py", "return (_LOW - 1 - ids).add(order, alpha=_LOW)", "return ids.add(order, alpha=_LOW)", [IDX]),
+    "unit norm skipped on queries": (
+        "query.py", 'matrix, meta["unit_norm"])\n    return q * meta["scale"]',
+        'matrix, False)\n    return q * meta["scale"]', [IDX]),
+    "MRR counts ranks from 0": (
+        "evaluate.py", "for rank, facts in enumerate(retrieved_facts, 1):",
+        "for rank, facts in enumerate(retrieved_facts, 2):", [EVAL]),
+    "tail-patch drops Adam's (1−β1)": (
+        "evaluate.py", "g = (1 - beta1) * g / (v_next + eps).sqrt()", "g = g / (v_next + eps).sqrt()", [EVAL]),
+    "tail-patch divides by the stale v": (
+        "evaluate.py", "v_next = beta2 * v[name].to(g.device) + (1 - beta2) * g * g",
+        "v_next = v[name].to(g.device)", [EVAL]),
+    "tail-patch does not restore the weights": (
+        "evaluate.py", "                params[n].copy_(w)", "                pass", [EVAL]),
+    "resume skips chunks without checking settings": (
+        "encode.py", "        ts.check_same(old, meta, keys,", "        (lambda *a: None)(old, meta, keys,",
+        ["tests/test_encode_cli.py"]),
+    "prepare: facts stated once fewer": (
+        "prepare.py", "remaining[i] -= 1", "remaining[i] -= 2", ["tests/test_prepare.py"]),
+}
+
+
+def scratch_copy() -> Path:
+    """The project without its virtualenv and outputs (linked, not copied: it is read-only here)."""
+    tmp = Path(tempfile.mkdtemp(prefix="mutant-"))
+    shutil.copytree(ROOT, tmp / "repo", ignore=shutil.ignore_patterns(".venv", "runs", "data", ".git", "__pycache__"))
+    (tmp / "repo" / ".venv").symlink_to(ROOT / ".venv")
+    return tmp / "repo"
+
+
+def tests_fail(repo: Path, tests: list[str]) -> bool:
+    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=repo,
+                       capture_output=True, text=True)
+    return r.returncode != 0
+
+
+def run_mutant(name: str) -> bool:
+    """True if the tests kill the mutant (fail with it applied)."""
+    file, old, new, tests = MUTANTS[name]
+    repo = scratch_copy()
+    try:
+        path = repo / file
+        text = path.read_text()
+        if text.count(old) != 1:
+            raise SystemExit(f"mutant {name!r}: its original text is not found exactly once in {file}")
+        path.write_text(text.replace(old, new))
+        return tests_fail(repo, tests)
+    finally:
+        shutil.rmtree(repo.parent, ignore_errors=True)
+
+
+def main(only: list[str] = typer.Option(None, help="Run only these mutants (by name)."),
+         list_: bool = typer.Option(False, "--list", help="List the mutants and exit.")) -> None:
+    names = only or list(MUTANTS)
+    if list_:
+        print("\n".join(names))
+        return
+    # The same tests on an unchanged copy must pass, or every mutant would count as killed.
+    baseline = sorted({test for name in names for test in MUTANTS[name][3]})
+    repo = scratch_copy()
+    try:
+        if tests_fail(repo, baseline):
+            raise SystemExit(f"the tests fail on an unchanged copy ({baseline}): fix them first")
+    finally:
+        shutil.rmtree(repo.parent, ignore_errors=True)
+    survivors = []
+    for name in names:
+        t0 = time.time()
+        killed = run_mutant(name)
+        print(f"{'killed  ' if killed else 'SURVIVED'} {time.time() - t0:5.0f} s  {name}", flush=True)
+        if not killed:
+            survivors.append(name)
+    print(f"kill rate {len(names) - len(survivors)}/{len(names)}" + (f"; survivors: {survivors}" if survivors else ""))
+    raise SystemExit(1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    typer.run(main)
