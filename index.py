@@ -401,7 +401,7 @@ def main(
     dtype: str = typer.Option("float16", help="Storage dtype of the index vectors: float16 | float32."),
     train_sample: int = typer.Option(100000, help="Corpus vectors sampled (seeded, uniform) for R_train."),
     sample_seed: int = typer.Option(0, help="Seed of the R_train sample."),
-    damping: str = typer.Option("1e-3", help="δ = damping · trace(R)/d is added to R's diagonal before "
+    damping: str = typer.Option("auto", help="δ = damping · trace(R)/d is added to R's diagonal before "
                                 "R^(-1/2) (relative to the mean eigenvalue); auto: R_train is first shrunk toward "
                                 f"a scaled identity by its Ledoit–Wolf weight, then δ at {AUTO_DAMPING:g}."),
     block: int = typer.Option(8192, help="Corpus rows transformed at a time (bounds memory)."),

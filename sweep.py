@@ -205,7 +205,7 @@ def main(
     queries: Path = typer.Option(..., help="Queries JSONL (with `fact`)."),
     optimizer_state: str | None = typer.Option(None, help="V for the tail-patch step (default MODEL/optimizer.pt)."),
     lr: float | None = typer.Option(None, help="Tail-patch learning rate (default: the optimizer's final lr)."),
-    damping: str = typer.Option("1e-3", help="Damping of the rows on the d and λ axes (index.py's --damping)."),
+    damping: str = typer.Option("auto", help="Damping of the rows on the d and λ axes (index.py's --damping)."),
     tail_queries: int = typer.Option(40, help="Queries sampled (seeded) for tail-patch at every point."),
     k: int = typer.Option(10, help="Proponents per query."),
     seed: int = typer.Option(0, help="Seed of the R_train samples and the tail-patch query sample."),

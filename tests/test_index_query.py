@@ -336,17 +336,21 @@ def test_numpy_topk_breaks_ties_to_the_lower_position():
 # 6. End to end on fabricated runs
 
 
-def expected_ranking(tmp_path: Path, corpus: Path, queries: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute force from first principles: R from all vectors, λ by the crossing rule, float64."""
+def expected_ranking(tmp_path: Path, corpus: Path, queries: Path, k: int, damping: str = "auto"
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force from first principles: R from all vectors (R_train shrunk by Ledoit–Wolf's definition for
+    damping auto), λ by the crossing rule, float64."""
     _, x = ts.read_vectors(corpus)
     _, q = ts.read_vectors(queries)
     x, q = x.astype(np.float64), q.astype(np.float64)
     R_train, R_eval = x.T @ x / len(x), q.T @ q / len(q)
+    if damping == "auto":
+        R_train = ledoit_wolf_by_definition(x)[0]
     e_train, e_eval = np.linalg.eigvalsh(R_train)[::-1], np.linalg.eigvalsh(R_eval)[::-1]
     kk = min(round(1000 * x.shape[1] / 65536), len(q) - 1)
     lam = e_train[kk] / (e_train[kk] + e_eval[kk])
     R = lam * R_eval + (1 - lam) * R_train
-    R += 1e-3 * np.trace(R) / len(R) * np.eye(len(R))
+    R += (1e-3 if damping == "auto" else float(damping)) * np.trace(R) / len(R) * np.eye(len(R))
     w, V = np.linalg.eigh(R)
     W = (V / np.sqrt(w)) @ V.T
     g = x @ W
@@ -361,15 +365,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_index_then_query_matches_brute_force(tmp_path):
+@pytest.mark.parametrize("damping", ["auto", "1e-3"])
+def test_index_then_query_matches_brute_force(tmp_path, damping):
     corpus, queries = runs(tmp_path)
     ok(invoke(index_cli.app, ["--corpus", corpus, "--queries", queries, "--out", tmp_path / "index",
-                              "--dtype", "float32", "--block", "50"]))
+                              "--dtype", "float32", "--block", "50", "--damping", damping]))
     assert {"hessian.h5", "spectrum.png", "index.h5"} <= {p.name for p in (tmp_path / "index").iterdir()}
     ok(invoke(query_cli.app, ["--index", tmp_path / "index", "--queries", queries, "--out", tmp_path / "p.jsonl",
                               "--k", "10", "--block", "33"]))
     out = read_jsonl(tmp_path / "p.jsonl")
-    want, want_scores = expected_ranking(tmp_path, corpus, queries, 10)
+    want, want_scores = expected_ranking(tmp_path, corpus, queries, 10, damping)
     assert [r["query_id"] for r in out] == [f"q{i}" for i in range(7)]
     for r, ids, scores in zip(out, want, want_scores, strict=True):
         assert [p["id"] for p in r["proponents"]] == [f"doc{i}" for i in ids]
@@ -420,8 +425,8 @@ def test_ablation_variants_score_as_their_formulas(tmp_path, variant):
     x, q = x.astype(np.float64), q.astype(np.float64)
     if variant == "cosine":
         x, q = x / np.linalg.norm(x, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
-    if variant == "trak":  # the whole corpus is the R_train sample here (200 <= 10000)
-        R = x.T @ x / len(x)
+    if variant == "trak":  # the whole corpus is the R_train sample here; default damping: Ledoit–Wolf, then 1e-3
+        R = ledoit_wolf_by_definition(x)[0]
         q = q @ np.linalg.inv(R + 1e-3 * np.trace(R) / len(R) * np.eye(len(R)))
     s = q @ x.T
     for r, row in zip(read_jsonl(tmp_path / "p.jsonl"), s, strict=True):
