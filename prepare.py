@@ -4,17 +4,23 @@ Build the inputs of the TrackStar pipeline: a training corpus, fact queries, and
     python prepare.py factworld --out data/factworld [--seed 0] [--size tiny|small|default]
     python prepare.py lama --out data/lama [--relations P20,P108|all] [--queries 300] [--docs 3000]
 
-`factworld` is the embedded default: a synthetic world of named entities and facts, written as a
-corpus in which each fact is stated in a skewed number of documents (many once, a few up to 20
-times) among distractor sentences, plus a small Llama-style LM (and its byte-level BPE tokenizer)
-trained on that corpus with AdamW. The optimizer state is saved next to the weights, as an HF
-Trainer checkpoint would, so the pipeline can do the paper's optimizer correction and tail-patch.
+`factworld` is the embedded default: a synthetic world of named entities and facts, each fact stated
+in a skewed number of documents (many once, a few up to 20 times) among distractor sentences, mixed
+into a majority of generic text (short Tiny Shakespeare passages), plus a small Llama-style LM (and
+its byte-level BPE tokenizer) trained on that mixture with AdamW. The mixture is the paper's regime:
+its corpus is pretraining text with the fact documents inside it, and TrackStar's R_train (the
+Hessian approximation fitted on training gradients) must be fitted from many more training vectors
+than the projection dimension d (the default corpus has N >= 8 * 2048 documents) and must see the
+common directions of generic text, which it then down-weights. Training shows the documents that
+state a fact 3 times per epoch, so that the model learns its facts in a few CPU minutes. The
+optimizer state is saved next to the weights, as an HF Trainer checkpoint would, so the pipeline
+can do the paper's optimizer correction and tail-patch.
 
 `lama` converts LAMA T-REx (Wikipedia sentences aligned with Wikidata facts, the provenance of the
 paper's closed-set evaluation) into the same corpus/queries format, for use with a real model.
 
-Formats (DESIGN.md section 3):
-    corpus.jsonl   {"id": str, "text": str, "facts": [fact_id, ...]}
+Formats:
+    corpus.jsonl   {"id": str, "text": str, "facts": [fact_id, ...]}   (generic text: "facts": [])
     queries.jsonl  {"id": str, "prompt": str, "target": str, "fact": fact_id}
 The target starts with a space and the prompt has none at its end, so that
 tok(prompt) + tok(target) is the tokenization of prompt + target for a byte-level BPE.
@@ -39,6 +45,7 @@ from typing import NoReturn
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0].strip())
+REPO = Path(__file__).resolve().parent
 
 # -----------------------------------------------------------------------------
 # shared I/O: clear errors, and outputs that are either whole or absent
@@ -202,6 +209,7 @@ class WorldSize:
     companies: int
     languages: int
     queries: int  # number of facts sampled as queries
+    generic: int  # generic-text documents (Shakespeare passages) mixed in with the fact world's
     steps: int  # training steps
     batch: int  # documents per step
 
@@ -212,11 +220,11 @@ class WorldSize:
 
 SIZES = {
     "tiny": WorldSize(persons=40, cities=16, countries=5, companies=8, languages=4,
-                      queries=30, steps=500, batch=16),
+                      queries=30, generic=1200, steps=700, batch=16),
     "small": WorldSize(persons=100, cities=40, countries=10, companies=20, languages=6,
-                       queries=100, steps=900, batch=24),
+                       queries=100, generic=6000, steps=1200, batch=32),
     "default": WorldSize(persons=280, cities=80, countries=20, companies=40, languages=12,
-                         queries=200, steps=1600, batch=32),
+                         queries=200, generic=15500, steps=2800, batch=32),
 }
 MAX_COUNT = 20  # the most documents that state one fact
 ZIPF_A = 1.5  # P(fact stated in c documents) ~ c^-a: many facts once, few facts many times
@@ -308,8 +316,9 @@ def filler_document(rng: random.Random, ents: dict[str, list[str]]) -> str:
 
 
 def make_documents(rng: random.Random, facts: list[Fact], counts: list[int],
-                   ents: dict[str, list[str]]) -> list[dict]:
-    """Documents of 1-4 sentences: a fact statement, more facts about the same subject, distractors.
+                   ents: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
+    """(text, fact ids) of documents of 1-4 sentences: a fact statement, more facts about the same
+    subject, distractors; plus filler documents about the entities that state no fact.
 
     Each fact is stated in exactly counts[i] distinct documents, each time with a random paraphrase.
     """
@@ -341,9 +350,44 @@ def make_documents(rng: random.Random, facts: list[Fact], counts: list[int],
         docs.append(doc)
     n_filler = round(len(docs) * FILLER_DOCS / (1 - FILLER_DOCS))
     docs += [[(filler_document(rng, ents), None)] for _ in range(n_filler)]
-    rng.shuffle(docs)
-    return [{"id": f"doc-{i:05d}", "text": " ".join(text for text, _ in doc),
-             "facts": [fid for _, fid in doc if fid is not None]} for i, doc in enumerate(docs)]
+    return [(" ".join(text for text, _ in doc), [fid for _, fid in doc if fid is not None]) for doc in docs]
+
+
+# -----------------------------------------------------------------------------
+# generic text: the pretraining-like majority of the corpus
+
+# Tiny Shakespeare (public domain), a copy of karpathy/char-rnn data/tinyshakespeare/input.txt
+SHAKESPEARE = REPO / "corpora" / "tinyshakespeare.txt"
+# about a fact document's length (~22 tokens on average); the text is ASCII and a byte-level BPE token
+# covers at least one byte, so a passage is at most PASSAGE_CHARS + 1 (BOS) tokens, under MAX_POSITIONS
+PASSAGE_CHARS = 88
+
+
+def passages(text: str, max_chars: int = PASSAGE_CHARS) -> list[str]:
+    """Distinct passages of consecutive lines of one speech (speeches are separated by blank lines),
+    joined by spaces and packed up to max_chars. A passage never spans two speeches."""
+    out: list[str] = []
+    for speech in text.split("\n\n"):
+        cur = ""
+        for line in filter(None, (" ".join(raw.split()) for raw in speech.splitlines())):
+            if cur and len(cur) + 1 + len(line) > max_chars:
+                out.append(cur)
+                cur = ""
+            cur = f"{cur} {line}" if cur else line
+        if cur:
+            out.append(cur)
+    return list(dict.fromkeys(out))  # a repeated line ("All: Ay.") would be two identical documents
+
+
+def generic_documents(rng: random.Random, n: int) -> list[str]:
+    """n distinct passages of the shipped Tiny Shakespeare, drawn by the seed."""
+    try:
+        pool = passages(SHAKESPEARE.read_text(encoding="utf-8"))
+    except OSError as e:
+        fail(f"cannot read the generic text {SHAKESPEARE}: {e}")
+    if n > len(pool):
+        fail(f"{SHAKESPEARE.name} has {len(pool)} passages, {n} requested")
+    return rng.sample(pool, n)
 
 
 def sample_queries(rng: random.Random, facts: list[Fact], doc_count: Counter, n: int) -> list[dict]:
@@ -372,7 +416,10 @@ def build_world(seed: int, size: WorldSize) -> tuple[list[Fact], list[dict], lis
     rng = random.Random(seed)
     ents = make_entities(rng, size)
     facts = make_facts(rng, ents)
-    corpus = make_documents(rng, facts, fact_counts(rng, len(facts)), ents)
+    docs = make_documents(rng, facts, fact_counts(rng, len(facts)), ents)
+    docs += [(text, []) for text in generic_documents(rng, size.generic)]
+    rng.shuffle(docs)  # a document's id or position says nothing about its kind
+    corpus = [{"id": f"doc-{i:05d}", "text": text, "facts": fids} for i, (text, fids) in enumerate(docs)]
     doc_count = Counter(fid for doc in corpus for fid in doc["facts"])
     queries = sample_queries(rng, facts, doc_count, size.queries)
     return facts, corpus, queries
@@ -384,7 +431,7 @@ def build_world(seed: int, size: WorldSize) -> tuple[list[Fact], list[dict], lis
 
 SPECIAL = ["<pad>", "<s>", "</s>"]
 VOCAB_SIZE = 1536
-MAX_POSITIONS = 128  # documents are at most 4 sentences: ~60 tokens
+MAX_POSITIONS = 128  # fact documents are at most 4 sentences (< 90 tokens), generic ones PASSAGE_CHARS bytes
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
@@ -425,7 +472,11 @@ def make_model(tok, seed: int):
 class TrainSettings:
     steps: int
     batch: int
-    peak_lr: float = 3e-3
+    peak_lr: float = 2e-3
+    # An epoch shows each document that states a fact this many times and every other document once,
+    # as pretraining mixtures upsample their small, high-quality sources: with generic text the
+    # majority, one pass each would show a fact too rarely to learn it in a CPU-sized budget.
+    fact_repeats: int = 3
     min_lr_ratio: float = 0.1  # cosine decay to 10% of peak, a common pretraining schedule
     warmup_frac: float = 0.05
     weight_decay: float = 0.01
@@ -455,12 +506,14 @@ def pad_batch(seqs: list[list[int]], pad_id: int):
     return ids, mask
 
 
-def length_grouped_batches(lengths: list[int], batch: int, rng) -> Iterator[list[int]]:
+def length_grouped_batches(lengths: list[int], repeats: list[int], batch: int, rng) -> Iterator[list[int]]:
     """Endless epochs of shuffled batches in which documents of similar length go together (as HF's
-    group_by_length does), so that little compute is spent on padding; every document once per epoch."""
+    group_by_length does), so that little compute is spent on padding; document i repeats[i] times
+    per epoch."""
     group = 50 * batch
+    pool = [i for i, r in enumerate(repeats) for _ in range(r)]
     while True:
-        perm = rng.permutation(len(lengths)).tolist()
+        perm = [pool[j] for j in rng.permutation(len(pool))]
         epoch = []
         for g in range(0, len(perm), group):
             chunk = sorted(perm[g : g + group], key=lambda i: lengths[i])
@@ -468,7 +521,7 @@ def length_grouped_batches(lengths: list[int], batch: int, rng) -> Iterator[list
         yield from (epoch[i] for i in rng.permutation(len(epoch)))
 
 
-def train(model, tok, texts: list[str], s: TrainSettings, seed: int):
+def train(model, tok, texts: list[str], repeats: list[int], s: TrainSettings, seed: int):
     """AdamW over the corpus, one param group over list(model.parameters()) as HF Trainer builds it,
     so optimizer state index i is the i-th entry of model.named_parameters(). Bit-identical from run
     to run on one machine; other CPUs or thread counts may differ by float rounding."""
@@ -484,7 +537,7 @@ def train(model, tok, texts: list[str], s: TrainSettings, seed: int):
     opt = torch.optim.AdamW(list(model.parameters()), lr=s.peak_lr, betas=s.betas, eps=s.eps,
                             weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s))
-    batches = length_grouped_batches([len(q) for q in seqs], s.batch, np.random.default_rng(seed))
+    batches = length_grouped_batches([len(q) for q in seqs], repeats, s.batch, np.random.default_rng(seed))
     losses: list[float] = []
     model.train()
     bar = tqdm(range(s.steps), desc="train", unit="step")
@@ -559,7 +612,7 @@ def tokenization_mismatches(tok, queries: list[dict]) -> int:
 def factworld(
     out: Path = typer.Option(..., help=OUT_HELP),
     seed: int = typer.Option(0, help="seeds the world, the model's initialisation and the batch order"),
-    size: str = typer.Option("default", help="tiny (CI, ~450 docs) | small (~1150) | default (~2950)"),
+    size: str = typer.Option("default", help="tiny (CI, ~1650 docs) | small (~7150) | default (~18450)"),
     steps: int = typer.Option(None, help="training steps (default: set by --size)"),
     no_train: bool = typer.Option(False, "--no-train", help="write corpus, queries and world.json only"),
 ) -> None:
@@ -576,12 +629,15 @@ def factworld(
     facts, corpus, queries = build_world(seed, ws)
     doc_count = Counter(fid for doc in corpus for fid in doc["facts"])
     stated = [f for f in facts if doc_count[f.id] > 0]
+    n_fact = sum(bool(d["facts"]) for d in corpus)
     print(f"world: {sum(ws.entities().values())} entities, {len(RELATIONS)} relations, {len(facts)} facts "
-          f"({len(stated)} stated), {len(corpus)} documents, {len(queries)} queries")
+          f"({len(stated)} stated), {len(corpus)} documents ({n_fact} state a fact, {ws.generic} generic text), "
+          f"{len(queries)} queries")
     info = {
         "seed": seed, "size": size, "entities": ws.entities(), "relations": len(RELATIONS),
         "facts": len(facts), "stated_facts": len(stated), "documents": len(corpus),
-        "filler_documents": sum(not d["facts"] for d in corpus), "queries": len(queries),
+        "fact_documents": n_fact, "filler_documents": len(corpus) - n_fact - ws.generic,  # about entities, no fact
+        "generic_documents": ws.generic, "queries": len(queries),
         "facts_by_bucket": {b: sum(lo <= doc_count[f.id] <= hi for f in stated) for b, lo, hi in BUCKETS},
     }
     tmp = staging_dir(out)
@@ -611,7 +667,8 @@ def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queri
     if bad:
         print(f"warning: {bad} queries tokenize differently split at the target than whole")
     model = make_model(tok, seed)
-    opt, losses = train(model, tok, texts, s, seed)
+    repeats = [s.fact_repeats if d["facts"] else 1 for d in corpus]
+    opt, losses = train(model, tok, texts, repeats, s, seed)
     pairs = [f.query() for f in facts]
     correct = dict(zip([f.id for f in facts], greedy_correct(model, tok, pairs), strict=True))
     table = accuracy_by_bucket([f for f in facts if doc_count[f.id] > 0], doc_count, correct,
@@ -640,7 +697,6 @@ def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queri
 # -----------------------------------------------------------------------------
 # LAMA T-REx converter
 
-REPO = Path(__file__).resolve().parent
 TREX = REPO.parent / "shared" / "data" / "lama_trex"
 PARAREL = REPO.parent / "shared" / "data" / "pararel_patterns"
 

@@ -1,5 +1,6 @@
-"""prepare.py: the synthetic fact world (deterministic, skewed, with a trained model and its optimizer
-state) and the LAMA T-REx converter (every query has evidence, no [MASK], prompts follow the template)."""
+"""prepare.py: the synthetic fact world (deterministic, skewed, mixed into a majority of generic text, with a
+trained model and its optimizer state) and the LAMA T-REx converter (every query has evidence, no [MASK],
+prompts follow the template)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,15 @@ def fact_frequencies(corpus: list[dict]) -> Counter:
     return Counter(f for doc in corpus for f in doc["facts"])
 
 
+def shakespeare() -> str:
+    """The shipped generic text, whitespace-normalised (a passage joins its lines with spaces)."""
+    return " ".join((ROOT / "corpora" / "tinyshakespeare.txt").read_text(encoding="utf-8").split())
+
+
+def is_generic(doc: dict, passages: set[str]) -> bool:
+    return doc["text"] in passages
+
+
 # -----------------------------------------------------------------------------
 # fact world: the corpus
 
@@ -75,9 +85,11 @@ def test_every_query_fact_is_stated_and_frequencies_are_skewed(worlds, world):
 def test_documents_state_their_facts_and_queries_are_well_formed(worlds):
     corpus = read_jsonl(worlds["default"] / "corpus.jsonl")
     queries = read_jsonl(worlds["default"] / "queries.jsonl")
-    assert 2000 <= len(corpus) <= 3000 and 150 <= len(queries) <= 250
+    passages = set(prepare.passages(prepare.SHAKESPEARE.read_text(encoding="utf-8")))
+    world = [doc for doc in corpus if not is_generic(doc, passages)]  # the fact world's own documents
+    assert 2000 <= len(world) <= 3500 and 150 <= len(queries) <= 250
     facts = {f.id: f for f in prepare.build_world(0, prepare.SIZES["default"])[0]}
-    for doc in corpus:
+    for doc in world:
         assert 1 <= doc["text"].count(".") <= 4
         for fid in doc["facts"]:  # the subject and object are both named in the document
             assert facts[fid].subject in doc["text"] and facts[fid].object in doc["text"]
@@ -87,10 +99,46 @@ def test_documents_state_their_facts_and_queries_are_well_formed(worlds):
 
 
 def test_world_sizes_match_their_budgets(worlds):
-    assert 300 <= len(read_jsonl(worlds["a"] / "corpus.jsonl")) <= 500
+    assert 1500 <= len(read_jsonl(worlds["a"] / "corpus.jsonl")) <= 2500
     assert 25 <= len(read_jsonl(worlds["a"] / "queries.jsonl")) <= 35
     info = json.loads((worlds["default"] / "world.json").read_text())
     assert info["seed"] == 0 and info["size"] == "default" and info["relations"] == len(prepare.RELATIONS)
+    # R_train is fitted from the corpus's gradients: many more of them than the projection dimension d = 2048
+    assert info["documents"] >= 8 * 2048
+
+
+@pytest.mark.parametrize("world", ["a", "default"])
+def test_world_mixes_in_a_majority_of_generic_shakespeare(worlds, world):
+    corpus = read_jsonl(worlds[world] / "corpus.jsonl")
+    info = json.loads((worlds[world] / "world.json").read_text())
+    passages = set(prepare.passages(prepare.SHAKESPEARE.read_text(encoding="utf-8")))
+    generic = [doc for doc in corpus if is_generic(doc, passages)]
+    assert len(generic) == info["generic_documents"] == prepare.SIZES[info["size"]].generic
+    assert info["generic_documents"] + info["fact_documents"] + info["filler_documents"] == len(corpus)
+    assert info["fact_documents"] == sum(bool(doc["facts"]) for doc in corpus)
+    assert len(generic) > len(corpus) / 2 and all(not doc["facts"] for doc in generic)
+    assert all(len(doc["text"]) <= prepare.PASSAGE_CHARS for doc in generic)  # within MAX_POSITIONS tokens
+    ids = [doc["id"] for doc in corpus]
+    assert ids == [f"doc-{i:05d}" for i in range(len(corpus))]
+    kinds = [is_generic(doc, passages) for doc in corpus]
+    assert sum(kinds[: len(kinds) // 2]) > len(generic) / 3, "generic text is shuffled in, not appended"
+    if world == "a":  # each passage is Shakespeare's own text (the default world's is too slow to scan)
+        text = shakespeare()
+        assert all(doc["text"] in text for doc in generic)
+
+
+def test_generic_passages_are_whole_lines_of_one_speech():
+    text = "A:\nOne line.\nTwo  lines here.\n\nB:\nThree.\n\nA:\nOne line.\n"
+    assert prepare.passages(text, max_chars=20) == ["A: One line.", "Two lines here.", "B: Three."]
+
+
+def test_an_epoch_shows_each_document_its_number_of_repeats():
+    import numpy as np
+
+    lengths, repeats = [5, 9, 2, 7, 3, 8], [1, 3, 1, 2, 1, 1]
+    batches = prepare.length_grouped_batches(lengths, repeats, 4, np.random.default_rng(0))
+    epoch = [next(batches) for _ in range(-(-sum(repeats) // 4))]  # one group: ceil(9 / 4) batches
+    assert Counter(i for b in epoch for i in b) == dict(enumerate(repeats))
 
 
 # -----------------------------------------------------------------------------
@@ -151,14 +199,15 @@ def test_model_and_tokenizer_load_offline_and_split_at_the_target(trained):
         assert whole[0] == tok.bos_token_id and tok.eos_token_id not in whole
 
 
-@pytest.mark.slow  # ~10 s on 2 idle cores, several times that on busy ones
+@pytest.mark.slow  # ~30 s on 2 idle cores, several times that on busy ones
 def test_tiny_world_model_learns_its_frequent_facts(tmp_path):
-    out = run("factworld", "--out", tmp_path / "w", "--size", "tiny", "--steps", 300)  # 10 epochs
+    out = run("factworld", "--out", tmp_path / "w", "--size", "tiny")
     assert "docs stating the fact" in out  # the accuracy table is printed
     info = json.loads((tmp_path / "w" / "world.json").read_text())
     acc = {row["bucket"]: row["accuracy"] for row in info["accuracy_by_bucket"]}
     assert acc["8+"] >= 0.8 and acc["8+"] > acc["1"]
-    assert info["final_loss"] < 1.5
+    assert info["final_loss"] < 3.5  # ln(vocab) = 7.3 at the start; generic text keeps it well above 0
+    assert info["tokenizer"]["split_mismatches"] == 0
 
 
 # -----------------------------------------------------------------------------
