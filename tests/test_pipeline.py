@@ -41,6 +41,34 @@ def test_make_all_prints_the_ablation_table(tiny_run):
 
 
 @pytest.mark.slow
+def test_tail_patch_is_a_valid_probe_on_the_ci_world(tiny_run):
+    """Stepping on the documents that state a fact raises p(target), on average over all queries: the probe
+    that ranks the methods must score the ground truth above zero."""
+    run, _ = tiny_run
+    results = json.loads((run / "results.json").read_text())
+    assert results["summary"]["truth"]["dp"] > 0 and results["summary"]["truth"]["dlogp"] > 0
+    assert "lr·(1−β1)" in results["settings"]["step"]
+
+
+@pytest.mark.slow
+def test_make_sweep_writes_its_figures_and_table_into_the_report(tiny_run):
+    run, _ = tiny_run
+    cmd = ["make", "-C", str(ROOT), "sweep", "SIZE=tiny", f"DATA={run.parent}/data", f"RUN={run}",
+           f"PY={sys.executable}", "DIM=1024", "SWEEP_TAIL_QUERIES=4"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sweep = json.loads((run / "sweep" / "sweep.json").read_text())
+    assert set(sweep["axes"]) == {"d", "n_train", "damping", "lambda"}
+    assert sorted({p["x"] for p in sweep["axes"]["d"]}, key=int) == ["128", "256", "512", "1024"]
+    assert {p["x"] for p in sweep["axes"]["damping"]} >= {"auto", "1e-3"}
+    assert {"0.9", "0.99", "auto"} <= {p["x"] for p in sweep["axes"]["lambda"]}
+    for axis in sweep["axes"]:
+        assert (run / "sweep" / f"sweep-{axis}.png").read_bytes()[:4] == b"\x89PNG"
+    html = (run / "report.html").read_text()
+    assert "<h2 id='sweep'>" in html and html.count("data:image/png;base64,") >= 4 + 1  # + the results chart
+
+
+@pytest.mark.slow
 def test_rerunning_make_all_rebuilds_nothing(tiny_run):
     run, _ = tiny_run
     cmd = ["make", "-C", str(ROOT), "-q", "all", "SIZE=tiny", f"DATA={run.parent}/data", f"RUN={run}",
@@ -55,7 +83,8 @@ def test_rerunning_make_all_rebuilds_nothing(tiny_run):
 def test_report_renders_in_headless_chromium(tiny_run):
     run, _ = tiny_run
     html = (run / "report.html").read_text()
-    assert "<table" in html and "TrackStar" in html
+    assert "<table" in html and "TrackStar" in html and 'src="data:image/png;base64,' in html
+    assert "<pre>" not in html
     cmd = ["make", "-C", str(ROOT), "screenshot", "SIZE=tiny", f"DATA={run.parent}/data", f"RUN={run}",
            f"PY={sys.executable}", "DIM=1024"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
