@@ -5,7 +5,11 @@
 R = λ·R_eval + (1−λ)·R_train, where R_train is the second moment of a seeded sample of corpus
 vectors g(m) and R_eval that of the query vectors g(q). The index holds every corpus vector as
 Ḡ(m) = (R + δI)^(-1/2) g(m) / ||·||, and records what query.py must apply to a query vector so
-that score(m, q) = Ḡ(m) · Ḡ(q). Outputs, in RUN/index:
+that score(m, q) = Ḡ(m) · Ḡ(q). With --damping auto (the default) R_train is first shrunk toward its
+scaled identity by the Ledoit–Wolf weight estimated from the sample (≈ 0 when the sample is much
+larger than d): on the demo's sweep this keeps attribution stable at any sample size, where a plain
+small δ collapses when the sample holds about d vectors. Without --queries, R = R_train (a corpus
+with no query set yet). Outputs, in RUN/index:
 
     hessian.h5     λ, k, the spectra of R_train, R_eval and R + δI, R^(-1/2) (and TRAK's R^(-1)), settings
     spectrum.png   the sorted spectra of λ·R_eval and (1−λ)·R_train, crossing marked
@@ -19,7 +23,7 @@ The rows of the ablation table are flag combinations:
     + optimizer corr.    --hessian none
     + R_train            --hessian train
     + R_eval             --hessian eval
-    TrackStar            (defaults: --hessian mixed --lam auto)
+    TrackStar            (defaults: --hessian mixed --lam auto --damping auto)
 """
 
 from __future__ import annotations
