@@ -69,6 +69,21 @@ def test_world_is_deterministic_for_a_seed_and_differs_across_seeds(worlds):
     assert (worlds["a"] / "corpus.jsonl").read_bytes() != (worlds["c"] / "corpus.jsonl").read_bytes()
 
 
+def test_each_fact_is_stated_in_exactly_its_drawn_number_of_documents(monkeypatch):
+    """The frequency a fact is drawn with is the number of distinct documents that state it (the skew the
+    accuracy-by-bucket table and the query buckets rely on), companions included."""
+    drawn = {}
+
+    def counts(rng, n):
+        drawn["counts"] = [1 + (i * 7) % 5 for i in range(n)]  # 1..5, known in advance
+        return drawn["counts"]
+
+    monkeypatch.setattr(prepare, "fact_counts", counts)
+    facts, corpus, _ = prepare.build_world(0, prepare.SIZES["tiny"])
+    stated = Counter(fid for doc in corpus for fid in set(doc["facts"]))
+    assert [stated[f.id] for f in facts] == drawn["counts"]
+
+
 @pytest.mark.parametrize("world", ["a", "default"])
 def test_every_query_fact_is_stated_and_frequencies_are_skewed(worlds, world):
     corpus = read_jsonl(worlds[world] / "corpus.jsonl")
