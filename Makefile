@@ -86,6 +86,8 @@ REAL_DAMPING  ?= $(DAMPING)
 REAL_ESTIMATE ?= 256
 REAL_LR       ?= 1e-4
 REAL_TAIL_QUERIES ?= 50
+# A 135M model with a 49k vocabulary: 4,096 padded tokens a batch keeps encode and the V estimate within ~10 GB.
+REAL_TOKEN_BUDGET ?= 4096
 REAL_RELATIONS ?= all
 REAL_DATA     ?= $(DATA)/lama-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES)-d$(REAL_DOCS)
 REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES)-d$(REAL_DOCS)
@@ -162,7 +164,7 @@ $(LAMA):
 real: $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl
 	$(MAKE) all MODEL=smollm2 CORPUS=$(REAL_DATA)/corpus.jsonl QUERIES=$(REAL_DATA)/queries.jsonl \
 	    ESTIMATE_V=$(REAL_ESTIMATE) LR=$(REAL_LR) DIM=$(REAL_DIM) RUN=$(REAL_RUN) ENCODE_EXTRA=--factor-v \
-	    TAIL_QUERIES=$(REAL_TAIL_QUERIES) DAMPING=$(REAL_DAMPING)
+	    TAIL_QUERIES=$(REAL_TAIL_QUERIES) DAMPING=$(REAL_DAMPING) TOKEN_BUDGET=$(REAL_TOKEN_BUDGET)
 
 # The evidence for the defaults: d, the R_train sample, damping and λ against MRR, recall@10 and tail-patch,
 # from the encodings `make all` made (nothing is re-encoded). Figures land in $(RUN)/sweep and report.html.

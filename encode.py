@@ -11,6 +11,8 @@ torchrun or --shard/--num-shards each process encodes chunks i with i % n == sha
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import random
 from collections.abc import Iterator
@@ -49,6 +51,7 @@ def second_moment(
     no_correction: bool,
     data: Path,
     max_length: int,
+    token_budget: int,
     seed: int,
 ) -> tuple[ts.SecondMoment | None, str | None]:
     """Where V comes from: a state file, an estimate over a corpus sample (cached in OUT), or none."""
@@ -60,7 +63,7 @@ def second_moment(
     if estimate_v > 0:
         v_file = out / "second_moment.pt"
         if not v_file.exists():
-            estimate_to_file(model, tokenizer, data, estimate_v, max_length, seed, v_file)
+            estimate_to_file(model, tokenizer, data, estimate_v, max_length, token_budget, seed, v_file)
         return ts.load_second_moment(str(v_file), model), str(v_file.resolve())
     if optimizer_state is None:
         default = Path(model.trackstar_path) / "optimizer.pt"
@@ -94,110 +97,117 @@ def estimate_second_moment(model: nn.Module, batches: Iterator[dict[str, torch.T
     return {n: (x / max(count, 1)).cpu() for n, x in v.items()}
 
 
-def estimate_to_file(model, tokenizer, data: Path, n: int, max_length: int, seed: int, v_file: Path) -> None:
-    """V from mean squared minibatch gradients over a seeded sample of n documents."""
+def estimate_to_file(model, tokenizer, data: Path, n: int, max_length: int, token_budget: int, seed: int,
+                     v_file: Path) -> None:
+    """V from mean squared minibatch gradients over a seeded sample of n documents.
+
+    Minibatches hold at most 8 documents of similar length and at most `token_budget` padded tokens:
+    a plain backward keeps every layer's activations and the B·T·vocab logits, so one long document
+    in a fixed batch of 8 once took 24 GB on SmolLM2.
+    """
     rows = ts.read_jsonl(data, "corpus")
     sample = random.Random(seed).sample(rows, min(n, len(rows)))
     tokenized, _ = ts.tokenize_rows(tokenizer, sample, "corpus", max_length)
     dev = next(model.parameters()).device
-    batch_size = 8
-    batches = (ts.collate(tokenized[i : i + batch_size], dev) for i in range(0, len(tokenized), batch_size))
-    bar = tqdm(batches, total=-(-len(tokenized) // batch_size), desc="estimate V", unit="batch")
-    v = estimate_second_moment(model, bar)
-    source = f"estimate(n={len(sample)}, batch={batch_size}, seed={seed}, data={ts.file_digest(data)})"
+    groups = ts.length_batches([len(ids) for ids, _ in tokenized], token_budget, max_batch=8)
+    batches = (ts.collate([tokenized[i] for i in idx], dev) for idx in groups)
+    v = estimate_second_moment(model, tqdm(batches, total=len(groups), desc="estimate V", unit="batch"))
+    source = (f"estimate(n={len(sample)}, batch<=8 docs and {token_budget} tokens, seed={seed}, "
+              f"data={ts.file_digest(data)})")
     with ts.atomic_path(v_file) as tmp:
         torch.save({"second_moment": v, "source": source, "lr": None}, tmp)
 
 
-def check_resume(out: Path, meta: dict) -> None:
+def modules_digest(modules: list) -> str:
+    """Identity of the traced modules and their shapes (part of the projection's definition)."""
+    desc = ";".join(f"{n}{tuple(m.weight.shape)}" for n, m, _, _ in modules)
+    return f"{len(modules)} matrices/" + hashlib.sha256(desc.encode()).hexdigest()[:12]
+
+
+def check_resume(out: Path, run: ts.RunSettings) -> None:
     """A rerun into an existing directory must have exactly the same settings."""
     if (out / "meta.json").exists():
         old = ts.read_meta(out)
-        keys = sorted((set(old) | set(meta)) - {"data", "model_path", "v_file"})  # paths may move; digests may not
-        ts.check_same(old, meta, keys, f"existing run {out}", "this run")
+        keys = [f.name for f in dataclasses.fields(run) if f.name not in ("data", "model_path", "v_file")]
+        ts.check_same(old, run, keys, f"existing run {out}", "this run")  # paths may move; digests may not
 
 
-def encode(kind: str, model_dir: str, data: Path, out: Path, dim: int, seed: int, optimizer_state: str | None,
-           estimate_v: int, no_correction: bool, eps: float | None, factor_v: bool, path: str,
-           max_length: int | None, token_budget: int, chunk_size: int, also_uncorrected: bool, dtype: str, device: str,
-           shard: int | None, num_shards: int | None) -> None:
+@app.command()
+def main(
+    kind: str = typer.Argument(..., help="corpus (loss on every token) | queries (on the target given the prompt)."),
+    model: str = typer.Option(..., help="Hugging Face model directory (config + weights, or a .gguf file)."),
+    data: Path = typer.Option(..., help=f"Input JSONL, one object a line. corpus: {FIELDS['corpus']}; "
+                              f"queries: {FIELDS['queries']}."),
+    out: Path = typer.Option(..., help="Output directory of HDF5 chunks (resumed if it exists)."),
+    dim: int = typer.Option(65536, help="Projection dimension d (a power of two; the paper: 2^16)."),
+    seed: int = typer.Option(0, help="Projection seed (and V-estimate sample seed)."),
+    optimizer_state: str | None = typer.Option(
+        None, help="Optimizer state: torch/HF optimizer.pt (Adam or Adafactor) or name->tensor file. "
+        "Default: MODEL/optimizer.pt if present."),
+    estimate_v: int = typer.Option(0, help="Estimate V from N corpus documents (no saved optimizer state)."),
+    no_correction: bool = typer.Option(False, help="No optimizer correction (V = none; ablations)."),
+    eps: float | None = typer.Option(None, help="eps in sqrt(V + eps). Default: Adam's eps², else 1e-3·mean V."),
+    factor_v: bool = typer.Option(False, help="Replace a full V by Adafactor's rank-1 factors (row and column "
+                                  "means), so the factored gradient applies: ~a training step's cost."),
+    gradient: str = typer.Option("auto", help="How per-example gradients are formed: auto | factored (project "
+                                 "δ and x, never form ∇W; needs no V or a rank-one V) | exact (form ∇W, divide by "
+                                 "sqrt(V + eps), project)."),
+    max_length: int | None = typer.Option(None, help="Max tokens per example (default: model context)."),
+    token_budget: int = typer.Option(8192, help="Max padded tokens per batch."),
+    chunk_size: int = typer.Option(1024, help="Examples per HDF5 chunk (the unit of resume and sharding)."),
+    also_uncorrected: bool = typer.Option(False, help="Also write the uncorrected projection (one model pass)."),
+    dtype: str = typer.Option("float32", help="Model compute dtype: float32 | bfloat16 | float16."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    shard: int | None = typer.Option(None, help="This process's shard index."),
+    num_shards: int | None = typer.Option(None, help="Number of shards (default: torchrun WORLD_SIZE or 1)."),
+) -> None:
+    """Encode a corpus or a query set into g(z) = P · ∇θL(z) / sqrt(V + eps), one HDF5 chunk at a time."""
+    if kind not in LOSS:
+        raise ts.TrackStarError(f"KIND must be corpus or queries, got {kind!r}")
+    if gradient not in ("auto", "factored", "exact"):
+        raise ts.TrackStarError(f"--gradient must be auto, factored or exact, got {gradient!r}")
     rank, world = resolve_shard(shard, num_shards)
     rows = ts.read_jsonl(data, kind)  # every line validated before anything is written
-    model, tokenizer = ts.load_model(model_dir, dtype, ts.pick_device(device))
-    max_length = min(max_length or ts.context_length(model), ts.context_length(model))
+    mdl, tokenizer = ts.load_model(model, dtype, ts.pick_device(device))
+    max_length = min(max_length or ts.context_length(mdl), ts.context_length(mdl))
     tokenized, truncated = ts.tokenize_rows(tokenizer, rows, kind, max_length)
     if truncated:
         typer.echo(f"truncated {len(truncated)} documents to {max_length} tokens (lines {truncated[:10]}...)")
-    modules = ts.weight_modules(model)
-    V, v_file = second_moment(model, tokenizer, out, optimizer_state, estimate_v, no_correction,
-                               data, max_length, seed)
-    eps = ts.default_eps(V, [p for _, _, p, _ in modules]) if (V is not None and eps is None) else (eps or 0.0)
-    if factor_v and V is not None:
-        V = ts.factor_second_moment(V, eps)  # eps is folded into the factors
-    scales = ts.correction_scales(model, V, 0.0 if factor_v else eps, modules)
-    enc = ts.make_encoder(model, dim, seed, scales, path, also_uncorrected)
-    n_chunks = -(-len(rows) // chunk_size)
-    meta = {
-        "tool": f"trackstar {ts.VERSION}", "kind": kind, "loss": LOSS[kind],
-        "data": str(data.resolve()), "data_digest": ts.file_digest(data), "n_examples": len(rows),
-        "chunk_size": chunk_size, "n_chunks": n_chunks, "token_budget": token_budget,
-        "datasets": ["vectors", "vectors_uncorrected"] if enc.also_uncorrected else ["vectors"],
-        "model": model.trackstar_fingerprint, "model_path": model.trackstar_path, "dtype": dtype,
-        "max_length": max_length, "truncated": len(truncated),
-        "dim": dim, "seed": seed, "factors": list(ts.factor_dims(dim)), "modules": ts.modules_digest(modules),
-        "path": enc.path, "correction": V.source if V else "none", "v_digest": V.digest if V else None,
-        "v_file": v_file, "eps": eps, "lr": V.lr if V else None, "factor_v": factor_v,
-    }
-    check_resume(out, meta)
-    ts.write_json(out / "meta.json", meta)
+    modules = ts.weight_modules(mdl)
+    V, v_file = second_moment(mdl, tokenizer, out, optimizer_state, estimate_v, no_correction,
+                              data, max_length, token_budget, seed)
+    if V is not None and eps is None:
+        eps = ts.default_eps(V, [p for _, _, p, _ in modules])
+    applied, _ = ts.applied_second_moment(V, eps or 0.0, factor_v)
+    if gradient == "auto":  # the factored gradient is exact for no V and for a rank-one V
+        gradient = "factored" if applied is None or all(isinstance(v, ts.RankOne) for v in applied.values.values()) \
+            else "exact"
+    run = ts.RunSettings(
+        tool=f"trackstar {ts.VERSION}", kind=kind, loss=LOSS[kind],
+        data=str(data.resolve()), data_digest=ts.file_digest(data), n_examples=len(rows),
+        chunk_size=chunk_size, n_chunks=-(-len(rows) // chunk_size), token_budget=token_budget,
+        datasets=["vectors", "vectors_uncorrected"] if (also_uncorrected and V is not None) else ["vectors"],
+        model=mdl.trackstar_fingerprint, model_path=mdl.trackstar_path, dtype=dtype,
+        max_length=max_length, truncated=len(truncated),
+        dim=dim, seed=seed, factors=list(ts.factor_dims(dim)), modules=modules_digest(modules),
+        gradient=gradient, correction=applied.source if applied else "none",
+        v_digest=applied.digest if applied else None, v_file=v_file, eps=eps or 0.0,
+        lr=V.lr if V else None, factor_v=factor_v,
+    )
+    enc = ts.build_encoder(mdl, V, run, also_uncorrected)
+    check_resume(out, run)
+    ts.write_json(out / "meta.json", dataclasses.asdict(run))
 
-    mine = [i for i in range(n_chunks) if i % world == rank and not (out / ts.chunk_name(i)).exists()]
+    mine = [i for i in range(run.n_chunks) if i % world == rank and not (out / ts.chunk_name(i)).exists()]
     todo = sum(min(chunk_size, len(rows) - i * chunk_size) for i in mine)
-    typer.echo(f"{kind}: {len(rows)} examples, {n_chunks} chunks, {len(mine)} to encode here "
-               f"(shard {rank}/{world}), path={enc.path}, correction={meta['correction']}, d={dim}")
+    typer.echo(f"{kind}: {len(rows)} examples, {run.n_chunks} chunks, {len(mine)} to encode here "
+               f"(shard {rank}/{world}), gradient={run.gradient}, correction={run.correction}, d={dim}")
     with tqdm(total=todo, desc=f"encode {kind}", unit="ex") as bar:
         for i in mine:
             lo, hi = i * chunk_size, min((i + 1) * chunk_size, len(rows))
             arrays = ts.encode_tokenized(enc, tokenized[lo:hi], token_budget, bar)
-            ts.write_chunk(out / ts.chunk_name(i), arrays, np.arange(lo, hi), meta)
+            ts.write_chunk(out / ts.chunk_name(i), arrays, np.arange(lo, hi), run)
 
-
-def command(kind: str):
-    def run(
-        model: str = typer.Option(..., help="Hugging Face model directory (config + weights, or a .gguf file)."),
-        data: Path = typer.Option(..., help=f"{kind} JSONL, one object a line: {FIELDS[kind]}."),
-        out: Path = typer.Option(..., help="Output directory of HDF5 chunks (resumed if it exists)."),
-        dim: int = typer.Option(65536, help="Projection dimension d (a power of two; the paper: 2^16)."),
-        seed: int = typer.Option(0, help="Projection seed (and V-estimate sample seed)."),
-        optimizer_state: str | None = typer.Option(
-            None, help="Optimizer state: torch/HF optimizer.pt (Adam or Adafactor) or name->tensor file. "
-            "Default: MODEL/optimizer.pt if present."),
-        estimate_v: int = typer.Option(0, help="Estimate V from N corpus documents (no saved optimizer state)."),
-        no_correction: bool = typer.Option(False, help="No optimizer correction (V = none; ablations)."),
-        eps: float | None = typer.Option(None, help="eps in sqrt(V + eps). Default: Adam's eps², else 1e-3·mean V."),
-        factor_v: bool = typer.Option(False, help="Replace a full V by Adafactor's rank-1 factors (row and column "
-                                      "means), so the factored path applies: ~a training step's cost."),
-        path: str = typer.Option("auto", help="Gradient path: auto | factored | exact."),
-        max_length: int | None = typer.Option(None, help="Max tokens per example (default: model context)."),
-        token_budget: int = typer.Option(8192, help="Max padded tokens per batch."),
-        chunk_size: int = typer.Option(1024, help="Examples per HDF5 chunk (the unit of resume and sharding)."),
-        also_uncorrected: bool = typer.Option(False, help="Also write the uncorrected projection (one model pass)."),
-        dtype: str = typer.Option("float32", help="Model compute dtype: float32 | bfloat16 | float16."),
-        device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-        shard: int | None = typer.Option(None, help="This process's shard index."),
-        num_shards: int | None = typer.Option(None, help="Number of shards (default: torchrun WORLD_SIZE or 1)."),
-    ) -> None:
-        if path not in ("auto", "factored", "exact"):
-            raise ts.TrackStarError(f"--path must be auto, factored or exact, got {path!r}")
-        encode(kind, model, data, out, dim, seed, optimizer_state, estimate_v, no_correction, eps, factor_v, path,
-               max_length, token_budget, chunk_size, also_uncorrected, dtype, device, shard, num_shards)
-
-    run.__doc__ = f"Encode {kind}: loss over {LOSS[kind]}."
-    return run
-
-
-app.command("corpus")(command("corpus"))
-app.command("queries")(command("queries"))
 
 if __name__ == "__main__":
     ts.run_cli(app)

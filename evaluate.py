@@ -24,6 +24,7 @@ report.html are written by report.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -108,23 +109,50 @@ def adam_increment(
     return out
 
 
-def tail_patch(
-    model: nn.Module, tokenizer: Any, doc: tuple[list[int], list[int]], queries: list[dict], lr: float,
-    v: dict[str, torch.Tensor] | None, eps: float, max_length: int, base: torch.Tensor,
-    betas: tuple[float, float] = DEFAULT_BETAS,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclasses.dataclass
+class Step:
+    """What a tail-patch step needs: the final model, its V (None: plain SGD), eps, lr and Adam's betas."""
+
+    model: nn.Module
+    tokenizer: Any
+    v: dict[str, torch.Tensor] | None
+    eps: float
+    lr: float
+    betas: tuple[float, float]
+    max_length: int
+    source: str  # where V came from, or "none (SGD)"
+
+
+def load_step(model_dir: str, optimizer_state: str | None, no_correction: bool, lr: float | None,
+              eps: float | None, device: str = "cpu") -> Step:
+    """The model and the optimizer state tail-patch steps with (MODEL/optimizer.pt unless given)."""
+    model, tokenizer = ts.load_model(model_dir, "float32", device)
+    V = None if no_correction else ts.load_second_moment(optimizer_state or str(Path(model_dir) / "optimizer.pt"),
+                                                         model)
+    lr = lr if lr is not None else (V.lr if V else None)
+    if lr is None:
+        raise ts.TrackStarError("no learning rate in the optimizer state: pass --lr")
+    v = full_second_moment(V, model) if V else None
+    eps = eps if eps is not None else (ts.default_eps(V, list(v)) if V else 0.0)
+    betas = V.betas if V and V.betas else DEFAULT_BETAS
+    return Step(model, tokenizer, v, eps, lr, betas, ts.context_length(model), V.source if V else "none (SGD)")
+
+
+def tail_patch(step: Step, doc: tuple[list[int], list[int]], queries: list[dict], base: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Δp and Δlog p of each query's target after the step lr·adam_increment(doc); weights restored bit-exactly.
 
     `base` is log p(target) of the queries under the untouched weights.
     """
-    step = adam_increment(model, doc, v, eps, betas)
+    model = step.model
+    increment = adam_increment(model, doc, step.v, step.eps, step.betas)
     params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in step}
+    saved = {n: params[n].detach().clone() for n in increment}
     try:
         with torch.no_grad():
-            for n, d in step.items():
-                params[n].sub_(lr * d)
-        after = target_logprob(model, tokenizer, queries, max_length)
+            for n, d in increment.items():
+                params[n].sub_(step.lr * d)
+        after = target_logprob(model, step.tokenizer, queries, step.max_length)
     finally:
         with torch.no_grad():
             for n, w in saved.items():
@@ -134,15 +162,10 @@ def tail_patch(
 
 def full_second_moment(V: ts.SecondMoment, model: nn.Module) -> dict[str, torch.Tensor]:
     """V for every parameter, expanding Adafactor's factored estimate; missing ones are an error."""
-    v = {}
-    for name, _ in model.named_parameters():
-        if name in V.full:
-            v[name] = V.full[name]
-        elif name in V.factored:
-            v[name] = torch.outer(*ts.rank_one(*V.factored[name]))
-        else:
-            raise ts.TrackStarError(f"the optimizer state has no second moment for parameter {name!r}")
-    return v
+    missing = [name for name, _ in model.named_parameters() if name not in V.values]
+    if missing:
+        raise ts.TrackStarError(f"the optimizer state has no second moment for parameter {missing[0]!r}")
+    return {name: V.dense(name) for name, _ in model.named_parameters()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,11 +269,11 @@ def attribution(rankings: dict, queries: list[dict], facts_of: dict[str, list[st
     return {"mrr": mrr, "recall": rec}
 
 
-def influence(model, tokenizer, corpus_tok: dict, rankings: dict, all_queries: list[dict], queries: list[dict],
-              lr: float, v, eps: float, betas: tuple, max_length: int, k: int) -> dict[str, dict[str, list[float]]]:
+def influence(step: Step, corpus_tok: dict, rankings: dict, all_queries: list[dict], queries: list[dict],
+              k: int) -> dict[str, dict[str, list[float]]]:
     """Tail-patch Δp and Δlog p for every (method, query) of `all_queries`: the mean over its top-k
     proponents, measured for the queries in `queries` (a sample, or all), NaN for the others."""
-    base = target_logprob(model, tokenizer, queries, max_length)
+    base = target_logprob(step.model, step.tokenizer, queries, step.max_length)
     qindex = {q["id"]: i for i, q in enumerate(queries)}
     need: dict[str, set[int]] = {}  # document id -> queries that retrieved it (any method)
     for ranks in rankings.values():
@@ -261,8 +284,7 @@ def influence(model, tokenizer, corpus_tok: dict, rankings: dict, all_queries: l
     effect: dict[tuple[str, int], tuple[float, float]] = {}
     for doc_id in tqdm(sorted(need), desc="tail-patch", unit="doc"):
         qs = sorted(need[doc_id])
-        dp, dlp = tail_patch(model, tokenizer, corpus_tok[doc_id], [queries[i] for i in qs], lr, v, eps,
-                                max_length, base[qs], betas)
+        dp, dlp = tail_patch(step, corpus_tok[doc_id], [queries[i] for i in qs], base[qs])
         for i, a, b in zip(qs, dp.tolist(), dlp.tolist(), strict=True):
             effect[(doc_id, i)] = (a, b)
     out = {}
@@ -343,33 +365,22 @@ def main(
     rankings, opponents = all_rankings(run, method_list, docs, qs, n_all, k)
     facts_of = {d["id"]: d.get("facts") or [] for d in docs}
 
-    mdl, tok = ts.load_model(model, "float32", device)
-    max_length = ts.context_length(mdl)
-    V = None
-    if not no_correction:
-        state = optimizer_state or str(Path(model) / "optimizer.pt")
-        V = ts.load_second_moment(state, mdl)
-    lr = lr if lr is not None else (V.lr if V else None)
-    if lr is None:
-        raise ts.TrackStarError("no learning rate in the optimizer state: pass --lr")
-    v = full_second_moment(V, mdl) if V else None
-    eps = eps if eps is not None else (ts.default_eps(V, list(v)) if V else 0.0)
-    tokenized, _ = ts.tokenize_rows(tok, docs, "corpus", max_length)
+    step = load_step(model, optimizer_state, no_correction, lr, eps, device)
+    tokenized, _ = ts.tokenize_rows(step.tokenizer, docs, "corpus", step.max_length)
     corpus_tok = {d["id"]: t for d, t in zip(docs, tokenized, strict=True)}
 
-    correct = model_answers(mdl, tok, qs, max_length)
+    correct = model_answers(step.model, step.tokenizer, qs, step.max_length)
     per_query = {m: attribution(rankings[m], qs, facts_of, k, scored) for m in method_list}
-    betas = V.betas if V and V.betas else DEFAULT_BETAS
     tail_qs = sorted(random.Random(1).sample(qs, tail_queries), key=lambda q: q["_line"]) \
         if 0 < tail_queries < len(qs) else qs
-    infl = influence(mdl, tok, corpus_tok, rankings, qs, tail_qs, lr, v, eps, betas, max_length, k)
+    infl = influence(step, corpus_tok, rankings, qs, tail_qs, k)
     for m in method_list:
         per_query[m].update(infl[m])
     results = jsonable({
         "settings": {"run": str(run), "model": model, "n_docs": len(docs), "n_queries": len(qs), "k": k,
-                     "lr": lr, "v_source": V.source if V else "none (SGD)", "eps": eps, "methods": method_list,
-                     "betas": list(betas) if V else None,
-                     "step": "lr·(1−β1)·g/sqrt(β2·v + (1−β2)·g² + eps)" if V else "lr·g (SGD: no V)",
+                     "lr": step.lr, "v_source": step.source, "eps": step.eps, "methods": method_list,
+                     "betas": list(step.betas) if step.v is not None else None,
+                     "step": "lr·(1−β1)·g/sqrt(β2·v + (1−β2)·g² + eps)" if step.v is not None else "lr·g (SGD: no V)",
                      "tail_patch_queries": len(tail_qs), "attribution_queries": sum(scored)},
         "queries": [q["id"] for q in qs], "model_correct": correct, "per_query": per_query,
         "summary": {m: {key: report.summarize(per_query[m][key], [True] * len(qs))[0]

@@ -13,7 +13,7 @@ with no query set yet). Outputs, in RUN/index:
 
     hessian.h5     λ, k, the spectra of R_train, R_eval and R + δI, R^(-1/2) (and TRAK's R^(-1)), settings
     spectrum.png   the sorted spectra of λ·R_eval and (1−λ)·R_train, crossing marked
-    index.h5       `vectors` (N x d), `ids`, `query_transform`; written last, so it exists only whole
+    index.h5       `G` (N x d: every Ḡ(m)), `ids`, `query_transform`; written last, so it exists only whole
 
 The rows of the ablation table are flag combinations:
 
@@ -28,6 +28,7 @@ The rows of the ablation table are flag combinations:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -54,26 +55,27 @@ class Hessian(str, Enum):
 
 
 
-def vector_dataset(meta: dict, uncorrected: bool, run: Path) -> str:
+def vector_dataset(meta: ts.RunSettings, uncorrected: bool, run: Path) -> str:
     """Which chunk dataset holds the vectors this index is built from."""
     if not uncorrected:
         return "vectors"
-    if "vectors_uncorrected" in meta.get("datasets", []):
+    if "vectors_uncorrected" in meta.datasets:
         return "vectors_uncorrected"
-    if meta.get("correction") == "none":
+    if meta.correction == "none":
         return "vectors"  # encoded without correction: `vectors` already is the uncorrected projection
     raise ts.TrackStarError(f"{run} has no uncorrected vectors (encode with --also-uncorrected) for --uncorrected")
 
 
-def read_runs(corpus: Path, queries: Path | None, uncorrected: bool) -> tuple[dict, dict | None, str]:
+def read_runs(corpus: Path, queries: Path | None, uncorrected: bool
+              ) -> tuple[ts.RunSettings, ts.RunSettings | None, str]:
     """The two runs' metadata, refusing a pair that was not encoded the same way (no queries: None)."""
     cmeta = ts.read_meta(corpus)
     if queries is None:
         return cmeta, None, vector_dataset(cmeta, uncorrected, corpus)
     qmeta = ts.read_meta(queries)
     for run, meta, kind in ((corpus, cmeta, "corpus"), (queries, qmeta, "queries")):
-        if meta.get("kind") != kind:
-            raise ts.TrackStarError(f"--{kind} {run} holds an encoded {meta.get('kind')!r} run, not {kind!r}")
+        if meta.kind != kind:
+            raise ts.TrackStarError(f"--{kind} {run} holds an encoded {meta.kind!r} run, not {kind!r}")
     ts.check_same(cmeta, qmeta, ts.COMPATIBLE_KEYS, f"corpus run {corpus}", f"queries run {queries}")
     dataset = vector_dataset(cmeta, uncorrected, corpus)
     if dataset != vector_dataset(qmeta, uncorrected, queries):
@@ -232,85 +234,121 @@ def inverse_sqrt(R: np.ndarray, device: str = "cpu") -> np.ndarray:
 AUTO_DAMPING = 1e-3
 
 
-def fit_hessian(corpus: Path, queries: Path | None, dataset: str, hessian_kind: str, lam: str, trak: bool, damping: str,
-                train_sample: int, sample_seed: int, device: str) -> dict:
-    """Everything hessian.h5 records; `corpus_transform`/`query_transform` are None for identity."""
-    if hessian_kind == "none":
-        return {"lam": None, "corpus_transform": None, "query_transform": None}
-    train = second_moment_matrix(sample_blocks(corpus, dataset, train_sample, sample_seed), device)
+@dataclasses.dataclass(frozen=True)
+class HessianOptions:
+    """How R is fitted: the index.py options that change it."""
+
+    hessian: str  # mixed | train | eval | none
+    lam: str = "auto"  # "auto" or a number in [0, 1] as given
+    trak: bool = False  # queries times (R_train + δI)^(-1), documents untransformed
+    damping: str = "auto"  # "auto" (Ledoit–Wolf, then AUTO_DAMPING) or a number as given
+    train_sample: int = 100000
+    sample_seed: int = 0
+
+
+@dataclasses.dataclass
+class HessianFit:
+    """The fitted R: λ, where the spectra cross, damping, spectra, and the transforms (None: identity)."""
+
+    corpus_transform: np.ndarray | None = None
+    query_transform: np.ndarray | None = None
+    lam: float | None = None
+    lam_source: str | None = None
+    k: int | None = None  # the component where λ·R_eval and (1−λ)·R_train cross
+    k_target: int | None = None
+    k_clipped: bool = False
+    shrinkage: float = 0.0  # Ledoit–Wolf weight on R_train
+    delta: float = 0.0  # δ added to R's diagonal
+    n_train: int = 0
+    n_eval: int = 0
+    e_train: np.ndarray | None = None  # spectra, descending
+    e_eval: np.ndarray | None = None
+    e_R: np.ndarray | None = None
+    inverse_sqrt: np.ndarray | None = None
+
+    def summary(self) -> dict:
+        """The scalars hessian.h5 and index.h5 record as settings."""
+        return {k: getattr(self, k) for k in ("lam", "lam_source", "k", "k_target", "k_clipped", "delta", "n_train",
+                                              "n_eval", "shrinkage")}
+
+
+def fit_hessian(corpus: Path, queries: Path | None, dataset: str, opts: HessianOptions, device: str) -> HessianFit:
+    """R from a seeded sample of the corpus run and (when given) the queries run."""
+    if opts.hessian == "none":
+        return HessianFit()
+    train = second_moment_matrix(sample_blocks(corpus, dataset, opts.train_sample, opts.sample_seed), device)
     R_eval, n_eval = None, 0
     if queries is not None:
         R_eval, n_eval, _ = second_moment_matrix((x for _, x in ts.iter_vector_blocks(queries, dataset)), device)
-    return hessian_from_moments(train, R_eval, n_eval, hessian_kind, lam, trak, damping, device)
+    return hessian_from_moments(train, R_eval, n_eval, opts, device)
 
 
 def hessian_from_moments(train: tuple[np.ndarray, int, float], R_eval: np.ndarray | None, n_eval: int,
-                         hessian_kind: str, lam: str, trak: bool, damping: str, device: str = "cpu") -> dict:
+                         opts: HessianOptions, device: str = "cpu") -> HessianFit:
     """R from its two estimates: shrink R_train (damping auto), choose λ, mix, damp, take R^(-1/2).
 
-    `train` is second_moment_matrix's (R_train, n, Σ‖x‖⁴); `damping` is "auto" or a number. Without
-    queries (R_eval None) R is R_train alone: the paper's Hessian for a task with no query set.
+    `train` is second_moment_matrix's (R_train, n, Σ‖x‖⁴). Without queries (R_eval None) R is
+    R_train alone: the paper's Hessian for a task with no query set.
     """
     R_train, n_train, norm4 = train
     shrinkage = 0.0
-    if damping == "auto":
+    if opts.damping == "auto":
         R_train, shrinkage = ledoit_wolf(R_train, n_train, norm4)
     e_train = spectrum(R_train, device)
     e_eval, k, k_target = None, None, None
     if R_eval is not None:
         e_eval = spectrum(R_eval, device)
         k, k_target = crossing_component(R_train.shape[0], e_train, e_eval)
-    if hessian_kind == "mixed":
-        value = mix_lambda(e_train, e_eval, k) if lam == "auto" else float(lam)
+    if opts.hessian == "mixed":
+        lam = mix_lambda(e_train, e_eval, k) if opts.lam == "auto" else float(opts.lam)
     else:
-        value = 0.0 if hessian_kind == "train" else 1.0
-    R, delta = damp(mixed_hessian(R_train, R_eval, value), AUTO_DAMPING if damping == "auto" else float(damping))
+        lam = 0.0 if opts.hessian == "train" else 1.0
+    damping = AUTO_DAMPING if opts.damping == "auto" else float(opts.damping)
+    R, delta = damp(mixed_hessian(R_train, R_eval, lam), damping)
     inv_sqrt, e_R = symmetric_power(R, -0.5, device)
-    source = ("auto" if lam == "auto" else "given") if hessian_kind == "mixed" else hessian_kind
-    fit = {"lam": value, "lam_source": source, "k": k, "k_target": k_target, "shrinkage": shrinkage,
-         "k_clipped": k != k_target, "delta": delta, "n_train": n_train, "n_eval": n_eval,
-         "e_train": e_train, "e_eval": e_eval, "e_R": e_R, "inverse_sqrt": inv_sqrt}
-    if trak:  # TRAK: g(m)ᵀ R_train^(-1) g(q); documents stay as they are, queries carry the inverse
-        fit.update(corpus_transform=None, query_transform=symmetric_power(R, -1.0, device)[0])
-    else:
-        fit.update(corpus_transform=inv_sqrt, query_transform=inv_sqrt)
-    return fit
+    # TRAK: g(m)ᵀ R_train^(-1) g(q); documents stay as they are, queries carry the inverse
+    query_transform = symmetric_power(R, -1.0, device)[0] if opts.trak else inv_sqrt
+    return HessianFit(
+        corpus_transform=None if opts.trak else inv_sqrt, query_transform=query_transform, lam=lam,
+        lam_source=("auto" if opts.lam == "auto" else "given") if opts.hessian == "mixed" else opts.hessian,
+        k=k, k_target=k_target, k_clipped=k != k_target, shrinkage=shrinkage, delta=delta, n_train=n_train,
+        n_eval=n_eval, e_train=e_train, e_eval=e_eval, e_R=e_R, inverse_sqrt=inv_sqrt)
 
 
-def write_hessian(path: Path, fit: dict, settings: dict) -> None:
+def write_hessian(path: Path, fit: HessianFit, settings: dict) -> None:
     with ts.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for key in ("e_train", "e_eval", "e_R"):
-            if fit.get(key) is not None:
-                f.create_dataset(key, data=fit[key])
-        if "inverse_sqrt" in fit:
-            f.create_dataset("inverse_sqrt", data=fit["inverse_sqrt"].astype(np.float32))
-        if fit["query_transform"] is not None and fit["query_transform"] is not fit.get("inverse_sqrt"):
-            f.create_dataset("query_transform", data=fit["query_transform"].astype(np.float32))  # TRAK's R^(-1)
+            if getattr(fit, key) is not None:
+                f.create_dataset(key, data=getattr(fit, key))
+        if fit.inverse_sqrt is not None:
+            f.create_dataset("inverse_sqrt", data=fit.inverse_sqrt.astype(np.float32))
+        if fit.query_transform is not None and fit.query_transform is not fit.inverse_sqrt:
+            f.create_dataset("query_transform", data=fit.query_transform.astype(np.float32))  # TRAK's R^(-1)
         ts.write_attrs(f, settings)
 
 
-def plot_spectrum(path: Path, fit: dict, hessian_kind: str) -> None:
+def plot_spectrum(path: Path, fit: HessianFit, hessian_kind: str) -> None:
     """Log-log sorted spectra of λ·R_eval and (1−λ)·R_train; they cross at the marked component."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lam = fit["lam"]
+    lam = fit.lam
     mixed = hessian_kind == "mixed" and 0 < lam < 1
     w_eval, w_train = (lam, 1 - lam) if mixed else (1.0, 1.0)  # unscaled when one side has weight 0
-    x = np.arange(1, len(fit["e_train"]) + 1)
+    x = np.arange(1, len(fit.e_train) + 1)
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for e, w, name in ((fit["e_eval"], w_eval, "R_eval"), (fit["e_train"], w_train, "R_train")):
+    for e, w, name in ((fit.e_eval, w_eval, "R_eval"), (fit.e_train, w_train, "R_train")):
         if e is None:  # no queries: R_train alone
             continue
         y = np.where(x <= numerical_rank(e), w * e, np.nan)  # past its rank a spectrum is round-off
         ax.loglog(x, y, label=f"{w:.3g}·{name}" if mixed else name)
     if mixed:
-        k = fit["k"]
-        ax.plot([k + 1], [(1 - lam) * fit["e_train"][k]], "ko", label=f"crossing: component {k + 1}")
+        k = fit.k
+        ax.plot([k + 1], [(1 - lam) * fit.e_train[k]], "ko", label=f"crossing: component {k + 1}")
     ax.set(xlabel="component (sorted)", ylabel="eigenvalue",
-           title=f"hessian={hessian_kind}, λ={lam:.4g}" + (" (k clipped by rank)" if fit["k_clipped"] else ""))
+           title=f"hessian={hessian_kind}, λ={lam:.4g}" + (" (k clipped by rank)" if fit.k_clipped else ""))
     ax.legend()
     fig.tight_layout()
     with ts.atomic_path(path) as tmp:
@@ -322,7 +360,7 @@ def plot_spectrum(path: Path, fit: dict, hessian_kind: str) -> None:
 # The index: the corpus streamed through the transform, in blocks.
 
 
-def storage_scale(corpus: Path, dataset: str, fit: dict, unit_norm: bool, dtype: str, settings: dict,
+def storage_scale(corpus: Path, dataset: str, fit: HessianFit, unit_norm: bool, dtype: str, opts: HessianOptions,
                   device: str) -> float:
     """A power of two the stored vectors are divided by (and queries multiplied by).
 
@@ -332,9 +370,9 @@ def storage_scale(corpus: Path, dataset: str, fit: dict, unit_norm: bool, dtype:
     """
     if unit_norm or dtype == "float32":
         return 1.0
-    matrix = _device_matrix(fit["corpus_transform"], device)
+    matrix = _device_matrix(fit.corpus_transform, device)
     peak = 0.0
-    for x in sample_blocks(corpus, dataset, settings["train_sample"], settings["sample_seed"]):
+    for x in sample_blocks(corpus, dataset, opts.train_sample, opts.sample_seed):
         y = ts.transform(torch.as_tensor(x, device=device), matrix, False)
         peak = max(peak, float(y.abs().max()))
     return 2.0 ** round(math.log2(peak / 256)) if peak > 0 else 1.0
@@ -344,20 +382,20 @@ def _device_matrix(m: np.ndarray | None, device: str) -> torch.Tensor | None:
     return None if m is None else torch.as_tensor(m, dtype=torch.float32, device=device)
 
 
-def write_index(path: Path, corpus: Path, dataset: str, fit: dict, unit_norm: bool, dtype: str, scale: float,
-                block: int, device: str, attrs: dict) -> None:
-    """Stream corpus chunks through the transform into a contiguous N x d dataset.
+def write_index(path: Path, corpus: Path, fit: HessianFit, attrs: dict, block: int, device: str) -> None:
+    """Stream corpus chunks through the transform into a contiguous N x d dataset `G`.
 
-    Contiguous and uncompressed, so query.py's scan reads a block as one plain copy.
+    Contiguous and uncompressed, so query.py's scan reads a block as one plain copy. `attrs` (what
+    index.h5 records) says which vectors, whether unit-normalised, the storage dtype and scale.
     """
+    dataset, unit_norm, scale, dtype = attrs["vector_dataset"], attrs["unit_norm"], attrs["scale"], attrs["dtype"]
     n = sum(chunk_sizes(corpus, dataset))
-    matrix = _device_matrix(fit["corpus_transform"], device)
+    matrix = _device_matrix(fit.corpus_transform, device)
     with ts.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        d = attrs["dim"]
-        vectors = f.create_dataset("vectors", shape=(n, d), dtype=dtype)
+        vectors = f.create_dataset("G", shape=(n, attrs["corpus"]["dim"]), dtype=dtype)
         ids = f.create_dataset("ids", shape=(n,), dtype=np.int64)
-        if fit["query_transform"] is not None:
-            f.create_dataset("query_transform", data=fit["query_transform"].astype(np.float32))
+        if fit.query_transform is not None:
+            f.create_dataset("query_transform", data=fit.query_transform.astype(np.float32))
         ts.write_attrs(f, attrs)
         pos = 0
         with tqdm(total=n, desc="index", unit="doc", unit_scale=True) as bar:
@@ -442,37 +480,38 @@ def main(
     for stale in ("index.h5", "spectrum.png"):  # never leave an old index or plot beside a new hessian.h5
         (out / stale).unlink(missing_ok=True)
 
-    fit = fit_hessian(corpus, queries, dataset, hessian_kind, lam, trak, damping, train_sample, sample_seed, device)
-    settings = {"hessian": hessian_kind, "lam": fit["lam"], "unit_norm": not no_unit_norm, "uncorrected": uncorrected,
+    opts = HessianOptions(hessian_kind, lam, trak, damping, train_sample, sample_seed)
+    fit = fit_hessian(corpus, queries, dataset, opts, device)
+    settings = {"hessian": hessian_kind, "lam": fit.lam, "unit_norm": not no_unit_norm, "uncorrected": uncorrected,
                 "trak": trak, "dtype": dtype, "train_sample": train_sample, "sample_seed": sample_seed,
                 "damping": damping, "vector_dataset": dataset, "corpus_run": str(corpus.resolve()),
                 "queries_run": str(queries.resolve()) if queries else None,
                 "corpus_side": "identity" if hessian_kind == "none" or trak else "(R + δI)^(-1/2)",
                 "query_side": "identity" if hessian_kind == "none" else
                               "(R_train + δI)^(-1)" if trak else "(R + δI)^(-1/2)"}
-    settings.update({key: fit[key] for key in ("lam_source", "k", "k_target", "k_clipped", "delta", "n_train",
-                                             "n_eval", "shrinkage") if key in fit})
+    if hessian_kind != "none":
+        settings.update(fit.summary())
     write_hessian(out / "hessian.h5", fit, {**settings, "tool": f"trackstar {ts.VERSION}"})
     if hessian_kind != "none":
         plot_spectrum(out / "spectrum.png", fit, hessian_kind)
-        typer.echo(f"R: hessian={hessian_kind} λ={fit['lam']:.4g} (k={fit['k']}, target {fit['k_target']}"
-                   f"{', clipped by rank' if fit['k_clipped'] else ''}) δ={fit['delta']:.3g}, "
-                   f"shrinkage={fit['shrinkage']:.3g}, "
-                   f"R_train from {fit['n_train']} corpus vectors, R_eval from {fit['n_eval']} queries")
+        typer.echo(f"R: hessian={hessian_kind} λ={fit.lam:.4g} (k={fit.k}, target {fit.k_target}"
+                   f"{', clipped by rank' if fit.k_clipped else ''}) δ={fit.delta:.3g}, "
+                   f"shrinkage={fit.shrinkage:.3g}, "
+                   f"R_train from {fit.n_train} corpus vectors, R_eval from {fit.n_eval} queries")
 
-    if hessian_kind in ("mixed", "train") and fit["n_train"] < cmeta["dim"]:
-        typer.echo(f"warning: R_train comes from {fit['n_train']} vectors in d={cmeta['dim']} dimensions, so it is "
+    if hessian_kind in ("mixed", "train") and fit.n_train < cmeta.dim:
+        typer.echo(f"warning: R_train comes from {fit.n_train} vectors in d={cmeta.dim} dimensions, so it is "
                    "rank-deficient and whitening by it over-fits the sample (documents turn near-orthogonal). "
                    "Sample at least d vectors (--train-sample, more documents), lower d, or raise --damping "
                    "(e.g. 0.1-1).", err=True)
-    scale = storage_scale(corpus, dataset, fit, not no_unit_norm, dtype, settings, device)
-    # The corpus meta stays top-level so query.py compares it to a queries run as index.py did here.
-    attrs = {**cmeta, "index": settings, "unit_norm": not no_unit_norm, "vector_dataset": dataset,
-             "scale": scale, "corpus_data": cmeta["data"], "queries_data": qmeta["data"] if qmeta else None}
-    write_index(out / "index.h5", corpus, dataset, fit, not no_unit_norm, dtype, scale, block, device, attrs)
-    typer.echo(f"wrote {out / 'index.h5'} ({cmeta['n_examples']} documents, d={cmeta['dim']}, {dtype})")
+    scale = storage_scale(corpus, dataset, fit, not no_unit_norm, dtype, opts, device)
+    # The corpus run's settings travel with the index, so query.py checks a queries run against them.
+    attrs = {"corpus": dataclasses.asdict(cmeta), "index": settings, "unit_norm": not no_unit_norm,
+             "vector_dataset": dataset, "scale": scale, "dtype": dtype, "queries_data": qmeta.data if qmeta else None}
+    write_index(out / "index.h5", corpus, fit, attrs, block, device)
+    typer.echo(f"wrote {out / 'index.h5'} ({cmeta.n_examples} documents, d={cmeta.dim}, {dtype})")
     if show_example:
-        print_example(out, cmeta["data"])
+        print_example(out, cmeta.data)
 
 
 def print_example(out: Path, corpus_data: str) -> None:

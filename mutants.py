@@ -40,14 +40,14 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     "projection variance 1/d per side": (
         "trackstar.py", "/ math.sqrt(s)", "/ math.sqrt(s * s)", [ENC]),
     "correction multiplies instead of divides": (
-        "trackstar.py", 's = (V.full[pname] + eps).rsqrt()', 's = (V.full[pname] + eps).sqrt()', [ENC]),
+        "trackstar.py", 's = (v + eps).rsqrt()', 's = (v + eps).sqrt()', [ENC]),
     "Ledoit–Wolf noise term uses n, not n²": (
         "index.py", "beta2 = (norm4 / n - frob2) / (n * d)", "beta2 = (norm4 / n - frob2) / d", [IDX]),
     "λ crossing uses the wrong spectrum": (
         "index.py", "a, b = float(e_train[k]), float(e_eval[k])", "a, b = float(e_eval[k]), float(e_train[k])", [IDX]),
     "R^(-1/2) on documents only": (
-        "index.py", "fit.update(corpus_transform=inv_sqrt, query_transform=inv_sqrt)",
-        "fit.update(corpus_transform=inv_sqrt, query_transform=None)", [IDX]),
+        "index.py", "query_transform = symmetric_power(R, -1.0, device)[0] if opts.trak else inv_sqrt",
+        "query_transform = symmetric_power(R, -1.0, device)[0] if opts.trak else None", [IDX]),
     "top-k ties to the higher id": (
         "query.py", "return (_LOW - 1 - ids).add(order, alpha=_LOW)", "return ids.add(order, alpha=_LOW)", [IDX]),
     "unit norm skipped on queries": (
@@ -64,7 +64,7 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     "tail-patch does not restore the weights": (
         "evaluate.py", "                params[n].copy_(w)", "                pass", [EVAL]),
     "resume skips chunks without checking settings": (
-        "encode.py", "        ts.check_same(old, meta, keys,", "        (lambda *a: None)(old, meta, keys,",
+        "encode.py", "        ts.check_same(old, run, keys,", "        (lambda *a: None)(old, run, keys,",
         ["tests/test_encode_cli.py"]),
     "prepare: facts stated once fewer": (
         "prepare.py", "remaining[i] -= 1", "remaining[i] -= 2", ["tests/test_prepare.py"]),

@@ -60,18 +60,20 @@ def read_checked_jsonl(path: str, kind: str, digest: str | None) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The index file: `vectors` (N x d, float16 or float32) and `ids` (int64 corpus row numbers).
-# Attributes are JSON values, as in the chunk store.
+# The index file: `G` (N x d, float16 or float32: each document's transformed vector Ḡ(m)) and
+# `ids` (int64 corpus row numbers). Attributes are JSON values, as in the chunk store.
 
 
 def read_index_meta(index: str | Path) -> dict:
-    """The attributes of RUN/index/index.h5 (the corpus meta plus the index settings)."""
+    """The attributes of RUN/index/index.h5: the index settings, and under "corpus" the settings of
+    the encoded corpus run (a RunSettings)."""
     path = Path(index) / "index.h5"
     if not path.exists():
         raise ts.TrackStarError(f"{index} is not an index (no index.h5); run index.py first")
     with h5py.File(path, "r") as f:
         meta = ts.read_attrs(f)
-        meta["n_rows"] = f["vectors"].shape[0]
+        meta["n_rows"] = f["G"].shape[0]
+    meta["corpus"] = ts.run_settings(meta["corpus"], str(path))
     return meta
 
 
@@ -84,7 +86,7 @@ def read_query_transform(index: str | Path) -> np.ndarray | None:
 def mapped(path: str | Path, dataset: h5py.Dataset) -> np.ndarray | None:
     """An HDF5 dataset memory-mapped from its file, or None when its layout does not allow it.
 
-    index.py writes `vectors` and `ids` contiguous and uncompressed: plain arrays at fixed offse
+    index.py writes `G` and `ids` contiguous and uncompressed: plain arrays at fixed offse
     Mapped, the page cache is read in place, saving the copy (and the per-call cost) of an HDF5
     read. Copy-on-write mode gives torch writable views without ever touching the file.
     """
@@ -104,7 +106,7 @@ def iter_index_blocks(
     tensors are views of reused buffers: use them before asking for the next block.
     """
     with h5py.File(path, "r") as f:
-        vectors, ids = f["vectors"], f["ids"]
+        vectors, ids = f["G"], f["ids"]
         n, d = vectors.shape
         rows = max(1, min(block, n))
         vectors_map, ids_map = mapped(path, vectors), mapped(path, ids)
@@ -312,24 +314,24 @@ def write_results(out: Path, query_ids: list[str], corpus_rows: list[dict], resu
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def corpus_rows_for(meta: dict) -> list[dict]:
-    rows = read_checked_jsonl(meta["corpus_data"], "corpus", meta.get("data_digest"))
-    if len(rows) != meta["n_examples"]:
-        raise ts.TrackStarError(f"{meta['corpus_data']} has {len(rows)} documents, the index {meta['n_examples']}")
+def corpus_rows_for(corpus: ts.RunSettings) -> list[dict]:
+    rows = read_checked_jsonl(corpus.data, "corpus", corpus.data_digest)
+    if len(rows) != corpus.n_examples:
+        raise ts.TrackStarError(f"{corpus.data} has {len(rows)} documents, the index {corpus.n_examples}")
     return rows
 
 
 def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device: str) -> None:
     meta, qmeta = read_index_meta(index), ts.read_meta(queries)
-    if qmeta.get("kind") != "queries":
-        raise ts.TrackStarError(f"--queries {queries} holds an encoded {qmeta.get('kind')!r} run, not 'queries'")
-    ts.check_same(meta, qmeta, ts.COMPATIBLE_KEYS, f"index {index}", f"queries run {queries}")
-    if meta["queries_data"] and qmeta["data"] != meta["queries_data"]:
+    if qmeta.kind != "queries":
+        raise ts.TrackStarError(f"--queries {queries} holds an encoded {qmeta.kind!r} run, not 'queries'")
+    ts.check_same(meta["corpus"], qmeta, ts.COMPATIBLE_KEYS, f"index {index}", f"queries run {queries}")
+    if meta["queries_data"] and qmeta.data != meta["queries_data"]:
         typer.echo(f"note: the index's R_eval was fit on {meta['queries_data']}, not on these queries", err=True)
     rows, vectors = ts.read_vectors(queries, meta["vector_dataset"])
     order = np.argsort(rows, kind="stable")  # output in the queries file's order
-    query_rows = read_checked_jsonl(qmeta["data"], "queries", qmeta.get("data_digest"))
-    corpus_rows = corpus_rows_for(meta)
+    query_rows = read_checked_jsonl(qmeta.data, "queries", qmeta.data_digest)
+    corpus_rows = corpus_rows_for(meta["corpus"])
     q = prepare_queries(vectors[order], index, meta, device)
     t0 = time.perf_counter()
     result = search(q, index, k, block, device, meta["n_rows"])
@@ -344,11 +346,12 @@ def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device
 
 
 def encode_one(meta: dict, prompt: str, target: str, device: str) -> np.ndarray:
-    enc, tokenizer = ts.encoder_from_meta(meta, device)
+    corpus = meta["corpus"]
+    enc, tokenizer = ts.encoder_for_run(corpus, device)
     if meta["vector_dataset"] == "vectors_uncorrected" and enc.scales:
         enc = dataclasses.replace(enc, also_uncorrected=True)
     row = {"id": "ad-hoc", "prompt": prompt, "target": target, "_line": 1}
-    arrays = ts.encode_rows(enc, tokenizer, [row], "queries", meta["max_length"], meta.get("token_budget", 8192))
+    arrays = ts.encode_rows(enc, tokenizer, [row], "queries", corpus.max_length, corpus.token_budget)
     return arrays[meta["vector_dataset"]] if meta["vector_dataset"] in arrays else arrays["vectors"]
 
 
@@ -364,7 +367,7 @@ def query_adhoc(index: Path, prompt: str, target: str, k: int, block: int, devic
     meta = read_index_meta(index)
     q = prepare_queries(encode_one(meta, prompt, target, device), index, meta, device)
     top_s, top_i, bot_s, bot_i = search(q, index, k, block, device, meta["n_rows"])
-    rows = corpus_rows_for(meta)
+    rows = corpus_rows_for(meta["corpus"])
     typer.echo(f"query: {prompt!r} -> {target!r}")
     print_table("proponents (highest scores)", ranked(rows, top_i[0], top_s[0]))
     print_table("opponents (lowest scores)", ranked(rows, bot_i[0], bot_s[0]))

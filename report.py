@@ -150,10 +150,10 @@ def diagnostics(run: Path, methods: list[str]) -> list[str]:
     """How each gradient row was built (Markdown lines), and the one condition known to make R_train rows
     unreliable: fewer sampled training vectors than dimensions (a rank-deficient R_train, see README)."""
     lines = []
-    meta = ts.read_meta(run / "corpus") if (run / "corpus" / "meta.json").exists() else {}
+    meta = ts.read_meta(run / "corpus") if (run / "corpus" / "meta.json").exists() else None
     if meta:
-        lines.append(f"encoding: d = {meta['dim']}, V = {meta['correction']}, eps = {meta['eps']:.3g}, "
-                     f"path = {meta['path']}, model dtype {meta['dtype']}")
+        lines.append(f"encoding: d = {meta.dim}, V = {meta.correction}, eps = {meta.eps:.3g}, "
+                     f"gradient = {meta.gradient}, model dtype {meta.dtype}")
     for m in methods:
         hessian = run / f"index-{m}" / "hessian.h5"
         if not hessian.exists():
@@ -165,8 +165,8 @@ def diagnostics(run: Path, methods: list[str]) -> list[str]:
         line = (f"{NAMES.get(m, m)}: R = {a['hessian']}, λ = {a['lam']:.3g}, R_train from {a['n_train']} vectors, "
                 f"R_eval from {a['n_eval']}, damping {a['damping']} (δ = {a['delta']:.3g}, "
                 f"Ledoit–Wolf shrinkage of R_train {a.get('shrinkage', 0.0):.3g})")
-        if meta and a["hessian"] in ("train", "mixed") and a["n_train"] < meta["dim"]:
-            line += (f" — **R_train is rank-deficient ({a['n_train']} < d = {meta['dim']}): "
+        if meta and a["hessian"] in ("train", "mixed") and a["n_train"] < meta.dim:
+            line += (f" — **R_train is rank-deficient ({a['n_train']} < d = {meta.dim}): "
                      "whitening by it is unreliable**")
         lines.append(line)
     return lines or [f"no encoding metadata or R matrices found under `{run}`"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +77,8 @@ def transforms(s: Setting, X: np.ndarray, Q: np.ndarray, seed: int) -> tuple[np.
     rows = np.sort(np.random.default_rng(seed).choice(len(X), size=n, replace=False))
     train = index.second_moment_matrix([X[rows]])
     R_eval, n_eval, _ = index.second_moment_matrix([Q])
-    h = index.hessian_from_moments(train, R_eval, n_eval, s.hessian, s.lam, False, s.damping)
-    return h["inverse_sqrt"], {"lam": h["lam"], "shrinkage": h["shrinkage"], "n_train": n, "k": h["k"]}
+    fit = index.hessian_from_moments(train, R_eval, n_eval, index.HessianOptions(s.hessian, s.lam, damping=s.damping))
+    return fit.inverse_sqrt, {"lam": fit.lam, "shrinkage": fit.shrinkage, "n_train": n, "k": fit.k}
 
 
 def top_k(X: np.ndarray, Q: np.ndarray, M: np.ndarray | None, k: int) -> np.ndarray:
@@ -90,33 +91,14 @@ def top_k(X: np.ndarray, Q: np.ndarray, M: np.ndarray | None, k: int) -> np.ndar
     return torch.topk(scores, k, dim=1).indices.numpy()
 
 
-class TailPatchCache:
-    """Δp, Δlog p of every sampled query after a step on a document, computed once per document."""
-
-    def __init__(self, model, tokenizer, docs_tok: list, queries: list[dict], v, eps: float, lr: float,
-                 betas: tuple, max_length: int) -> None:
-        self.args = (model, tokenizer, v, eps, lr, betas, max_length)
-        self.docs_tok, self.queries = docs_tok, queries
-        self.base = evaluate.target_logprob(model, tokenizer, queries, max_length)
-        self.effect: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def __call__(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
-        if doc not in self.effect:
-            model, tok, v, eps, lr, betas, max_length = self.args
-            dp, dlp = evaluate.tail_patch(model, tok, self.docs_tok[doc], self.queries, lr, v, eps, max_length,
-                                          self.base, betas)
-            self.effect[doc] = (dp.numpy(), dlp.numpy())
-        return self.effect[doc]
-
-
 def measure(top: np.ndarray, queries: list[dict], facts_of: list[list[str]], sample: list[int],
-            cache: TailPatchCache) -> dict:
+            effect: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> dict:
     """MRR and recall@k over every query; tail-patch (mean ± s.e.) over the sampled ones."""
     rr = [evaluate.reciprocal_rank([facts_of[i] for i in top[j]], q["fact"]) for j, q in enumerate(queries)]
     rec = [evaluate.recall_at([facts_of[i] for i in top[j]], q["fact"], top.shape[1]) for j, q in enumerate(queries)]
     dp, dlp = [], []
     for si, j in enumerate(sample):
-        effects = [cache(int(i)) for i in top[j]]
+        effects = [effect(int(i)) for i in top[j]]
         dp.append(np.mean([e[0][si] for e in effects]))
         dlp.append(np.mean([e[1][si] for e in effects]))
     se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0  # noqa: E731
@@ -219,40 +201,41 @@ def main(
     Q_all = {c: run_vectors(run / "queries", "vectors" if c else "vectors_uncorrected") for c in (True, False)}
     facts_of = [d.get("facts", []) for d in docs]
 
-    mdl, tok = ts.load_model(model, "float32", "cpu")
-    V = ts.load_second_moment(optimizer_state or str(Path(model) / "optimizer.pt"), mdl)
-    v = evaluate.full_second_moment(V, mdl)
-    lr = lr if lr is not None else V.lr
-    if lr is None:
-        raise ts.TrackStarError("no learning rate in the optimizer state: pass --lr")
-    max_length = ts.context_length(mdl)
-    docs_tok, _ = ts.tokenize_rows(tok, docs, "corpus", max_length)
+    step = evaluate.load_step(model, optimizer_state, False, lr, None)
+    docs_tok, _ = ts.tokenize_rows(step.tokenizer, docs, "corpus", step.max_length)
     sample = sorted(random.Random(seed + 1).sample(range(len(qs)), min(tail_queries, len(qs))))
-    cache = TailPatchCache(mdl, tok, docs_tok, [qs[j] for j in sample], v, ts.default_eps(V, list(v)), lr,
-                           V.betas or evaluate.DEFAULT_BETAS, max_length)
+    tail_qs = [qs[j] for j in sample]
+    base = evaluate.target_logprob(step.model, step.tokenizer, tail_qs, step.max_length)
+    stepped: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # each document is stepped once, for every point
 
-    results = {"dim": meta["dim"], "n_docs": len(docs), "n_queries": len(qs), "tail_queries": len(sample),
-               "lr": lr, "axes": {}}
-    plan = axes(meta["dim"], len(docs), damping)
+    def effect(doc: int) -> tuple[np.ndarray, np.ndarray]:
+        """Δp, Δlog p of every sampled query after a step on `doc`."""
+        if doc not in stepped:
+            stepped[doc] = tuple(x.numpy() for x in evaluate.tail_patch(step, docs_tok[doc], tail_qs, base))
+        return stepped[doc]
+
+    results = {"dim": meta.dim, "n_docs": len(docs), "n_queries": len(qs), "tail_queries": len(sample),
+               "lr": step.lr, "axes": {}}
+    plan = axes(meta.dim, len(docs), damping)
     total = sum(len(p) for p in plan.values())
     with tqdm(total=total, desc="sweep", unit="setting") as bar:
         for axis, points in plan.items():
             out = []
             for x, s in points:
-                X = subgrid(X_all[s.corrected], meta["dim"], s.dim)
-                Q = subgrid(Q_all[s.corrected], meta["dim"], s.dim)
+                X = subgrid(X_all[s.corrected], meta.dim, s.dim)
+                Q = subgrid(Q_all[s.corrected], meta.dim, s.dim)
                 M, fitted = transforms(s, X, Q, seed)
                 top = top_k(X, Q, M, k)
                 out.append({"x": x, "row": s.row, "setting": dataclasses.asdict(s), "fitted": fitted,
-                            **measure(top, qs, facts_of, sample, cache)})
-                bar.set_postfix(docs_stepped=len(cache.effect))
+                            **measure(top, qs, facts_of, sample, effect)})
+                bar.set_postfix(docs_stepped=len(stepped))
                 bar.update()
             results["axes"][axis] = out
             plot(run / "sweep" / f"sweep-{axis}.png", axis, out)
     ts.write_json(run / "sweep" / "sweep.json", results)
     with ts.atomic_path(run / "sweep" / "sweep.md") as tmp:
         tmp.write_text(markdown(results))
-    typer.echo(f"wrote {run / 'sweep'}: {total} settings, {len(cache.effect)} documents stepped for tail-patch")
+    typer.echo(f"wrote {run / 'sweep'}: {total} settings, {len(stepped)} documents stepped for tail-patch")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -323,22 +323,45 @@ def project_full_gradient(grad_out_in: torch.Tensor, seed: int, module: str, dim
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer correction V: the second-moment estimate, looked up by parameter name.
-# A correction maps module name -> ("full", 1/sqrt(V+eps) as (out, in)) or
-# ("factored", a (out,), b (in,)) with 1/sqrt(V) = a ⊗ b (Adafactor's rank-1 estimate).
+# Optimizer correction V: the second-moment estimate, looked up by parameter name. Each
+# parameter's V is held one of two ways: a tensor in the parameter's own layout (Adam), or the
+# rank-one V̂ = a ⊗ b (Adafactor's estimate; see `rank_one`).
+
+
+class RankOne(NamedTuple):
+    """V̂ = a ⊗ b over a matrix's two dimensions (a: dim 0, b: dim 1 of the layout it describes)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return torch.outer(self.a, self.b)
+
+
+def rank_one(row: torch.Tensor, col: torch.Tensor) -> RankOne:
+    """Adafactor's statistics (row and column means of V) as V̂ = row ⊗ col / mean(row).
+
+    The one place the rank-one formula lives: the encoder divides by sqrt(a) ⊗ sqrt(b), tail-patch
+    expands a ⊗ b.
+    """
+    return RankOne(row / row.mean(), col)
 
 
 @dataclasses.dataclass
 class SecondMoment:
     """V for every parameter we know it for, plus where it came from."""
 
-    full: dict[str, torch.Tensor]  # parameter name -> V, in the parameter's own layout
-    factored: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (row, col) Adafactor stats
-    source: str  # "adam", "adafactor", "estimate", "file"
+    values: dict[str, torch.Tensor | RankOne]  # parameter name -> V in the parameter's own layout
+    source: str  # "adam", "adafactor", "estimate(...)", "file", with "+factored" when factored here
     lr: float | None  # the optimizer's final learning rate, when the state has one
     betas: tuple[float, float] | None  # Adam's (β1, β2), when the state has them
     optimizer_eps: float  # eps inside sqrt(V + eps) that matches the optimizer's own update
     digest: str  # identity of the values, so artifacts with different V refuse to mix
+
+    def dense(self, name: str) -> torch.Tensor:
+        """V of one parameter as a tensor of its shape (a rank-one V expanded)."""
+        v = self.values[name]
+        return v.dense() if isinstance(v, RankOne) else v
 
 
 def load_second_moment(path: str, model: nn.Module) -> SecondMoment:
@@ -361,43 +384,43 @@ def load_second_moment(path: str, model: nn.Module) -> SecondMoment:
         state = state["second_moment"]
     if not isinstance(state, dict):
         raise TrackStarError(f"{path}: expected a dict of parameter name -> second moment")
-    full, factored = {}, {}
+    values = {}
     for name, v in state.items():
         if name not in params:
             raise TrackStarError(f"{path}: parameter {name!r} is not in this model (a state for another model?)")
         if isinstance(v, dict) and "exp_avg_sq_row" in v:
-            factored[name] = (v["exp_avg_sq_row"].float(), v["exp_avg_sq_col"].float())
+            values[name] = rank_one(v["exp_avg_sq_row"].float(), v["exp_avg_sq_col"].float())
         else:
-            full[name] = _checked(v, params[name], name, path).float()
-    return _finish(full, factored, meta_source, lr, None, 0.0, path)
+            values[name] = _checked(v, params[name], name, path).float()
+    return _finish(values, meta_source, lr, None, 0.0, path)
 
 
 def _from_optimizer_state(state: dict, model: nn.Module, path: str) -> SecondMoment:
     groups = state["param_groups"]
     index = [i for g in groups for i in g["params"]]
     names = _param_order(model, groups, state["state"], path)
+    params = dict(model.named_parameters())
     g0 = groups[0]
-    full, factored, source = {}, {}, "adam"
+    values, source = {}, "adam"
     for i, name in zip(index, names, strict=True):
         s = state["state"].get(i)
         if not s:
             continue  # a parameter that never received a gradient
-        p = dict(model.named_parameters())[name]
         if "exp_avg_sq_row" in s:
             source = "adafactor"
-            factored[name] = (s["exp_avg_sq_row"].float(), s["exp_avg_sq_col"].float())
+            values[name] = rank_one(s["exp_avg_sq_row"].float(), s["exp_avg_sq_col"].float())
         elif "exp_avg_sq" in s:
-            v = _checked(s["exp_avg_sq"], p, name, path).float()
+            v = _checked(s["exp_avg_sq"], params[name], name, path).float()
             betas, step = g0.get("betas"), float(s.get("step", 0))
             if betas and step > 0:  # Adam's bias correction: the estimate the update actually used
                 v = v / (1 - betas[1] ** step)
-            full[name] = v
+            values[name] = v
     eps = g0.get("eps", 0.0)
     eps = float(eps[0] if isinstance(eps, list | tuple) else eps)
     # Adam divides by sqrt(v) + eps ≈ sqrt(v + eps²); Adafactor's eps is already inside its stats.
     default_eps = eps * eps if source == "adam" else 0.0
     betas = tuple(g0["betas"]) if g0.get("betas") else None
-    return _finish(full, factored, source, g0.get("lr"), betas, default_eps, path)
+    return _finish(values, source, g0.get("lr"), betas, default_eps, path)
 
 
 def _param_order(model: nn.Module, groups: list[dict], state: dict, path: str) -> list[str]:
@@ -451,74 +474,54 @@ def _checked(v: torch.Tensor, p: torch.Tensor, name: str, path: str) -> torch.Te
     return v
 
 
-def _finish(
-    full: dict, factored: dict, source: str, lr: float | None, betas: tuple | None, eps: float, path: str
-) -> SecondMoment:
-    h = hashlib.sha256()
-    for name in sorted(full):
-        h.update(name.encode() + full[name].numpy().tobytes())
-    for name in sorted(factored):
-        r, c = factored[name]
-        h.update(name.encode() + r.numpy().tobytes() + c.numpy().tobytes())
-    if not full and not factored:
+def _finish(values: dict, source: str, lr: float | None, betas: tuple | None, eps: float, path: str) -> SecondMoment:
+    if not values:
         raise TrackStarError(f"{path}: no second-moment statistics found")
-    return SecondMoment(full, factored, source, lr, betas, eps, h.hexdigest()[:16])
+    h = hashlib.sha256()
+    for name in sorted(values):
+        parts = values[name] if isinstance(values[name], RankOne) else (values[name],)
+        h.update(name.encode() + b"".join(p.numpy().tobytes() for p in parts))
+    return SecondMoment(values, source, lr, betas, eps, h.hexdigest()[:16])
 
 
 def default_eps(V: SecondMoment, params: list[str]) -> float:
     """eps inside sqrt(V + eps): the optimizer's own (Adam: eps²) when known, else 1e-3 of mean V.
 
     A V estimated from a few hundred documents has entries near zero in directions the sample never
-    excited; dividing by their square root would let noise dominate, so we damp relative to V's scale.
+    excited; dividing by their square root would let noise dominate, so we damp relative to V's scale
+    (the mean over `params`: the traced matrices when encoding, every parameter for tail-patch).
     """
     if V.source in ("adam", "adafactor"):
         return V.optimizer_eps
-    vs = [V.full[p] for p in params if p in V.full]
+    vs = [V.values[p] for p in params if isinstance(V.values.get(p), torch.Tensor)]
     return 1e-3 * float(torch.cat([v.flatten() for v in vs]).mean()) if vs else 0.0
-
-
-def rank_one(row: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adafactor's statistics (row and column means of V) as the factors of V̂ = a ⊗ b = row ⊗ col / mean(row).
-
-    The one place the rank-one formula lives: the encoder divides by sqrt(a) ⊗ sqrt(b), tail-patch
-    expands a ⊗ b.
-    """
-    return row / row.mean(), col
 
 
 def factor_second_moment(V: SecondMoment, eps: float) -> SecondMoment:
     """Adafactor's rank-1 estimate of every matrix's full V + eps: row and column means, with
     V̂ = row ⊗ col / mean(row). The factored path is then exact for V̂ and costs about a
     training step, where the exact path's per-example ∇W costs several on short documents."""
-    factored = dict(V.factored)
-    full = {}
-    for name, v in V.full.items():
-        if v.ndim == 2:
-            factored[name] = ((v + eps).mean(1), (v + eps).mean(0))
-        else:
-            full[name] = v
-    return _finish(full, factored, f"{V.source}+factored", V.lr, V.betas, 0.0, "second moment")
+    values = {name: rank_one((v + eps).mean(1), (v + eps).mean(0)) if isinstance(v, torch.Tensor) and v.ndim == 2
+              else v for name, v in V.values.items()}
+    return _finish(values, f"{V.source}+factored", V.lr, V.betas, 0.0, "second moment")
 
 
-def correction_scales(
-    model: nn.Module, V: SecondMoment | None, eps: float, modules: list
-) -> dict[str, tuple]:
-    """Per traced module, how to divide its gradient by sqrt(V + eps), in (out, in) orientation."""
-    scales: dict[str, tuple] = {}
+def correction_scales(model: nn.Module, V: SecondMoment | None, eps: float, modules: list) -> dict:
+    """Per traced module, 1/sqrt(V + eps) in (out, in) orientation: a tensor, or a RankOne of factors."""
+    scales: dict[str, torch.Tensor | RankOne] = {}
     if V is None:
         return scales
     for name, module, pname, transposed in modules:
         dev = module.weight.device
-        if pname in V.full:
-            s = (V.full[pname] + eps).rsqrt()
-            scales[name] = ("full", (s.T if transposed else s).contiguous().to(dev))
-        elif pname in V.factored:
-            # Adafactor: row over dim 0, col over dim 1 of the stored layout
-            r, c = (f.rsqrt() for f in rank_one(*V.factored[pname]))
-            a, b = (c, r) if transposed else (r, c)
-            scales[name] = ("factored", a.to(dev), b.to(dev))
-        else:
+        v = V.values.get(pname)
+        if v is None:
             raise TrackStarError(f"the optimizer state has no second moment for parameter {pname!r}")
+        if isinstance(v, RankOne):  # eps is already folded into Adafactor's statistics
+            a, b = v.a.rsqrt().to(dev), v.b.rsqrt().to(dev)
+            scales[name] = RankOne(b, a) if transposed else RankOne(a, b)
+        else:
+            s = (v + eps).rsqrt()
+            scales[name] = (s.T if transposed else s).contiguous().to(dev)
     return scales
 
 
@@ -541,23 +544,23 @@ class Encoder:
     modules: list
     dim: int
     seed: int
-    path: str  # "factored" or "exact"
-    scales: dict  # module name -> correction (see correction_scales); empty: no correction
+    gradient: str  # how per-example gradients are formed: "factored" or "exact"
+    scales: dict  # module name -> 1/sqrt(V + eps) (see correction_scales); empty: no correction
     also_uncorrected: bool
     factors: dict = dataclasses.field(default_factory=dict)  # module -> (P_out, P_in) on device
     buffer: torch.Tensor | None = None  # scratch space for the exact path's per-example gradients
 
 
 def make_encoder(
-    model: nn.Module, dim: int, seed: int, scales: dict, path: str = "auto", also_uncorrected: bool = False
+    model: nn.Module, dim: int, seed: int, scales: dict, gradient: str = "auto", also_uncorrected: bool = False
 ) -> Encoder:
     """Freeze the model and choose the gradient path ("auto": factored unless V is full)."""
     modules = weight_modules(model)
-    has_full = any(s[0] == "full" for s in scales.values())
-    if path == "auto":
-        path = "exact" if has_full else "factored"
-    if path == "factored" and has_full:
-        raise TrackStarError("--path factored is exact only for no correction or a factored V; use --path exact")
+    has_full = any(not isinstance(s, RankOne) for s in scales.values())
+    if gradient == "auto":
+        gradient = "exact" if has_full else "factored"
+    if gradient == "factored" and has_full:
+        raise TrackStarError("--gradient factored is exact only for no correction or a rank-one V; use exact")
     for p in model.parameters():
         p.requires_grad_(False)
     s_out, s_in = factor_dims(dim)
@@ -569,7 +572,7 @@ def make_encoder(
             projection_matrix(seed, name, "out", n_out, s_out).to(dev),
             projection_matrix(seed, name, "in", n_in, s_in).to(dev),
         )
-    return Encoder(model, modules, dim, seed, path, scales, also_uncorrected and bool(scales), factors)
+    return Encoder(model, modules, dim, seed, gradient, scales, also_uncorrected and bool(scales), factors)
 
 
 def encode_batch(enc: Encoder, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -603,14 +606,14 @@ def _trace_inputs_grad(model: nn.Module) -> Any:
 def _capture(enc: Encoder, name: str, mask: torch.Tensor, acc: dict) -> Callable:
     p_out, p_in = enc.factors[name]
     scale = enc.scales.get(name)
-    exact = enc.path == "exact"
+    exact = enc.gradient == "exact"
 
     def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         x = inputs[0].float() * mask  # (B, T, in); padded positions carry nothing
         if exact:
             saved = x
         else:
-            xs = [x * scale[2]] if scale else [x]
+            xs = [x * scale.b] if scale is not None else [x]
             if enc.also_uncorrected:
                 xs.append(x)
             saved = [xi @ p_in for xi in xs]  # (B, T, s_in): keep only the projection
@@ -623,7 +626,7 @@ def _accumulate(enc: Encoder, name: str, saved: Any, delta: torch.Tensor, acc: d
     p_out, p_in = enc.factors[name]
     scale = enc.scales.get(name)
     B = delta.shape[0]
-    if enc.path == "exact":
+    if enc.gradient == "exact":
         # (b, out, in) per-example gradients, ~64M floats at a time, in one reused buffer: fresh
         # allocations this large cost more in page faults than the arithmetic does.
         n_out, n_in = p_out.shape[0], p_in.shape[0]
@@ -632,13 +635,15 @@ def _accumulate(enc: Encoder, name: str, saved: Any, delta: torch.Tensor, acc: d
             b = min(step, B - lo)
             grad = _buffer(enc, b * n_out * n_in, delta.device).view(b, n_out, n_in)
             torch.bmm(delta[lo : lo + b].transpose(1, 2), saved[lo : lo + b], out=grad)
-            if scale and enc.also_uncorrected:
+            if scale is not None and enc.also_uncorrected:
                 acc["vectors_uncorrected"][lo : lo + b] += _project(grad, p_out, p_in)
-            if scale:
-                grad.mul_(scale[1]) if scale[0] == "full" else grad.mul_(scale[1][:, None]).mul_(scale[2])
+            if isinstance(scale, RankOne):
+                grad.mul_(scale.a[:, None]).mul_(scale.b)
+            elif scale is not None:
+                grad.mul_(scale)
             acc["vectors"][lo : lo + b] += _project(grad, p_out, p_in)
     else:
-        ds = [delta * scale[1]] if scale else [delta]
+        ds = [delta * scale.a] if scale is not None else [delta]
         if enc.also_uncorrected:
             ds.append(delta)
         for key, d, x in zip(["vectors", "vectors_uncorrected"], ds, saved, strict=False):
@@ -682,29 +687,83 @@ def encode_rows(
     return encode_tokenized(enc, tokenized, token_budget)
 
 
-def encoder_from_meta(meta: dict, device: str = "cpu") -> tuple[Encoder, Any]:
-    """Rebuild the exact encoder an encoded run used (model, V, eps, projection, path)."""
-    model, tokenizer = load_model(meta["model_path"], meta["dtype"], device)
-    if model.trackstar_fingerprint != meta["model"]:
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Everything an encoded run was made with: exactly what its `meta.json` (and each chunk) stores."""
+
+    tool: str  # "trackstar <version>"
+    kind: str  # "corpus" or "queries"
+    loss: str  # which tokens carry the loss
+    data: str  # the input JSONL, and its digest
+    data_digest: str
+    n_examples: int
+    chunk_size: int
+    n_chunks: int
+    token_budget: int
+    datasets: list  # "vectors" = g(z); "vectors_uncorrected" = P·∇θL(z) without V
+    model: str  # fingerprint of the weights
+    model_path: str
+    dtype: str
+    max_length: int
+    truncated: int  # documents cut to max_length
+    dim: int  # d, and its Kronecker factors (s_out, s_in)
+    seed: int
+    factors: list
+    modules: str  # identity of the traced matrices
+    gradient: str  # "factored" or "exact"
+    correction: str  # where V came from, or "none"
+    v_digest: str | None  # identity of V as applied (after --factor-v)
+    v_file: str | None
+    eps: float
+    lr: float | None
+    factor_v: bool
+
+
+def read_meta(run: str | Path) -> RunSettings:
+    """An encoded run's settings (its meta.json)."""
+    p = Path(run) / "meta.json"
+    if not p.exists():
+        raise TrackStarError(f"{run} is not an encoded run (no meta.json)")
+    return run_settings(json.loads(p.read_text()), str(p))
+
+
+def run_settings(stored: dict, where: str) -> RunSettings:
+    """RunSettings from what a file stored; settings from another version (or hand-edited) are refused."""
+    fields = {f.name for f in dataclasses.fields(RunSettings)}
+    if not isinstance(stored, dict) or set(stored) != fields:
+        odd = sorted(set(stored) ^ fields) if isinstance(stored, dict) else stored
+        raise TrackStarError(f"{where}: not the run settings this version writes (differs in {odd}); re-encode")
+    return RunSettings(**stored)
+
+
+def applied_second_moment(V: SecondMoment | None, eps: float, factor_v: bool) -> tuple[SecondMoment | None, float]:
+    """(V, eps) as the encoder divides by them: with --factor-v, Adafactor's rank-one V̂ with eps inside."""
+    if V is not None and factor_v:
+        return factor_second_moment(V, eps), 0.0
+    return V, eps
+
+
+def build_encoder(model: nn.Module, V: SecondMoment | None, run: RunSettings, also_uncorrected: bool = False
+                  ) -> Encoder:
+    """The encoder `run` describes, from the model and the V it names: the one way one is built."""
+    V, eps = applied_second_moment(V, run.eps, run.factor_v)
+    if (V.digest if V else None) != run.v_digest:
+        raise TrackStarError(f"V from {run.v_file} is not the one the run was encoded with "
+                             f"(digest {V.digest if V else None} vs {run.v_digest})")
+    scales = correction_scales(model, V, eps, weight_modules(model))
+    return make_encoder(model, run.dim, run.seed, scales, run.gradient, also_uncorrected)
+
+
+def encoder_for_run(run: RunSettings, device: str = "cpu") -> tuple[Encoder, Any]:
+    """Reload the model and V an encoded run used, checked against its fingerprints, and build its encoder."""
+    model, tokenizer = load_model(run.model_path, run.dtype, device)
+    if model.trackstar_fingerprint != run.model:
         raise TrackStarError(
-            f"the model at {meta['model_path']} has fingerprint {model.trackstar_fingerprint}, "
-            f"the run was encoded with {meta['model']}"
+            f"the model at {run.model_path} has fingerprint {model.trackstar_fingerprint}, "
+            f"the run was encoded with {run.model}"
         )
-    modules = weight_modules(model)
-    V = load_second_moment(meta["v_file"], model) if meta["v_file"] else None
-    eps = meta["eps"]
-    if V is not None and meta.get("factor_v"):
-        V, eps = factor_second_moment(V, eps), 0.0
-    if V is not None and V.digest != meta["v_digest"]:
-        raise TrackStarError(f"{meta['v_file']} has changed since the run was encoded")
-    scales = correction_scales(model, V, eps, modules)
-    return make_encoder(model, meta["dim"], meta["seed"], scales, meta["path"]), tokenizer
-
-
-def modules_digest(modules: list) -> str:
-    """Identity of the traced modules and their shapes (part of the projection's definition)."""
-    desc = ";".join(f"{n}{tuple(m.weight.shape)}" for n, m, _, _ in modules)
-    return f"{len(modules)} matrices/" + hashlib.sha256(desc.encode()).hexdigest()[:12]
+    V = load_second_moment(run.v_file, model) if run.v_file else None
+    return build_encoder(model, V, run), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -738,26 +797,19 @@ def chunk_name(i: int) -> str:
     return f"chunk-{i:06d}.h5"
 
 
-def write_chunk(path: str | Path, arrays: dict[str, np.ndarray], ids: np.ndarray, meta: dict) -> None:
-    """One chunk: datasets `ids` and each of `arrays`, the run's metadata as attributes."""
+def write_chunk(path: str | Path, arrays: dict[str, np.ndarray], ids: np.ndarray, run: RunSettings) -> None:
+    """One chunk: datasets `ids` and each of `arrays`, the run's settings as attributes."""
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("ids", data=ids.astype(np.int64))
             for key, a in arrays.items():
                 f.create_dataset(key, data=a)
-            for key, value in meta.items():
-                f.attrs[key] = json.dumps(value)
+            write_attrs(f, dataclasses.asdict(run))
 
 
-def read_meta(run: str | Path) -> dict:
-    p = Path(run) / "meta.json"
-    if not p.exists():
-        raise TrackStarError(f"{run} is not an encoded run (no meta.json)")
-    return json.loads(p.read_text())
-
-
-def check_same(a: dict, b: dict, keys: list[str], what_a: str, what_b: str) -> None:
+def check_same(a: dict | RunSettings, b: dict | RunSettings, keys: list[str], what_a: str, what_b: str) -> None:
     """Refuse to combine two artifacts that differ in any of `keys`, naming both values."""
+    a, b = (x if isinstance(x, dict) else dataclasses.asdict(x) for x in (a, b))
     for key in keys:
         if a.get(key) != b.get(key):
             raise TrackStarError(
@@ -771,8 +823,7 @@ COMPATIBLE_KEYS = ["model", "dtype", "dim", "seed", "factors", "modules", "corre
 
 def chunk_files(run: str | Path) -> list[Path]:
     """All chunk files of a complete run, in order; an incomplete run is an error naming a gap."""
-    meta = read_meta(run)
-    files = [Path(run) / chunk_name(i) for i in range(meta["n_chunks"])]
+    files = [Path(run) / chunk_name(i) for i in range(read_meta(run).n_chunks)]
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise TrackStarError(

@@ -75,8 +75,8 @@ def test_adam_v_is_bias_corrected_and_eps_is_squared(tmp_path):
     for name, p in model.named_parameters():
         s = opt.state[p]
         want = s["exp_avg_sq"] / (1 - 0.95 ** float(s["step"]))
-        assert torch.allclose(V.full[name], want, rtol=1e-6, atol=0), name
-    assert ts.default_eps(V, list(V.full)) == pytest.approx(1e-12)
+        assert torch.allclose(V.values[name], want, rtol=1e-6, atol=0), name
+    assert ts.default_eps(V, list(V.values)) == pytest.approx(1e-12)
 
 
 def test_estimated_and_adafactor_eps_conventions(tmp_path):
@@ -95,7 +95,7 @@ def test_estimated_and_adafactor_eps_conventions(tmp_path):
     opt.step()
     torch.save(opt.state_dict(), tmp_path / "adafactor.pt")
     V = ts.load_second_moment(str(tmp_path / "adafactor.pt"), model)
-    assert V.source == "adafactor" and ts.default_eps(V, list(V.full) + list(V.factored)) == 0.0
+    assert V.source == "adafactor" and ts.default_eps(V, list(V.values)) == 0.0
 
 
 # "cat" and "sat" are each in fewer than half the documents, so their idf is positive (rank-bm25 floors

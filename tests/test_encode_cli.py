@@ -56,11 +56,11 @@ def big_corpus(tmp_path) -> Path:
 
 def test_killed_run_resumes_to_bit_identical_chunks(model_dir, big_corpus, tmp_path):
     whole = tmp_path / "whole"
-    encode("corpus", model_dir, big_corpus, whole, "--path", "exact")
+    encode("corpus", model_dir, big_corpus, whole, "--gradient", "exact")
 
     killed = tmp_path / "killed"
     cmd = ENCODE + ["corpus", "--model", str(model_dir), "--data", str(big_corpus), "--out", str(killed),
-                    "--dim", "1024", "--chunk-size", "4", "--path", "exact", "--token-budget", "16"]
+                    "--dim", "1024", "--chunk-size", "4", "--gradient", "exact", "--token-budget", "16"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen_whole = 0
     deadline = time.time() + 120
@@ -78,10 +78,10 @@ def test_killed_run_resumes_to_bit_identical_chunks(model_dir, big_corpus, tmp_p
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     n_before = len(list(killed.glob("chunk-*.h5")))
     assert 0 < n_before < 30 and seen_whole > 0
-    encode("corpus", model_dir, big_corpus, killed, "--path", "exact", "--token-budget", "16")
+    encode("corpus", model_dir, big_corpus, killed, "--gradient", "exact", "--token-budget", "16")
     # Chunks do not depend on how batches were cut across runs *with the same settings*.
     rerun = tmp_path / "rerun"
-    encode("corpus", model_dir, big_corpus, rerun, "--path", "exact", "--token-budget", "16")
+    encode("corpus", model_dir, big_corpus, rerun, "--gradient", "exact", "--token-budget", "16")
     assert_bit_identical(killed, rerun)
     # and the resumed run is the same computation as the uninterrupted one, to float precision
     a, b = chunks_of(killed), chunks_of(whole)

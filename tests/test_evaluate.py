@@ -24,23 +24,21 @@ def test_recall_at_k_counts_only_the_top_k():
 
 @pytest.mark.parametrize("with_v", [True, False])
 def test_tail_patch_restores_weights_bit_exactly_and_raises_target(model_dir, with_v):
-    model, tok = ts.load_model(str(model_dir))
+    step = evaluate.load_step(str(model_dir), None, not with_v, 1e-3 if with_v else 1e-1, None)
+    model, tok = step.model, step.tokenizer
+    assert (step.v is not None) == with_v
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    sm = ts.load_second_moment(str(model_dir / "optimizer.pt"), model) if with_v else None
-    v = evaluate.full_second_moment(sm, model) if sm else None
-    eps = ts.default_eps(sm, list(v)) if sm else 0.0
     queries = [{"prompt": "The capital of France is", "target": " Paris"}]
     doc, _, _ = ts.tokenize_document(tok, "The capital of France is Paris.", 128)
     base = evaluate.target_logprob(model, tok, queries, 128)
-    lr = 1e-3 if with_v else 1e-1
-    dp, dlogp = evaluate.tail_patch(model, tok, (doc, doc), queries, lr, v, eps, 128, base)
+    dp, dlogp = evaluate.tail_patch(step, (doc, doc), queries, base)
     assert dp[0] > 0 and dlogp[0] > 0, "a step on the fact's own sentence must raise the target"
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     assert torch.equal(evaluate.target_logprob(model, tok, queries, 128), base)
     # and a step on an unrelated document moves it much less
     other, _, _ = ts.tokenize_document(tok, "Seven green bottles hanging on the wall.", 128)
-    dp2, _ = evaluate.tail_patch(model, tok, (other, other), queries, lr, v, eps, 128, base)
+    dp2, _ = evaluate.tail_patch(step, (other, other), queries, base)
     assert dp2[0] < dp[0]
 
 
@@ -51,11 +49,11 @@ def test_tail_patch_step_is_the_documents_share_of_adams_update(model_dir):
     import copy
 
     model, tok = ts.load_model(str(model_dir))
-    sm = ts.load_second_moment(str(model_dir / "optimizer.pt"), model)
+    V = ts.load_second_moment(str(model_dir / "optimizer.pt"), model)
     state = torch.load(model_dir / "optimizer.pt", weights_only=True)
     beta1, beta2 = state["param_groups"][0]["betas"]
-    assert sm.betas == (beta1, beta2)
-    v, eps, lr = evaluate.full_second_moment(sm, model), 1e-12, 1e-3
+    assert V.betas == (beta1, beta2)
+    v, eps, lr = evaluate.full_second_moment(V, model), 1e-12, 1e-3
     text, prompt, target = "The capital of France is Paris. Rome is in Italy.", "Rome is in", " Italy"
 
     def logp(m) -> float:
@@ -79,5 +77,6 @@ def test_tail_patch_step_is_the_documents_share_of_adams_update(model_dir):
     doc, _, _ = ts.tokenize_document(tok, text, 128)
     queries = [{"prompt": prompt, "target": target}]
     base = evaluate.target_logprob(model, tok, queries, 128)
-    _, dlogp = evaluate.tail_patch(model, tok, (doc, doc), queries, lr, v, eps, 128, base, (beta1, beta2))
+    step = evaluate.Step(model, tok, v, eps, lr, (beta1, beta2), 128, "adam")
+    _, dlogp = evaluate.tail_patch(step, (doc, doc), queries, base)
     assert abs(want) > 1e-4 and float(dlogp[0]) == pytest.approx(want, rel=1e-3, abs=1e-7)

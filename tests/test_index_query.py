@@ -3,6 +3,7 @@ mismatched runs, BM25, and the pipeline end to end on fabricated runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -22,7 +23,8 @@ import trackstar as ts
 
 META = {"tool": f"trackstar {ts.VERSION}", "model": "fingerprint-A", "model_path": "/nowhere", "dtype": "float32",
         "dim": 32, "seed": 0, "factors": [4, 8], "modules": "12 matrices/abc", "correction": "adam",
-        "v_digest": "v-1", "eps": 1e-8, "max_length": 64, "loss": "all tokens", "path": "exact"}
+        "v_digest": "v-1", "v_file": None, "eps": 1e-8, "lr": None, "factor_v": False, "max_length": 64,
+        "loss": "all tokens", "gradient": "exact", "token_budget": 8192, "truncated": 0, "data_digest": None}
 
 
 def fabricate_run(run: Path, kind: str, vectors: dict[str, np.ndarray], chunk: int = 64, **meta) -> Path:
@@ -34,12 +36,13 @@ def fabricate_run(run: Path, kind: str, vectors: dict[str, np.ndarray], chunk: i
     else:
         rows = [{"id": f"q{i}", "prompt": f"prompt {i}", "target": f" target {i}"} for i in range(n)]
     write_jsonl(data, rows)
-    m = {**META, "kind": kind, "data": str(data.resolve()), "n_examples": n, "n_chunks": -(-n // chunk),
-         "datasets": list(vectors), "dim": vectors["vectors"].shape[1], **meta}
+    m = ts.RunSettings(**{**META, "kind": kind, "data": str(data.resolve()), "n_examples": n, "chunk_size": chunk,
+                          "n_chunks": -(-n // chunk), "datasets": list(vectors), "dim": vectors["vectors"].shape[1],
+                          **meta})
     for i, lo in enumerate(range(0, n, chunk)):
         part = {k: v[lo : lo + chunk].astype(np.float32) for k, v in vectors.items()}
         ts.write_chunk(run / ts.chunk_name(i), part, np.arange(lo, lo + len(part["vectors"])), m)
-    ts.write_json(run / "meta.json", m)
+    ts.write_json(run / "meta.json", dataclasses.asdict(m))
     return run
 
 
@@ -65,7 +68,7 @@ def write_index_file(path: Path, x: np.ndarray, ids: np.ndarray, dtype: str, chu
     (compressed: read through HDF5 into a staging buffer)."""
     kw = {"chunks": True, "compression": "gzip"} if chunked else {}
     with h5py.File(path, "w") as f:
-        f.create_dataset("vectors", data=x.astype(dtype), **kw)
+        f.create_dataset("G", data=x.astype(dtype), **kw)
         f.create_dataset("ids", data=ids.astype(np.int64), **kw)
     return path
 
@@ -232,7 +235,7 @@ def test_lambda_0_and_1_give_the_train_and_eval_indexes(tmp_path):
     for args, name in ((["--hessian", "train"], "train"), (["--lam", "0"], "lam0"),
                        (["--hessian", "eval"], "eval"), (["--lam", "1"], "lam1")):
         ok(invoke(index_cli.app, ["--corpus", corpus, "--queries", queries, "--out", tmp_path / name, *args]))
-    vec = {n: h5py.File(tmp_path / n / "index.h5")["vectors"][:] for n in ("train", "lam0", "eval", "lam1")}
+    vec = {n: h5py.File(tmp_path / n / "index.h5")["G"][:] for n in ("train", "lam0", "eval", "lam1")}
     assert np.array_equal(vec["train"], vec["lam0"]) and np.array_equal(vec["eval"], vec["lam1"])
     assert not np.array_equal(vec["train"], vec["eval"])
 
@@ -392,7 +395,7 @@ def test_float16_index_ranks_as_brute_force_on_its_stored_vectors(tmp_path):
     ok(invoke(query_cli.app, ["--index", tmp_path / "index", "--queries", queries, "--out", tmp_path / "p.jsonl",
                               "--k", "12", "--block", "64"]))
     with h5py.File(tmp_path / "index" / "index.h5") as f:
-        stored, ids, T = f["vectors"][:], f["ids"][:], f["query_transform"][:]
+        stored, ids, T = f["G"][:], f["ids"][:], f["query_transform"][:]
     assert stored.dtype == np.float16 and np.allclose(np.linalg.norm(stored.astype(np.float32), axis=1), 1, atol=1e-2)
     _, q = ts.read_vectors(queries)
     h = torch.as_tensor(q) @ torch.as_tensor(T)

@@ -72,7 +72,7 @@ def test_known_facts_rank_their_sentence_above_random_ones(real_run):
     known = [q for q, ok in zip(queries, results["model_correct"], strict=True) if ok]
     assert len(known) >= 5, f"the model knows only {len(known)} of {len(queries)} facts"
     with h5py.File(run / "index-cosine" / "index.h5", "r") as h:
-        ids, docs = h["ids"][:], h["vectors"][:].astype(np.float32)  # unit-norm uncorrected gradients
+        ids, docs = h["ids"][:], h["G"][:].astype(np.float32)  # unit-norm uncorrected gradients
     _, qvecs = ts.read_vectors(run / "queries", "vectors_uncorrected")
     scores = (ts.unit_normalize(torch.from_numpy(qvecs)) @ torch.from_numpy(docs).T).numpy()
     corpus = [corpus[i] for i in ids]  # index rows -> corpus rows
