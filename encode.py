@@ -35,6 +35,8 @@ FIELDS = {"corpus": '{"id", "text", "facts": [fact ids] (optional)}',
 
 def resolve_shard(shard: int | None, num_shards: int | None) -> tuple[int, int]:
     """--shard/--num-shards, else torchrun's RANK/WORLD_SIZE, else a single process."""
+    if shard is not None and num_shards is None:
+        raise ts.TrackStarError(f"--shard {shard} needs --num-shards (how many shards there are)")
     if num_shards is not None:
         if shard is None or not 0 <= shard < num_shards:
             raise ts.TrackStarError(f"--shard must be in [0, {num_shards}), got {shard}")
@@ -64,7 +66,12 @@ def second_moment(
         v_file = out / "second_moment.pt"
         if not v_file.exists():
             estimate_to_file(model, tokenizer, data, estimate_v, max_length, token_budget, seed, v_file)
-        return ts.load_second_moment(str(v_file), model), str(v_file.resolve())
+        V = ts.load_second_moment(str(v_file), model)
+        want = estimate_source(data, estimate_v, token_budget, seed)
+        if V.source != want:  # a rerun with another --estimate-v must not reuse the old estimate
+            raise ts.TrackStarError(f"{v_file} holds {V.source}, this run asks for {want}; "
+                                    "delete it or encode into a new --out")
+        return V, str(v_file.resolve())
     if optimizer_state is None:
         default = Path(model.trackstar_path) / "optimizer.pt"
         if not default.exists():
@@ -112,10 +119,14 @@ def estimate_to_file(model, tokenizer, data: Path, n: int, max_length: int, toke
     groups = ts.length_batches([len(ids) for ids, _ in tokenized], token_budget, max_batch=8)
     batches = (ts.collate([tokenized[i] for i in idx], dev) for idx in groups)
     v = estimate_second_moment(model, tqdm(batches, total=len(groups), desc="estimate V", unit="batch"))
-    source = (f"estimate(n={len(sample)}, batch<=8 docs and {token_budget} tokens, seed={seed}, "
-              f"data={ts.file_digest(data)})")
     with ts.atomic_path(v_file) as tmp:
-        torch.save({"second_moment": v, "source": source, "lr": None}, tmp)
+        torch.save({"second_moment": v, "source": estimate_source(data, n, token_budget, seed), "lr": None}, tmp)
+
+
+def estimate_source(data: Path, n: int, token_budget: int, seed: int) -> str:
+    """What an estimate of V is recorded as: everything it depends on."""
+    n = min(n, len(ts.read_jsonl(data, "corpus")))
+    return f"estimate(n={n}, batch<=8 docs and {token_budget} tokens, seed={seed}, data={ts.file_digest(data)})"
 
 
 def modules_digest(modules: list) -> str:
@@ -127,9 +138,56 @@ def modules_digest(modules: list) -> str:
 def check_resume(out: Path, run: ts.RunSettings) -> None:
     """A rerun into an existing directory must have exactly the same settings."""
     if (out / "meta.json").exists():
-        old = ts.read_meta(out)
-        keys = [f.name for f in dataclasses.fields(run) if f.name not in ("data", "model_path", "v_file")]
-        ts.check_same(old, run, keys, f"existing run {out}", "this run")  # paths may move; digests may not
+        ts.check_same(ts.read_meta(out), run, ts.CHUNK_KEYS, f"existing run {out}", "this run")
+
+
+def check_options(gradient: str, dim: int, max_length: int | None, token_budget: int, chunk_size: int, dtype: str,
+                  estimate_v: int) -> None:
+    """Every option checked before any work is done or any file written."""
+    if gradient not in ("auto", "factored", "exact"):
+        raise ts.TrackStarError(f"--gradient must be auto, factored or exact, got {gradient!r}")
+    ts.factor_dims(dim)  # a power of two >= 4
+    for name, value in (("--max-length", max_length), ("--token-budget", token_budget), ("--chunk-size", chunk_size)):
+        if value is not None and value < 1:
+            raise ts.TrackStarError(f"{name} must be >= 1, got {value}")
+    if estimate_v < 0:
+        raise ts.TrackStarError(f"--estimate-v must be >= 0, got {estimate_v}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ts.TrackStarError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+
+
+def check_vocabulary(tokenized: list, rows: list[dict], model: nn.Module, data: Path) -> None:
+    """Every token id must have an embedding row: a tokenizer larger than its model is refused up front."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    for (ids, _), row in zip(tokenized, rows, strict=True):
+        if max(ids) >= vocab:
+            raise ts.TrackStarError(f"{data}:{row['_line']}: token id {max(ids)} is beyond the model's {vocab} "
+                                    "embeddings: the tokenizer does not belong to this model")
+
+
+def finished(out: Path, run: ts.RunSettings, i: int) -> bool:
+    """Whether chunk i is done: present, whole and this run's. A damaged chunk is re-encoded; one written
+    with other settings is refused (check_same names the setting and both values)."""
+    path = out / ts.chunk_name(i)
+    if not path.exists():
+        return False
+    try:
+        ts.check_chunk(path, run, i)
+    except ts.DamagedChunk as e:
+        typer.echo(f"{e}: encoding it again", err=True)
+        path.unlink()
+        return False
+    return True
+
+
+def check_finite_rows(arrays: dict[str, np.ndarray], rows: list[dict], data: Path) -> None:
+    """Refuse NaN/inf vectors before they are written, naming the first example that gave one."""
+    for key, a in arrays.items():
+        bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
+        if len(bad):
+            raise ts.TrackStarError(f"{data}:{rows[bad[0]]['_line']}: the example's {key} are NaN or inf "
+                                    f"({len(bad)} of {len(rows)} in this chunk): a model with NaN weights, or an "
+                                    "overflow in --dtype? Nothing was written for this chunk")
 
 
 @app.command()
@@ -164,8 +222,7 @@ def main(
     """Encode a corpus or a query set into g(z) = P · ∇θL(z) / sqrt(V + eps), one HDF5 chunk at a time."""
     if kind not in LOSS:
         raise ts.TrackStarError(f"KIND must be corpus or queries, got {kind!r}")
-    if gradient not in ("auto", "factored", "exact"):
-        raise ts.TrackStarError(f"--gradient must be auto, factored or exact, got {gradient!r}")
+    check_options(gradient, dim, max_length, token_budget, chunk_size, dtype, estimate_v)
     rank, world = resolve_shard(shard, num_shards)
     rows = ts.read_jsonl(data, kind)  # every line validated before anything is written
     mdl, tokenizer = ts.load_model(model, dtype, ts.pick_device(device))
@@ -173,6 +230,7 @@ def main(
     tokenized, truncated = ts.tokenize_rows(tokenizer, rows, kind, max_length)
     if truncated:
         typer.echo(f"truncated {len(truncated)} documents to {max_length} tokens (lines {truncated[:10]}...)")
+    check_vocabulary(tokenized, rows, mdl, data)
     modules = ts.weight_modules(mdl)
     V, v_file = second_moment(mdl, tokenizer, out, optimizer_state, estimate_v, no_correction,
                               data, max_length, token_budget, seed)
@@ -195,18 +253,20 @@ def main(
         lr=V.lr if V else None, factor_v=factor_v,
     )
     enc = ts.build_encoder(mdl, V, run, also_uncorrected)
-    check_resume(out, run)
-    ts.write_json(out / "meta.json", dataclasses.asdict(run))
+    with ts.writer_lock(out, f"-shard{rank}"):  # a second process encoding the same shard is refused
+        check_resume(out, run)
+        ts.write_json(out / "meta.json", dataclasses.asdict(run))
 
-    mine = [i for i in range(run.n_chunks) if i % world == rank and not (out / ts.chunk_name(i)).exists()]
-    todo = sum(min(chunk_size, len(rows) - i * chunk_size) for i in mine)
-    typer.echo(f"{kind}: {len(rows)} examples, {run.n_chunks} chunks, {len(mine)} to encode here "
-               f"(shard {rank}/{world}), gradient={run.gradient}, correction={run.correction}, d={dim}")
-    with tqdm(total=todo, desc=f"encode {kind}", unit="ex") as bar:
-        for i in mine:
-            lo, hi = i * chunk_size, min((i + 1) * chunk_size, len(rows))
-            arrays = ts.encode_tokenized(enc, tokenized[lo:hi], token_budget, bar)
-            ts.write_chunk(out / ts.chunk_name(i), arrays, np.arange(lo, hi), run)
+        mine = [i for i in range(run.n_chunks) if i % world == rank and not finished(out, run, i)]
+        todo = sum(min(chunk_size, len(rows) - i * chunk_size) for i in mine)
+        typer.echo(f"{kind}: {len(rows)} examples, {run.n_chunks} chunks, {len(mine)} to encode here "
+                   f"(shard {rank}/{world}), gradient={run.gradient}, correction={run.correction}, d={dim}")
+        with tqdm(total=todo, desc=f"encode {kind}", unit="ex") as bar:
+            for i in mine:
+                lo, hi = i * chunk_size, min((i + 1) * chunk_size, len(rows))
+                arrays = ts.encode_tokenized(enc, tokenized[lo:hi], token_budget, bar)
+                check_finite_rows(arrays, rows[lo:hi], data)
+                ts.write_chunk(out / ts.chunk_name(i), arrays, np.arange(lo, hi), run)
 
 
 if __name__ == "__main__":

@@ -187,6 +187,20 @@ def check_ground_truth(docs: list[dict], queries: list[dict], corpus_path: Path,
                                     f"got {json.dumps(facts)[:60]}")
 
 
+def check_inputs(run: Path, corpus: Path, queries: Path) -> ts.RunSettings | None:
+    """The corpus and queries given must be the files the run encoded (when it encoded any): the
+    rankings are row numbers into them. Returns the corpus run's settings, or None (BM25 only)."""
+    settings = None
+    for kind, path in (("corpus", corpus), ("queries", queries)):
+        if (run / kind / "meta.json").exists():
+            encoded = ts.read_meta(run / kind)
+            settings = settings or encoded
+            if ts.file_digest(path) != encoded.data_digest:
+                raise ts.TrackStarError(f"--{kind} {path} (digest {ts.file_digest(path)}) is not the file {run / kind} "
+                                        f"was encoded from ({encoded.data}, digest {encoded.data_digest})")
+    return settings
+
+
 def scored_queries(docs: list[dict], queries: list[dict]) -> list[bool]:
     """Which queries get MRR / recall: those with a `fact`, and none at all when no document lists `facts`
     (every rank would be a miss, a 0 that says nothing about the method)."""
@@ -348,6 +362,7 @@ def main(
     docs = ts.read_jsonl(corpus, "corpus")
     qs = ts.read_jsonl(queries, "queries")
     check_ground_truth(docs, qs, corpus, queries)
+    encoded = check_inputs(run, corpus, queries)
     if report_only:
         rerender(run, docs, qs)
         typer.echo(f"wrote {run / 'results.md'}, {run / 'report.html'}")
@@ -366,6 +381,9 @@ def main(
     facts_of = {d["id"]: d.get("facts") or [] for d in docs}
 
     step = load_step(model, optimizer_state, no_correction, lr, eps, device)
+    if encoded and step.model.trackstar_fingerprint != encoded.model:
+        raise ts.TrackStarError(f"--model {model} has fingerprint {step.model.trackstar_fingerprint}, the run was "
+                                f"encoded with {encoded.model} ({encoded.model_path}); refusing to mix them")
     tokenized, _ = ts.tokenize_rows(step.tokenizer, docs, "corpus", step.max_length)
     corpus_tok = {d["id"]: t for d, t in zip(docs, tokenized, strict=True)}
 

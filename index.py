@@ -477,38 +477,38 @@ def main(
         typer.echo("no --queries: R = R_train (no task-specific R_eval); refit with --queries once you have them")
     cmeta, qmeta, dataset = read_runs(corpus, queries, uncorrected)
     device = ts.pick_device(device)
-    for stale in ("index.h5", "spectrum.png"):  # never leave an old index or plot beside a new hessian.h5
-        (out / stale).unlink(missing_ok=True)
+    # Built beside --out and swapped in whole: a failed rerun leaves the previous index as it was.
+    with ts.atomic_directory(out) as tmp:
+        opts = HessianOptions(hessian_kind, lam, trak, damping, train_sample, sample_seed)
+        fit = fit_hessian(corpus, queries, dataset, opts, device)
+        settings = {"hessian": hessian_kind, "lam": fit.lam, "unit_norm": not no_unit_norm, "uncorrected": uncorrected,
+                    "trak": trak, "dtype": dtype, "train_sample": train_sample, "sample_seed": sample_seed,
+                    "damping": damping, "vector_dataset": dataset, "corpus_run": str(corpus.resolve()),
+                    "queries_run": str(queries.resolve()) if queries else None,
+                    "corpus_side": "identity" if hessian_kind == "none" or trak else "(R + δI)^(-1/2)",
+                    "query_side": "identity" if hessian_kind == "none" else
+                                  "(R_train + δI)^(-1)" if trak else "(R + δI)^(-1/2)"}
+        if hessian_kind != "none":
+            settings.update(fit.summary())
+        write_hessian(tmp / "hessian.h5", fit, {**settings, "tool": f"trackstar {ts.VERSION}"})
+        if hessian_kind != "none":
+            plot_spectrum(tmp / "spectrum.png", fit, hessian_kind)
+            typer.echo(f"R: hessian={hessian_kind} λ={fit.lam:.4g} (k={fit.k}, target {fit.k_target}"
+                       f"{', clipped by rank' if fit.k_clipped else ''}) δ={fit.delta:.3g}, "
+                       f"shrinkage={fit.shrinkage:.3g}, "
+                       f"R_train from {fit.n_train} corpus vectors, R_eval from {fit.n_eval} queries")
 
-    opts = HessianOptions(hessian_kind, lam, trak, damping, train_sample, sample_seed)
-    fit = fit_hessian(corpus, queries, dataset, opts, device)
-    settings = {"hessian": hessian_kind, "lam": fit.lam, "unit_norm": not no_unit_norm, "uncorrected": uncorrected,
-                "trak": trak, "dtype": dtype, "train_sample": train_sample, "sample_seed": sample_seed,
-                "damping": damping, "vector_dataset": dataset, "corpus_run": str(corpus.resolve()),
-                "queries_run": str(queries.resolve()) if queries else None,
-                "corpus_side": "identity" if hessian_kind == "none" or trak else "(R + δI)^(-1/2)",
-                "query_side": "identity" if hessian_kind == "none" else
-                              "(R_train + δI)^(-1)" if trak else "(R + δI)^(-1/2)"}
-    if hessian_kind != "none":
-        settings.update(fit.summary())
-    write_hessian(out / "hessian.h5", fit, {**settings, "tool": f"trackstar {ts.VERSION}"})
-    if hessian_kind != "none":
-        plot_spectrum(out / "spectrum.png", fit, hessian_kind)
-        typer.echo(f"R: hessian={hessian_kind} λ={fit.lam:.4g} (k={fit.k}, target {fit.k_target}"
-                   f"{', clipped by rank' if fit.k_clipped else ''}) δ={fit.delta:.3g}, "
-                   f"shrinkage={fit.shrinkage:.3g}, "
-                   f"R_train from {fit.n_train} corpus vectors, R_eval from {fit.n_eval} queries")
-
-    if hessian_kind in ("mixed", "train") and fit.n_train < cmeta.dim:
-        typer.echo(f"warning: R_train comes from {fit.n_train} vectors in d={cmeta.dim} dimensions, so it is "
-                   "rank-deficient and whitening by it over-fits the sample (documents turn near-orthogonal). "
-                   "Sample at least d vectors (--train-sample, more documents), lower d, or raise --damping "
-                   "(e.g. 0.1-1).", err=True)
-    scale = storage_scale(corpus, dataset, fit, not no_unit_norm, dtype, opts, device)
-    # The corpus run's settings travel with the index, so query.py checks a queries run against them.
-    attrs = {"corpus": dataclasses.asdict(cmeta), "index": settings, "unit_norm": not no_unit_norm,
-             "vector_dataset": dataset, "scale": scale, "dtype": dtype, "queries_data": qmeta.data if qmeta else None}
-    write_index(out / "index.h5", corpus, fit, attrs, block, device)
+        if hessian_kind in ("mixed", "train") and fit.n_train < cmeta.dim:
+            typer.echo(f"warning: R_train comes from {fit.n_train} vectors in d={cmeta.dim} dimensions, so it is "
+                       "rank-deficient and whitening by it over-fits the sample (documents turn near-orthogonal). "
+                       "Sample at least d vectors (--train-sample, more documents), lower d, or raise --damping "
+                       "(e.g. 0.1-1).", err=True)
+        scale = storage_scale(corpus, dataset, fit, not no_unit_norm, dtype, opts, device)
+        # The corpus run's settings travel with the index, so query.py checks a queries run against them.
+        attrs = {"corpus": dataclasses.asdict(cmeta), "index": settings, "unit_norm": not no_unit_norm,
+                 "vector_dataset": dataset, "scale": scale, "dtype": dtype,
+                 "queries_data": qmeta.data if qmeta else None}
+        write_index(tmp / "index.h5", corpus, fit, attrs, block, device)
     typer.echo(f"wrote {out / 'index.h5'} ({cmeta.n_examples} documents, d={cmeta.dim}, {dtype})")
     if show_example:
         print_example(out, cmeta.data)

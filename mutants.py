@@ -64,7 +64,8 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     "tail-patch does not restore the weights": (
         "evaluate.py", "                params[n].copy_(w)", "                pass", [EVAL]),
     "resume skips chunks without checking settings": (
-        "encode.py", "        ts.check_same(old, run, keys,", "        (lambda *a: None)(old, run, keys,",
+        "encode.py", "        ts.check_same(ts.read_meta(out), run,",
+        "        (lambda *a: None)(ts.read_meta(out), run,",
         ["tests/test_encode_cli.py"]),
     "prepare: facts stated once fewer": (
         "prepare.py", "remaining[i] -= 1", "remaining[i] -= 2", ["tests/test_prepare.py"]),

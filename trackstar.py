@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,10 +90,15 @@ def _validate_row(row: dict, kind: str, where: str) -> None:
     if kind == "corpus":
         if not isinstance(row.get("text"), str) or not row["text"].strip():
             raise TrackStarError(f"{where}: document has empty or missing 'text'")
+        facts = row.get("facts")  # a string would match by substring ("f1" in "f10")
+        if facts is not None and not (isinstance(facts, list) and all(isinstance(f, str) for f in facts)):
+            raise TrackStarError(f"{where}: 'facts' must be a list of fact ids (strings), got {facts!r}")
     elif kind == "queries":
         for key in ("prompt", "target"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise TrackStarError(f"{where}: query has no {key!r}")
+        if "fact" in row and row["fact"] is not None and not isinstance(row["fact"], str):
+            raise TrackStarError(f"{where}: 'fact' must be one fact id (a string), got {row['fact']!r}")
     else:
         raise ValueError(kind)
 
@@ -124,9 +130,25 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> tuple[
     tokenizer = AutoTokenizer.from_pretrained(str(p), **kw)
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, **kw)
     model.eval()  # no dropout: a gradient must be a function of the example alone
+    check_causal(model)
     model.trackstar_fingerprint = fingerprint(model)  # of the weights as stored, before any cast
     model.trackstar_path = str(p.resolve())
     return model.to(device=device, dtype=getattr(torch, dtype)), tokenizer
+
+
+def check_causal(model: nn.Module) -> None:
+    """Refuse a model whose earlier positions see later tokens (e.g. BERT loaded as an LM head): there a
+    query's target would see itself. Tested, not trusted from the config: change the last token of a
+    short input and require every earlier position's logits to stay as they were (to round-off)."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.arange(1, 9).remainder(vocab - 1).add(1).unsqueeze(0)
+    other = ids.clone()
+    other[0, -1] = 1 if ids[0, -1] != 1 else 2
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits[0, :-1], model(input_ids=other).logits[0, :-1]
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
+        raise TrackStarError(f"{type(model).__name__} is not a causal language model: its earlier positions "
+                             "see later tokens (TrackStar needs a decoder-only LM)")
 
 
 def resolve_model_path(path: str) -> Path:
@@ -155,6 +177,8 @@ def fingerprint(model: nn.Module) -> str:
     with torch.no_grad():
         for name, p in model.named_parameters():
             x = p.detach().double().flatten()
+            if not bool(torch.isfinite(x).all()):  # every gradient, hence every vector, would be NaN
+                raise TrackStarError(f"the model's parameter {name!r} has NaN or inf entries")
             ramp = torch.arange(x.numel(), device=x.device, dtype=torch.float64) % 7919
             stats = [x.sum().item(), (x * x).sum().item(), (x * ramp).sum().item()]
             h.update(f"{name}{tuple(p.shape)}{[f'{s:.10g}' for s in stats]}".encode())
@@ -477,6 +501,10 @@ def _checked(v: torch.Tensor, p: torch.Tensor, name: str, path: str) -> torch.Te
 def _finish(values: dict, source: str, lr: float | None, betas: tuple | None, eps: float, path: str) -> SecondMoment:
     if not values:
         raise TrackStarError(f"{path}: no second-moment statistics found")
+    for name, v in values.items():  # a NaN or negative V would turn every encoded vector into NaN
+        for t in v if isinstance(v, RankOne) else (v,):
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise TrackStarError(f"{path}: the second moment of {name!r} has NaN, inf or negative entries")
     h = hashlib.sha256()
     for name in sorted(values):
         parts = values[name] if isinstance(values[name], RankOne) else (values[name],)
@@ -788,6 +816,62 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def writer_lock(out: Path, name: str = "") -> Iterator[None]:
+    """Refuse a second live process writing `out` (a lock file beside it naming the holder's PID);
+    a lock left by a process that is gone is taken over."""
+    lock = out.parent / f".{out.name}.lock{name}"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid = int(lock.read_text() or 0) if lock.exists() else 0
+            if pid and _alive(pid):
+                raise TrackStarError(f"{out} is being written by process {pid} (lock {lock}); wait for it, "
+                                     "or delete the lock if that process is gone") from None
+            lock.unlink(missing_ok=True)  # stale: its writer died
+    else:
+        raise TrackStarError(f"could not take the lock {lock}")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yield a fresh directory beside `out`; it replaces `out` only when the block succeeds, so a failed
+    run leaves the previous output as it was, and a reader never sees half of one and half of another."""
+    out = Path(out)
+    with writer_lock(out):
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            if out.exists():
+                os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -822,14 +906,47 @@ COMPATIBLE_KEYS = ["model", "dtype", "dim", "seed", "factors", "modules", "corre
 
 
 def chunk_files(run: str | Path) -> list[Path]:
-    """All chunk files of a complete run, in order; an incomplete run is an error naming a gap."""
-    files = [Path(run) / chunk_name(i) for i in range(read_meta(run).n_chunks)]
+    """All chunk files of a complete run, in order, each checked against the run's settings; an
+    incomplete run, a damaged chunk or one another run wrote is an error naming the file."""
+    settings = read_meta(run)
+    files = [Path(run) / chunk_name(i) for i in range(settings.n_chunks)]
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise TrackStarError(
             f"{run} is incomplete: {len(missing)} of {len(files)} chunks missing (first: {missing[0]}); rerun encode"
         )
+    for i, f in enumerate(files):
+        check_chunk(f, settings, i)
     return files
+
+
+class DamagedChunk(TrackStarError):
+    """A chunk file that cannot be read whole (a rerun of encode re-encodes it)."""
+
+
+# Paths may move between machines; everything else a chunk records must equal its run's settings.
+CHUNK_KEYS = [f.name for f in dataclasses.fields(RunSettings) if f.name not in ("data", "model_path", "v_file")]
+
+
+def check_chunk(path: Path, run: RunSettings, i: int) -> None:
+    """Chunk i must be readable, hold the rows [i·C, (i+1)·C) of every dataset, and carry `run`'s settings.
+
+    A file name proves nothing: a chunk left by a run with another seed, or cut short by a full disk,
+    would otherwise be read as this run's."""
+    n = min(run.chunk_size, run.n_examples - i * run.chunk_size)
+    try:
+        with h5py.File(path, "r") as h:
+            stored = read_attrs(h)
+            shapes = {key: h[key].shape for key in ["ids", *run.datasets] if key in h}
+            ids_ok = "ids" in h and bool(np.array_equal(h["ids"][:], np.arange(i * run.chunk_size,
+                                                                                i * run.chunk_size + n)))
+    except (OSError, ValueError) as e:
+        raise DamagedChunk(f"{path} is damaged ({e})") from None
+    want = {"ids": (n,), **{key: (n, run.dim) for key in run.datasets}}
+    if shapes != want or not ids_ok:
+        raise DamagedChunk(f"{path} does not hold rows {i * run.chunk_size}..{i * run.chunk_size + n - 1} of "
+                           f"{list(want)} (shapes {shapes})")
+    check_same(stored, run, CHUNK_KEYS, f"chunk {path}", "the run's meta.json")
 
 
 def chunk_dataset(h: h5py.File, dataset: str) -> h5py.Dataset:

@@ -1,0 +1,267 @@
+"""Nothing silently wrong: foreign or damaged chunks, NaN vectors, mismatched inputs to evaluate, badly typed
+ground truth, bidirectional models and options that used to be ignored are each refused with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, tiny_model, write_jsonl
+
+import trackstar as ts
+
+
+def run(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+                       text=True, env=env)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def encode(kind, model_dir, data, out, *extra, check=True):
+    return run("encode.py", kind, "--model", model_dir, "--data", data, "--out", out, "--dim", 64,
+               "--chunk-size", 8, *extra, check=check)
+
+
+def refused(r: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit 2, one line naming the culprit, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    for w in words:
+        assert w in r.stderr, (w, r.stderr[-2000:])
+
+
+def vectors_of(out: Path) -> dict[str, bytes]:
+    got = {}
+    for f in sorted(out.glob("chunk-*.h5")):
+        with h5py.File(f, "r") as h:
+            got[f.name] = h["vectors"][:].tobytes()
+    return got
+
+
+# 1. Chunks are checked against the run, not trusted by file name.
+
+
+def test_chunk_from_another_seed_is_refused_even_without_meta_json(model_dir, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    encode("corpus", model_dir, corpus_file, out, "--seed", "0")
+    (out / "meta.json").unlink()
+    r = encode("corpus", model_dir, corpus_file, out, "--seed", "1", check=False)
+    refused(r, "chunk-000000.h5", "'seed'", "0 vs 1")
+
+
+def test_truncated_chunk_is_named_by_index_and_re_encoded_by_encode(model_dir, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    encode("corpus", model_dir, corpus_file, out)
+    whole = vectors_of(out)
+    chunk = out / "chunk-000001.h5"
+    chunk.write_bytes(chunk.read_bytes()[:3000])
+    r = run("index.py", "--corpus", out, "--out", tmp_path / "index", "--hessian", "none", check=False)
+    refused(r, "chunk-000001.h5", "damaged")
+    r = encode("corpus", model_dir, corpus_file, out)
+    assert "chunk-000001.h5" in r.stderr and "encoding it again" in r.stderr
+    assert vectors_of(out) == whole, "the re-encoded chunk must equal the original bit for bit"
+
+
+def test_chunk_with_other_dimension_is_refused_by_index_naming_the_file(model_dir, corpus_file, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    encode("corpus", model_dir, corpus_file, a)
+    run("encode.py", "corpus", "--model", model_dir, "--data", corpus_file, "--out", b, "--dim", 32,
+        "--chunk-size", 8)
+    shutil.copy(b / "chunk-000002.h5", a / "chunk-000002.h5")
+    r = run("index.py", "--corpus", a, "--out", tmp_path / "index", "--hessian", "none", check=False)
+    refused(r, "chunk-000002.h5")
+
+
+# 2. NaN/inf is refused at encode time, naming the first bad example; nothing is written for that chunk.
+
+
+def test_model_with_a_nan_weight_is_refused_before_anything_is_written(model_dir, corpus_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan-model"
+    shutil.copytree(model_dir, bad)
+    weights = load_file(bad / "model.safetensors")
+    name = next(n for n in weights if n.endswith("mlp.c_fc.weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "run"
+    refused(encode("corpus", bad, corpus_file, out, check=False), name, "NaN")
+    assert not out.exists()
+
+
+def test_nan_vectors_are_refused_naming_the_first_bad_example(tmp_path):
+    """What an overflow in a narrow --dtype gives: caught before the chunk is written."""
+    import encode as encode_cli
+
+    rows = [{"_line": 3}, {"_line": 7}, {"_line": 9}]
+    vectors = np.ones((3, 4), np.float32)
+    vectors[1, 2] = np.inf
+    with pytest.raises(ts.TrackStarError, match=r"data\.jsonl:7: .*NaN or inf"):
+        encode_cli.check_finite_rows({"vectors": vectors}, rows, Path("data.jsonl"))
+
+
+def test_second_moment_with_negative_entries_is_refused_naming_the_parameter(model_dir, tmp_path):
+    model, _ = ts.load_model(str(model_dir))
+    v = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    name = next(iter(v))
+    v[name][0] = -1.0
+    torch.save(v, tmp_path / "v.pt")
+    with pytest.raises(ts.TrackStarError, match=name.replace(".", r"\.")):
+        ts.load_second_moment(str(tmp_path / "v.pt"), model)
+
+
+# 3. evaluate.py refuses a corpus, queries or model other than the ones the run was encoded with.
+
+
+@pytest.fixture()
+def bm25_run(model_dir, corpus_file, queries_file, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    encode("corpus", model_dir, corpus_file, run_dir / "corpus")
+    run("query.py", "--method", "bm25", "--corpus", corpus_file, "--queries", queries_file,
+        "--out", run_dir / "proponents-bm25.jsonl", "--k", 3)
+    return run_dir
+
+
+def test_evaluate_refuses_another_corpus_with_the_same_ids(bm25_run, corpus_file, queries_file, tmp_path):
+    rows = [json.loads(line) for line in corpus_file.read_text().splitlines()]
+    other = write_jsonl(tmp_path / "other.jsonl", [{**r, "text": r["text"] + " Changed."} for r in rows])
+    r = run("evaluate.py", "--run", bm25_run, "--corpus", other, "--queries", queries_file, "--methods", "bm25",
+            "--report-only", check=False)
+    refused(r, "other.jsonl", "corpus.jsonl")
+
+
+def test_evaluate_refuses_another_model(bm25_run, model_dir, corpus_file, queries_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other-model"
+    shutil.copytree(model_dir, other)
+    weights = load_file(other / "model.safetensors")
+    next(iter(weights.values())).mul_(1.5)
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    r = run("evaluate.py", "--run", bm25_run, "--model", other, "--corpus", corpus_file, "--queries", queries_file,
+            "--methods", "bm25", "--k", 3, check=False)
+    refused(r, "fingerprint", str(other))
+
+
+# 4. Ground-truth fields are type-checked at read time, with the line number.
+
+
+@pytest.mark.parametrize("kind,row", [
+    ("corpus", {"id": "a", "text": "Paris is in France.", "facts": "f10"}),
+    ("corpus", {"id": "a", "text": "Paris is in France.", "facts": [1, 2]}),
+    ("queries", {"id": "q", "prompt": "Paris is in", "target": " France", "fact": ["f1"]}),
+])
+def test_ground_truth_of_the_wrong_type_is_refused_with_its_line(tmp_path, kind, row):
+    good = {"corpus": {"id": "z", "text": "Rome is in Italy."},
+            "queries": {"id": "z", "prompt": "Rome is in", "target": " Italy"}}[kind]
+    path = write_jsonl(tmp_path / "in.jsonl", [good, row])
+    with pytest.raises(ts.TrackStarError, match=r"in\.jsonl:2: 'facts?' must be"):
+        ts.read_jsonl(path, kind)
+
+
+# 5. A bidirectional model is not a causal LM.
+
+
+def test_bidirectional_model_is_refused_naming_its_class():
+    from transformers import BertConfig, BertLMHeadModel
+
+    bert = BertLMHeadModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, is_decoder=False)).eval()
+    with pytest.raises(ts.TrackStarError, match="BertLMHeadModel is not a causal"):
+        ts.check_causal(bert)
+    for arch in ("gpt2", "llama", "neox"):
+        ts.check_causal(tiny_model(arch))  # the real causal families pass
+
+
+# 6. Options that used to be ignored are refused or honoured.
+
+
+def test_non_positive_max_length_is_refused(model_dir, corpus_file, tmp_path):
+    refused(encode("corpus", model_dir, corpus_file, tmp_path / "o", "--max-length", "-3", check=False),
+            "--max-length")
+    assert not (tmp_path / "o").exists()
+
+
+def test_shard_without_num_shards_is_refused(model_dir, corpus_file, tmp_path):
+    refused(encode("corpus", model_dir, corpus_file, tmp_path / "o", "--shard", "1", check=False), "--num-shards")
+
+
+def test_resume_with_another_estimate_size_is_refused(model_dir, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    encode("corpus", model_dir, corpus_file, out, "--estimate-v", "4")
+    r = encode("corpus", model_dir, corpus_file, out, "--estimate-v", "16", check=False)
+    refused(r, "second_moment.pt", "n=4", "n=16")
+
+
+def test_bad_dimension_is_refused_before_the_estimate_is_written(model_dir, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    refused(encode("corpus", model_dir, corpus_file, out, "--estimate-v", "4", "--dim", "3", check=False), "--dim")
+    assert not (out / "second_moment.pt").exists()
+
+
+def test_a_clean_run_still_passes_every_check(model_dir, corpus_file, tmp_path):
+    """The checks must not refuse what they should accept: a fresh encode, resumed, indexes fine."""
+    out = tmp_path / "run"
+    encode("corpus", model_dir, corpus_file, out)
+    first = vectors_of(out)
+    r = encode("corpus", model_dir, corpus_file, out)
+    assert "0 to encode" in r.stdout and vectors_of(out) == first
+    run("index.py", "--corpus", out, "--out", tmp_path / "index", "--hessian", "none")
+    with h5py.File(tmp_path / "index" / "index.h5") as f:
+        assert np.isfinite(f["G"][:]).all()
+
+
+# 7. A failed rerun keeps the previous output; a concurrent writer is refused.
+
+
+def test_failed_index_rerun_leaves_the_previous_index_intact(model_dir, corpus_file, tmp_path):
+    out, index = tmp_path / "run", tmp_path / "index"
+    encode("corpus", model_dir, corpus_file, out)
+    run("index.py", "--corpus", out, "--out", index, "--hessian", "train")
+    before = {p.name: p.read_bytes() for p in index.iterdir()}
+    # 23 documents in d = 64: R_train is singular, so an undamped R^(-1/2) fails
+    r = run("index.py", "--corpus", out, "--out", index, "--hessian", "train", "--damping", "0", check=False)
+    refused(r, "positive definite")
+    assert {p.name: p.read_bytes() for p in index.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == []
+
+
+def test_second_live_writer_is_refused_naming_the_holder(model_dir, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    encode("corpus", model_dir, corpus_file, out)
+    (tmp_path / ".index.lock").write_text(str(os.getpid()))  # this test process: alive
+    r = run("index.py", "--corpus", out, "--out", tmp_path / "index", "--hessian", "none", check=False)
+    refused(r, str(os.getpid()), "being written")
+    assert not (tmp_path / "index").exists()
+
+
+# 8. A tokenizer larger than its model is refused before any file is written.
+
+
+def test_token_beyond_the_embeddings_is_refused_before_meta_json(model_dir, corpus_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    small = tmp_path / "small-vocab"
+    shutil.copytree(model_dir, small)
+    weights = load_file(small / "model.safetensors")
+    cfg = json.loads((small / "config.json").read_text())
+    keep = 40  # the byte-level tokenizer has ~400 tokens; this model only embeds 40
+    for name in list(weights):
+        if weights[name].shape[0] == cfg["vocab_size"]:
+            weights[name] = weights[name][:keep].contiguous()
+    save_file(weights, small / "model.safetensors", metadata={"format": "pt"})
+    (small / "config.json").write_text(json.dumps({**cfg, "vocab_size": keep}))
+    out = tmp_path / "run"
+    refused(encode("corpus", small, corpus_file, out, check=False), f"{corpus_file}:1", "beyond the model")
+    assert not out.exists()
