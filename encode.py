@@ -156,12 +156,12 @@ def check_options(gradient: str, dim: int, max_length: int | None, token_budget:
         raise ts.TrackStarError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
 
 
-def check_vocabulary(tokenized: list, rows: list[dict], model: nn.Module, data: Path) -> None:
+def check_vocabulary(tokenized: list, rows: list[dict], model: nn.Module) -> None:
     """Every token id must have an embedding row: a tokenizer larger than its model is refused up front."""
     vocab = model.get_input_embeddings().weight.shape[0]
     for (ids, _), row in zip(tokenized, rows, strict=True):
         if max(ids) >= vocab:
-            raise ts.TrackStarError(f"{data}:{row['_line']}: token id {max(ids)} is beyond the model's {vocab} "
+            raise ts.TrackStarError(f"{row['_where']}: token id {max(ids)} is beyond the model's {vocab} "
                                     "embeddings: the tokenizer does not belong to this model")
 
 
@@ -180,12 +180,12 @@ def finished(out: Path, run: ts.RunSettings, i: int) -> bool:
     return True
 
 
-def check_finite_rows(arrays: dict[str, np.ndarray], rows: list[dict], data: Path) -> None:
+def check_finite_rows(arrays: dict[str, np.ndarray], rows: list[dict]) -> None:
     """Refuse NaN/inf vectors before they are written, naming the first example that gave one."""
     for key, a in arrays.items():
         bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
         if len(bad):
-            raise ts.TrackStarError(f"{data}:{rows[bad[0]]['_line']}: the example's {key} are NaN or inf "
+            raise ts.TrackStarError(f"{rows[bad[0]]['_where']}: the example's {key} are NaN or inf "
                                     f"({len(bad)} of {len(rows)} in this chunk): a model with NaN weights, or an "
                                     "overflow in --dtype? Nothing was written for this chunk")
 
@@ -223,6 +223,8 @@ def main(
     if kind not in LOSS:
         raise ts.TrackStarError(f"KIND must be corpus or queries, got {kind!r}")
     check_options(gradient, dim, max_length, token_budget, chunk_size, dtype, estimate_v)
+    if out.exists() and not out.is_dir():
+        raise ts.TrackStarError(f"--out {out} exists and is not a directory")
     rank, world = resolve_shard(shard, num_shards)
     rows = ts.read_jsonl(data, kind)  # every line validated before anything is written
     mdl, tokenizer = ts.load_model(model, dtype, ts.pick_device(device))
@@ -230,7 +232,7 @@ def main(
     tokenized, truncated = ts.tokenize_rows(tokenizer, rows, kind, max_length)
     if truncated:
         typer.echo(f"truncated {len(truncated)} documents to {max_length} tokens (lines {truncated[:10]}...)")
-    check_vocabulary(tokenized, rows, mdl, data)
+    check_vocabulary(tokenized, rows, mdl)
     modules = ts.weight_modules(mdl)
     V, v_file = second_moment(mdl, tokenizer, out, optimizer_state, estimate_v, no_correction,
                               data, max_length, token_budget, seed)
@@ -265,7 +267,7 @@ def main(
             for i in mine:
                 lo, hi = i * chunk_size, min((i + 1) * chunk_size, len(rows))
                 arrays = ts.encode_tokenized(enc, tokenized[lo:hi], token_budget, bar)
-                check_finite_rows(arrays, rows[lo:hi], data)
+                check_finite_rows(arrays, rows[lo:hi])
                 ts.write_chunk(out / ts.chunk_name(i), arrays, np.arange(lo, hi), run)
 
 

@@ -169,22 +169,9 @@ def full_second_moment(V: ts.SecondMoment, model: nn.Module) -> dict[str, torch.
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs. Ground truth (a query's `fact`, a document's `facts`) is optional: without it there is no
-# attribution score, but tail-patch and the proponents themselves still say a lot.
-
-
-def check_ground_truth(docs: list[dict], queries: list[dict], corpus_path: Path, queries_path: Path) -> None:
-    """A query's `fact` is a string and a document's `facts` a list of strings, where given (null: none);
-    anything else is an error at its line, not a silent zero later."""
-    for q in queries:
-        if q.get("fact") is not None and not isinstance(q["fact"], str):
-            raise ts.TrackStarError(f"{queries_path}:{q['_line']}: 'fact' must be a string, "
-                                    f"got {type(q['fact']).__name__}")
-    for d in docs:
-        facts = d.get("facts")
-        if facts is not None and not (isinstance(facts, list) and all(isinstance(f, str) for f in facts)):
-            raise ts.TrackStarError(f"{corpus_path}:{d['_line']}: 'facts' must be a list of strings, "
-                                    f"got {json.dumps(facts)[:60]}")
+# Inputs. Ground truth (a query's `fact`, a document's `facts`; their types are checked as they are
+# read) is optional: without it there is no attribution score, but tail-patch and the proponents
+# themselves still say a lot.
 
 
 def check_inputs(run: Path, corpus: Path, queries: Path) -> ts.RunSettings | None:
@@ -221,6 +208,8 @@ def read_rankings(run: Path, method: str, n_queries: int) -> tuple[dict[str, lis
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ts.TrackStarError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "query_id" not in row or not isinstance(row.get("proponents"), list):
+                raise ts.TrackStarError(f"{path}:{lineno}: expected {{\"query_id\", \"proponents\": [...]}}")
             props[row["query_id"]] = row["proponents"]
             opps[row["query_id"]] = row.get("opponents", [])
     if len(props) != n_queries:
@@ -246,7 +235,20 @@ def all_rankings(run: Path, methods: list[str], docs: list[dict], queries: list[
             rankings[m], opponents[m] = truth_rankings(docs, queries, k), {}
         else:
             rankings[m], opponents[m] = read_rankings(run, m, n_all)
+            check_ids(run / f"proponents-{m}.jsonl", rankings[m], opponents[m], docs, queries)
     return rankings, opponents
+
+
+def check_ids(path: Path, props: dict, opps: dict, docs: list[dict], queries: list[dict]) -> None:
+    """Every evaluated query must be ranked, and every document named must exist in the corpus given."""
+    missing = [q["id"] for q in queries if q["id"] not in props]
+    if missing:
+        raise ts.TrackStarError(f"{path} does not rank query {missing[0]!r} of the queries file: same files?")
+    doc_ids = {d["id"] for d in docs}
+    for ranked in (*props.values(), *opps.values()):
+        for p in ranked:
+            if not isinstance(p, dict) or p.get("id") not in doc_ids:
+                raise ts.TrackStarError(f"{path} names document {p!r:.80}, which the corpus lacks: same files?")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,16 +361,16 @@ def main(
     report_only: bool = typer.Option(False, help="Only rewrite results.md and report.html from RUN/results.json "
                                      "(no model, no tail-patch): after new figures, or a change to the report."),
 ) -> None:
+    if max_queries < 0 or tail_queries < 0 or k < 1:
+        raise ts.TrackStarError(f"--k must be >= 1 and --max-queries, --tail-queries >= 0 (got {k}, {max_queries}, "
+                                f"{tail_queries})")
     docs = ts.read_jsonl(corpus, "corpus")
     qs = ts.read_jsonl(queries, "queries")
-    check_ground_truth(docs, qs, corpus, queries)
     encoded = check_inputs(run, corpus, queries)
     if report_only:
         rerender(run, docs, qs)
         typer.echo(f"wrote {run / 'results.md'}, {run / 'report.html'}")
         return
-    if model is None:
-        raise ts.TrackStarError("--model is needed for tail-patch (or pass --report-only)")
     device = ts.pick_device(device)
     n_all = len(qs)  # query.py ranked every query of the file
     if max_queries and max_queries < len(qs):
@@ -379,7 +381,8 @@ def main(
         method_list.append("truth")
     rankings, opponents = all_rankings(run, method_list, docs, qs, n_all, k)
     facts_of = {d["id"]: d.get("facts") or [] for d in docs}
-
+    if model is None:
+        raise ts.TrackStarError("--model is needed for tail-patch (or pass --report-only)")
     step = load_step(model, optimizer_state, no_correction, lr, eps, device)
     if encoded and step.model.trackstar_fingerprint != encoded.model:
         raise ts.TrackStarError(f"--model {model} has fingerprint {step.model.trackstar_fingerprint}, the run was "

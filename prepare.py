@@ -40,19 +40,16 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import typer
+
+import trackstar as ts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0].strip())
 REPO = Path(__file__).resolve().parent
 
 # -----------------------------------------------------------------------------
 # shared I/O: clear errors, and outputs that are either whole or absent
-
-
-def fail(msg: str) -> NoReturn:
-    raise SystemExit(f"prepare.py: error: {msg}")
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -66,19 +63,19 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    fail(f"{path}:{lineno}: not valid JSON ({e.msg})")
+                    raise ts.TrackStarError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
                 if not isinstance(record, dict):
-                    fail(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                    raise ts.TrackStarError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
                 yield lineno, record
     except (OSError, EOFError, UnicodeDecodeError) as e:
-        fail(f"cannot read {path}: {e}")
+        raise ts.TrackStarError(f"cannot read {path}: {e}") from None
 
 
 def field(record: dict, key: str, where: str, kind: type = str):
     if key not in record:
-        fail(f"{where}: missing field '{key}'")
+        raise ts.TrackStarError(f"{where}: missing field '{key}'")
     if not isinstance(record[key], kind):
-        fail(f"{where}: field '{key}' should be {kind.__name__}, got {type(record[key]).__name__}")
+        raise ts.TrackStarError(f"{where}: field '{key}' should be {kind.__name__}, got {type(record[key]).__name__}")
     return record[key]
 
 
@@ -99,9 +96,10 @@ OUT_HELP = "output directory, written atomically (replaces an earlier prepare.py
 def check_out(out: Path) -> None:
     """Refuse early (before minutes of work) to replace a directory this script did not write."""
     if out.exists() and not out.is_dir():
-        fail(f"--out {out} exists and is not a directory")
+        raise ts.TrackStarError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in MARKERS):
-        fail(f"--out {out} exists and was not written by prepare.py; remove it or choose another path")
+        raise ts.TrackStarError(f"--out {out} exists and was not written by prepare.py; "
+                                "remove it or choose another path")
 
 
 def staging_dir(out: Path) -> Path:
@@ -384,9 +382,9 @@ def generic_documents(rng: random.Random, n: int) -> list[str]:
     try:
         pool = passages(SHAKESPEARE.read_text(encoding="utf-8"))
     except OSError as e:
-        fail(f"cannot read the generic text {SHAKESPEARE}: {e}")
+        raise ts.TrackStarError(f"cannot read the generic text {SHAKESPEARE}: {e}") from None
     if n > len(pool):
-        fail(f"{SHAKESPEARE.name} has {len(pool)} passages, {n} requested")
+        raise ts.TrackStarError(f"{SHAKESPEARE.name} has {len(pool)} passages, {n} requested")
     return rng.sample(pool, n)
 
 
@@ -533,7 +531,8 @@ def train(model, tok, texts: list[str], repeats: list[int], s: TrainSettings, se
     seqs = [tok(t).input_ids for t in texts]
     too_long = [i for i, q in enumerate(seqs) if len(q) > MAX_POSITIONS]
     if too_long:
-        fail(f"{len(too_long)} documents are longer than {MAX_POSITIONS} tokens (first: #{too_long[0]})")
+        raise ts.TrackStarError(f"{len(too_long)} documents are longer than {MAX_POSITIONS} tokens "
+                                f"(first: #{too_long[0]})")
     opt = torch.optim.AdamW(list(model.parameters()), lr=s.peak_lr, betas=s.betas, eps=s.eps,
                             weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s))
@@ -620,9 +619,9 @@ def factworld(
     import torch
 
     if size not in SIZES:
-        fail(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
+        raise ts.TrackStarError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
     if steps is not None and steps < 1:
-        fail(f"--steps must be >= 1, got {steps}")
+        raise ts.TrackStarError(f"--steps must be >= 1, got {steps}")
     check_out(out)
     t0 = time.time()
     ws = SIZES[size]
@@ -713,7 +712,7 @@ def load_templates(trex: Path, pararel: Path) -> dict[str, str]:
     """relation -> prompt template with [Y] last: LAMA's own if usable, else ParaRel's first such one."""
     path = trex / "relations.jsonl"
     if not path.exists():
-        fail(f"{path} not found (is --trex the LAMA T-REx folder?)")
+        raise ts.TrackStarError(f"{path} not found (is --trex the LAMA T-REx folder?)")
     templates = {}
     for lineno, r in read_jsonl(path):
         rel = field(r, "relation", f"{path}:{lineno}")
@@ -744,10 +743,10 @@ def load_facts(path: Path, relation: str) -> list[LamaFact]:
         sentences, seen = [], set()
         for k, ev in enumerate(field(r, "evidences", where, list)):
             if not isinstance(ev, dict):
-                fail(f"{where}: evidence {k} is not an object")
+                raise ts.TrackStarError(f"{where}: evidence {k} is not an object")
             masked, surface = field(ev, "masked_sentence", where), field(ev, "obj_surface", where)
             if masked.count("[MASK]") != 1:
-                fail(f"{where}: evidence {k} has {masked.count('[MASK]')} [MASK] tokens, expected 1")
+                raise ts.TrackStarError(f"{where}: evidence {k} has {masked.count('[MASK]')} [MASK] tokens, expected 1")
             text = " ".join(masked.replace("[MASK]", surface).split())
             if text and text not in seen:  # the same sentence masked at different spots un-masks alike
                 seen.add(text)
@@ -761,13 +760,13 @@ def select_relations(spec: str, trex: Path, pararel: Path, templates: dict[str, 
     wanted = available if spec == "all" else [r.strip() for r in spec.split(",") if r.strip()]
     missing = [r for r in wanted if r not in available]
     if missing:
-        fail(f"no data for {', '.join(missing)} in {trex} (available: {', '.join(available)})")
+        raise ts.TrackStarError(f"no data for {', '.join(missing)} in {trex} (available: {', '.join(available)})")
     skipped = [r for r in wanted if r not in templates]
     if skipped:
         print(f"skipping {', '.join(skipped)}: no template with [Y] last in relations.jsonl or {pararel}")
     kept = [r for r in wanted if r in templates]
     if not kept:
-        fail("no relation left to convert")
+        raise ts.TrackStarError("no relation left to convert")
     return kept
 
 
@@ -814,9 +813,9 @@ def lama(
     from tqdm import tqdm
 
     if queries < 1 or docs < 1 or max_evidence < 1:
-        fail("--queries, --docs and --max-evidence must be >= 1")
+        raise ts.TrackStarError("--queries, --docs and --max-evidence must be >= 1")
     if not trex.is_dir():
-        fail(f"--trex {trex} is not a directory")
+        raise ts.TrackStarError(f"--trex {trex} is not a directory")
     check_out(out)
     templates = load_templates(trex, pararel)
     rels = select_relations(relations, trex, pararel, templates)
@@ -850,4 +849,4 @@ def lama(
 
 
 if __name__ == "__main__":
-    app()
+    ts.run_cli(app)

@@ -350,7 +350,7 @@ def encode_one(meta: dict, prompt: str, target: str, device: str) -> np.ndarray:
     enc, tokenizer = ts.encoder_for_run(corpus, device)
     if meta["vector_dataset"] == "vectors_uncorrected" and enc.scales:
         enc = dataclasses.replace(enc, also_uncorrected=True)
-    row = {"id": "ad-hoc", "prompt": prompt, "target": target, "_line": 1}
+    row = {"id": "ad-hoc", "prompt": prompt, "target": target, "_line": 1, "_where": "--prompt/--target"}
     arrays = ts.encode_rows(enc, tokenizer, [row], "queries", corpus.max_length, corpus.token_budget)
     return arrays[meta["vector_dataset"]] if meta["vector_dataset"] in arrays else arrays["vectors"]
 
@@ -406,7 +406,9 @@ def main(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: the GPU when there is one)."),
 ) -> None:
     if k < 1 or block < 0:
-        raise ts.TrackStarError("--k must be >= 1 and --block >= 0")
+        raise ts.TrackStarError(f"--k must be >= 1 and --block >= 0, got --k {k} --block {block}")
+    if out is not None and out.is_dir():
+        raise ts.TrackStarError(f"--out {out} is a directory; give the JSONL file to write")
     if method == Method.bm25:
         if corpus is None or queries is None or out is None:
             raise ts.TrackStarError("--method bm25 needs --corpus, --queries (JSONL files) and --out")
@@ -415,8 +417,8 @@ def main(
         raise ts.TrackStarError("give --index (or --method bm25)")
     device = ts.pick_device(device)
     if prompt is not None or target is not None:
-        if not (prompt and target):
-            raise ts.TrackStarError("an ad-hoc query needs both --prompt and --target")
+        if not (prompt and prompt.strip() and target and target.strip()):
+            raise ts.TrackStarError("an ad-hoc query needs both --prompt and --target, each with some text")
         return query_adhoc(index, prompt, target, k, block, device)
     if queries is None or out is None:
         raise ts.TrackStarError("give --queries RUN/queries and --out FILE (or --prompt and --target)")

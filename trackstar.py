@@ -42,10 +42,13 @@ class TrackStarError(Exception):
 
 
 def run_cli(app: Callable[[], Any]) -> None:
-    """Run a Typer app; user errors print one clear line and exit 2 (no traceback)."""
+    """Run a Typer app; user errors print one clear line and exit 2 (no traceback; TRACKSTAR_DEBUG=1
+    shows it)."""
     try:
         app()
     except TrackStarError as e:
+        if os.environ.get("TRACKSTAR_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -60,18 +63,25 @@ def read_jsonl(path: str | Path, kind: str) -> list[dict]:
     Row ids are the 0-based record numbers; every problem names its line number.
     """
     opener = gzip.open if str(path).endswith(".gz") else open
-    if not Path(path).exists():
-        raise TrackStarError(f"{path}: no such file")
+    if not Path(path).is_file():
+        raise TrackStarError(f"{path}: {'is a directory, not a JSONL file' if Path(path).is_dir() else 'no such file'}")
     rows, seen = [], {}
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(_lines(f, path), 1):
             where = f"{path}:{lineno}"
             try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TrackStarError(f"{where}: not UTF-8 text (byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
+                json.dumps(row, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) has no UTF-8
             except json.JSONDecodeError as e:
                 raise TrackStarError(f"{where}: not valid JSON ({e.msg})") from None
+            except UnicodeEncodeError:
+                raise TrackStarError(f"{where}: text holds a lone UTF-16 surrogate escape, not a character") from None
             if not isinstance(row, dict):
                 raise TrackStarError(f"{where}: expected a JSON object")
             _validate_row(row, kind, where)
@@ -79,11 +89,20 @@ def read_jsonl(path: str | Path, kind: str) -> list[dict]:
             if rid in seen:
                 raise TrackStarError(f"{where}: duplicate id {rid!r} (first on line {seen[rid]})")
             seen[rid] = lineno
-            row["id"], row["_line"] = rid, lineno
+            row["id"], row["_line"], row["_where"] = rid, lineno, where
             rows.append(row)
     if not rows:
         raise TrackStarError(f"{path}: no records")
     return rows
+
+
+def _lines(f: Any, path: str | Path) -> Iterator[bytes]:
+    """The raw lines of an open file; a damaged .gz is an error naming the file."""
+    try:
+        yield from f
+    except (OSError, EOFError) as e:
+        raise TrackStarError(f"{path}: cannot be read as {'gzip' if str(path).endswith('.gz') else 'text'} "
+                             f"({e})") from None
 
 
 def _validate_row(row: dict, kind: str, where: str) -> None:
@@ -127,13 +146,34 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> tuple[
     ggufs = sorted(p.glob("*.gguf")) if p.is_dir() else []
     if ggufs and not (p / "config.json").exists():
         kw["gguf_file"] = ggufs[0].name
-    tokenizer = AutoTokenizer.from_pretrained(str(p), **kw)
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, **kw)
+    if not p.is_dir() and not str(p).endswith(".gguf"):
+        raise TrackStarError(f"model {path} is not a directory (a Hugging Face model folder)")
+    tokenizer = _loading(f"the tokenizer in {p}", lambda: AutoTokenizer.from_pretrained(str(p), **kw))
+    if not tokenizer("The capital of France is Paris.").input_ids:
+        raise TrackStarError(f"the tokenizer in {p} turns text into no tokens: are its files (tokenizer.json, "
+                             "vocab.json + merges.txt, or tokenizer.model) missing?")
+    model = _loading(f"the model in {p}",
+                     lambda: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, **kw))
     model.eval()  # no dropout: a gradient must be a function of the example alone
     check_causal(model)
     model.trackstar_fingerprint = fingerprint(model)  # of the weights as stored, before any cast
     model.trackstar_path = str(p.resolve())
     return model.to(device=device, dtype=getattr(torch, dtype)), tokenizer
+
+
+def _loading(what: str, load: Callable[[], Any]) -> Any:
+    """Run a transformers loader; any failure (no tokenizer files, a T5 or other non-causal config, a bad
+    config.json, truncated weights) becomes one line naming what could not be loaded and why."""
+    try:
+        return load()
+    except Exception as e:  # transformers raises many types here; all mean the same to a user
+        raise TrackStarError(f"cannot load {what}: {type(e).__name__}: {first_line(e)}") from None
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message in one line, for errors that quote a library's reason."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
 
 
 def check_causal(model: nn.Module) -> None:
@@ -187,7 +227,11 @@ def fingerprint(model: nn.Module) -> str:
 
 def pick_device(device: str = "auto") -> str:
     """"auto": this process's GPU when there is one (torchrun's LOCAL_RANK), else the CPU."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrackStarError(f"--device {device}, but torch sees no CUDA GPU here (use --device cpu or auto)")
     if device != "auto":
+        if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+            raise TrackStarError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
         return device
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -231,8 +275,16 @@ IGNORE = -100
 
 
 def tokenize_document(tokenizer: Any, text: str, max_length: int) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated) for a training document: every token is a label."""
-    ids = tokenizer(text).input_ids
+    """(input_ids, labels, truncated) for a training document: every token is a label.
+
+    Only a prefix of a very long text is tokenized: a 50 MB one-line document once took 8 GB. A
+    prefix of 64 characters a token that still yields max_length + 64 tokens has the same first
+    max_length tokens as the whole text (tokenizers split at the cut only near the cut).
+    """
+    prefix = text[: 64 * (max_length + 64)]
+    ids = tokenizer(prefix).input_ids
+    if len(prefix) < len(text) and len(ids) < max_length + 64:
+        ids = tokenizer(text).input_ids  # the prefix was too short to decide: tokens this long are rare
     truncated = len(ids) > max_length
     ids = ids[:max_length]
     return ids, list(ids), truncated
@@ -256,7 +308,7 @@ def tokenize_rows(tokenizer: Any, rows: list[dict], kind: str, max_length: int) 
     """Tokenize every row; returns [(ids, labels)] and the line numbers of truncated documents."""
     out, truncated = [], []
     for n, row in enumerate(rows, 1):
-        line = row.get("_line", n)
+        line, where = row.get("_line", n), row.get("_where", f"line {n}")
         try:
             if kind == "corpus":
                 ids, labels, cut = tokenize_document(tokenizer, row["text"], max_length)
@@ -265,9 +317,9 @@ def tokenize_rows(tokenizer: Any, rows: list[dict], kind: str, max_length: int) 
             else:
                 ids, labels = tokenize_query(tokenizer, row["prompt"], row["target"], max_length)
         except TrackStarError as e:
-            raise TrackStarError(f"line {line}: {e}") from None
+            raise TrackStarError(f"{where}: {e}") from None
         if sum(lab != IGNORE for lab in labels[1:]) == 0:
-            raise TrackStarError(f"line {line}: text is too short to carry any loss ({len(ids)} token)")
+            raise TrackStarError(f"{where}: text is too short to carry any loss ({len(ids)} token)")
         out.append((ids, labels))
     return out, truncated
 
@@ -396,9 +448,13 @@ def load_second_moment(path: str, model: nn.Module) -> SecondMoment:
     (state indexed by parameter order), with Adam `exp_avg_sq` or (c) Adafactor
     `exp_avg_sq_row/col`. Any name or shape that does not fit this model is an error naming it.
     """
-    if not Path(path).exists():
-        raise TrackStarError(f"optimizer state {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not Path(path).is_file():
+        raise TrackStarError(f"optimizer state {path} {'is a directory' if Path(path).is_dir() else 'does not exist'}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, text, or a pickle that is not plain tensors: all unreadable here
+        raise TrackStarError(f"cannot read optimizer state {path}: {first_line(e)} (a torch.save file of tensors "
+                             "is expected)") from None
     params = dict(model.named_parameters())
     if isinstance(state, dict) and "state" in state and "param_groups" in state:
         return _from_optimizer_state(state, model, path)
@@ -752,7 +808,11 @@ def read_meta(run: str | Path) -> RunSettings:
     p = Path(run) / "meta.json"
     if not p.exists():
         raise TrackStarError(f"{run} is not an encoded run (no meta.json)")
-    return run_settings(json.loads(p.read_text()), str(p))
+    try:
+        stored = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TrackStarError(f"{p} is corrupt ({e}); re-encode into a fresh --out") from None
+    return run_settings(stored, str(p))
 
 
 def run_settings(stored: dict, where: str) -> RunSettings:
@@ -857,6 +917,8 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     """Yield a fresh directory beside `out`; it replaces `out` only when the block succeeds, so a failed
     run leaves the previous output as it was, and a reader never sees half of one and half of another."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TrackStarError(f"--out {out} exists and is not a directory")
     with writer_lock(out):
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

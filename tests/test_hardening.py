@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import h5py
@@ -104,11 +105,11 @@ def test_nan_vectors_are_refused_naming_the_first_bad_example(tmp_path):
     """What an overflow in a narrow --dtype gives: caught before the chunk is written."""
     import encode as encode_cli
 
-    rows = [{"_line": 3}, {"_line": 7}, {"_line": 9}]
+    rows = [{"_where": f"data.jsonl:{n}"} for n in (3, 7, 9)]
     vectors = np.ones((3, 4), np.float32)
     vectors[1, 2] = np.inf
     with pytest.raises(ts.TrackStarError, match=r"data\.jsonl:7: .*NaN or inf"):
-        encode_cli.check_finite_rows({"vectors": vectors}, rows, Path("data.jsonl"))
+        encode_cli.check_finite_rows({"vectors": vectors}, rows)
 
 
 def test_second_moment_with_negative_entries_is_refused_naming_the_parameter(model_dir, tmp_path):
@@ -265,3 +266,155 @@ def test_token_beyond_the_embeddings_is_refused_before_meta_json(model_dir, corp
     out = tmp_path / "run"
     refused(encode("corpus", small, corpus_file, out, check=False), f"{corpus_file}:1", "beyond the model")
     assert not out.exists()
+
+
+# 9. Tokenization of a huge document is bounded by the max length, and gives the same tokens.
+
+
+def test_long_document_is_tokenized_from_a_prefix_with_the_same_first_tokens():
+    from conftest import bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    calls = []
+    text = "The capital of France is Paris, and the river is the Seine. " * 20000  # 1.2 MB on one line
+    ids, labels, truncated = ts.tokenize_document(lambda t: calls.append(len(t)) or tok(t), text, 128)
+    assert truncated and ids == tok(text).input_ids[:128] and labels == ids
+    assert max(calls) <= 64 * (128 + 64), "only a bounded prefix may be tokenized"
+    short = "Rome is in Italy."
+    assert ts.tokenize_document(tok, short, 128) == (tok(short).input_ids, tok(short).input_ids, False)
+
+
+# The one-line errors: exit 2, the culprit named, no traceback, nothing left behind.
+
+
+def _bytes(tmp: Path, raw: bytes, name: str = "c.jsonl") -> Path:
+    p = tmp / name
+    p.write_bytes(raw)
+    return p
+
+
+def _model_without_tokenizer(tmp: Path, model_dir: Path) -> Path:
+    m = tmp / "no-tok"
+    m.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(model_dir / f, m / f)
+    return m
+
+
+def _t5(tmp: Path, model_dir: Path) -> Path:
+    m = _model_without_tokenizer(tmp, model_dir)
+    for f in model_dir.iterdir():
+        if "token" in f.name or f.suffix in (".txt",) or f.name == "vocab.json":
+            shutil.copy(f, m / f.name)
+    (m / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 64, "d_model": 8, "d_kv": 4,
+                                               "d_ff": 8, "num_layers": 1, "num_heads": 2}))
+    return m
+
+
+GOOD_DOC = b'{"id": "a", "text": "The capital of France is Paris."}\n'
+
+CASES = {
+    # name: (builder(tmp, model_dir, corpus) -> argv after the script, words the message must hold)
+    "non-UTF-8 bytes": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data",
+                                         _bytes(t, GOOD_DOC + b'{"text": "caf\xe9"}\n'), "--out", t / "o"],
+                        ["c.jsonl:2", "UTF-8"]),
+    "lone surrogate": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data",
+                                        _bytes(t, GOOD_DOC + b'{"text": "a \\ud800 b"}\n'), "--out", t / "o"],
+                       ["c.jsonl:2", "surrogate"]),
+    "gz that is not gzip": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data",
+                                             _bytes(t, GOOD_DOC, "c.jsonl.gz"), "--out", t / "o"],
+                            ["c.jsonl.gz", "gzip"]),
+    "data is a directory": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data", t, "--out", t / "o"],
+                            ["is a directory"]),
+    "out is a file": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data", c, "--out",
+                                       _bytes(t, b"x", "out.txt")], ["out.txt", "not a directory"]),
+    "optimizer state is a directory": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data", c, "--out",
+                                                        t / "o", "--optimizer-state", t],
+                                       ["is a directory"]),
+    "model without tokenizer": (lambda t, m, c: ["encode.py", "corpus", "--model", _model_without_tokenizer(t, m),
+                                                 "--data", c, "--out", t / "o"], ["tokenizer", "no-tok"]),
+    "T5 is not a causal LM": (lambda t, m, c: ["encode.py", "corpus", "--model", _t5(t, m), "--data", c, "--out",
+                                               t / "o"], ["cannot load the model", "T5"]),
+    "bad config.json": (lambda t, m, c: ["encode.py", "corpus", "--model", _bad_config(t, m), "--data", c, "--out",
+                                         t / "o"], ["bad-config"]),
+    "truncated weights": (lambda t, m, c: ["encode.py", "corpus", "--model", _truncated_weights(t, m), "--data", c,
+                                           "--out", t / "o"], ["cannot load the model", "cut"]),
+    "empty optimizer.pt": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data", c, "--out", t / "o",
+                                            "--optimizer-state", _bytes(t, b"", "opt.pt")], ["opt.pt"]),
+    "text optimizer.pt": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data", c, "--out", t / "o",
+                                           "--optimizer-state", _bytes(t, b"not a torch file", "opt.pt")], ["opt.pt"]),
+    "non-weights-only optimizer.pt": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data", c, "--out",
+                                                       t / "o", "--optimizer-state", _pickled_object(t)],
+                                      ["obj.pt"]),
+    "chunk size 0": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data", c, "--out", t / "o",
+                                      "--chunk-size", "0"], ["--chunk-size"]),
+    "dtype float8": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data", c, "--out", t / "o",
+                                      "--dtype", "float8"], ["--dtype", "float8"]),
+    "cuda without CUDA": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data", c, "--out", t / "o",
+                                           "--device", "cuda"], ["--device cuda", "no CUDA"]),
+    "corrupt meta.json": (lambda t, m, c: ["index.py", "--corpus", _corrupt_meta(t), "--out", t / "o"],
+                          ["meta.json", "corrupt"]),
+    "damping nan": (lambda t, m, c: ["index.py", "--corpus", t, "--out", t / "o", "--damping", "nan"],
+                    ["--damping", "nan"]),
+    "proponents without query_id": (lambda t, m, c: _evaluate_with(t, c, b'{"proponents": []}\n'),
+                                    ["proponents-bm25.jsonl:1", "query_id"]),
+    "proponents naming unknown documents": (
+        lambda t, m, c: _evaluate_with(t, c, b'{"query_id": "q0", "proponents": [{"id": "nope"}]}\n'
+                                       b'{"query_id": "q1", "proponents": []}\n'), ["nope"]),
+    "max-queries -1": (lambda t, m, c: _evaluate_with(t, c, None, "--max-queries", "-1"), ["--max-queries"]),
+    "k 0": (lambda t, m, c: ["query.py", "--method", "bm25", "--corpus", c, "--queries", c, "--out", t / "p.jsonl",
+                             "--k", "0"], ["--k"]),
+    "blank ad-hoc target": (lambda t, m, c: ["query.py", "--index", t, "--prompt", "Paris is in", "--target", "   "],
+                            ["--target"]),
+}
+
+
+def _bad_config(tmp: Path, model_dir: Path) -> Path:
+    m = tmp / "bad-config"
+    shutil.copytree(model_dir, m)
+    (m / "config.json").write_text("{not json")
+    return m
+
+
+def _truncated_weights(tmp: Path, model_dir: Path) -> Path:
+    m = tmp / "cut"
+    shutil.copytree(model_dir, m)
+    w = m / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    return m
+
+
+def _pickled_object(tmp: Path) -> Path:
+    torch.save({"state": Counter(a=1)}, tmp / "obj.pt")  # not plain tensors: refused by weights_only
+    return tmp / "obj.pt"
+
+
+def _corrupt_meta(tmp: Path) -> Path:
+    run_dir = tmp / "enc"
+    run_dir.mkdir()
+    (run_dir / "meta.json").write_text('{"tool": ')
+    return run_dir
+
+
+def _evaluate_with(tmp: Path, corpus: Path, proponents: bytes | None, *extra) -> list:
+    queries = write_jsonl(tmp / "q.jsonl", [{"id": "q0", "prompt": "Paris is in", "target": " France"},
+                                            {"id": "q1", "prompt": "Rome is in", "target": " Italy"}])
+    run_dir = tmp / "run"
+    run_dir.mkdir()
+    (run_dir / "proponents-bm25.jsonl").write_bytes(proponents or b'{"query_id": "q0", "proponents": []}\n'
+                                                    b'{"query_id": "q1", "proponents": []}\n')
+    return ["evaluate.py", "--run", run_dir, "--corpus", corpus, "--queries", queries, "--methods", "bm25", *extra]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_naming_the_culprit(case, model_dir, corpus_file, tmp_path):
+    build, words = CASES[case]
+    work = tmp_path / "w"
+    work.mkdir()
+    argv = build(work, model_dir, corpus_file)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    r = run(*argv, check=False)
+    refused(r, *[str(w) for w in words])
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert after == before, "a refused run must leave nothing behind"
