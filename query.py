@@ -15,7 +15,6 @@ Output, one line per query, in the queries file's order:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import time
@@ -346,12 +345,17 @@ def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device
 
 
 def encode_one(meta: dict, prompt: str, target: str, device: str) -> np.ndarray:
+    """An ad-hoc query encoded exactly as the corpus run was: its model (checked by fingerprint), V, d, seed."""
     corpus = meta["corpus"]
-    enc, tokenizer = ts.encoder_for_run(corpus, device)
-    if meta["vector_dataset"] == "vectors_uncorrected" and enc.scales:
-        enc = dataclasses.replace(enc, also_uncorrected=True)
+    model, tokenizer = ts.load_model(corpus.model_path, corpus.dtype, device)
+    if model.trackstar_fingerprint != corpus.model:
+        raise ts.TrackStarError(f"the model at {corpus.model_path} has fingerprint {model.trackstar_fingerprint}, "
+                                f"the index was built from {corpus.model}")
+    V = ts.load_second_moment(corpus.v_file, model) if corpus.v_file else None
+    enc = ts.build_encoder(model, V, corpus, also_uncorrected=meta["vector_dataset"] == "vectors_uncorrected")
     row = {"id": "ad-hoc", "prompt": prompt, "target": target, "_line": 1, "_where": "--prompt/--target"}
-    arrays = ts.encode_rows(enc, tokenizer, [row], "queries", corpus.max_length, corpus.token_budget)
+    tokenized, _ = ts.tokenize_rows(tokenizer, [row], "queries", corpus.max_length)
+    arrays = ts.encode_tokenized(enc, tokenized, corpus.token_budget)
     return arrays[meta["vector_dataset"]] if meta["vector_dataset"] in arrays else arrays["vectors"]
 
 

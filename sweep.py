@@ -231,10 +231,11 @@ def main(
                 bar.set_postfix(docs_stepped=len(stepped))
                 bar.update()
             results["axes"][axis] = out
-            plot(run / "sweep" / f"sweep-{axis}.png", axis, out)
-    ts.write_json(run / "sweep" / "sweep.json", results)
-    with ts.atomic_path(run / "sweep" / "sweep.md") as tmp:
-        tmp.write_text(markdown(results))
+    with ts.atomic_directory(run / "sweep") as out_dir:  # all figures and tables, or the previous ones
+        for axis, points in results["axes"].items():
+            plot(out_dir / f"sweep-{axis}.png", axis, points)
+        ts.write_json(out_dir / "sweep.json", results)
+        (out_dir / "sweep.md").write_text(markdown(results))
     typer.echo(f"wrote {run / 'sweep'}: {total} settings, {len(stepped)} documents stepped for tail-patch")
 
 

@@ -763,14 +763,6 @@ def encode_tokenized(
     return out
 
 
-def encode_rows(
-    enc: Encoder, tokenizer: Any, rows: list[dict], kind: str, max_length: int, token_budget: int
-) -> dict[str, np.ndarray]:
-    """Tokenize (with the loss mask of `kind`) and encode rows of a corpus or queries file."""
-    tokenized, _ = tokenize_rows(tokenizer, rows, kind, max_length)
-    return encode_tokenized(enc, tokenized, token_budget)
-
-
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
     """Everything an encoded run was made with: exactly what its `meta.json` (and each chunk) stores."""
@@ -840,18 +832,6 @@ def build_encoder(model: nn.Module, V: SecondMoment | None, run: RunSettings, al
                              f"(digest {V.digest if V else None} vs {run.v_digest})")
     scales = correction_scales(model, V, eps, weight_modules(model))
     return make_encoder(model, run.dim, run.seed, scales, run.gradient, also_uncorrected)
-
-
-def encoder_for_run(run: RunSettings, device: str = "cpu") -> tuple[Encoder, Any]:
-    """Reload the model and V an encoded run used, checked against its fingerprints, and build its encoder."""
-    model, tokenizer = load_model(run.model_path, run.dtype, device)
-    if model.trackstar_fingerprint != run.model:
-        raise TrackStarError(
-            f"the model at {run.model_path} has fingerprint {model.trackstar_fingerprint}, "
-            f"the run was encoded with {run.model}"
-        )
-    V = load_second_moment(run.v_file, model) if run.v_file else None
-    return build_encoder(model, V, run), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ def test_query_loss_is_on_the_target_tokens_only():
     prompt, target = "The capital of France is", " Paris"
     enc = ts.make_encoder(model, DIM, SEED, {}, "factored")
     row = {"id": "q", "prompt": prompt, "target": target, "_line": 1}
-    got = torch.from_numpy(ts.encode_rows(enc, tok, [row], "queries", 64, 4096)["vectors"][0])
+    tokenized, _ = ts.tokenize_rows(tok, [row], "queries", 64)
+    got = torch.from_numpy(ts.encode_tokenized(enc, tokenized, 4096)["vectors"][0])
     want = hf_query_vector(model, tok, prompt, target)
     with_prompt = hf_query_vector(model, tok, prompt, target, prompt_carries_loss=True)
     assert (got - want).abs().max() / want.abs().max() < 2e-4
