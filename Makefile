@@ -19,6 +19,7 @@ TRAIN_SAMPLE ?= 100000
 K       ?= 10
 DEVICE  ?= auto
 TOKEN_BUDGET ?= 8192
+PARAMS  ?= matrices
 SWEEP_TAIL_QUERIES ?= 40
 
 ifdef MODEL
@@ -58,7 +59,7 @@ endif
 LR_OPT := $(if $(LR),--lr $(LR),)
 
 ENCODE_OPTS = --model $(MODEL) --dim $(DIM) --seed $(SEED) --also-uncorrected --device $(DEVICE) \
-              --token-budget $(TOKEN_BUDGET) $(ENCODE_EXTRA)
+              --token-budget $(TOKEN_BUDGET) --params $(PARAMS) $(ENCODE_EXTRA)
 
 # The ablation rows: name -> index.py flags (see index.py --help).
 VARIANTS := dot cosine trak optcorr train eval trackstar

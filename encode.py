@@ -129,10 +129,11 @@ def estimate_source(data: Path, n: int, token_budget: int, seed: int) -> str:
     return f"estimate(n={n}, batch<=8 docs and {token_budget} tokens, seed={seed}, data={ts.file_digest(data)})"
 
 
-def modules_digest(modules: list) -> str:
-    """Identity of the traced modules and their shapes (part of the projection's definition)."""
-    desc = ";".join(f"{n}{tuple(m.weight.shape)}" for n, m, _, _ in modules)
-    return f"{len(modules)} matrices/" + hashlib.sha256(desc.encode()).hexdigest()[:12]
+def modules_digest(modules: list, lookups: list) -> str:
+    """Identity of the traced modules and lookups and their shapes (part of the projection's definition)."""
+    desc = ";".join(f"{n}{tuple(m.weight.shape)}" for n, m, *_ in [*modules, *lookups])
+    extra = f" + {len(lookups)} lookups" if lookups else ""
+    return f"{len(modules)} matrices{extra}/" + hashlib.sha256(desc.encode()).hexdigest()[:12]
 
 
 def check_resume(out: Path, run: ts.RunSettings) -> None:
@@ -207,6 +208,8 @@ def main(
     eps: float | None = typer.Option(None, help="eps in sqrt(V + eps). Default: Adam's eps², else 1e-3·mean V."),
     factor_v: bool = typer.Option(False, help="Replace a full V by Adafactor's rank-1 factors (row and column "
                                   "means), so the factored gradient applies: ~a training step's cost."),
+    params: str = typer.Option("matrices", help="What g(z) covers: matrices (attention, MLP, LM head) | all (also "
+                               "the token and position embedding lookups; see README for the measured effect)."),
     gradient: str = typer.Option("auto", help="How per-example gradients are formed: auto | factored (project "
                                  "δ and x, never form ∇W; needs no V or a rank-one V) | exact (form ∇W, divide by "
                                  "sqrt(V + eps), project)."),
@@ -223,6 +226,8 @@ def main(
     if kind not in LOSS:
         raise ts.TrackStarError(f"KIND must be corpus or queries, got {kind!r}")
     check_options(gradient, dim, max_length, token_budget, chunk_size, dtype, estimate_v)
+    if params not in ts.PARAMS:
+        raise ts.TrackStarError(f"--params must be one of {ts.PARAMS}, got {params!r}")
     if out.exists() and not out.is_dir():
         raise ts.TrackStarError(f"--out {out} exists and is not a directory")
     rank, world = resolve_shard(shard, num_shards)
@@ -234,6 +239,7 @@ def main(
         typer.echo(f"truncated {len(truncated)} documents to {max_length} tokens (lines {truncated[:10]}...)")
     check_vocabulary(tokenized, rows, mdl)
     modules = ts.weight_modules(mdl)
+    lookups = ts.lookup_modules(mdl) if params == "all" else []
     V, v_file = second_moment(mdl, tokenizer, out, optimizer_state, estimate_v, no_correction,
                               data, max_length, token_budget, seed)
     if V is not None and eps is None:
@@ -249,7 +255,7 @@ def main(
         datasets=["vectors", "vectors_uncorrected"] if (also_uncorrected and V is not None) else ["vectors"],
         model=mdl.trackstar_fingerprint, model_path=mdl.trackstar_path, dtype=dtype,
         max_length=max_length, truncated=len(truncated),
-        dim=dim, seed=seed, factors=list(ts.factor_dims(dim)), modules=modules_digest(modules),
+        dim=dim, seed=seed, factors=list(ts.factor_dims(dim)), modules=modules_digest(modules, lookups), params=params,
         gradient=gradient, correction=applied.source if applied else "none",
         v_digest=applied.digest if applied else None, v_file=v_file, eps=eps or 0.0,
         lr=V.lr if V else None, factor_v=factor_v,

@@ -153,7 +153,7 @@ def diagnostics(run: Path, methods: list[str]) -> list[str]:
     meta = ts.read_meta(run / "corpus") if (run / "corpus" / "meta.json").exists() else None
     if meta:
         lines.append(f"encoding: d = {meta.dim}, V = {meta.correction}, eps = {meta.eps:.3g}, "
-                     f"gradient = {meta.gradient}, model dtype {meta.dtype}")
+                     f"gradient = {meta.gradient}, params = {meta.params}, model dtype {meta.dtype}")
     for m in methods:
         hessian = run / f"index-{m}" / "hessian.h5"
         if not hessian.exists():

@@ -267,6 +267,29 @@ def weight_modules(model: nn.Module) -> list[tuple[str, nn.Module, str, bool]]:
     return out
 
 
+PARAMS = ("matrices", "all")  # what `--params` traces: the weight matrices, or those and the embedding lookups
+
+
+def lookup_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """The embedding lookups traced by `--params all`: (projection name, module, parameter name).
+
+    Token embeddings, and position embeddings such as GPT-2's `wpe`: E is (rows, h) and a lookup of row
+    r_t at position t gives ∇E = Σ_t onehot(r_t) δ_tᵀ, an (out, in) = (rows, h) matrix like any other.
+    A weight tied to a traced matrix (the LM head) is one parameter used twice: its lookup part is
+    projected with that matrix's P, so the two parts sum to the projection of its whole gradient.
+    """
+    tied = {id(m.weight): name for name, m, _, _ in weight_modules(model)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            if type(module).forward is not nn.Embedding.forward:  # e.g. OPT's offset positions, Gemma's scale
+                raise TrackStarError(f"--params all: {name} ({type(module).__name__}) is not a plain lookup; "
+                                     "use --params matrices")
+            out.append((tied.get(id(module.weight), name), module, names[id(module.weight)]))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Loss masking. Training example: every token carries loss. Query: only the target tokens,
 # conditioned on the prompt. L is the *sum* of token cross-entropies.
@@ -590,12 +613,16 @@ def factor_second_moment(V: SecondMoment, eps: float) -> SecondMoment:
     return _finish(values, f"{V.source}+factored", V.lr, V.betas, 0.0, "second moment")
 
 
-def correction_scales(model: nn.Module, V: SecondMoment | None, eps: float, modules: list) -> dict:
-    """Per traced module, 1/sqrt(V + eps) in (out, in) orientation: a tensor, or a RankOne of factors."""
+def correction_scales(model: nn.Module, V: SecondMoment | None, eps: float, modules: list,
+                      lookups: list = ()) -> dict:
+    """Per traced module (and untied lookup), 1/sqrt(V + eps) in (out, in) orientation: a tensor, or a
+    RankOne of factors."""
     scales: dict[str, torch.Tensor | RankOne] = {}
     if V is None:
         return scales
-    for name, module, pname, transposed in modules:
+    for name, module, pname, transposed in [*modules, *((n, m, p, False) for n, m, p in lookups)]:
+        if name in scales:
+            continue  # a tied lookup: the LM head's scale
         dev = module.weight.device
         v = V.values.get(pname)
         if v is None:
@@ -632,14 +659,20 @@ class Encoder:
     scales: dict  # module name -> 1/sqrt(V + eps) (see correction_scales); empty: no correction
     also_uncorrected: bool
     factors: dict = dataclasses.field(default_factory=dict)  # module -> (P_out, P_in) on device
+    lookups: list = dataclasses.field(default_factory=list)  # embedding lookups traced (--params all)
     buffer: torch.Tensor | None = None  # scratch space for the exact path's per-example gradients
 
 
 def make_encoder(
-    model: nn.Module, dim: int, seed: int, scales: dict, gradient: str = "auto", also_uncorrected: bool = False
+    model: nn.Module, dim: int, seed: int, scales: dict, gradient: str = "auto", also_uncorrected: bool = False,
+    params: str = "matrices",
 ) -> Encoder:
-    """Freeze the model and choose the gradient path ("auto": factored unless V is full)."""
+    """Freeze the model and choose the gradient path ("auto": factored unless V is full). The lookups
+    of `--params all` are exact on either path: their gradient is a sum of outer products per token."""
+    if params not in PARAMS:
+        raise TrackStarError(f"--params must be one of {PARAMS}, got {params!r}")
     modules = weight_modules(model)
+    lookups = lookup_modules(model) if params == "all" else []
     has_full = any(not isinstance(s, RankOne) for s in scales.values())
     if gradient == "auto":
         gradient = "exact" if has_full else "factored"
@@ -649,14 +682,17 @@ def make_encoder(
         p.requires_grad_(False)
     s_out, s_in = factor_dims(dim)
     factors = {}
-    for name, module, _, transposed in modules:
+    for name, module, _, transposed in [*modules, *((n, m, p, False) for n, m, p in lookups)]:
+        if name in factors:
+            continue  # a tied lookup shares the LM head's P
         n_out, n_in = module.weight.shape[::-1] if transposed else module.weight.shape
         dev = module.weight.device
         factors[name] = (
             projection_matrix(seed, name, "out", n_out, s_out).to(dev),
             projection_matrix(seed, name, "in", n_in, s_in).to(dev),
         )
-    return Encoder(model, modules, dim, seed, gradient, scales, also_uncorrected and bool(scales), factors)
+    return Encoder(model, modules, dim, seed, gradient, scales, also_uncorrected and bool(scales), factors=factors,
+                   lookups=lookups)
 
 
 def encode_batch(enc: Encoder, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -673,6 +709,8 @@ def encode_batch(enc: Encoder, batch: dict[str, torch.Tensor]) -> dict[str, torc
     handles = [_trace_inputs_grad(enc.model)]
     for name, module, _, _ in enc.modules:
         handles.append(module.register_forward_hook(_capture(enc, name, mask, acc)))
+    for name, module, _ in enc.lookups:
+        handles.append(module.register_forward_hook(_capture_lookup(enc, name, mask, acc)))
     try:
         with torch.enable_grad():
             per_example_loss(enc.model, batch).sum().backward()
@@ -734,6 +772,36 @@ def _accumulate(enc: Encoder, name: str, saved: Any, delta: torch.Tensor, acc: d
             acc[key] += torch.einsum("bto,bti->boi", d @ p_out, x).reshape(B, -1)
 
 
+def _capture_lookup(enc: Encoder, name: str, mask: torch.Tensor, acc: dict) -> Callable:
+    """An embedding lookup E[r_t]: its per-example gradient Σ_t onehot(r_t) δ_tᵀ, divided by sqrt(V + eps)
+    row by row, projects to Σ_t P_out[r_t] ⊗ (P_inᵀ (δ_t / sqrt(V[r_t] + eps))): a row gather, never ∇E."""
+    p_out, p_in = enc.factors[name]
+    scale = enc.scales.get(name)
+    B = mask.shape[0]
+
+    def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        rows = inputs[0].expand(B, -1)  # position ids may come as (1, T), shared by the batch
+        if not output.requires_grad:  # weights are frozen: make the lookup's output a point to read δ at
+            output = output.detach().requires_grad_(True)
+        output = output.expand(B, -1, -1)  # per-example δ even where the batch shares one lookup
+
+        def accumulate(g: torch.Tensor) -> None:
+            delta = g.float() * mask
+            out_side = p_out[rows]  # (B, T, s_out)
+            ins = {"vectors_uncorrected": delta} if enc.also_uncorrected else {}
+            if isinstance(scale, RankOne):
+                ins["vectors"] = delta * scale.a[rows][..., None] * scale.b
+            else:
+                ins["vectors"] = delta * scale[rows] if scale is not None else delta
+            for key, d in ins.items():
+                acc[key] += torch.einsum("bto,bti->boi", out_side, d @ p_in).reshape(B, -1)
+
+        output.register_hook(accumulate)
+        return output
+
+    return forward_hook
+
+
 def _buffer(enc: Encoder, n: int, device: torch.device) -> torch.Tensor:
     if enc.buffer is None or enc.buffer.numel() < n or enc.buffer.device != device:
         enc.buffer = torch.empty(n, device=device)
@@ -785,7 +853,8 @@ class RunSettings:
     dim: int  # d, and its Kronecker factors (s_out, s_in)
     seed: int
     factors: list
-    modules: str  # identity of the traced matrices
+    modules: str  # identity of the traced matrices (and lookups)
+    params: str  # "matrices" or "all" (with the embedding lookups)
     gradient: str  # "factored" or "exact"
     correction: str  # where V came from, or "none"
     v_digest: str | None  # identity of V as applied (after --factor-v)
@@ -830,8 +899,9 @@ def build_encoder(model: nn.Module, V: SecondMoment | None, run: RunSettings, al
     if (V.digest if V else None) != run.v_digest:
         raise TrackStarError(f"V from {run.v_file} is not the one the run was encoded with "
                              f"(digest {V.digest if V else None} vs {run.v_digest})")
-    scales = correction_scales(model, V, eps, weight_modules(model))
-    return make_encoder(model, run.dim, run.seed, scales, run.gradient, also_uncorrected)
+    lookups = lookup_modules(model) if run.params == "all" else []
+    scales = correction_scales(model, V, eps, weight_modules(model), lookups)
+    return make_encoder(model, run.dim, run.seed, scales, run.gradient, also_uncorrected, run.params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -944,7 +1014,8 @@ def check_same(a: dict | RunSettings, b: dict | RunSettings, keys: list[str], wh
 
 
 # What must agree for two encoded runs (a corpus and its queries) to be compared.
-COMPATIBLE_KEYS = ["model", "dtype", "dim", "seed", "factors", "modules", "correction", "v_digest", "eps", "tool"]
+COMPATIBLE_KEYS = ["model", "dtype", "dim", "seed", "factors", "modules", "params", "correction", "v_digest", "eps",
+                   "tool"]
 
 
 def chunk_files(run: str | Path) -> list[Path]:

@@ -15,7 +15,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def tiny_model(arch: str, vocab: int = 96, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised tiny causal LM of the given family (GPT-2's Conv1D, Llama, GPT-NeoX)."""
+    """A randomly initialised tiny causal LM of the given family (GPT-2's Conv1D, tied, with `wpe`; Llama,
+    untied or tied; GPT-NeoX)."""
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
@@ -30,10 +31,10 @@ def tiny_model(arch: str, vocab: int = 96, seed: int = 0) -> torch.nn.Module:
         cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=64,
                          bos_token_id=0, eos_token_id=0)
         model = GPT2LMHeadModel(cfg)
-    elif arch == "llama":
+    elif arch in ("llama", "llama-tied"):
         cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64,
-                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                          bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=arch == "llama-tied")
         model = LlamaForCausalLM(cfg)
     elif arch == "neox":
         cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

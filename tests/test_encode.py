@@ -28,10 +28,14 @@ def examples(kind: str, vocab: int = 96) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def reference_vector(model, ids, labels, dim, seed, v_full=None, v_factored=None, eps=0.0) -> torch.Tensor:
-    """One example alone: full weight gradients by ordinary autograd, corrected, projected, summed."""
+def reference_vector(model, ids, labels, dim, seed, v_full=None, v_factored=None, eps=0.0,
+                     params="matrices") -> torch.Tensor:
+    """One example alone: full weight gradients by ordinary autograd, corrected, projected, summed.
+
+    params="all" adds every nn.Embedding's whole gradient; a tied embedding is one parameter, whose
+    gradient (lookup + LM head) autograd sums, projected once as the LM head."""
     m = copy.deepcopy(model)
-    if m.get_output_embeddings().weight is m.get_input_embeddings().weight:
+    if params == "matrices" and m.get_output_embeddings().weight is m.get_input_embeddings().weight:
         # Untie, so the LM head's gradient is its own use only (as the encoder traces it).
         m.get_output_embeddings().weight = torch.nn.Parameter(m.get_output_embeddings().weight.detach().clone())
     for p in m.parameters():
@@ -41,7 +45,11 @@ def reference_vector(model, ids, labels, dim, seed, v_full=None, v_factored=None
     loss = sum(-logp[t, labels[t + 1]] for t in range(len(ids) - 1) if labels[t + 1] != ts.IGNORE)
     loss.backward()
     total = torch.zeros(dim)
-    for name, _, pname, transposed in ts.weight_modules(model):
+    traced = [(name, pname, transposed) for name, _, pname, transposed in ts.weight_modules(model)]
+    if params == "all":
+        traced += [(name, pname, False) for name, mod, pname in ts.lookup_modules(model)
+                   if not any(name == t[0] for t in traced)]  # tied: already in the LM head's gradient
+    for name, pname, transposed in traced:
         mod = dict(m.named_modules())[name]
         grad = mod.weight.grad.double()
         if v_full is not None:
@@ -54,8 +62,8 @@ def reference_vector(model, ids, labels, dim, seed, v_full=None, v_factored=None
     return total
 
 
-def encoded(model, exs, scales, path, dim=DIM, seed=SEED, also_uncorrected=False):
-    enc = ts.make_encoder(model, dim, seed, scales, path, also_uncorrected)
+def encoded(model, exs, scales, path, dim=DIM, seed=SEED, also_uncorrected=False, params="matrices"):
+    enc = ts.make_encoder(model, dim, seed, scales, path, also_uncorrected, params)
     return ts.encode_batch(enc, ts.collate(exs, "cpu"))
 
 
@@ -198,3 +206,54 @@ def test_factored_full_v_matches_exact_path_on_its_rank_one_estimate(arch, tmp_p
     fact = {n: ((x + eps).mean(1), (x + eps).mean(0)) for n, x in v.items() if x.ndim == 2}
     for b, (ids, labels) in enumerate(exs):
         assert_matches(got[b], reference_vector(model, ids, labels, DIM, SEED, v_factored=fact))
+
+
+# --params all: the embedding lookups too, on padded batches of mixed lengths, against the same reference.
+
+EMBED_ARCHS = ["gpt2", "llama", "llama-tied", "neox"]  # GPT-2: tied, with `wpe`; Llama untied and tied
+
+
+@pytest.mark.parametrize("arch", EMBED_ARCHS)
+@pytest.mark.parametrize("kind", ["corpus", "queries"])
+def test_embeddings_without_correction_match_per_example_backward(arch, kind):
+    model = tiny_model(arch)
+    names = {n for n, *_ in ts.lookup_modules(model)}
+    assert ("transformer.wpe" in names) == (arch == "gpt2")
+    exs = examples(kind)
+    got = encoded(model, exs, {}, "factored", params="all")["vectors"]
+    for b, (ids, labels) in enumerate(exs):
+        want = reference_vector(model, ids, labels, DIM, SEED, params="all")
+        assert_matches(got[b], want)
+        without = reference_vector(model, ids, labels, DIM, SEED)
+        assert (want - without).norm() > 0.05 * want.norm(), "the embeddings must add something"
+
+
+@pytest.mark.parametrize("arch", EMBED_ARCHS)
+def test_embeddings_with_full_adam_v_match_per_example_backward(arch, tmp_path):
+    """V applied to the rows actually touched: each token's row divided by its own sqrt(V + eps)."""
+    model = tiny_model(arch)
+    v = random_v(model)
+    torch.save(v, tmp_path / "v.pt")
+    V, eps = ts.load_second_moment(str(tmp_path / "v.pt"), model), 1e-6
+    scales = ts.correction_scales(model, V, eps, ts.weight_modules(model), ts.lookup_modules(model))
+    exs = examples("corpus")
+    got = encoded(model, exs, scales, "exact", also_uncorrected=True, params="all")
+    for b, (ids, labels) in enumerate(exs):
+        assert_matches(got["vectors"][b], reference_vector(model, ids, labels, DIM, SEED, v_full=v, eps=eps,
+                                                           params="all"))
+        assert_matches(got["vectors_uncorrected"][b], reference_vector(model, ids, labels, DIM, SEED, params="all"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_embeddings_with_rank_one_v_match_per_example_backward(arch, tmp_path):
+    model = tiny_model(arch)
+    v = random_v(model)
+    torch.save(v, tmp_path / "v.pt")
+    eps = 1e-4
+    V = ts.factor_second_moment(ts.load_second_moment(str(tmp_path / "v.pt"), model), eps)
+    scales = ts.correction_scales(model, V, 0.0, ts.weight_modules(model), ts.lookup_modules(model))
+    exs = examples("queries")
+    got = encoded(model, exs, scales, "auto", params="all")["vectors"]
+    fact = {n: ((x + eps).mean(1), (x + eps).mean(0)) for n, x in v.items() if x.ndim == 2}
+    for b, (ids, labels) in enumerate(exs):
+        assert_matches(got[b], reference_vector(model, ids, labels, DIM, SEED, v_factored=fact, params="all"))
