@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import os
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def second_moment(
     max_length: int,
     token_budget: int,
     seed: int,
+    rank: int = 0,
 ) -> tuple[ts.SecondMoment | None, str | None]:
     """Where V comes from: a state file, an estimate over a corpus sample (cached in OUT), or none."""
     chosen = sum([optimizer_state is not None, estimate_v > 0, no_correction])
@@ -64,8 +66,9 @@ def second_moment(
         return None, None
     if estimate_v > 0:
         v_file = out / "second_moment.pt"
-        if not v_file.exists():
+        if not v_file.exists() and rank == 0:
             estimate_to_file(model, tokenizer, data, estimate_v, max_length, token_budget, seed, v_file)
+        wait_for(v_file, "shard 0's V estimate")  # one estimate for all shards: they must share its digest
         V = ts.load_second_moment(str(v_file), model)
         want = estimate_source(data, estimate_v, token_budget, seed)
         if V.source != want:  # a rerun with another --estimate-v must not reuse the old estimate
@@ -80,6 +83,18 @@ def second_moment(
             )
         optimizer_state = str(default)
     return ts.load_second_moment(optimizer_state, model), str(Path(optimizer_state).resolve())
+
+
+def wait_for(path: Path, what: str, poll_s: float = 2.0, timeout_s: float = 7 * 24 * 3600) -> None:
+    """Block until `path` exists (written atomically by another process), saying once what we wait for."""
+    if path.exists():
+        return
+    typer.echo(f"waiting for {what} at {path}", err=True)
+    start = time.monotonic()
+    while not path.exists():
+        if time.monotonic() - start > timeout_s:
+            raise ts.TrackStarError(f"gave up waiting for {what} at {path}")
+        time.sleep(poll_s)
 
 
 def estimate_second_moment(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -153,8 +168,11 @@ def check_options(gradient: str, dim: int, max_length: int | None, token_budget:
             raise ts.TrackStarError(f"{name} must be >= 1, got {value}")
     if estimate_v < 0:
         raise ts.TrackStarError(f"--estimate-v must be >= 0, got {estimate_v}")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ts.TrackStarError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if dtype == "float16":  # without loss scaling, δ underflows in the lower layers
+        raise ts.TrackStarError("--dtype float16 is not supported (gradients underflow without loss scaling); "
+                                "use bfloat16 or float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ts.TrackStarError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
 
 
 def check_vocabulary(tokenized: list, rows: list[dict], model: nn.Module) -> None:
@@ -217,7 +235,9 @@ def main(
     token_budget: int = typer.Option(8192, help="Max padded tokens per batch."),
     chunk_size: int = typer.Option(1024, help="Examples per HDF5 chunk (the unit of resume and sharding)."),
     also_uncorrected: bool = typer.Option(False, help="Also write the uncorrected projection (one model pass)."),
-    dtype: str = typer.Option("float32", help="Model compute dtype: float32 | bfloat16 | float16."),
+    dtype: str = typer.Option("float32", help="Model compute dtype: float32 | bfloat16."),
+    matmul_precision: str = typer.Option("highest", help="float32 matmuls: highest (fp32) | high (TF32 on a GPU "
+                                         "that has it: faster, ~1e-3 relative error; recorded, never mixed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     shard: int | None = typer.Option(None, help="This process's shard index."),
     num_shards: int | None = typer.Option(None, help="Number of shards (default: torchrun WORLD_SIZE or 1)."),
@@ -232,7 +252,9 @@ def main(
         raise ts.TrackStarError(f"--out {out} exists and is not a directory")
     rank, world = resolve_shard(shard, num_shards)
     rows = ts.read_jsonl(data, kind)  # every line validated before anything is written
-    mdl, tokenizer = ts.load_model(model, dtype, ts.pick_device(device))
+    device = ts.pick_device(device)
+    ts.pin_precision(matmul_precision)
+    mdl, tokenizer = ts.load_model(model, dtype, device)
     max_length = min(max_length or ts.context_length(mdl), ts.context_length(mdl))
     tokenized, truncated = ts.tokenize_rows(tokenizer, rows, kind, max_length)
     if truncated:
@@ -241,7 +263,7 @@ def main(
     modules = ts.weight_modules(mdl)
     lookups = ts.lookup_modules(mdl) if params == "all" else []
     V, v_file = second_moment(mdl, tokenizer, out, optimizer_state, estimate_v, no_correction,
-                              data, max_length, token_budget, seed)
+                              data, max_length, token_budget, seed, rank)
     if V is not None and eps is None:
         eps = ts.default_eps(V, [p for _, _, p, _ in modules])
     applied, _ = ts.applied_second_moment(V, eps or 0.0, factor_v)
@@ -256,7 +278,8 @@ def main(
         model=mdl.trackstar_fingerprint, model_path=mdl.trackstar_path, dtype=dtype,
         max_length=max_length, truncated=len(truncated),
         dim=dim, seed=seed, factors=list(ts.factor_dims(dim)), modules=modules_digest(modules, lookups), params=params,
-        gradient=gradient, correction=applied.source if applied else "none",
+        gradient=gradient, matmul_precision=matmul_precision, device_type=torch.device(device).type,
+        correction=applied.source if applied else "none",
         v_digest=applied.digest if applied else None, v_file=v_file, eps=eps or 0.0,
         lr=V.lr if V else None, factor_v=factor_v,
     )

@@ -102,7 +102,7 @@ def adam_increment(
             continue
         g = p.grad.detach()
         if v is not None:
-            v_next = beta2 * v[name].to(g.device) + (1 - beta2) * g * g
+            v_next = beta2 * v[name] + (1 - beta2) * g * g  # v lives on the model's device (load_step)
             g = (1 - beta1) * g / (v_next + eps).sqrt()
         out[name] = g
     model.zero_grad(set_to_none=True)
@@ -132,7 +132,7 @@ def load_step(model_dir: str, optimizer_state: str | None, no_correction: bool, 
     lr = lr if lr is not None else (V.lr if V else None)
     if lr is None:
         raise ts.TrackStarError("no learning rate in the optimizer state: pass --lr")
-    v = full_second_moment(V, model) if V else None
+    v = {n: t.to(device) for n, t in full_second_moment(V, model).items()} if V else None  # moved once
     eps = eps if eps is not None else (ts.default_eps(V, list(v)) if V else 0.0)
     betas = V.betas if V and V.betas else DEFAULT_BETAS
     return Step(model, tokenizer, v, eps, lr, betas, ts.context_length(model), V.source if V else "none (SGD)")

@@ -114,6 +114,20 @@ def sample_blocks(run: str | Path, dataset: str, n_sample: int, seed: int) -> It
                 yield h[dataset][local]  # h5py reads an increasing row list as one selection
 
 
+def gathered(blocks: Iterable[np.ndarray], rows: int = 4096) -> Iterator[np.ndarray]:
+    """The rows of `blocks`, in order, regrouped into blocks of at least `rows` (the last may be smaller):
+    each accumulator update streams the whole d x d matrix, so a chunk's few sampled rows are batched."""
+    pending, n = [], 0
+    for x in blocks:
+        pending.append(x)
+        n += len(x)
+        if n >= rows:
+            yield np.concatenate(pending)
+            pending, n = [], 0
+    if pending:
+        yield np.concatenate(pending)
+
+
 def second_moment_matrix(blocks: Iterable[np.ndarray], device: str = "cpu") -> tuple[np.ndarray, int, float]:
     """(XᵀX / n, n, Σ‖x‖⁴): the uncentred second moment of all rows of `blocks`, accumulated in float64,
     with what Ledoit–Wolf shrinkage needs besides it (the sum of squared squared norms).
@@ -122,7 +136,7 @@ def second_moment_matrix(blocks: Iterable[np.ndarray], device: str = "cpu") -> t
     correction should down-weight (it is shared by all examples).
     """
     acc, n, norm4 = None, 0, 0.0
-    for x in blocks:
+    for x in gathered(blocks):
         x = torch.as_tensor(x, device=device).double()
         acc = x.T @ x if acc is None else acc.addmm_(x.T, x)
         n += x.shape[0]

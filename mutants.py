@@ -59,8 +59,7 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     "tail-patch drops Adam's (1−β1)": (
         "evaluate.py", "g = (1 - beta1) * g / (v_next + eps).sqrt()", "g = g / (v_next + eps).sqrt()", [EVAL]),
     "tail-patch divides by the stale v": (
-        "evaluate.py", "v_next = beta2 * v[name].to(g.device) + (1 - beta2) * g * g",
-        "v_next = v[name].to(g.device)", [EVAL]),
+        "evaluate.py", "v_next = beta2 * v[name] + (1 - beta2) * g * g", "v_next = v[name]", [EVAL]),
     "tail-patch does not restore the weights": (
         "evaluate.py", "                params[n].copy_(w)", "                pass", [EVAL]),
     "resume skips chunks without checking settings": (

@@ -226,16 +226,31 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def pick_device(device: str = "auto") -> str:
-    """"auto": this process's GPU when there is one (torchrun's LOCAL_RANK), else the CPU."""
+    """"auto": this process's GPU when there is one, else the CPU. "auto" and a bare "cuda" take GPU
+    LOCAL_RANK % device_count, so torchrun's ranks spread over the node's GPUs (not all on cuda:0)."""
+    if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise TrackStarError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrackStarError(f"--device {device}, but torch sees no CUDA GPU here (use --device cpu or auto)")
-    if device != "auto":
-        if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
-            raise TrackStarError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-        return device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
+    pin_precision("highest")
+    if device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    if device in ("auto", "cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    torch.cuda.set_device(device)
+    return device
+
+
+PRECISIONS = ("highest", "high")  # float32 matmuls: true fp32, or TF32 on GPUs that have it (~1e-3 relative)
+
+
+def pin_precision(precision: str) -> None:
+    """Set float32 matmul precision for this process, whatever a caller set before: TF32 ("high") must be
+    a recorded choice, never inherited, since its vectors differ from fp32 ones by ~1e-3."""
+    if precision not in PRECISIONS:
+        raise TrackStarError(f"--matmul-precision must be one of {PRECISIONS}, got {precision!r}")
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = precision == "high"
 
 
 def context_length(model: nn.Module) -> int:
@@ -409,7 +424,9 @@ def projection_matrix(seed: int, module: str, side: str, n: int, s: int) -> torc
     """
     key = hashlib.sha256(f"trackstar/{seed}/{module}/{side}".encode()).digest()
     g = torch.Generator(device="cpu").manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
-    return torch.randn(n, s, generator=g, dtype=torch.float32) / math.sqrt(s)
+    # Drawn in float64, then rounded: float32 randn takes a vectorised path whose last bits differ between
+    # CPU kernels (AVX2 vs the default), so an x86 and an ARM host would project differently.
+    return (torch.randn(n, s, generator=g, dtype=torch.float64) / math.sqrt(s)).float()
 
 
 def project_full_gradient(grad_out_in: torch.Tensor, seed: int, module: str, dim: int) -> torch.Tensor:
@@ -856,6 +873,8 @@ class RunSettings:
     modules: str  # identity of the traced matrices (and lookups)
     params: str  # "matrices" or "all" (with the embedding lookups)
     gradient: str  # "factored" or "exact"
+    matmul_precision: str  # float32 matmuls: "highest" (fp32) or "high" (TF32 where the GPU has it)
+    device_type: str  # "cpu" or "cuda": recorded, not compared (results agree to round-off)
     correction: str  # where V came from, or "none"
     v_digest: str | None  # identity of V as applied (after --factor-v)
     v_file: str | None
@@ -895,6 +914,7 @@ def applied_second_moment(V: SecondMoment | None, eps: float, factor_v: bool) ->
 def build_encoder(model: nn.Module, V: SecondMoment | None, run: RunSettings, also_uncorrected: bool = False
                   ) -> Encoder:
     """The encoder `run` describes, from the model and the V it names: the one way one is built."""
+    pin_precision(run.matmul_precision)
     V, eps = applied_second_moment(V, run.eps, run.factor_v)
     if (V.digest if V else None) != run.v_digest:
         raise TrackStarError(f"V from {run.v_file} is not the one the run was encoded with "
@@ -1015,7 +1035,7 @@ def check_same(a: dict | RunSettings, b: dict | RunSettings, keys: list[str], wh
 
 # What must agree for two encoded runs (a corpus and its queries) to be compared.
 COMPATIBLE_KEYS = ["model", "dtype", "dim", "seed", "factors", "modules", "params", "correction", "v_digest", "eps",
-                   "tool"]
+                   "matmul_precision", "tool"]
 
 
 def chunk_files(run: str | Path) -> list[Path]:
@@ -1038,7 +1058,8 @@ class DamagedChunk(TrackStarError):
 
 
 # Paths may move between machines; everything else a chunk records must equal its run's settings.
-CHUNK_KEYS = [f.name for f in dataclasses.fields(RunSettings) if f.name not in ("data", "model_path", "v_file")]
+CHUNK_KEYS = [f.name for f in dataclasses.fields(RunSettings)
+              if f.name not in ("data", "model_path", "v_file", "device_type")]
 
 
 def check_chunk(path: Path, run: RunSettings, i: int) -> None:

@@ -24,8 +24,8 @@ import trackstar as ts
 META = {"tool": f"trackstar {ts.VERSION}", "model": "fingerprint-A", "model_path": "/nowhere", "dtype": "float32",
         "dim": 32, "seed": 0, "factors": [4, 8], "modules": "12 matrices/abc", "correction": "adam",
         "v_digest": "v-1", "v_file": None, "eps": 1e-8, "lr": None, "factor_v": False, "max_length": 64,
-        "loss": "all tokens", "gradient": "exact", "params": "matrices", "token_budget": 8192, "truncated": 0,
-        "data_digest": None}
+        "loss": "all tokens", "gradient": "exact", "params": "matrices", "matmul_precision": "highest",
+        "device_type": "cpu", "token_budget": 8192, "truncated": 0, "data_digest": None}
 
 
 def fabricate_run(run: Path, kind: str, vectors: dict[str, np.ndarray], chunk: int = 64, **meta) -> Path:
@@ -256,7 +256,7 @@ def test_sample_is_seeded_and_streams_only_sampled_rows(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("model", "fingerprint-B"), ("seed", 7), ("correction", "none"),
-                                       ("dim", 64), ("params", "all")])
+                                       ("dim", 64), ("params", "all"), ("matmul_precision", "high")])
 def test_index_refuses_mismatched_runs_naming_both_values(tmp_path, key, value):
     corpus, _ = runs(tmp_path)
     queries = fabricate_run(tmp_path / "q2", "queries", {"vectors": np.ones((3, 64 if key == "dim" else 32))},

@@ -1,0 +1,114 @@
+"""GPU-path properties that can be observed on the CPU: device per rank, one V estimate for all shards,
+pinned and recorded matmul precision, P identical across CPU kernels, batched R_train updates."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+import index
+import trackstar as ts
+
+
+@pytest.mark.parametrize("asked,local_rank,want", [("auto", "3", "cuda:1"), ("cuda", "2", "cuda:0"),
+                                                   ("cuda:1", "0", "cuda:1"), ("cpu", "1", "cpu")])
+def test_each_torchrun_rank_gets_its_own_gpu(monkeypatch, asked, local_rank, want):
+    """Every rank on cuda:0 was the bug: auto and a bare "cuda" take LOCAL_RANK % device_count, and the
+    process's current device is set to it."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d))
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert ts.pick_device(asked) == want
+    assert chosen == ([] if want == "cpu" else [want])
+
+
+def test_matmul_precision_is_pinned_and_recorded(model_dir, corpus_file, tmp_path):
+    """A caller's TF32 setting is not inherited: the run pins fp32 and records it; TF32 is an explicit,
+    recorded choice that refuses to mix with fp32 runs."""
+    from typer.testing import CliRunner
+
+    import encode
+
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        for name, extra in (("fp32", []), ("tf32", ["--matmul-precision", "high"])):
+            r = CliRunner().invoke(encode.app, ["corpus", "--model", str(model_dir), "--data", str(corpus_file),
+                                                "--out", str(tmp_path / name), "--dim", "64", *extra])
+            assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / "fp32" / "meta.json").read_text())["matmul_precision"] == "highest"
+        assert json.loads((tmp_path / "tf32" / "meta.json").read_text())["matmul_precision"] == "high"
+        assert json.loads((tmp_path / "fp32" / "meta.json").read_text())["device_type"] == "cpu"
+        with pytest.raises(ts.TrackStarError, match="matmul_precision"):
+            ts.check_same(ts.read_meta(tmp_path / "fp32"), ts.read_meta(tmp_path / "tf32"), ts.COMPATIBLE_KEYS,
+                          "a", "b")
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def test_one_v_estimate_is_shared_by_all_shards(model_dir, corpus_file, tmp_path):
+    """Shard 1 waits for shard 0's estimate instead of writing its own (on a GPU two estimates differ in
+    the last bits, and the shards would record different V digests)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cmd(shard):
+        return [sys.executable, str(ROOT / "encode.py"), "corpus", "--model", str(model_dir), "--data",
+                str(corpus_file), "--out", str(out), "--dim", "64", "--chunk-size", "8", "--estimate-v", "6",
+                "--shard", str(shard), "--num-shards", "2"]
+
+    second = subprocess.Popen(cmd(1), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(12)  # time enough to load the tiny model and estimate, had it been allowed to
+    assert second.poll() is None and not (out / "second_moment.pt").exists(), "shard 1 must wait, not estimate"
+    first = subprocess.run(cmd(0), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err[-2000:]
+    assert "waiting for shard 0's V estimate" in err and "estimate V" not in err
+    chunks = sorted(p.name for p in out.glob("chunk-*.h5"))
+    assert chunks == [f"chunk-{i:06d}.h5" for i in range(3)]  # 23 documents in chunks of 8, both shards
+    ts.chunk_files(out)  # every chunk carries the one v_digest of meta.json
+
+
+def test_projection_is_bit_identical_across_cpu_kernels():
+    """float32 randn differs in the last bits between the AVX2 and the default kernels; drawn in float64
+    and rounded, P is the same on any host."""
+    code = ("import hashlib, trackstar as ts; "
+            "print(hashlib.sha256(ts.projection_matrix(3, 'model.layers.0.mlp', 'out', 777, 64).numpy()"
+            ".tobytes()).hexdigest())")
+    digests = set()
+    for capability in ("default", "avx2"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "1"}
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        digests.add(r.stdout.strip())
+    assert len(digests) == 1
+    p = ts.projection_matrix(3, "model.layers.0.mlp", "out", 777, 64)
+    g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(b"trackstar/3/model.layers.0.mlp/out")
+                                                     .digest()[:8], "little") & (2**63 - 1))
+    assert torch.equal(p, (torch.randn(777, 64, generator=g, dtype=torch.float64) / 8).float())
+
+
+def test_r_train_updates_are_batched_and_exact():
+    """Each update of the d x d accumulator streams all of it: a chunk's few sampled rows are gathered
+    into blocks of >= 4,096 rows first, in order, and the moment is unchanged."""
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((n, 16)) for n in [3, 700, 5, 4000, 1, 900, 2]]
+    got = list(index.gathered(iter(blocks)))
+    assert [len(b) for b in got] == [4708, 903]
+    assert np.array_equal(np.concatenate(got), np.concatenate(blocks))
+    X = np.concatenate(blocks)
+    S, n, norm4 = index.second_moment_matrix(iter(blocks))
+    assert n == len(X) and np.allclose(S, X.T @ X / n, rtol=1e-12)
+    assert norm4 == pytest.approx(float(((X * X).sum(1) ** 2).sum()), rel=1e-12)
