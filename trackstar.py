@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 VERSION = "0.1.0"
 
@@ -395,12 +396,32 @@ def collate(examples: list[tuple[list[int], list[int]]], device: str | torch.dev
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
+LOSS_CHUNK = 1 << 24  # logits entries per cross-entropy chunk: 64 MB of float32 at a time
+
+
 def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed token cross-entropy of each example (B,), computed in float32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-    tok = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-    return tok.sum(dim=1)
+    """Summed token cross-entropy of each example (B,), computed in float32.
+
+    A chunk of positions at a time, each recomputed in backward (checkpoint): the float32 copy and
+    log-softmax of all B·T·vocab logits (~4 GB each at 8,192 tokens and a 128k vocabulary) never exist
+    at once. Token losses are the same numbers either way, and are summed in the same order.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    B, T, vocab = logits.shape
+    step = max(1, LOSS_CHUNK // max(B * vocab, 1))
+    parts = []
+    for lo in range(0, T, step):
+        chunk = (logits[:, lo : lo + step], labels[:, lo : lo + step])
+        if torch.is_grad_enabled() and logits.requires_grad:
+            parts.append(checkpoint(_token_losses, *chunk, use_reentrant=False))
+        else:
+            parts.append(_token_losses(*chunk))
+    return torch.cat(parts, dim=1).sum(dim=1)
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -748,15 +769,15 @@ def _capture(enc: Encoder, name: str, mask: torch.Tensor, acc: dict) -> Callable
     exact = enc.gradient == "exact"
 
     def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        x = inputs[0].float() * mask  # (B, T, in); padded positions carry nothing
-        if exact:
-            saved = x
+        if exact:  # keep x itself, in the model's dtype: modules fed the same input (q, k, v) share it
+            saved = inputs[0]
         else:
+            x = inputs[0].float() * mask  # (B, T, in); padded positions carry nothing
             xs = [x * scale.b] if scale is not None else [x]
             if enc.also_uncorrected:
                 xs.append(x)
             saved = [xi @ p_in for xi in xs]  # (B, T, s_in): keep only the projection
-        output.register_hook(lambda g: _accumulate(enc, name, saved, g.float(), acc))
+        output.register_hook(lambda g: _accumulate(enc, name, saved, g.float() * mask, acc))
 
     return forward_hook
 
@@ -773,7 +794,7 @@ def _accumulate(enc: Encoder, name: str, saved: Any, delta: torch.Tensor, acc: d
         for lo in range(0, B, step):
             b = min(step, B - lo)
             grad = _buffer(enc, b * n_out * n_in, delta.device).view(b, n_out, n_in)
-            torch.bmm(delta[lo : lo + b].transpose(1, 2), saved[lo : lo + b], out=grad)
+            torch.bmm(delta[lo : lo + b].transpose(1, 2), saved[lo : lo + b].float(), out=grad)  # upcast per slice
             if scale is not None and enc.also_uncorrected:
                 acc["vectors_uncorrected"][lo : lo + b] += _project(grad, p_out, p_in)
             if isinstance(scale, RankOne):

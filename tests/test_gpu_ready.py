@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, tiny_model
 
 import index
 import trackstar as ts
@@ -112,3 +112,43 @@ def test_r_train_updates_are_batched_and_exact():
     S, n, norm4 = index.second_moment_matrix(iter(blocks))
     assert n == len(X) and np.allclose(S, X.T @ X / n, rtol=1e-12)
     assert norm4 == pytest.approx(float(((X * X).sum(1) ** 2).sum()), rel=1e-12)
+
+
+def test_chunked_loss_gives_the_same_losses_and_gradients(monkeypatch):
+    """The cross-entropy in checkpointed chunks of positions: same per-example losses and same input
+    gradients as one pass over all logits, on a padded batch."""
+    model = tiny_model("llama")
+    exs = [([5, 9, 3, 7, 11, 2], [5, 9, 3, 7, 11, 2]), ([4, 8, 1], [-100, 8, 1])]
+    batch = ts.collate(exs, "cpu")
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = ts.per_example_loss(model, batch)
+        loss.sum().backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    one_pass = run()
+    monkeypatch.setattr(ts, "LOSS_CHUNK", 96 * 2)  # one position per chunk
+    chunked = run()
+    assert torch.equal(one_pass[0], chunked[0])
+    assert all(torch.equal(one_pass[1][n], chunked[1][n]) for n in one_pass[1])
+
+
+def test_exact_path_keeps_inputs_in_the_model_dtype_shared_by_q_k_v(monkeypatch):
+    """x is kept as the model's own tensor (no float32 copy per module), so q, k and v, which read the same
+    input, hold one tensor between them; it is upcast one slice at a time."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    seen = {}
+    original = ts._accumulate
+
+    def spy(enc, name, saved, delta, acc):
+        seen[name] = (saved.data_ptr(), saved.dtype)
+        return original(enc, name, saved, delta, acc)
+
+    monkeypatch.setattr(ts, "_accumulate", spy)
+    V = ts.SecondMoment({n: torch.ones(p.shape) for n, p in model.named_parameters()}, "file", None, None, 0.0, "t")
+    enc = ts.make_encoder(model, 64, 0, ts.correction_scales(model, V, 1e-8, ts.weight_modules(model)), "exact")
+    ts.encode_batch(enc, ts.collate([([5, 9, 3, 7], [5, 9, 3, 7]), ([4, 8], [4, 8])], "cpu"))
+    attn = "model.layers.0.self_attn."
+    assert seen[attn + "q_proj"] == seen[attn + "k_proj"] == seen[attn + "v_proj"]
+    assert all(dtype == torch.bfloat16 for _, dtype in seen.values())
