@@ -40,13 +40,17 @@ class Method(str, Enum):
 
 
 
-def default_block(device: str, n_queries: int) -> int:
-    """Index rows scored per step. A GPU wants large matmuls. On a CPU, a few queries are bound by
-    memory bandwidth: a block small enough to stay in cache is converted to float32 and scored in
-    one pass over memory. Many queries are bound by the matmul, and larger blocks amortise the
-    per-block top-k work."""
+def default_block(device: str, n_queries: int, dim: int = 0, free_bytes: int | None = None) -> int:
+    """Index rows scored per step. A GPU wants large matmuls, as many rows as a quarter of its free memory
+    holds (each row: its stored and float32 copies, and a score and two keys per query; at d = 2^16,
+    65,536 rows would need 26 GB). On a CPU, a few queries are bound by memory bandwidth: a block small
+    enough to stay in cache is converted to float32 and scored in one pass over memory. Many queries
+    are bound by the matmul, and larger blocks amortise the per-block top-k work."""
     if torch.device(device).type == "cuda":
-        return 65536
+        if free_bytes is None:
+            free_bytes = torch.cuda.mem_get_info(torch.device(device))[0]
+        row_bytes = dim * (2 + 4) + n_queries * (4 + 8 + 8)
+        return int(min(65536, max(1024, free_bytes // 4 // max(row_bytes, 1))))
     return 512 if n_queries < FEW_QUERIES else 4096
 
 
@@ -293,7 +297,7 @@ def progress_blocks(index: Path, block: int, device: str, n: int) -> Iterator[tu
 
 def search(queries: torch.Tensor, index: Path, k: int, block: int, device: str, n: int) -> tuple:
     """(top_scores, top_ids, bottom_scores, bottom_ids) as numpy, each (Q, min(k, N))."""
-    block = block or default_block(device, len(queries))
+    block = block or default_block(device, len(queries), queries.shape[1])
     with torch.inference_mode():
         out = blocked_topk(queries, progress_blocks(index, block, device, n), k)
     return tuple(t.numpy() for t in out)
@@ -405,8 +409,8 @@ def main(
     target: str | None = typer.Option(None, help="Ad-hoc query target; its tokens carry the loss."),
     method: Method = typer.Option(Method.trackstar, help="trackstar (gradient index) or bm25 (text baseline)."),
     corpus: Path | None = typer.Option(None, help="Corpus JSONL (--method bm25)."),
-    block: int = typer.Option(0, help="Index rows scored per step; bounds memory. 0: auto (a GPU: 65536; "
-                              "a CPU: 512 for a few queries, 4096 for many)."),
+    block: int = typer.Option(0, help="Index rows scored per step; bounds memory. 0: auto (a GPU: what a quarter "
+                              "of its free memory holds, at most 65536; a CPU: 512 for a few queries, 4096 for many)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: the GPU when there is one)."),
 ) -> None:
     if k < 1 or block < 0:

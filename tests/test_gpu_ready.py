@@ -152,3 +152,16 @@ def test_exact_path_keeps_inputs_in_the_model_dtype_shared_by_q_k_v(monkeypatch)
     attn = "model.layers.0.self_attn."
     assert seen[attn + "q_proj"] == seen[attn + "k_proj"] == seen[attn + "v_proj"]
     assert all(dtype == torch.bfloat16 for _, dtype in seen.values())
+
+
+def test_gpu_scan_block_is_sized_from_free_memory_and_d():
+    """The scan's block on a GPU fits a quarter of free memory, whatever d: the fixed 65,536 rows needed
+    26 GB at d = 2^16."""
+    import query
+
+    for dim, n_queries in ((1024, 10), (65536, 10), (65536, 5000)):
+        for free in (4 << 30, 40 << 30, 120 << 30):
+            rows = query.default_block("cuda", n_queries, dim, free_bytes=free)
+            need = rows * (dim * 6 + n_queries * 20)
+            assert 1024 <= rows <= 65536 and (need <= free / 4 or rows == 1024)
+    assert query.default_block("cuda", 10, 1024, free_bytes=80 << 30) == 65536  # small d: as before
