@@ -55,7 +55,7 @@ def make_index(path: Path, rows: int, dim: int) -> None:
     rng = np.random.default_rng(0)
     base = (rng.standard_normal((8192, dim)) / np.sqrt(dim)).astype(np.float16)
     with h5py.File(path, "w") as f:
-        vectors = f.create_dataset("vectors", shape=(rows, dim), dtype="float16")
+        vectors = f.create_dataset("G", shape=(rows, dim), dtype="float16")
         f.create_dataset("ids", data=np.arange(rows, dtype=np.int64))
         for lo in range(0, rows, len(base)):
             n = min(len(base), rows - lo)
@@ -81,7 +81,7 @@ def profile_one_query(path: Path, dim: int, block: int) -> dict[str, float]:
     q, ids = torch.randn(1, dim), torch.arange(block)
     wide = torch.empty(block, dim)
     with h5py.File(path, "r") as f, ts.cpu_threads(1):
-        vectors = f["vectors"]
+        vectors = f["G"]
         mapped, n = query.mapped(path, vectors), vectors.shape[0]
         staging = np.empty((block, dim), dtype=np.float16)
         steps = range(0, n - block + 1, block)

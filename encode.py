@@ -56,6 +56,7 @@ def second_moment(
     max_length: int,
     token_budget: int,
     seed: int,
+    n_rows: int,
     rank: int = 0,
 ) -> tuple[ts.SecondMoment | None, str | None]:
     """Where V comes from: a state file, an estimate over a corpus sample (cached in OUT), or none."""
@@ -70,7 +71,7 @@ def second_moment(
             estimate_to_file(model, tokenizer, data, estimate_v, max_length, token_budget, seed, v_file)
         wait_for(v_file, "shard 0's V estimate")  # one estimate for all shards: they must share its digest
         V = ts.load_second_moment(str(v_file), model)
-        want = estimate_source(data, estimate_v, token_budget, seed)
+        want = estimate_source(data, min(estimate_v, n_rows), token_budget, seed)
         if V.source != want:  # a rerun with another --estimate-v must not reuse the old estimate
             raise ts.TrackStarError(f"{v_file} holds {V.source}, this run asks for {want}; "
                                     "delete it or encode into a new --out")
@@ -135,12 +136,12 @@ def estimate_to_file(model, tokenizer, data: Path, n: int, max_length: int, toke
     batches = (ts.collate([tokenized[i] for i in idx], dev) for idx in groups)
     v = estimate_second_moment(model, tqdm(batches, total=len(groups), desc="estimate V", unit="batch"))
     with ts.atomic_path(v_file) as tmp:
-        torch.save({"second_moment": v, "source": estimate_source(data, n, token_budget, seed), "lr": None}, tmp)
+        torch.save({"second_moment": v, "source": estimate_source(data, len(sample), token_budget, seed), "lr": None},
+                   tmp)
 
 
 def estimate_source(data: Path, n: int, token_budget: int, seed: int) -> str:
-    """What an estimate of V is recorded as: everything it depends on."""
-    n = min(n, len(ts.read_jsonl(data, "corpus")))
+    """What an estimate of V from n documents is recorded as: everything it depends on."""
     return f"estimate(n={n}, batch<=8 docs and {token_budget} tokens, seed={seed}, data={ts.file_digest(data)})"
 
 
@@ -193,8 +194,9 @@ def finished(out: Path, run: ts.RunSettings, i: int) -> bool:
     try:
         ts.check_chunk(path, run, i)
     except ts.DamagedChunk as e:
-        typer.echo(f"{e}: encoding it again", err=True)
-        path.unlink()
+        kept = path.with_name(path.name + ".damaged")
+        os.replace(path, kept)  # kept for inspection, never deleted
+        typer.echo(f"{e}: encoding it again (the damaged file is kept as {kept.name})", err=True)
         return False
     return True
 
@@ -251,9 +253,9 @@ def main(
     if out.exists() and not out.is_dir():
         raise ts.TrackStarError(f"--out {out} exists and is not a directory")
     rank, world = resolve_shard(shard, num_shards)
-    rows = ts.read_jsonl(data, kind)  # every line validated before anything is written
     device = ts.pick_device(device)
     ts.pin_precision(matmul_precision)
+    rows = ts.read_jsonl(data, kind)  # every line validated before anything is written
     mdl, tokenizer = ts.load_model(model, dtype, device)
     max_length = min(max_length or ts.context_length(mdl), ts.context_length(mdl))
     tokenized, truncated = ts.tokenize_rows(tokenizer, rows, kind, max_length)
@@ -263,13 +265,13 @@ def main(
     modules = ts.weight_modules(mdl)
     lookups = ts.lookup_modules(mdl) if params == "all" else []
     V, v_file = second_moment(mdl, tokenizer, out, optimizer_state, estimate_v, no_correction,
-                              data, max_length, token_budget, seed, rank)
+                              data, max_length, token_budget, seed, len(rows), rank)
     if V is not None and eps is None:
         eps = ts.default_eps(V, [p for _, _, p, _ in modules])
     applied, _ = ts.applied_second_moment(V, eps or 0.0, factor_v)
-    if gradient == "auto":  # the factored gradient is exact for no V and for a rank-one V
-        gradient = "factored" if applied is None or all(isinstance(v, ts.RankOne) for v in applied.values.values()) \
-            else "exact"
+    if gradient == "auto":  # the factored gradient is exact for no V and for a rank-one V of every traced matrix
+        rank_one = applied is None or all(isinstance(applied.values.get(p), ts.RankOne) for _, _, p, _ in modules)
+        gradient = "factored" if rank_one else "exact"
     run = ts.RunSettings(
         tool=f"trackstar {ts.VERSION}", kind=kind, loss=LOSS[kind],
         data=str(data.resolve()), data_digest=ts.file_digest(data), n_examples=len(rows),
@@ -286,9 +288,11 @@ def main(
     enc = ts.build_encoder(mdl, V, run, also_uncorrected)
     with ts.writer_lock(out, f"-shard{rank}"):  # a second process encoding the same shard is refused
         check_resume(out, run)
+        # every chunk already there is checked before meta.json is (re)written: a refused run changes nothing
+        done = {i for i in range(rank, run.n_chunks, world) if finished(out, run, i)}
         ts.write_json(out / "meta.json", dataclasses.asdict(run))
 
-        mine = [i for i in range(run.n_chunks) if i % world == rank and not finished(out, run, i)]
+        mine = [i for i in range(rank, run.n_chunks, world) if i not in done]
         todo = sum(min(chunk_size, len(rows) - i * chunk_size) for i in mine)
         typer.echo(f"{kind}: {len(rows)} examples, {run.n_chunks} chunks, {len(mine)} to encode here "
                    f"(shard {rank}/{world}), gradient={run.gradient}, correction={run.correction}, d={dim}")

@@ -124,14 +124,22 @@ class Step:
 
 
 def load_step(model_dir: str, optimizer_state: str | None, no_correction: bool, lr: float | None,
-              eps: float | None, device: str = "cpu") -> Step:
-    """The model and the optimizer state tail-patch steps with (MODEL/optimizer.pt unless given)."""
+              eps: float | None, device: str = "cpu", fingerprint: str | None = None) -> Step:
+    """The model and the optimizer state tail-patch steps with (MODEL/optimizer.pt unless given).
+    With `fingerprint`, the model must be the one the run was encoded with (checked before V is read)."""
+    if no_correction and (optimizer_state is not None or eps is not None):
+        raise ts.TrackStarError("--no-correction takes plain SGD steps: it uses no --optimizer-state or --eps")
     model, tokenizer = ts.load_model(model_dir, "float32", device)
-    V = None if no_correction else ts.load_second_moment(optimizer_state or str(Path(model_dir) / "optimizer.pt"),
-                                                         model)
+    if fingerprint and model.trackstar_fingerprint != fingerprint:
+        raise ts.TrackStarError(f"--model {model_dir} has fingerprint {model.trackstar_fingerprint}, the run was "
+                                f"encoded with {fingerprint}; refusing to mix them")
+    V = None
+    if not no_correction:
+        V = ts.load_second_moment(optimizer_state or str(Path(model.trackstar_path) / "optimizer.pt"), model)
     lr = lr if lr is not None else (V.lr if V else None)
     if lr is None:
-        raise ts.TrackStarError("no learning rate in the optimizer state: pass --lr")
+        raise ts.TrackStarError("pass --lr: " + ("plain SGD steps have no default" if no_correction else
+                                                 "the optimizer state records no learning rate"))
     v = {n: t.to(device) for n, t in full_second_moment(V, model).items()} if V else None  # moved once
     eps = eps if eps is not None else (ts.default_eps(V, list(v)) if V else 0.0)
     betas = V.betas if V and V.betas else DEFAULT_BETAS
@@ -361,6 +369,8 @@ def main(
     report_only: bool = typer.Option(False, help="Only rewrite results.md and report.html from RUN/results.json "
                                      "(no model, no tail-patch): after new figures, or a change to the report."),
 ) -> None:
+    if model is None and not report_only:
+        raise ts.TrackStarError("--model is needed for tail-patch (or pass --report-only)")
     if max_queries < 0 or tail_queries < 0 or k < 1:
         raise ts.TrackStarError(f"--k must be >= 1 and --max-queries, --tail-queries >= 0 (got {k}, {max_queries}, "
                                 f"{tail_queries})")
@@ -381,12 +391,7 @@ def main(
         method_list.append("truth")
     rankings, opponents = all_rankings(run, method_list, docs, qs, n_all, k)
     facts_of = {d["id"]: d.get("facts") or [] for d in docs}
-    if model is None:
-        raise ts.TrackStarError("--model is needed for tail-patch (or pass --report-only)")
-    step = load_step(model, optimizer_state, no_correction, lr, eps, device)
-    if encoded and step.model.trackstar_fingerprint != encoded.model:
-        raise ts.TrackStarError(f"--model {model} has fingerprint {step.model.trackstar_fingerprint}, the run was "
-                                f"encoded with {encoded.model} ({encoded.model_path}); refusing to mix them")
+    step = load_step(model, optimizer_state, no_correction, lr, eps, device, encoded.model if encoded else None)
     tokenized, _ = ts.tokenize_rows(step.tokenizer, docs, "corpus", step.max_length)
     corpus_tok = {d["id"]: t for d, t in zip(docs, tokenized, strict=True)}
 

@@ -492,7 +492,7 @@ def main(
     cmeta, qmeta, dataset = read_runs(corpus, queries, uncorrected)
     device = ts.pick_device(device)
     # Built beside --out and swapped in whole: a failed rerun leaves the previous index as it was.
-    with ts.atomic_directory(out) as tmp:
+    with ts.atomic_directory(out, ("hessian.h5", "spectrum.png", "index.h5")) as tmp:
         opts = HessianOptions(hessian_kind, lam, trak, damping, train_sample, sample_seed)
         fit = fit_hessian(corpus, queries, dataset, opts, device)
         settings = {"hessian": hessian_kind, "lam": fit.lam, "unit_norm": not no_unit_norm, "uncorrected": uncorrected,

@@ -49,7 +49,7 @@ def default_block(device: str, n_queries: int, dim: int = 0, free_bytes: int | N
     if torch.device(device).type == "cuda":
         if free_bytes is None:
             free_bytes = torch.cuda.mem_get_info(torch.device(device))[0]
-        row_bytes = dim * (2 + 4) + n_queries * (4 + 8 + 8)
+        row_bytes = dim * (4 + 4) + n_queries * 48  # stored (≤ 4 B) + float32 copy; score, keys and merges
         return int(min(65536, max(1024, free_bytes // 4 // max(row_bytes, 1))))
     return 512 if n_queries < FEW_QUERIES else 4096
 
@@ -75,8 +75,10 @@ def read_index_meta(index: str | Path) -> dict:
         raise ts.TrackStarError(f"{index} is not an index (no index.h5); run index.py first")
     with h5py.File(path, "r") as f:
         meta = ts.read_attrs(f)
+        if "G" not in f or "corpus" not in meta:
+            raise ts.TrackStarError(f"{path} was written by an older version of index.py; rerun index.py")
         meta["n_rows"] = f["G"].shape[0]
-    meta["corpus"] = ts.run_settings(meta["corpus"], str(path))
+    meta["corpus"] = ts.run_settings(meta["corpus"], str(path), "rerun index.py")
     return meta
 
 
@@ -360,6 +362,7 @@ def encode_one(meta: dict, prompt: str, target: str, device: str) -> np.ndarray:
     row = {"id": "ad-hoc", "prompt": prompt, "target": target, "_line": 1, "_where": "--prompt/--target"}
     tokenized, _ = ts.tokenize_rows(tokenizer, [row], "queries", corpus.max_length)
     arrays = ts.encode_tokenized(enc, tokenized, corpus.token_budget)
+    ts.pin_precision("highest")  # the scan in fp32, as for a file of queries, whatever the encoding used
     return arrays[meta["vector_dataset"]] if meta["vector_dataset"] in arrays else arrays["vectors"]
 
 

@@ -231,7 +231,8 @@ def main(
                 bar.set_postfix(docs_stepped=len(stepped))
                 bar.update()
             results["axes"][axis] = out
-    with ts.atomic_directory(run / "sweep") as out_dir:  # all figures and tables, or the previous ones
+    with ts.atomic_directory(run / "sweep", tuple(f"sweep-{a}.png" for a in plan) + ("sweep.json", "sweep.md")) \
+            as out_dir:  # all figures and tables, or the previous ones
         for axis, points in results["axes"].items():
             plot(out_dir / f"sweep-{axis}.png", axis, points)
         ts.write_json(out_dir / "sweep.json", results)

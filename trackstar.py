@@ -238,6 +238,8 @@ def pick_device(device: str = "auto") -> str:
         return "cpu"
     if device in ("auto", "cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    if int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise TrackStarError(f"--device {device}, but this machine has {torch.cuda.device_count()} GPU(s)")
     torch.cuda.set_device(device)
     return device
 
@@ -299,7 +301,8 @@ def lookup_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     out = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
-            if type(module).forward is not nn.Embedding.forward:  # e.g. OPT's offset positions, Gemma's scale
+            if type(module).forward is not nn.Embedding.forward or module.max_norm or module.scale_grad_by_freq:
+                # e.g. OPT's offset positions, Gemma's scale, renormalised rows: not the plain lookup modelled here
                 raise TrackStarError(f"--params all: {name} ({type(module).__name__}) is not a plain lookup; "
                                      "use --params matrices")
             out.append((tied.get(id(module.weight), name), module, names[id(module.weight)]))
@@ -639,7 +642,11 @@ def default_eps(V: SecondMoment, params: list[str]) -> float:
     if V.source in ("adam", "adafactor"):
         return V.optimizer_eps
     vs = [V.values[p] for p in params if isinstance(V.values.get(p), torch.Tensor)]
-    return 1e-3 * float(torch.cat([v.flatten() for v in vs]).mean()) if vs else 0.0
+    if not vs:
+        return 0.0
+    mean = sum(float(v.double().sum()) for v in vs) / sum(v.numel() for v in vs)
+    # rounded: a float sum's last bits depend on the thread count, and eps must agree between processes
+    return float(f"{1e-3 * mean:.6g}")
 
 
 def factor_second_moment(V: SecondMoment, eps: float) -> SecondMoment:
@@ -771,13 +778,20 @@ def _capture(enc: Encoder, name: str, mask: torch.Tensor, acc: dict) -> Callable
     def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if exact:  # keep x itself, in the model's dtype: modules fed the same input (q, k, v) share it
             saved = inputs[0]
+            version = saved._version  # weights are frozen, so autograd would not notice an in-place change
         else:
             x = inputs[0].float() * mask  # (B, T, in); padded positions carry nothing
             xs = [x * scale.b] if scale is not None else [x]
             if enc.also_uncorrected:
                 xs.append(x)
             saved = [xi @ p_in for xi in xs]  # (B, T, s_in): keep only the projection
-        output.register_hook(lambda g: _accumulate(enc, name, saved, g.float() * mask, acc))
+        def hook(g: torch.Tensor) -> None:
+            if exact and saved._version != version:
+                raise TrackStarError(f"the input of {name} was modified in place after its forward pass; its "
+                                     "per-example gradient cannot be formed from it (use --factor-v)")
+            _accumulate(enc, name, saved, g.float() * mask, acc)
+
+        output.register_hook(hook)
 
     return forward_hook
 
@@ -815,16 +829,21 @@ def _capture_lookup(enc: Encoder, name: str, mask: torch.Tensor, acc: dict) -> C
     row by row, projects to Σ_t P_out[r_t] ⊗ (P_inᵀ (δ_t / sqrt(V[r_t] + eps))): a row gather, never ∇E."""
     p_out, p_in = enc.factors[name]
     scale = enc.scales.get(name)
-    B = mask.shape[0]
+    B, T = mask.shape[:2]
 
     def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         rows = inputs[0].expand(B, -1)  # position ids may come as (1, T), shared by the batch
+        if rows.shape != (B, T):
+            raise TrackStarError(f"--params all: {name} is looked up with shape {tuple(inputs[0].shape)}, not one "
+                                 f"row per position ({B}, {T}); use --params matrices")
+        # the padding_idx row never gets a gradient (Llama & co. set it to the pad token, often = EOS)
+        keep = mask if module.padding_idx is None else mask * (rows != module.padding_idx).unsqueeze(-1)
         if not output.requires_grad:  # weights are frozen: make the lookup's output a point to read δ at
             output = output.detach().requires_grad_(True)
         output = output.expand(B, -1, -1)  # per-example δ even where the batch shares one lookup
 
         def accumulate(g: torch.Tensor) -> None:
-            delta = g.float() * mask
+            delta = g.float() * keep
             out_side = p_out[rows]  # (B, T, s_out)
             ins = {"vectors_uncorrected": delta} if enc.also_uncorrected else {}
             if isinstance(scale, RankOne):
@@ -916,12 +935,12 @@ def read_meta(run: str | Path) -> RunSettings:
     return run_settings(stored, str(p))
 
 
-def run_settings(stored: dict, where: str) -> RunSettings:
+def run_settings(stored: dict, where: str, redo: str = "re-encode") -> RunSettings:
     """RunSettings from what a file stored; settings from another version (or hand-edited) are refused."""
     fields = {f.name for f in dataclasses.fields(RunSettings)}
     if not isinstance(stored, dict) or set(stored) != fields:
         odd = sorted(set(stored) ^ fields) if isinstance(stored, dict) else stored
-        raise TrackStarError(f"{where}: not the run settings this version writes (differs in {odd}); re-encode")
+        raise TrackStarError(f"{where}: not the run settings this version writes (differs in {odd}); {redo}")
     return RunSettings(**stored)
 
 
@@ -969,57 +988,60 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def writer_lock(out: Path, name: str = "") -> Iterator[None]:
-    """Refuse a second live process writing `out` (a lock file beside it naming the holder's PID);
-    a lock left by a process that is gone is taken over."""
+    """Refuse a second live process writing `out`. An flock on a file beside it (which names the holder):
+    the kernel releases it when the holder exits, however it dies, so a killed run's lock never blocks
+    its resume, and two starters cannot both take it. The small file itself stays."""
+    import fcntl
+
     lock = out.parent / f".{out.name}.lock{name}"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            pid = int(lock.read_text() or 0) if lock.exists() else 0
-            if pid and _alive(pid):
-                raise TrackStarError(f"{out} is being written by process {pid} (lock {lock}); wait for it, "
-                                     "or delete the lock if that process is gone") from None
-            lock.unlink(missing_ok=True)  # stale: its writer died
-    else:
-        raise TrackStarError(f"could not take the lock {lock}")
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise TrackStarError(f"{out} is being written by {holder} (lock {lock}); wait for it to finish") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {os.uname().nodename}".encode())
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 @contextlib.contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
+def atomic_directory(out: Path, own: tuple[str, ...]) -> Iterator[Path]:
     """Yield a fresh directory beside `out`; it replaces `out` only when the block succeeds, so a failed
-    run leaves the previous output as it was, and a reader never sees half of one and half of another."""
+    run leaves the previous output as it was, and a reader never sees half of one and half of another.
+
+    `out` may hold only the files named in `own` (what this stage writes): a directory holding anything
+    else (an encoded run, a user's notes) is refused rather than replaced.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TrackStarError(f"--out {out} exists and is not a directory")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in own) if out.exists() else []
+    if foreign:
+        raise TrackStarError(f"--out {out} holds {foreign[:3]}, which this stage did not write; "
+                             "give a directory of its own")
     with writer_lock(out):
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run: we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
             yield tmp
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             if out.exists():
                 os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                if old.exists():
+                    os.replace(old, out)  # put the previous output back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1084,24 +1106,26 @@ CHUNK_KEYS = [f.name for f in dataclasses.fields(RunSettings)
 
 
 def check_chunk(path: Path, run: RunSettings, i: int) -> None:
-    """Chunk i must be readable, hold the rows [i·C, (i+1)·C) of every dataset, and carry `run`'s settings.
+    """Chunk i must carry `run`'s settings, be readable, and hold rows [i·C, (i+1)·C) of every dataset.
 
     A file name proves nothing: a chunk left by a run with another seed, or cut short by a full disk,
-    would otherwise be read as this run's."""
+    would otherwise be read as this run's. Settings are compared first, so a chunk of another run is
+    refused (TrackStarError naming the setting); only an unreadable or short one is DamagedChunk.
+    """
     n = min(run.chunk_size, run.n_examples - i * run.chunk_size)
+    rows = np.arange(i * run.chunk_size, i * run.chunk_size + n)
     try:
         with h5py.File(path, "r") as h:
             stored = read_attrs(h)
+            check_same(stored, run, CHUNK_KEYS, f"chunk {path}", "its run's meta.json")
             shapes = {key: h[key].shape for key in ["ids", *run.datasets] if key in h}
-            ids_ok = "ids" in h and bool(np.array_equal(h["ids"][:], np.arange(i * run.chunk_size,
-                                                                                i * run.chunk_size + n)))
+            ids_ok = "ids" in h and bool(np.array_equal(h["ids"][:], rows))
     except (OSError, ValueError) as e:
-        raise DamagedChunk(f"{path} is damaged ({e})") from None
+        raise DamagedChunk(f"{path} is damaged ({first_line(e, 120)}); rerun encode.py to re-encode it") from None
     want = {"ids": (n,), **{key: (n, run.dim) for key in run.datasets}}
     if shapes != want or not ids_ok:
-        raise DamagedChunk(f"{path} does not hold rows {i * run.chunk_size}..{i * run.chunk_size + n - 1} of "
-                           f"{list(want)} (shapes {shapes})")
-    check_same(stored, run, CHUNK_KEYS, f"chunk {path}", "the run's meta.json")
+        raise DamagedChunk(f"{path} does not hold rows {rows[0]}..{rows[-1]} of {list(want)} (shapes {shapes}); "
+                           "rerun encode.py to re-encode it")
 
 
 def chunk_dataset(h: h5py.File, dataset: str) -> h5py.Dataset:

@@ -257,3 +257,14 @@ def test_embeddings_with_rank_one_v_match_per_example_backward(arch, tmp_path):
     fact = {n: ((x + eps).mean(1), (x + eps).mean(0)) for n, x in v.items() if x.ndim == 2}
     for b, (ids, labels) in enumerate(exs):
         assert_matches(got[b], reference_vector(model, ids, labels, DIM, SEED, v_factored=fact, params="all"))
+
+
+def test_embedding_padding_row_gets_no_gradient():
+    """Llama's embedding has padding_idx = pad_token_id; that row never gets a gradient, so a document that
+    contains the pad token (often the EOS) must not add one: checked against autograd."""
+    model = tiny_model("llama")
+    assert model.get_input_embeddings().padding_idx == 0
+    exs = [([5, 0, 9, 3, 0, 7], [5, 0, 9, 3, 0, 7]), ([4, 0, 8], [4, 0, 8])]
+    got = encoded(model, exs, {}, "factored", params="all")["vectors"]
+    for b, (ids, labels) in enumerate(exs):
+        assert_matches(got[b], reference_vector(model, ids, labels, DIM, SEED, params="all"))

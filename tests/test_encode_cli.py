@@ -91,10 +91,17 @@ def test_killed_run_resumes_to_bit_identical_chunks(model_dir, big_corpus, tmp_p
 
 
 def test_resume_refuses_different_settings(model_dir, corpus_file, tmp_path):
+    """Against meta.json itself too: another shard's run may have written it before any chunk of ours."""
     out = tmp_path / "run"
     encode("corpus", model_dir, corpus_file, out)
+    meta = (out / "meta.json").read_bytes()
     r = encode("corpus", model_dir, corpus_file, out, "--seed", "5", check=False)
     assert r.returncode != 0 and "'seed'" in r.stderr and "0 vs 5" in r.stderr
+    for chunk in out.glob("chunk-*.h5"):
+        chunk.unlink()
+    r = encode("corpus", model_dir, corpus_file, out, "--seed", "5", check=False)
+    assert r.returncode != 0 and "existing run" in r.stderr and "0 vs 5" in r.stderr
+    assert (out / "meta.json").read_bytes() == meta
 
 
 def test_two_shards_equal_one_process(model_dir, big_corpus, tmp_path):

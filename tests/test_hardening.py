@@ -235,16 +235,58 @@ def test_failed_index_rerun_leaves_the_previous_index_intact(model_dir, corpus_f
     r = run("index.py", "--corpus", out, "--out", index, "--hessian", "train", "--damping", "0", check=False)
     refused(r, "positive definite")
     assert {p.name: p.read_bytes() for p in index.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == [".index.lock"]
 
 
-def test_second_live_writer_is_refused_naming_the_holder(model_dir, corpus_file, tmp_path):
+def test_second_live_writer_is_refused_and_a_dead_ones_lock_is_taken_over(model_dir, corpus_file, tmp_path):
+    import fcntl
+
     out = tmp_path / "run"
     encode("corpus", model_dir, corpus_file, out)
-    (tmp_path / ".index.lock").write_text(str(os.getpid()))  # this test process: alive
-    r = run("index.py", "--corpus", out, "--out", tmp_path / "index", "--hessian", "none", check=False)
+    lock = tmp_path / ".index.lock"
+    lock.write_text(f"process {os.getpid()} on this host")  # a file only: its writer is gone (no flock held)
+    run("index.py", "--corpus", out, "--out", tmp_path / "index", "--hessian", "none")
+    with open(lock, "r+") as held:  # a live holder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(f"process {os.getpid()} on this host")
+        held.flush()
+        r = run("index.py", "--corpus", out, "--out", tmp_path / "index", "--hessian", "none", check=False)
     refused(r, str(os.getpid()), "being written")
-    assert not (tmp_path / "index").exists()
+
+
+def test_index_refuses_an_out_directory_holding_other_files(model_dir, corpus_file, tmp_path):
+    """--out RUN (the encoded run itself) or a folder with a user's file must never be replaced."""
+    out = tmp_path / "run"
+    encode("corpus", model_dir, corpus_file, out / "corpus")
+    r = run("index.py", "--corpus", out / "corpus", "--out", out, "--hessian", "none", check=False)
+    refused(r, "corpus", "did not write")
+    assert (out / "corpus" / "meta.json").exists()
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "notes.txt").write_text("mine")
+    r = run("index.py", "--corpus", out / "corpus", "--out", tmp_path / "index", "--hessian", "none", check=False)
+    refused(r, "notes.txt")
+    assert (tmp_path / "index" / "notes.txt").read_text() == "mine"
+
+
+def test_encode_refuses_a_chunk_of_another_dimension_and_keeps_it(model_dir, corpus_file, tmp_path):
+    """A chunk from a --dim 32 run in a --dim 64 run's directory is foreign, not damaged: refused, never deleted,
+    and meta.json is left as it was."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    encode("corpus", model_dir, corpus_file, a)
+    run("encode.py", "corpus", "--model", model_dir, "--data", corpus_file, "--out", b, "--dim", 32,
+        "--chunk-size", 8)
+    shutil.copy(b / "chunk-000002.h5", a / "chunk-000002.h5")
+    meta = (a / "meta.json").read_bytes()
+    refused(encode("corpus", model_dir, corpus_file, a, check=False), "chunk-000002.h5", "'dim'")
+    assert (a / "chunk-000002.h5").exists() and (a / "meta.json").read_bytes() == meta
+
+
+def test_factor_v_run_takes_the_factored_gradient(model_dir, corpus_file, tmp_path):
+    """--factor-v makes every traced matrix's V rank-one, so auto must pick the factored gradient (norms and
+    biases keep a full V, but they are not traced)."""
+    out = tmp_path / "run"
+    encode("corpus", model_dir, corpus_file, out, "--estimate-v", "6", "--factor-v")
+    assert json.loads((out / "meta.json").read_text())["gradient"] == "factored"
 
 
 # 8. A tokenizer larger than its model is refused before any file is written.
@@ -359,12 +401,12 @@ CASES = {
                           ["meta.json", "corrupt"]),
     "damping nan": (lambda t, m, c: ["index.py", "--corpus", t, "--out", t / "o", "--damping", "nan"],
                     ["--damping", "nan"]),
-    "proponents without query_id": (lambda t, m, c: _evaluate_with(t, c, b'{"proponents": []}\n'),
+    "proponents without query_id": (lambda t, m, c: _evaluate_with(t, m, c, b'{"proponents": []}\n'),
                                     ["proponents-bm25.jsonl:1", "query_id"]),
     "proponents naming unknown documents": (
-        lambda t, m, c: _evaluate_with(t, c, b'{"query_id": "q0", "proponents": [{"id": "nope"}]}\n'
+        lambda t, m, c: _evaluate_with(t, m, c, b'{"query_id": "q0", "proponents": [{"id": "nope"}]}\n'
                                        b'{"query_id": "q1", "proponents": []}\n'), ["nope"]),
-    "max-queries -1": (lambda t, m, c: _evaluate_with(t, c, None, "--max-queries", "-1"), ["--max-queries"]),
+    "max-queries -1": (lambda t, m, c: _evaluate_with(t, m, c, None, "--max-queries", "-1"), ["--max-queries"]),
     "k 0": (lambda t, m, c: ["query.py", "--method", "bm25", "--corpus", c, "--queries", c, "--out", t / "p.jsonl",
                              "--k", "0"], ["--k"]),
     "blank ad-hoc target": (lambda t, m, c: ["query.py", "--index", t, "--prompt", "Paris is in", "--target", "   "],
@@ -399,18 +441,21 @@ def _corrupt_meta(tmp: Path) -> Path:
     return run_dir
 
 
-def _evaluate_with(tmp: Path, corpus: Path, proponents: bytes | None, *extra) -> list:
+def _evaluate_with(tmp: Path, model_dir: Path, corpus: Path, proponents: bytes | None, *extra) -> list:
     queries = write_jsonl(tmp / "q.jsonl", [{"id": "q0", "prompt": "Paris is in", "target": " France"},
                                             {"id": "q1", "prompt": "Rome is in", "target": " Italy"}])
     run_dir = tmp / "run"
     run_dir.mkdir()
     (run_dir / "proponents-bm25.jsonl").write_bytes(proponents or b'{"query_id": "q0", "proponents": []}\n'
                                                     b'{"query_id": "q1", "proponents": []}\n')
-    return ["evaluate.py", "--run", run_dir, "--corpus", corpus, "--queries", queries, "--methods", "bm25", *extra]
+    return ["evaluate.py", "--run", run_dir, "--model", model_dir, "--corpus", corpus, "--queries", queries,
+            "--methods", "bm25", *extra]
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_naming_the_culprit(case, model_dir, corpus_file, tmp_path):
+    if case == "cuda without CUDA" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     build, words = CASES[case]
     work = tmp_path / "w"
     work.mkdir()
