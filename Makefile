@@ -86,7 +86,7 @@ REAL_DIM      ?= 1024
 REAL_DAMPING  ?= $(DAMPING)
 REAL_ESTIMATE ?= 256
 REAL_LR       ?= 1e-4
-REAL_TAIL_QUERIES ?= 50
+REAL_TAIL_QUERIES ?= 40
 # A 135M model with a 49k vocabulary: 4,096 padded tokens a batch keeps encode and the V estimate within ~10 GB.
 REAL_TOKEN_BUDGET ?= 4096
 REAL_RELATIONS ?= all
