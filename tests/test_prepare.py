@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import prepare
+import trackstar as ts
 
 ROOT = Path(__file__).resolve().parents[1]
 TREX = ROOT.parent / "shared" / "data" / "lama_trex"
@@ -28,8 +29,11 @@ def run(*args) -> str:
 
 
 def run_fails(*args) -> str:
+    """The one-line error prepare.py gives (the shared TrackStarError, as every stage's)."""
     result = CliRunner().invoke(prepare.app, [str(a) for a in args])
     assert result.exit_code != 0, result.output
+    if isinstance(result.exception, ts.TrackStarError):
+        return str(result.exception)
     return result.output
 
 

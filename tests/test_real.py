@@ -53,7 +53,7 @@ def test_encodings_are_finite_and_record_the_estimated_v(real_run):
     run, corpus, queries = real_run
     for part, n in (("corpus", len(corpus)), ("queries", len(queries))):
         meta = ts.read_meta(run / part)
-        assert meta["correction"].startswith("estimate(") and meta["v_file"].endswith("second_moment.pt")
+        assert meta.correction.startswith("estimate(") and meta.v_file.endswith("second_moment.pt")
         for name in ("vectors", "vectors_uncorrected"):
             ids, x = ts.read_vectors(run / part, name)
             assert x.shape == (n, 2048) and np.isfinite(x).all() and (np.abs(x).sum(1) > 0).all()
