@@ -129,10 +129,7 @@ def load_step(model_dir: str, optimizer_state: str | None, no_correction: bool, 
     With `fingerprint`, the model must be the one the run was encoded with (checked before V is read)."""
     if no_correction and (optimizer_state is not None or eps is not None):
         raise ts.TrackStarError("--no-correction takes plain SGD steps: it uses no --optimizer-state or --eps")
-    model, tokenizer = ts.load_model(model_dir, "float32", device)
-    if fingerprint and model.trackstar_fingerprint != fingerprint:
-        raise ts.TrackStarError(f"--model {model_dir} has fingerprint {model.trackstar_fingerprint}, the run was "
-                                f"encoded with {fingerprint}; refusing to mix them")
+    model, tokenizer = ts.load_model(model_dir, "float32", device, fingerprint)
     V = None
     if not no_correction:
         V = ts.load_second_moment(optimizer_state or str(Path(model.trackstar_path) / "optimizer.pt"), model)

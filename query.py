@@ -353,10 +353,7 @@ def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device
 def encode_one(meta: dict, prompt: str, target: str, device: str) -> np.ndarray:
     """An ad-hoc query encoded exactly as the corpus run was: its model (checked by fingerprint), V, d, seed."""
     corpus = meta["corpus"]
-    model, tokenizer = ts.load_model(corpus.model_path, corpus.dtype, device)
-    if model.trackstar_fingerprint != corpus.model:
-        raise ts.TrackStarError(f"the model at {corpus.model_path} has fingerprint {model.trackstar_fingerprint}, "
-                                f"the index was built from {corpus.model}")
+    model, tokenizer = ts.load_model(corpus.model_path, corpus.dtype, device, corpus.model)
     V = ts.load_second_moment(corpus.v_file, model) if corpus.v_file else None
     enc = ts.build_encoder(model, V, corpus, also_uncorrected=meta["vector_dataset"] == "vectors_uncorrected")
     row = {"id": "ad-hoc", "prompt": prompt, "target": target, "_line": 1, "_where": "--prompt/--target"}

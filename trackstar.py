@@ -136,19 +136,21 @@ def file_digest(path: str | Path) -> str:
 # Model: any Hugging Face causal LM from a local directory, and the weight matrices we trace.
 
 
-def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, Any]:
-    """Load a causal LM and its tokenizer from a local directory (a `*.gguf` inside is dequantized)."""
+def load_model(path: str, dtype: str = "float32", device: str = "cpu",
+               expected: str | None = None) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a local directory (a `*.gguf` inside is dequantized).
+    With `expected` (a fingerprint), the weights must be the ones a run was encoded with."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = resolve_model_path(path)
     if not p.exists():
         raise TrackStarError(f"model directory {path} does not exist")
+    if not p.is_dir() and not str(p).endswith(".gguf"):
+        raise TrackStarError(f"model {path} is not a directory (a Hugging Face model folder)")
     kw: dict[str, Any] = {"local_files_only": True}  # a local directory: never wait on the network
     ggufs = sorted(p.glob("*.gguf")) if p.is_dir() else []
     if ggufs and not (p / "config.json").exists():
         kw["gguf_file"] = ggufs[0].name
-    if not p.is_dir() and not str(p).endswith(".gguf"):
-        raise TrackStarError(f"model {path} is not a directory (a Hugging Face model folder)")
     tokenizer = _loading(f"the tokenizer in {p}", lambda: AutoTokenizer.from_pretrained(str(p), **kw))
     if not tokenizer("The capital of France is Paris.").input_ids:
         raise TrackStarError(f"the tokenizer in {p} turns text into no tokens: are its files (tokenizer.json, "
@@ -158,6 +160,9 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> tuple[
     model.eval()  # no dropout: a gradient must be a function of the example alone
     check_causal(model)
     model.trackstar_fingerprint = fingerprint(model)  # of the weights as stored, before any cast
+    if expected and model.trackstar_fingerprint != expected:
+        raise TrackStarError(f"the model at {path} has fingerprint {model.trackstar_fingerprint}, the run was "
+                             f"encoded with {expected}; refusing to mix them")
     model.trackstar_path = str(p.resolve())
     return model.to(device=device, dtype=getattr(torch, dtype)), tokenizer
 

@@ -19,7 +19,8 @@ import trackstar as ts
 ROOT = Path(__file__).resolve().parents[1]
 TREX = ROOT.parent / "shared" / "data" / "lama_trex"
 PARAREL = ROOT.parent / "shared" / "data" / "pararel_patterns"
-needs_lama = pytest.mark.skipif(not (TREX / "P20.jsonl.gz").exists(), reason="no LAMA T-REx in ../shared")
+needs_lama = pytest.mark.skipif(not (TREX / "P20.jsonl.gz").exists() or not PARAREL.is_dir(),
+                                reason="no LAMA T-REx or ParaRel patterns in ../shared/data")
 
 
 def run(*args) -> str:
