@@ -86,6 +86,9 @@ def adam_increment(
     reason. v is the saved, bias-corrected second moment; with v' (not v) in the denominator a
     document with a rare token (v ≈ 0 in its rows) still moves each coordinate at most
     lr·(1−β1)/sqrt(1−β2), as Adam would.
+
+    The increments are the parameters' own gradient buffers, overwritten in place (one parameter's
+    scratch at a time), so a step never holds a second copy of the model's gradients.
     """
     beta1, beta2 = betas
     params = dict(model.named_parameters())
@@ -97,15 +100,16 @@ def adam_increment(
     n_tokens = (batch["labels"][:, 1:] != ts.IGNORE).sum()
     (ts.per_example_loss(model, batch).sum() / n_tokens).backward()
     out = {}
-    for name, p in params.items():
-        if p.grad is None:
-            continue
-        g = p.grad.detach()
-        if v is not None:
-            v_next = beta2 * v[name] + (1 - beta2) * g * g  # v lives on the model's device (load_step)
-            g = (1 - beta1) * g / (v_next + eps).sqrt()
-        out[name] = g
-    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.grad is None:
+                continue
+            g, p.grad = p.grad, None
+            if v is not None:  # (1−β1)·g / sqrt(β2·v + (1−β2)·g·g + eps), in that order of operations
+                denom = g.mul(1 - beta2).mul_(g).add_(v[name] * beta2).add_(eps).sqrt_()  # v: on the model's device
+                g.mul_(1 - beta1).div_(denom)
+                del denom
+            out[name] = g
     return out
 
 
@@ -147,21 +151,24 @@ def tail_patch(step: Step, doc: tuple[list[int], list[int]], queries: list[dict]
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Δp and Δlog p of each query's target after the step lr·adam_increment(doc); weights restored bit-exactly.
 
-    `base` is log p(target) of the queries under the untouched weights.
+    `base` is log p(target) of the queries under the untouched weights. The stepped weights w − lr·d are
+    written into the increment's buffer and swapped in; restoring swaps the untouched tensors back. So a
+    step holds the model, V and one model-sized buffer (not a clone of the weights as well), and the
+    restored weights are the very same tensors, not a copy.
     """
     model = step.model
     increment = adam_increment(model, doc, step.v, step.eps, step.betas)
     params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in increment}
+    untouched = {}
     try:
         with torch.no_grad():
             for n, d in increment.items():
-                params[n].sub_(step.lr * d)
+                stepped = d.mul_(-step.lr).add_(params[n])  # (−lr·d) + w: the same bits as w − lr·d
+                untouched[n], params[n].data = params[n].data, stepped
         after = target_logprob(model, step.tokenizer, queries, step.max_length)
     finally:
-        with torch.no_grad():
-            for n, w in saved.items():
-                params[n].copy_(w)
+        for n, w in untouched.items():
+            params[n].data = w
     return after.exp() - base.exp(), after - base
 
 

@@ -80,3 +80,36 @@ def test_tail_patch_step_is_the_documents_share_of_adams_update(model_dir):
     step = evaluate.Step(model, tok, v, eps, lr, (beta1, beta2), 128, "adam")
     _, dlogp = evaluate.tail_patch(step, (doc, doc), queries, base)
     assert abs(want) > 1e-4 and float(dlogp[0]) == pytest.approx(want, rel=1e-3, abs=1e-7)
+
+
+def test_tail_patch_in_place_is_the_cloned_step_bit_for_bit_and_keeps_the_weight_tensors(model_dir):
+    """The step is computed in the gradient buffers and swapped in (no clone of the weights): its Δlog p must be
+    bit-identical to the plain computation (clone, w.sub_(lr·d) with d from the textbook expression, restore by
+    copy), no gradient may be left behind, and each parameter must hold its original tensor afterwards."""
+    step = evaluate.load_step(str(model_dir), None, False, 1e-3, None)
+    model, tok = step.model, step.tokenizer
+    storage = {n: p.data_ptr() for n, p in model.named_parameters()}
+    doc, _, _ = ts.tokenize_document(tok, "The capital of France is Paris. Rome is in Italy.", 128)
+    queries = [{"prompt": "Rome is in", "target": " Italy"}, {"prompt": "The capital of France is", "target": " Paris"}]
+    base = evaluate.target_logprob(model, tok, queries, 128)
+    _, dlogp = evaluate.tail_patch(step, (doc, doc), queries, base)
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == storage
+
+    (beta1, beta2), saved = step.betas, {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch = ts.collate([(doc, doc)], "cpu")
+    n_tokens = (batch["labels"][:, 1:] != ts.IGNORE).sum()
+    (ts.per_example_loss(model, batch).sum() / n_tokens).backward()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            g = p.grad
+            d = (1 - beta1) * g / (beta2 * step.v[n] + (1 - beta2) * g * g + step.eps).sqrt()
+            p.sub_(step.lr * d)
+    model.zero_grad(set_to_none=True)
+    want = evaluate.target_logprob(model, tok, queries, 128) - base
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])
+    assert torch.equal(dlogp, want)
