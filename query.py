@@ -42,15 +42,18 @@ class Method(str, Enum):
 
 def default_block(device: str, n_queries: int, dim: int = 0, free_bytes: int | None = None) -> int:
     """Index rows scored per step. A GPU wants large matmuls, as many rows as a quarter of its free memory
-    holds (each row: its stored and float32 copies, and a score and two keys per query; at d = 2^16,
-    65,536 rows would need 26 GB). On a CPU, a few queries are bound by memory bandwidth: a block small
+    holds (each row: its two stored copies of the ping-pong and a float32 one, a score and two keys per
+    query; at d = 2^16, 65,536 rows would need 26 GB), and no more than 1 GiB of stored rows per pinned
+    host buffer. On a CPU, a few queries are bound by memory bandwidth: a block small
     enough to stay in cache is converted to float32 and scored in one pass over memory. Many queries
     are bound by the matmul, and larger blocks amortise the per-block top-k work."""
     if torch.device(device).type == "cuda":
         if free_bytes is None:
             free_bytes = torch.cuda.mem_get_info(torch.device(device))[0]
-        row_bytes = dim * (4 + 4) + n_queries * 48  # stored (≤ 4 B) + float32 copy; score, keys and merges
-        return int(min(65536, max(1024, free_bytes // 4 // max(row_bytes, 1))))
+        row_bytes = dim * (2 * 4 + 4) + n_queries * 48  # two stored copies (≤ 4 B) + float32; score, keys, merges
+        # the ping-pong's two pinned host buffers: at most 2 GiB of host memory, whatever d
+        host_rows = 2**30 // (4 * max(dim, 1))
+        return int(min(65536, host_rows, max(1024, free_bytes // 4 // max(row_bytes, 1))))
     return 512 if n_queries < FEW_QUERIES else 4096
 
 
@@ -118,23 +121,58 @@ def iter_index_blocks(
         all_ids = ids[:] if ids_map is None else ids_map  # 8 bytes a document: small beside the vectors
         if n and (all_ids.min() < 0 or all_ids.max() >= _LOW):
             raise ts.TrackStarError(f"{path}: document ids must lie in [0, 2^32) for exact tie-breaking")
+
         staging = np.empty((rows, d), vectors.dtype) if vectors_map is None else None
-        wide = torch.empty((rows, d), dtype=torch.float32, device=device)
-        narrow = None if wide.device.type == "cpu" else torch.empty(
-            (rows, d), dtype=torch.from_numpy(np.empty(0, vectors.dtype)).dtype, device=device)
-        for lo in range(0, n, rows):
-            m = min(rows, n - lo)
+
+        def read_rows(lo: int, m: int, into: np.ndarray | None = None) -> np.ndarray:
+            """Rows [lo, lo+m), copied into `into` if given, else a mapped file's rows in place."""
+            if vectors_map is not None and into is None:
+                return vectors_map[lo : lo + m]
+            into = staging if into is None else into
             if vectors_map is not None:
-                raw = torch.from_numpy(vectors_map[lo : lo + m])
+                np.copyto(into[:m], vectors_map[lo : lo + m])
             else:
-                vectors.read_direct(staging, np.s_[lo : lo + m], np.s_[:m])
-                raw = torch.from_numpy(staging[:m])
-            if narrow is not None:
-                narrow[:m].copy_(raw)
-                raw = narrow[:m]
-            # A float32 index on the CPU is scored where it lies; anything else is converted once.
-            block_vectors = raw if raw.dtype == torch.float32 and raw.device == wide.device else wide[:m].copy_(raw)
-            yield torch.from_numpy(np.asarray(all_ids[lo : lo + m])).to(device), block_vectors
+                vectors.read_direct(into, np.s_[lo : lo + m], np.s_[:m])
+            return into[:m]
+
+        blocks = _cuda_blocks if torch.device(device).type == "cuda" else _cpu_blocks
+        for lo, block_vectors in blocks(read_rows, n, rows, d, vectors.dtype, device):
+            yield torch.from_numpy(np.asarray(all_ids[lo : lo + len(block_vectors)])).to(device), block_vectors
+
+
+def _cpu_blocks(read_rows, n: int, rows: int, d: int, dtype: np.dtype, device: str):
+    """(first row, float32 block) on the CPU: a float32 index is scored where it lies, anything else is
+    converted once into a reused buffer."""
+    wide = torch.empty((rows, d), dtype=torch.float32)
+    for lo in range(0, n, rows):
+        m = min(rows, n - lo)
+        raw = torch.from_numpy(read_rows(lo, m))
+        yield lo, raw if raw.dtype == torch.float32 else wide[:m].copy_(raw)
+
+
+def _cuda_blocks(read_rows, n: int, rows: int, d: int, dtype: np.dtype, device: str):
+    """(first row, float32 block) on a GPU, ping-pong: block i+1 is read into one of two pinned host
+    buffers and crosses the bus on a side stream while block i is scored, so neither the disk/page
+    cache read nor the copy leaves the GPU idle. Events order each buffer's reuse: the host refills
+    pinned[s] only after its last copy landed; the copy into narrow[s] waits until the scan of the
+    block that used it is done."""
+    dev, torch_dtype = torch.device(device), torch.from_numpy(np.empty(0, dtype)).dtype
+    compute, side = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
+    pinned = [torch.empty((rows, d), dtype=torch_dtype, pin_memory=True) for _ in range(2)]
+    narrow = [torch.empty((rows, d), dtype=torch_dtype, device=dev) for _ in range(2)]
+    wide = torch.empty((rows, d), dtype=torch.float32, device=dev)
+    landed, scanned = [torch.cuda.Event() for _ in range(2)], [torch.cuda.Event() for _ in range(2)]
+    for i, lo in enumerate(range(0, n, rows)):
+        s, m = i % 2, min(rows, n - lo)
+        landed[s].synchronize()  # returns at once before the event's first record
+        read_rows(lo, m, pinned[s].numpy())
+        with torch.cuda.stream(side):
+            side.wait_event(scanned[s])  # no-op before its first record
+            narrow[s][:m].copy_(pinned[s][:m], non_blocking=True)
+            landed[s].record(side)
+        compute.wait_event(landed[s])
+        yield lo, narrow[s][:m] if torch_dtype == torch.float32 else wide[:m].copy_(narrow[s][:m])
+        scanned[s].record(compute)  # after the caller queued its work on this block
 
 
 # ----------------------------------------------------------------------------------------------

@@ -177,8 +177,10 @@ def test_gpu_scan_block_is_sized_from_free_memory_and_d():
     for dim, n_queries in ((1024, 10), (65536, 10), (65536, 5000)):
         for free in (4 << 30, 40 << 30, 120 << 30):
             rows = query.default_block("cuda", n_queries, dim, free_bytes=free)
-            # per row: a float32 index row staged (4 B) and widened (4 B); per query a float32 score, an
-            # int64 key, and the top/bottom merge buffers (two int64 keys each, doubled while merging)
-            need = rows * (dim * 8 + n_queries * (4 + 8 + 2 * 2 * 8))
-            assert 1024 <= rows <= 65536 and (need <= free / 4 or rows == 1024)
+            # per row: a float32 index row in each of the two ping-pong buffers (4 B each) and widened (4 B);
+            # per query a float32 score, an int64 key, and the top/bottom merge buffers (two int64 keys each,
+            # doubled while merging)
+            need = rows * (dim * 12 + n_queries * (4 + 8 + 2 * 2 * 8))
+            assert 1 <= rows <= 65536 and (need <= free / 4 or rows == 1024)
+            assert rows * dim * 4 <= 2**30, "a pinned host buffer holds at most 1 GiB"
     assert query.default_block("cuda", 10, 1024, free_bytes=80 << 30) == 65536  # small d: as before
