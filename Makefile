@@ -5,7 +5,7 @@
 #   make all MODEL=dir CORPUS=c.jsonl QUERIES=q.jsonl [OPTIMIZER=optimizer.pt | ESTIMATE_V=512] [LR=1e-4]
 #   make sweep                                 d, R_train sample size, damping and λ against MRR and tail-patch
 #   make real                                  SmolLM2-135M on LAMA T-REx (see README)
-#   make test | make bench | make lint
+#   make test | make bench | make bench-gpu | make lint
 #
 # Stages are chained by file dependencies, so a stage reruns only when its inputs (or its code) change.
 
@@ -96,7 +96,7 @@ REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES
 # A model named by a shortcut (smollm2) is a package, not a file make can track.
 MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 
-.PHONY: all install test bench lint real clean screenshot sweep mutants
+.PHONY: all install test bench bench-gpu lint real clean screenshot sweep mutants
 .DELETE_ON_ERROR:
 # Indexes are products users query again (`query.py --index ... --prompt`), not intermediates to delete.
 .SECONDARY: $(foreach v,$(VARIANTS),$(RUN)/index-$(v)/index.h5)
@@ -182,6 +182,10 @@ test: .venv/.installed
 bench: .venv/.installed
 	$(PY) bench_encode.py
 	$(PY) bench_index.py
+
+# On a machine with a GPU (a few minutes): encode ratios in fp32/bf16, precision cosines, scan, tail-patch.
+bench-gpu: .venv/.installed
+	$(PY) bench_gpu.py --device cuda --out bench-gpu.json
 
 # Each plausible bug in mutants.py applied alone to a scratch copy: do the tests notice? (minutes; not in CI)
 mutants: .venv/.installed

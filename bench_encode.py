@@ -15,6 +15,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import typer
@@ -66,20 +67,28 @@ def run_mode(mode: str, arch: str, dtype: str, device: str, dim: int, n: int, ba
     """One mode in this process: warm up, then time n batches; memory above the set-up baseline."""
     model = build(arch, dtype, device)
     data = batches(model.config.vocab_size, n + 1, batch, length, device)
+    return {"mode": mode, **timed(mode_step(mode, model, dim), data, device)}
+
+
+def mode_step(mode: str, model: torch.nn.Module, dim: int) -> Callable[[dict], object]:
+    """What one batch costs in `mode`: a training step, or encoding on a gradient path ("factored" with a
+    rank-one V, as --factor-v gives; "exact" with a full V), "+emb" tracing the embedding lookups too."""
     if mode == "train":
-        step = train_step(model)
-    else:
-        gradient, params = mode.split("+")[0], "all" if mode.endswith("+emb") else "matrices"
-        modules = ts.weight_modules(model)
-        lookups = ts.lookup_modules(model) if params == "all" else []
-        V = None
-        if gradient == "exact":  # a full Adam-like V for every traced parameter
-            v = {p: torch.rand(prm.shape) + 0.1 for p, prm in model.named_parameters()}
-            V = ts.SecondMoment(v, "file", None, None, 0.0, "bench")
-        scales = ts.correction_scales(model, V, 1e-8, modules, lookups)
-        enc = ts.make_encoder(model, dim, 0, scales, gradient, params=params)
-        def step(b):
-            return ts.encode_batch(enc, b)
+        return train_step(model)
+    gradient, params = mode.split("+")[0], "all" if mode.endswith("+emb") else "matrices"
+    modules = ts.weight_modules(model)
+    lookups = ts.lookup_modules(model) if params == "all" else []
+    g = torch.Generator().manual_seed(0)  # an Adam-like V for every parameter
+    v = {p: torch.rand(prm.shape, generator=g) + 0.1 for p, prm in model.named_parameters()}
+    V = ts.SecondMoment(v, "file", None, None, 0.0, "bench")
+    V = ts.factor_second_moment(V, 1e-8) if gradient == "factored" else V
+    enc = ts.make_encoder(model, dim, 0, ts.correction_scales(model, V, 1e-8, modules, lookups), gradient,
+                          params=params)
+    return lambda b: ts.encode_batch(enc, b)
+
+
+def timed(step: Callable[[dict], object], data: list[dict], device: str) -> dict:
+    """tokens/s over data[1:] after a warm-up on data[0]; peak memory (MiB) above the baseline before it."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     base = memory_now(device)
@@ -91,8 +100,8 @@ def run_mode(mode: str, arch: str, dtype: str, device: str, dim: int, n: int, ba
         step(b)
         tokens += int(b["attention_mask"].sum())
     sync(device)
-    return {"mode": mode, "tokens_per_s": tokens / (time.perf_counter() - t0),
-            "peak_mib": peak_memory(device) - base, "base_mib": base}
+    return {"tokens_per_s": tokens / (time.perf_counter() - t0), "peak_mib": peak_memory(device) - base,
+            "base_mib": base}
 
 
 def train_step(model):

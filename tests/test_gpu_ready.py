@@ -184,3 +184,28 @@ def test_gpu_scan_block_is_sized_from_free_memory_and_d():
             assert 1 <= rows <= 65536 and (need <= free / 4 or rows == 1024)
             assert rows * dim * 4 <= 2**30, "a pinned host buffer holds at most 1 GiB"
     assert query.default_block("cuda", 10, 1024, free_bytes=80 << 30) == 65536  # small d: as before
+
+
+def test_bench_gpu_script_runs_end_to_end_on_the_cpu(model_dir, tmp_path):
+    """The GPU script (every section: encode ratios, precision cosines, the scan, tail-patch) runs with
+    --device cpu as a smoke test, and its figures are sane: on one device TF32 is a no-op and the CPU's own
+    encodings agree exactly; a bfloat16 model still points the same way; the scan finds the CPU's top-10."""
+    from typer.testing import CliRunner
+
+    import bench_gpu
+
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(bench_gpu.app, ["--device", "cpu", "--model", str(model_dir), "--small", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert {(e["dtype"], e["mode"]) for e in res["encode"]} == {(d, m) for d in ("float32", "bfloat16")
+                                                                 for m in ("train", "factored", "exact")}
+    assert all(e["tokens_per_s"] > 0 for e in res["encode"])
+    cos = {(p["mode"], p["vs_float32"]): p["min_cosine"] for p in res["precision"]}
+    for mode in ("factored", "exact"):
+        assert cos[(mode, "tf32")] == pytest.approx(1, abs=1e-12)
+        assert cos[(mode, "cpu float32")] == pytest.approx(1, abs=1e-12)
+        assert 0.9 < cos[(mode, "bfloat16")] < 1
+    assert [s["top10_same_as_cpu"] for s in res["scan"]["scans"]] == [1.0, 1.0]
+    assert res["tail_patch"]["seconds_per_doc"] > 0
+    assert (tmp_path / "bench.md").read_text().startswith("device: cpu")
