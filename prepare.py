@@ -37,9 +37,10 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -519,10 +520,13 @@ def length_grouped_batches(lengths: list[int], repeats: list[int], batch: int, r
         yield from (epoch[i] for i in rng.permutation(len(epoch)))
 
 
-def train(model, tok, texts: list[str], repeats: list[int], s: TrainSettings, seed: int):
+def train(model, tok, texts: list[str], repeats: list[int], s: TrainSettings, seed: int,
+          checkpoint: Callable[[int, int, Any], None] | None = None, checkpoint_steps: frozenset[int] = frozenset()):
     """AdamW over the corpus, one param group over list(model.parameters()) as HF Trainer builds it,
     so optimizer state index i is the i-th entry of model.named_parameters(). Bit-identical from run
-    to run on one machine; other CPUs or thread counts may differ by float rounding."""
+    to run on one machine; other CPUs or thread counts may differ by float rounding. After each step in
+    `checkpoint_steps`, checkpoint(step, tokens seen, optimizer) is called (saving touches no RNG, so
+    the final model is the same with or without checkpoints). Returns (optimizer, losses, tokens seen)."""
     import numpy as np
     import torch
     from tqdm import tqdm
@@ -541,7 +545,7 @@ def train(model, tok, texts: list[str], repeats: list[int], s: TrainSettings, se
     model.train()
     bar = tqdm(range(s.steps), desc="train", unit="step")
     t0, tokens = time.time(), 0
-    for _ in bar:
+    for step in bar:
         idx = next(batches)
         ids, mask = pad_batch([seqs[i] for i in idx], tok.pad_token_id)
         labels = ids.masked_fill(mask == 0, -100)
@@ -555,8 +559,29 @@ def train(model, tok, texts: list[str], repeats: list[int], s: TrainSettings, se
         tokens += int(mask.sum())
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}",
                         tok_s=f"{tokens / (time.time() - t0):.0f}")
+        if step + 1 in checkpoint_steps:
+            model.eval()
+            checkpoint(step + 1, tokens, opt)
+            model.train()
     model.eval()
-    return opt, losses
+    return opt, losses, tokens
+
+
+def checkpoint_steps(steps: int, n: int) -> frozenset[int]:
+    """n intermediate checkpoints, evenly spaced (steps·k/(n+1)); the final model is saved anyway."""
+    return frozenset(round(steps * k / (n + 1)) for k in range(1, n + 1)) - {0, steps}
+
+
+def save_checkpoint(out: Path, model, tok, opt, step: int, tokens: int) -> None:
+    """An HF model directory with its AdamW state (optimizer.pt, as HF Trainer saves it) and
+    checkpoint.json: the step, the training tokens seen so far and the learning rate of the next step."""
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    torch.save(opt.state_dict(), out / "optimizer.pt")
+    write_json(out / "checkpoint.json", {"step": step, "tokens": tokens, "lr": opt.param_groups[0]["lr"]})
 
 
 def greedy_correct(model, tok, pairs: list[tuple[str, str]], batch: int = 256) -> list[bool]:
@@ -613,6 +638,8 @@ def factworld(
     seed: int = typer.Option(0, help="seeds the world, the model's initialisation and the batch order"),
     size: str = typer.Option("default", help="tiny (CI, ~1650 docs) | small (~7150) | default (~18450)"),
     steps: int = typer.Option(None, help="training steps (default: set by --size)"),
+    checkpoints: int = typer.Option(3, help="intermediate checkpoints saved in MODEL/checkpoints/step-N, each "
+                                            "with its optimizer state (`make trend` evaluates them)"),
     no_train: bool = typer.Option(False, "--no-train", help="write corpus, queries and world.json only"),
 ) -> None:
     """Generate the synthetic fact world and train a small Llama-style LM on it."""
@@ -622,6 +649,8 @@ def factworld(
         raise ts.TrackStarError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
     if steps is not None and steps < 1:
         raise ts.TrackStarError(f"--steps must be >= 1, got {steps}")
+    if checkpoints < 0:
+        raise ts.TrackStarError(f"--checkpoints must be >= 0, got {checkpoints}")
     check_out(out)
     t0 = time.time()
     ws = SIZES[size]
@@ -645,7 +674,7 @@ def factworld(
         write_jsonl(tmp / "queries.jsonl", queries)
         if not no_train:
             info.update(train_and_save(tmp / "model", facts, corpus, queries, doc_count, seed,
-                                       TrainSettings(steps=steps or ws.steps, batch=ws.batch)))
+                                       TrainSettings(steps=steps or ws.steps, batch=ws.batch), checkpoints))
         info["wall_seconds"] = round(time.time() - t0, 1)
         write_json(tmp / "world.json", info)
         publish(tmp, out)
@@ -655,10 +684,9 @@ def factworld(
 
 
 def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queries: list[dict],
-                   doc_count: Counter, seed: int, s: TrainSettings) -> dict:
-    """Tokenizer + model + AdamW training; saves an HF directory with optimizer.pt; returns metadata."""
-    import torch
-
+                   doc_count: Counter, seed: int, s: TrainSettings, checkpoints: int = 0) -> dict:
+    """Tokenizer + model + AdamW training; saves an HF directory with optimizer.pt (and `checkpoints`
+    intermediate ones under checkpoints/); returns metadata."""
     t0 = time.time()
     texts = [d["text"] for d in corpus]
     tok = train_tokenizer(texts)
@@ -667,15 +695,16 @@ def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queri
         print(f"warning: {bad} queries tokenize differently split at the target than whole")
     model = make_model(tok, seed)
     repeats = [s.fact_repeats if d["facts"] else 1 for d in corpus]
-    opt, losses = train(model, tok, texts, repeats, s, seed)
+    def checkpoint(step: int, tokens: int, opt) -> None:
+        save_checkpoint(model_dir / "checkpoints" / f"step-{step:06d}", model, tok, opt, step, tokens)
+
+    opt, losses, tokens = train(model, tok, texts, repeats, s, seed, checkpoint, checkpoint_steps(s.steps, checkpoints))
     pairs = [f.query() for f in facts]
     correct = dict(zip([f.id for f in facts], greedy_correct(model, tok, pairs), strict=True))
     table = accuracy_by_bucket([f for f in facts if doc_count[f.id] > 0], doc_count, correct,
                                {q["fact"] for q in queries})
     print_table(table)
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    torch.save(opt.state_dict(), model_dir / "optimizer.pt")
+    save_checkpoint(model_dir, model, tok, opt, s.steps, tokens)
     tail = losses[-max(1, len(losses) // 20) :]  # the last 5% of steps: less noisy than the last batch
     return {
         "tokenizer": {"type": "byte-level BPE", "vocab_size": len(tok), "split_mismatches": bad},
@@ -685,7 +714,8 @@ def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queri
                   "intermediate_size": model.config.intermediate_size,
                   "max_positions": MAX_POSITIONS},
         "training": {**asdict(s), "optimizer": "AdamW", "schedule": "linear warmup + cosine",
-                     "final_lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)},
+                     "final_lr": opt.param_groups[0]["lr"], "tokens": tokens, "seconds": round(time.time() - t0, 1),
+                     "checkpoints": sorted(checkpoint_steps(s.steps, checkpoints))},
         "final_loss": round(sum(tail) / len(tail), 4),
         "accuracy_by_bucket": table,
         "accuracy": round(sum(correct[f] for f in doc_count) / max(1, len(doc_count)), 4),  # stated facts

@@ -167,11 +167,33 @@ def test_an_epoch_shows_each_document_its_number_of_repeats():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """Two tiny worlds with the same seed and a short training run (30 steps)."""
+    """Two tiny worlds with the same seed and a short training run (30 steps): `a` saves the default
+    intermediate checkpoints, `b` none."""
     d = tmp_path_factory.mktemp("trained")
-    for name in ("a", "b"):
-        run("factworld", "--out", d / name, "--size", "tiny", "--seed", 0, "--steps", 30)
+    run("factworld", "--out", d / "a", "--size", "tiny", "--seed", 0, "--steps", 30)
+    run("factworld", "--out", d / "b", "--size", "tiny", "--seed", 0, "--steps", 30, "--checkpoints", 0)
     return d / "a", d / "b"
+
+
+def test_checkpoints_carry_their_optimizer_state_and_tokens_and_leave_the_final_model_alone(trained):
+    """`make trend` needs each checkpoint as a model directory with its own AdamW state and how many
+    training tokens it had seen; saving them must not change the final model (the test above compares
+    a world saved with checkpoints to one without, bit for bit)."""
+    from transformers import AutoModelForCausalLM
+
+    a, b = trained
+    ckpts = sorted((a / "model" / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step-000008", "step-000015", "step-000022"]
+    assert not (b / "model" / "checkpoints").exists()
+    seen = [json.loads((c / "checkpoint.json").read_text()) for c in [*ckpts, a / "model"]]
+    assert [s["step"] for s in seen] == [8, 15, 22, 30]
+    assert all(x["tokens"] < y["tokens"] for x, y in zip(seen, seen[1:], strict=False))
+    assert json.loads((a / "world.json").read_text())["training"]["tokens"] == seen[-1]["tokens"]
+    first = AutoModelForCausalLM.from_pretrained(ckpts[0]).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(a / "model").state_dict()
+    assert not all(torch.equal(first[k], final[k]) for k in final), "a checkpoint is the model part-way"
+    opt = torch.load(ckpts[0] / "optimizer.pt", weights_only=True)
+    assert opt["param_groups"][0]["lr"] == seen[0]["lr"] > seen[-1]["lr"]
 
 
 def test_short_training_is_deterministic(trained):
