@@ -4,6 +4,7 @@
 #   make all MODEL=dir CORPUS=c.jsonl          your corpus encoded and indexed (R_train), ready for questions
 #   make all MODEL=dir CORPUS=c.jsonl QUERIES=q.jsonl [OPTIMIZER=optimizer.pt | ESTIMATE_V=512] [LR=1e-4]
 #   make sweep                                 d, R_train sample size, damping and λ against MRR and tail-patch
+#   make trend                                 BM25, cosine and TrackStar at each training checkpoint
 #   make real                                  SmolLM2-135M on LAMA T-REx (see README)
 #   make test | make bench | make bench-gpu | make lint
 #
@@ -96,7 +97,7 @@ REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES
 # A model named by a shortcut (smollm2) is a package, not a file make can track.
 MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 
-.PHONY: all install test bench bench-gpu lint real clean screenshot sweep mutants
+.PHONY: all install test bench bench-gpu lint trend real clean screenshot sweep mutants
 .DELETE_ON_ERROR:
 # Indexes are products users query again (`query.py --index ... --prompt`), not intermediates to delete.
 .SECONDARY: $(foreach v,$(VARIANTS),$(RUN)/index-$(v)/index.h5)
@@ -175,6 +176,21 @@ $(RUN)/sweep/sweep.md: $(RUN)/results.md sweep.py index.py evaluate.py
 	$(PY) sweep.py --run $(RUN) --model $(MODEL) --corpus $(CORPUS) --queries $(QUERIES) $(TAIL_V) $(LR_OPT) \
 	    --damping $(DAMPING) --tail-queries $(SWEEP_TAIL_QUERIES)
 	$(PY) evaluate.py --report-only --run $(RUN) --corpus $(CORPUS) --queries $(QUERIES)
+
+# The training-tokens trend: each intermediate checkpoint (MODEL/checkpoints/step-N, saved by prepare.py) through
+# encode → index → query → evaluate with its own optimizer state, the rows BM25, cosine and TrackStar only, and
+# tail-patch at the final model's learning rate for all; then one figure against training tokens.
+TREND_VARIANTS ?= cosine trackstar
+TREND_LR = $(shell $(PY) -c "import json; print(json.load(open('$(MODEL)/checkpoint.json'))['lr'])")
+trend: $(RUN)/trend/trend.md
+
+$(RUN)/trend/trend.md: $(RUN)/results.md trend.py
+	@test -d $(MODEL)/checkpoints || { echo "$(MODEL) has no checkpoints/: prepare.py factworld saves them" >&2; exit 2; }
+	for c in $(MODEL)/checkpoints/step-*; do \
+	  $(MAKE) all MODEL=$$c CORPUS=$(CORPUS) QUERIES=$(QUERIES) OPTIMIZER=$$c/optimizer.pt LR=$(TREND_LR) \
+	      RUN=$(RUN)/trend/$$(basename $$c) VARIANTS="$(TREND_VARIANTS)" TAIL_QUERIES=$(TAIL_QUERIES) || exit 1; \
+	done
+	$(PY) trend.py --run $(RUN) --model $(MODEL)
 
 test: .venv/.installed
 	$(PY) -m pytest -q --durations=10

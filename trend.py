@@ -1,0 +1,143 @@
+"""The training-tokens trend: attribution (MRR) and influence (tail-patch Δp) of BM25, gradient cosine
+and TrackStar at each checkpoint of one training run, against the training tokens it had seen.
+
+    make trend                          # every checkpoint: encode → index → query → evaluate, then this
+    python trend.py --run RUN --model DIR
+
+The paper's headline: with more training tokens, influence (what moves the prediction) aligns more
+closely with attribution (what states the fact). `make trend` evaluates each MODEL/checkpoints/step-N
+into RUN/trend/step-N with that checkpoint's own optimizer state, and every checkpoint's tail-patch
+with the same learning rate (the final one), so that Δp compares models, not step sizes; the final
+model's point is RUN itself. This script only gathers and draws: RUN/trend/trend.json, trend.md and
+trend.png. Each point is checked: its results must come from that checkpoint, over the same corpus,
+queries, tail-patch sample and learning rate as the others.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+import report
+import trackstar as ts
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+METHODS = ("bm25", "cosine", "trackstar")
+SAME = ("lr", "n_docs", "tail_patch_queries", "k")  # settings every point must share
+
+
+def checkpoints(model: Path) -> list[Path]:
+    """The intermediate checkpoints, in training order, then the final model."""
+    found = sorted((model / "checkpoints").glob("step-*"))
+    if not found:
+        raise ts.TrackStarError(f"{model}/checkpoints holds no step-* checkpoint: prepare.py factworld "
+                                "--checkpoints N saves them")
+    return [*found, model]
+
+
+def read_point(model: Path, results_dir: Path) -> dict:
+    """One checkpoint's tokens and results, refusing results that were not made with that checkpoint."""
+    info_path, results_path = model / "checkpoint.json", results_dir / "results.json"
+    for p in (info_path, results_path):
+        if not p.exists():
+            raise ts.TrackStarError(f"{p} is missing" + (": run `make trend`" if p == results_path else ""))
+    info, results = json.loads(info_path.read_text()), json.loads(results_path.read_text())
+    used = Path(results["settings"]["model"]).resolve()
+    if used != model.resolve():
+        raise ts.TrackStarError(f"{results_path} was evaluated with the model {used}, not the checkpoint {model}")
+    return {"model": str(model), "run": str(results_dir), "step": info["step"], "tokens": info["tokens"],
+            "results": results}
+
+
+def check_comparable(points: list[dict]) -> None:
+    """Every point over the same queries and corpus, with the same tail-patch sample and learning rate."""
+    first = points[0]
+    for p in points[1:]:
+        for key in SAME:
+            a, b = first["results"]["settings"][key], p["results"]["settings"][key]
+            if a != b:
+                raise ts.TrackStarError(f"{key} differs between {first['run']} ({a}) and {p['run']} ({b}): "
+                                        "the trend compares checkpoints under one setting")
+        if p["results"]["queries"] != first["results"]["queries"]:
+            raise ts.TrackStarError(f"{p['run']} and {first['run']} evaluated different queries")
+
+
+def summary(points: list[dict]) -> list[dict]:
+    """Per point: tokens, accuracy on the queries, and mean ± s.e. of MRR and Δp per method."""
+    rows = []
+    for p in points:
+        r = p["results"]
+        everything = [True] * len(r["queries"])
+        row = {"step": p["step"], "tokens": p["tokens"], "run": p["run"],
+               "accuracy": sum(r["model_correct"]) / len(r["model_correct"])}
+        for m in METHODS:
+            for key in ("mrr", "dp"):
+                row[f"{m}_{key}"], row[f"{m}_{key}_se"] = report.summarize(r["per_query"][m][key], everything)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["step", "training tokens", "queries answered"] + [f"MRR {m}" for m in METHODS] + \
+           [f"Δp ×1e-3 {m}" for m in METHODS]
+    body = [[str(r["step"]), f"{r['tokens']:,}", f"{r['accuracy']:.2f}"]
+            + [f"{r[f'{m}_mrr']:.3f} ± {r[f'{m}_mrr_se']:.3f}" for m in METHODS]
+            + [f"{1e3 * r[f'{m}_dp']:.2f} ± {1e3 * r[f'{m}_dp_se']:.2f}" for m in METHODS] for r in rows]
+    return report.md_table(head, body)
+
+
+def figure(rows: list[dict]) -> bytes:
+    """MRR, tail-patch Δp and the fraction of queries answered, against training tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = [r["tokens"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, key, title, scale in ((axes[0], "mrr", "MRR (attribution)", 1), (axes[1], "dp", "tail-patch Δp ×1e-3 "
+                                                                                  "(influence)", 1e3)):
+        for m in METHODS:
+            ax.errorbar(tokens, [scale * r[f"{m}_{key}"] for r in rows], [scale * r[f"{m}_{key}_se"] for r in rows],
+                        marker="o", capsize=3, color=report.method_colour(m), label=report.NAMES.get(m, m))
+        ax.set_title(title)
+    axes[1].axhline(0, color="#888", lw=0.8)
+    axes[2].plot(tokens, [r["accuracy"] for r in rows], marker="o", color="#555")
+    axes[2].set_title("queries the model answers")
+    for ax in axes:
+        ax.set_xlabel("training tokens")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    png = report.figure_png(fig)
+    plt.close(fig)
+    return png
+
+
+@app.command(help=__doc__)
+def main(
+    run: Path = typer.Option(..., help="The final model's run (its trend/step-N hold the checkpoints' runs)."),
+    model: Path = typer.Option(..., help="The final model's directory (its checkpoints/ are evaluated)."),
+) -> None:
+    models = checkpoints(model)
+    points = [read_point(m, run / "trend" / m.name) for m in models[:-1]] + [read_point(model, run)]
+    check_comparable(points)
+    rows = summary(points)
+    out = run / "trend"
+    out.mkdir(parents=True, exist_ok=True)
+    with ts.atomic_path(out / "trend.json") as tmp:
+        tmp.write_text(json.dumps(rows, indent=1))
+    md = markdown(rows)
+    with ts.atomic_path(out / "trend.md") as tmp:
+        tmp.write_text(f"Training-tokens trend ({len(rows)} checkpoints; tail-patch at lr "
+                       f"{points[0]['results']['settings']['lr']:.3g} for all)\n\n{md}\n", encoding="utf-8")
+    with ts.atomic_path(out / "trend.png") as tmp:
+        tmp.write_bytes(figure(rows))
+    print(md)
+    print(f"wrote {out}/trend.md, trend.json, trend.png")
+
+
+if __name__ == "__main__":
+    ts.run_cli(app)
