@@ -177,18 +177,18 @@ $(RUN)/sweep/sweep.md: $(RUN)/results.md sweep.py index.py evaluate.py
 	    --damping $(DAMPING) --tail-queries $(SWEEP_TAIL_QUERIES)
 	$(PY) evaluate.py --report-only --run $(RUN) --corpus $(CORPUS) --queries $(QUERIES)
 
-# The training-tokens trend: each intermediate checkpoint (MODEL/checkpoints/step-N, saved by prepare.py) through
-# encode → index → query → evaluate with its own optimizer state, the rows BM25, cosine and TrackStar only, and
-# tail-patch at the final model's learning rate for all; then one figure against training tokens.
+# The training-tokens trend: every checkpoint (MODEL/checkpoints/step-N, saved by prepare.py, then MODEL itself) through
+# encode → index → query → evaluate into RUN/trend/, with its own optimizer state, the rows BM25, cosine and TrackStar,
+# and tail-patch on the same TREND_TAIL_QUERIES queries at the final model's learning rate; then one figure.
 TREND_VARIANTS ?= cosine trackstar
+TREND_TAIL_QUERIES ?= 40
 TREND_LR = $(shell $(PY) -c "import json; print(json.load(open('$(MODEL)/checkpoint.json'))['lr'])")
-trend: $(RUN)/trend/trend.md
-
-$(RUN)/trend/trend.md: $(RUN)/results.md trend.py
+trend: $(MODEL_DEP) $(CORPUS) $(QUERIES) trend.py
 	@test -d $(MODEL)/checkpoints || { echo "$(MODEL) has no checkpoints/: prepare.py factworld saves them" >&2; exit 2; }
-	for c in $(MODEL)/checkpoints/step-*; do \
+	for c in $(MODEL)/checkpoints/step-* $(MODEL); do \
+	  name=$$(basename $$c); [ "$$c" = "$(MODEL)" ] && name=final; \
 	  $(MAKE) all MODEL=$$c CORPUS=$(CORPUS) QUERIES=$(QUERIES) OPTIMIZER=$$c/optimizer.pt LR=$(TREND_LR) \
-	      RUN=$(RUN)/trend/$$(basename $$c) VARIANTS="$(TREND_VARIANTS)" TAIL_QUERIES=$(TAIL_QUERIES) || exit 1; \
+	      RUN=$(RUN)/trend/$$name VARIANTS="$(TREND_VARIANTS)" TAIL_QUERIES=$(TREND_TAIL_QUERIES) || exit 1; \
 	done
 	$(PY) trend.py --run $(RUN) --model $(MODEL)
 

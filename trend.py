@@ -6,9 +6,9 @@ and TrackStar at each checkpoint of one training run, against the training token
 
 The paper's headline: with more training tokens, influence (what moves the prediction) aligns more
 closely with attribution (what states the fact). `make trend` evaluates each MODEL/checkpoints/step-N
-into RUN/trend/step-N with that checkpoint's own optimizer state, and every checkpoint's tail-patch
-with the same learning rate (the final one), so that Δp compares models, not step sizes; the final
-model's point is RUN itself. This script only gathers and draws: RUN/trend/trend.json, trend.md and
+(and the final model) into RUN/trend/step-N (RUN/trend/final) with that checkpoint's own optimizer
+state, every point's tail-patch on the same queries and with the same learning rate (the final one),
+so that Δp compares models, not step sizes. This script only gathers and draws: RUN/trend/trend.json, trend.md and
 trend.png. Each point is checked: its results must come from that checkpoint, over the same corpus,
 queries, tail-patch sample and learning rate as the others.
 """
@@ -95,6 +95,7 @@ def figure(rows: list[dict]) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     tokens = [r["tokens"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -109,6 +110,7 @@ def figure(rows: list[dict]) -> bytes:
     axes[2].set_title("queries the model answers")
     for ax in axes:
         ax.set_xlabel("training tokens")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())  # 250k, not 250000
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     png = report.figure_png(fig)
@@ -118,11 +120,11 @@ def figure(rows: list[dict]) -> bytes:
 
 @app.command(help=__doc__)
 def main(
-    run: Path = typer.Option(..., help="The final model's run (its trend/step-N hold the checkpoints' runs)."),
+    run: Path = typer.Option(..., help="The run whose trend/ holds each checkpoint's run (step-N, final)."),
     model: Path = typer.Option(..., help="The final model's directory (its checkpoints/ are evaluated)."),
 ) -> None:
     models = checkpoints(model)
-    points = [read_point(m, run / "trend" / m.name) for m in models[:-1]] + [read_point(model, run)]
+    points = [read_point(m, run / "trend" / m.name) for m in models[:-1]] + [read_point(model, run / "trend" / "final")]
     check_comparable(points)
     rows = summary(points)
     out = run / "trend"
