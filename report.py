@@ -106,6 +106,12 @@ def category_intro(results: dict) -> str:
     return out
 
 
+def category_methods(results: dict) -> list[str]:
+    """The methods with category shares, in the run's order (results.json stores its keys sorted)."""
+    shares = next(iter(results["categories"]["shares"].values()))
+    return [m for m in results["settings"]["methods"] if m in shares]
+
+
 def category_tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) per query split with categorised queries: each method's share of each kind."""
     cat = results.get("categories")
@@ -114,8 +120,9 @@ def category_tables(results: dict) -> list[tuple[str, list[str], list[list[str]]
     out = []
     for title, _ in splits(results):
         if cat["split_queries"][title]:
-            rows = [[NAMES.get(m, m), *("–" if sh is None else f"{sh[c]:.3f}" for c in cat["order"])]
-                    for m, sh in cat["shares"][title].items()]
+            shares = cat["shares"][title]
+            rows = [[NAMES.get(m, m), *("–" if shares[m] is None else f"{shares[m][c]:.3f}" for c in cat["order"])]
+                    for m in category_methods(results)]
             out.append((f"{title} ({cat['split_queries'][title]} queries)", ["method", *cat["order"]], rows))
     return out
 
@@ -360,7 +367,7 @@ def category_chart(results: dict) -> bytes:
 
     cat = results["categories"]
     titles = [t for t, _ in splits(results) if cat["split_queries"][t]]
-    methods = list(cat["shares"][titles[0]])
+    methods = category_methods(results)
     fig = Figure(figsize=(4.2 * len(titles) + 2.6, 0.42 * len(methods) + 1.6), layout="constrained")
     axes = fig.subplots(1, len(titles), squeeze=False, sharey=True)[0]
     y = np.arange(len(methods))

@@ -162,10 +162,11 @@ CATEGORY_QUERIES = [
 def test_shares_sum_to_one_per_method_and_show_in_both_reports(tmp_path, model_dir):
     """evaluate.py on the report tests' inputs with categorised queries: per-query categories as counted by hand,
     shares summing to 1 for every method in every split with queries, the table in results.md and report.html,
-    a stacked-bar chart, and each proponent's category beside it in the per-query view."""
+    a stacked-bar chart, and each proponent's category beside it in the per-query view; --report-only renders
+    the same results.md from results.json (whose keys are sorted: the rows keep the order of --methods)."""
     run_dir, corpus, queries = make_inputs(tmp_path)
     write_jsonl(queries, CATEGORY_QUERIES)
-    r = evaluate_cli(run_dir, corpus, queries, model_dir)
+    r = evaluate_cli(run_dir, corpus, queries, model_dir, "--methods", "beta,alpha")
     assert r.exit_code == 0, r.output + repr(r.exception)
     results = json.loads((run_dir / "results.json").read_text())
     # alpha ranks d0, d2, d4 for both queries (METHODS)
@@ -183,6 +184,10 @@ def test_shares_sum_to_one_per_method_and_show_in_both_reports(tmp_path, model_d
     assert "## Proponent categories" in md and "| method | fact | subject+object | relation |" in md
     assert "<th>subject+object</th>" in page and 'alt="proponent category shares' in page
     assert "<td class='cat'>relation</td>" in page
+    categories = md[md.index("## Proponent categories"):]
+    assert categories.index("| beta |") < categories.index("| alpha |")
+    assert evaluate_cli(run_dir, corpus, queries, model_dir, "--report-only").exit_code == 0
+    assert (run_dir / "results.md").read_text() == md
 
 
 def test_without_the_fields_the_reports_say_categories_were_not_computed(tmp_path, model_dir):
