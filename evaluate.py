@@ -25,9 +25,12 @@ report.html are written by report.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,81 @@ def reciprocal_rank(retrieved_facts: list[list[str]], fact: str) -> float:
 def recall_at(retrieved_facts: list[list[str]], fact: str, k: int = 10) -> float:
     """1 if any of the top k retrieved documents states `fact`."""
     return float(any(fact in facts for facts in retrieved_facts[:k]))
+
+
+# Proponent categories (the paper's §7): what a proponent shares with its query, read off the text alone.
+CATEGORIES = ("fact", "subject+object", "relation", "subject", "object", "none")
+
+
+@functools.lru_cache(maxsize=4096)
+def word_pattern(phrase: str) -> re.Pattern:
+    """`phrase` as whole words, in any case, any whitespace between its words: "Demar" is not in "Demarco"."""
+    words = r"\s+".join(map(re.escape, phrase.split()))
+    return re.compile(rf"(?<!\w){words}(?!\w)", re.IGNORECASE)
+
+
+def mentions(text: str, phrase: str) -> bool:
+    return word_pattern(phrase).search(text) is not None
+
+
+def template_wording(template: str) -> list[str]:
+    """A relation template's own words, the entities removed: "[X] was born in [Y]." -> ["was born in"];
+    "Born in [Y], [X] spent a happy childhood there." -> ["Born in", "spent a happy childhood there"]. A
+    possessive after an entity is the entity's: "[X]'s capital is [Y]." -> ["capital is"]."""
+    out = []
+    for part in re.split(r"\[[XY]\]", template):
+        part = re.sub(r"^\s*['’]s(?!\w)", "", part)
+        part = re.sub(r"^\W+|\W+$", "", part)
+        if part:
+            out.append(part)
+    return out
+
+
+def categorised(query: dict) -> bool:
+    """Whether a query carries what categories need (prepare.py writes it; a user's queries may not)."""
+    return query.get("subject") is not None and query.get("relation_templates") is not None
+
+
+def proponent_category(doc: dict, query: dict) -> str:
+    """What a document shares with a categorised query, the first that applies: it states the query's fact
+    (its ground-truth `facts` list it), names both subject and object, holds every word of one of the
+    relation's templates, names the subject only, the object (the target) only, or none of these."""
+    if query.get("fact") is not None and query["fact"] in (doc.get("facts") or []):
+        return "fact"
+    text = doc["text"]
+    subject, obj = mentions(text, query["subject"]), mentions(text, query["target"].strip())
+    if subject and obj:
+        return "subject+object"
+    if any(all(mentions(text, w) for w in template_wording(t)) for t in query["relation_templates"]):
+        return "relation"
+    return "subject" if subject else "object" if obj else "none"
+
+
+def proponent_categories(ranking: dict, queries: list[dict], docs_by_id: dict[str, dict],
+                         k: int) -> list[list[str] | None]:
+    """The categories of each query's top-k proponents; None for a query without `subject` and `relation_templates`."""
+    return [[proponent_category(docs_by_id[p["id"]], q) for p in ranking[q["id"]][:k]] if categorised(q) else None
+            for q in queries]
+
+
+def category_shares(cats: list[list[str] | None], mask: list[bool]) -> dict[str, float] | None:
+    """The share of each category among the proponents of the selected categorised queries (None: there are none)."""
+    counts = Counter(c for cs, m in zip(cats, mask, strict=True) if m and cs for c in cs)
+    total = sum(counts.values())
+    return {c: counts[c] / total for c in CATEGORIES} if total else None
+
+
+def category_summary(cats: dict[str, list], scored: list[bool], splits: list[tuple[str, list[bool]]]) -> dict | None:
+    """results.json's "categories": the shares per query split and method; None when no query is categorised.
+    The ground-truth row is left out: its proponents are "fact" by construction."""
+    have = [c is not None for c in next(iter(cats.values()), [])]
+    if not any(have):
+        return None
+    return {"order": list(CATEGORIES), "queries": sum(have),
+            "without_fact": sum(h and not s for h, s in zip(have, scored, strict=True)),
+            "split_queries": {title: sum(h and m for h, m in zip(have, mask, strict=True)) for title, mask in splits},
+            "shares": {title: {m: category_shares(c, mask) for m, c in cats.items() if m != "truth"}
+                       for title, mask in splits}}
 
 
 def target_logprob(model: nn.Module, tokenizer: Any, queries: list[dict], max_length: int) -> torch.Tensor:
@@ -404,8 +482,10 @@ def main(
     tail_qs = sorted(random.Random(1).sample(qs, tail_queries), key=lambda q: q["_line"]) \
         if 0 < tail_queries < len(qs) else qs
     infl = influence(step, corpus_tok, rankings, qs, tail_qs, k)
+    docs_by_id = {d["id"]: d for d in docs}
     for m in method_list:
         per_query[m].update(infl[m])
+        per_query[m]["categories"] = proponent_categories(rankings[m], qs, docs_by_id, k)
     results = jsonable({
         "settings": {"run": str(run), "model": model, "n_docs": len(docs), "n_queries": len(qs), "k": k,
                      "lr": step.lr, "v_source": step.source, "eps": step.eps, "methods": method_list,
@@ -415,6 +495,8 @@ def main(
         "queries": [q["id"] for q in qs], "model_correct": correct, "per_query": per_query,
         "summary": {m: {key: report.summarize(per_query[m][key], [True] * len(qs))[0]
                         for key, _ in report.METRICS} for m in method_list},
+        "categories": category_summary({m: per_query[m]["categories"] for m in method_list}, scored,
+                                       report.splits({"model_correct": correct})),
     })
     ts.write_json(run / "results.json", results)
     report.render(run, results, qs, rankings, opponents, facts_of)

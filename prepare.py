@@ -21,7 +21,10 @@ paper's closed-set evaluation) into the same corpus/queries format, for use with
 
 Formats:
     corpus.jsonl   {"id": str, "text": str, "facts": [fact_id, ...]}   (generic text: "facts": [])
-    queries.jsonl  {"id": str, "prompt": str, "target": str, "fact": fact_id}
+    queries.jsonl  {"id": str, "prompt": str, "target": str, "fact": fact_id,
+                    "subject": str, "relation": str, "relation_templates": ["[X] was born in [Y].", ...]}
+The last three say what a proponent shares with the query (evaluate.py's proponent categories): the
+subject's name, and every wording of the relation, [X] standing for the subject and [Y] for the object.
 The target starts with a space and the prompt has none at its end, so that
 tok(prompt) + tok(target) is the tokenization of prompt + target for a byte-level BPE.
 """
@@ -244,6 +247,10 @@ class Fact:
     def query(self) -> tuple[str, str]:
         return RELATIONS[self.relation].query.format(s=self.subject), " " + self.object
 
+    def templates(self) -> list[str]:
+        """Every statement of the relation, LAMA-style: "[X] was born in [Y]."."""
+        return [t.format(s="[X]", o="[Y]") for t in RELATIONS[self.relation].statements]
+
 
 def bucket_of(count: int) -> str:
     return next(name for name, lo, hi in BUCKETS if lo <= count <= hi)
@@ -406,7 +413,8 @@ def sample_queries(rng: random.Random, facts: list[Fact], doc_count: Counter, n:
     rows = []
     for f in chosen:
         prompt, target = f.query()
-        rows.append({"id": f"q-{f.id}", "prompt": prompt, "target": target, "fact": f.id})
+        rows.append({"id": f"q-{f.id}", "prompt": prompt, "target": target, "fact": f.id,
+                     "subject": f.subject, "relation": f.relation, "relation_templates": f.templates()})
     return rows
 
 
@@ -738,22 +746,26 @@ def prompt_template(template: str) -> str | None:
     return t[: -len("[Y]")].rstrip()
 
 
-def load_templates(trex: Path, pararel: Path) -> dict[str, str]:
-    """relation -> prompt template with [Y] last: LAMA's own if usable, else ParaRel's first such one."""
+def load_templates(trex: Path, pararel: Path) -> dict[str, list[str]]:
+    """relation -> every wording of it: LAMA's template, then ParaRel's patterns (where there are any)."""
     path = trex / "relations.jsonl"
     if not path.exists():
         raise ts.TrackStarError(f"{path} not found (is --trex the LAMA T-REx folder?)")
     templates = {}
     for lineno, r in read_jsonl(path):
         rel = field(r, "relation", f"{path}:{lineno}")
-        prompt = prompt_template(field(r, "template", f"{path}:{lineno}"))
-        if prompt is None and (pararel / f"{rel}.jsonl").exists():
-            ppath = pararel / f"{rel}.jsonl"
-            patterns = (field(p, "pattern", f"{ppath}:{n}") for n, p in read_jsonl(ppath))
-            prompt = next((t for t in map(prompt_template, patterns) if t is not None), None)
-        if prompt is not None:
-            templates[rel] = prompt
+        templates[rel] = [field(r, "template", f"{path}:{lineno}")]
+        ppath = pararel / f"{rel}.jsonl"
+        if ppath.exists():
+            templates[rel] += [field(p, "pattern", f"{ppath}:{n}") for n, p in read_jsonl(ppath)]
     return templates
+
+
+def prompt_templates(templates: dict[str, list[str]]) -> dict[str, str]:
+    """relation -> prompt template with [Y] last: LAMA's own if usable, else ParaRel's first such one."""
+    prompts = {rel: next((p for p in map(prompt_template, options) if p is not None), None)
+               for rel, options in templates.items()}
+    return {rel: p for rel, p in prompts.items() if p is not None}
 
 
 @dataclass
@@ -847,7 +859,8 @@ def lama(
     if not trex.is_dir():
         raise ts.TrackStarError(f"--trex {trex} is not a directory")
     check_out(out)
-    templates = load_templates(trex, pararel)
+    wordings = load_templates(trex, pararel)
+    templates = prompt_templates(wordings)
     rels = select_relations(relations, trex, pararel, templates)
     facts: list[LamaFact] = []
     for rel in tqdm(rels, desc="read", unit="relation"):
@@ -856,7 +869,8 @@ def lama(
     candidates = [f for f in facts if f.sentences]
     sample = rng.sample(candidates, min(queries, len(candidates)))
     query_rows = [{"id": f"{f.relation}-{f.uuid}", "prompt": templates[f.relation].replace("[X]", f.subject),
-                   "target": " " + f.object, "fact": f.uuid} for f in sample]
+                   "target": " " + f.object, "fact": f.uuid, "subject": f.subject, "relation": f.relation,
+                   "relation_templates": list(dict.fromkeys(wordings[f.relation]))} for f in sample]
     corpus = lama_corpus(facts, {f.uuid for f in sample}, docs, max_evidence, rng)
     n_evidence = sum(1 for d in corpus if any(u in {f.uuid for f in sample} for u in d["facts"]))
     print(f"{len(rels)} relations, {len(facts)} facts read; {len(query_rows)} queries; {len(corpus)} docs "

@@ -85,6 +85,48 @@ def table_rows(results: dict, mask: list[bool]) -> list[list[str]]:
     return rows
 
 
+def category_intro(results: dict) -> str:
+    """What the proponent-category tables show (Markdown), or why there are none."""
+    cat, n = results.get("categories"), len(results["queries"])
+    if "categories" not in results:
+        return "Not computed: this results.json predates proponent categories (rerun evaluate.py)."
+    if cat is None:
+        return ("Not computed: no query carries `subject` and `relation_templates` (prepare.py writes them; a "
+                "query file of your own may add them, see README).")
+    out = (f"Share of each kind among the top {results['settings']['k']} proponents of each method, over the "
+           f"{cat['queries']} queries that carry `subject` and `relation_templates`; the first kind that applies: "
+           "**fact** (the document states the query's fact), **subject+object** (names both), **relation** "
+           "(holds the words of one of the relation's templates), **subject** (the subject only), **object** "
+           "(the object only), **none**. Whole words, any case, read off the text (no model).")
+    if cat["queries"] < n:
+        out += f" The other {n - cat['queries']} queries lack those fields and are left out."
+    if cat["without_fact"]:
+        out += (f" {cat['without_fact']} of the categorised queries have no ground truth: their proponents "
+                "cannot be **fact**.")
+    return out
+
+
+def category_methods(results: dict) -> list[str]:
+    """The methods with category shares, in the run's order (results.json stores its keys sorted)."""
+    shares = next(iter(results["categories"]["shares"].values()))
+    return [m for m in results["settings"]["methods"] if m in shares]
+
+
+def category_tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) per query split with categorised queries: each method's share of each kind."""
+    cat = results.get("categories")
+    if cat is None:
+        return []
+    out = []
+    for title, _ in splits(results):
+        if cat["split_queries"][title]:
+            shares = cat["shares"][title]
+            rows = [[NAMES.get(m, m), *("–" if shares[m] is None else f"{shares[m][c]:.3f}" for c in cat["order"])]
+                    for m in category_methods(results)]
+            out.append((f"{title} ({cat['split_queries'][title]} queries)", ["method", *cat["order"]], rows))
+    return out
+
+
 def intro(results: dict) -> list[str]:
     """The opening paragraphs (Markdown): what was run, and what the numbers mean."""
     s = results["settings"]
@@ -187,6 +229,9 @@ def markdown(run: Path, results: dict) -> str:
         md += [para, ""]
     for title, mask in splits(results):
         md += [f"### {title} ({sum(mask)} queries)", "", md_table(header(results), table_rows(results, mask)), ""]
+    md += ["## Proponent categories", "", category_intro(results), ""]
+    for title, head, rows in category_tables(results):
+        md += [f"### {title}", "", md_table(head, rows), ""]
     md += ["## The paper's findings, checked on this run", ""]
     md += [f"- [{'x' if ok else ' '}] {text}" for text, ok in findings(results)] + [""]
     md += ["## How the rows were built", ""]
@@ -209,7 +254,7 @@ table.results tr:nth-child(even) td,table.md tr:nth-child(even) td{background:#f
 table.results tr.trackstar td{font-weight:600}
 table.docs{width:100%;font-size:13px;table-layout:fixed}table.docs td:nth-child(3){overflow-wrap:anywhere}
 table.results td:first-child{min-width:21em}table.results td.num{min-width:8em}
-tr.hit td{background:#d9f5d9!important}table.compact{font-size:12px}
+tr.hit td{background:#d9f5d9!important}td.cat{font-size:12px;white-space:nowrap}table.compact{font-size:12px}
 mark{background:#ffe36e;padding:0 1px}mark.subj{background:#bfe0ff}
 mark.part{background:none;border-bottom:2px dotted #5a9bd5}
 .note{background:#fff4d6;border-left:4px solid #e0a800;padding:.5em 1em;margin:1em 0}
@@ -312,6 +357,35 @@ def results_chart(results: dict) -> bytes:
     return figure_png(fig)
 
 
+CATEGORY_COLOURS = {"fact": "#2e8b3e", "subject+object": "#4c72b0", "relation": "#dd8452", "subject": "#8fb3de",
+                    "object": "#b39ddb", "none": "#cfcfcf"}
+
+
+def category_chart(results: dict) -> bytes:
+    """One stacked bar per method (its proponents' category shares), one panel per query split."""
+    from matplotlib.figure import Figure
+
+    cat = results["categories"]
+    titles = [t for t, _ in splits(results) if cat["split_queries"][t]]
+    methods = category_methods(results)
+    fig = Figure(figsize=(4.2 * len(titles) + 2.6, 0.42 * len(methods) + 1.6), layout="constrained")
+    axes = fig.subplots(1, len(titles), squeeze=False, sharey=True)[0]
+    y = np.arange(len(methods))
+    for title, ax in zip(titles, axes, strict=True):
+        left = np.zeros(len(methods))
+        for c in cat["order"]:
+            share = np.array([(cat["shares"][title][m] or {}).get(c, 0.0) for m in methods])
+            ax.barh(y, share, left=left, color=CATEGORY_COLOURS.get(c, "#777"), label=c)
+            left += share
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{title.lower()} ({cat['split_queries'][title]})", fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes[0].set_yticks(y, labels=[textwrap.fill(NAMES.get(m, m), 30) for m in methods])
+    axes[0].invert_yaxis()  # shared: the first method on top, as in the tables
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return figure_png(fig)
+
+
 def figures(paths: list[Path], captions: list[str]) -> str:
     return "".join(f"<figure><figcaption>{html.escape(c)}</figcaption>{img(p.read_bytes(), c)}</figure>"
                    for p, c in zip(paths, captions, strict=True))
@@ -389,15 +463,20 @@ def fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None or math.isnan(x) else format(x, spec)
 
 
-def docs_table(docs: list[dict], query: dict, facts_of: dict, cls: str, n_chars: int) -> str:
-    """Ranked documents, the query's target and subject marked, rows stating its fact green."""
-    head = ("<colgroup><col style='width:2.5em'><col style='width:5.5em'><col style='width:9em'><col></colgroup>"
-            "<tr><th>#</th><th>score</th><th>id</th><th>text</th></tr>")
+def docs_table(docs: list[dict], query: dict, facts_of: dict, cls: str, n_chars: int,
+               categories: list[str] | None = None) -> str:
+    """Ranked documents, the query's target and subject marked, rows stating its fact green; with
+    `categories`, each document's proponent category in a column of its own."""
+    kind = categories is not None
+    head = ("<colgroup><col style='width:2.5em'><col style='width:5.5em'><col style='width:9em'>"
+            + ("<col style='width:8.5em'>" if kind else "") + "<col></colgroup>"
+            "<tr><th>#</th><th>score</th><th>id</th>" + ("<th>category</th>" if kind else "") + "<th>text</th></tr>")
     rows = []
     for rank, p in enumerate(docs, 1):
         hit = query.get("fact") is not None and query["fact"] in facts_of.get(p["id"], [])
+        cat = f"<td class='cat'>{html.escape(categories[rank - 1])}</td>" if kind else ""
         rows.append(f"<tr class='{'hit' if hit else ''}'><td class='num'>{rank}</td>"
-                    f"<td class='num'>{p['score']:.4g}</td><td>{html.escape(p['id'])}</td>"
+                    f"<td class='num'>{p['score']:.4g}</td><td>{html.escape(p['id'])}</td>{cat}"
                     f"<td>{highlight(shorten(p['text'], n_chars), query)}</td></tr>")
     return f"<table class='docs {cls}'>{head}{''.join(rows)}</table>"
 
@@ -421,7 +500,8 @@ def query_section(qi: int, q: dict, results: dict, rankings: dict, opponents: di
         r = results["per_query"][m]
         parts.append(f"<h4>{e(NAMES.get(m, m))}: RR {fmt(r['mrr'][qi], '.3f')}, "
                      f"Δp {fmt(r['dp'][qi], '.2e')}, Δlog p {fmt(r['dlogp'][qi], '.3f')}</h4>")
-        parts.append(docs_table(rankings[m][q["id"]][:k], q, facts_of, "", 300))
+        cats = r.get("categories")  # absent in a results.json from before categories
+        parts.append(docs_table(rankings[m][q["id"]][:k], q, facts_of, "", 300, cats[qi] if cats else None))
     om = opponent_method(methods)
     if om and opponents[om].get(q["id"]):
         parts.append(f"<h4>Opponents of {e(NAMES.get(om, om))} (lowest scores)</h4>")
@@ -435,7 +515,8 @@ def html_report(run: Path, results: dict, queries: list[dict], rankings: dict, o
     e = html.escape
     methods = results["settings"]["methods"]
     head = header(results)
-    sections = {"results": "Results", "charts": "Charts", "findings": "Findings", "built": "How rows were built"}
+    sections = {"results": "Results", "charts": "Charts", "categories": "Proponent categories",
+                "findings": "Findings", "built": "How rows were built"}
     spectra, sweep = spectra_section(run, methods), sweep_section(run)
     if spectra:
         sections["spectra"] = "Spectra of R"
@@ -455,6 +536,11 @@ def html_report(run: Path, results: dict, queries: list[dict], rankings: dict, o
                                 ["trackstar" if m == "trackstar" else "" for m in methods]))
     parts.append("<h2 id='charts'>Charts</h2>"
                  + img(results_chart(results), "MRR, recall and tail-patch per method and query split"))
+    parts.append(f"<h2 id='categories'>Proponent categories</h2><p>{inline(category_intro(results))}</p>")
+    for title, chead, rows in category_tables(results):
+        parts.append(f"<h3>{e(title)}</h3>" + html_table(chead, rows, "results"))
+    if results.get("categories"):
+        parts.append(img(category_chart(results), "proponent category shares per method and query split"))
     parts.append("<h2 id='findings'>The paper's findings, checked on this run</h2><ul class='checks'>")
     parts += [f"<li><span class='{'ok' if ok else 'bad'}'>{'✓' if ok else '✗'}</span> {inline(text)}</li>"
               for text, ok in findings(results)]

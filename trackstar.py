@@ -119,8 +119,34 @@ def _validate_row(row: dict, kind: str, where: str) -> None:
                 raise TrackStarError(f"{where}: query has no {key!r}")
         if "fact" in row and row["fact"] is not None and not isinstance(row["fact"], str):
             raise TrackStarError(f"{where}: 'fact' must be one fact id (a string), got {row['fact']!r}")
+        _validate_category_fields(row, where)
     else:
         raise ValueError(kind)
+
+
+def _validate_category_fields(row: dict, where: str) -> None:
+    """A query's optional `subject`, `relation` and `relation_templates` (evaluate.py's proponent categories).
+    Half of them would leave categories to guess, so `subject` and `relation_templates` come together; a
+    template without [X] and [Y] (the entities written out instead) would make every mention "share" it."""
+    given = [k for k in ("subject", "relation_templates") if row.get(k) is not None]
+    if len(given) == 1:
+        other = "relation_templates" if given[0] == "subject" else "subject"
+        raise TrackStarError(f"{where}: query has {given[0]!r} but no {other!r} (proponent categories need both)")
+    if "relation" in row and row["relation"] is not None and not isinstance(row["relation"], str):
+        raise TrackStarError(f"{where}: 'relation' must be a relation id (a string), got {row['relation']!r}")
+    if not given:
+        return
+    if not isinstance(row["subject"], str) or not row["subject"].strip():
+        raise TrackStarError(f"{where}: 'subject' must be the subject's name (a non-empty string), "
+                             f"got {row['subject']!r}")
+    templates = row["relation_templates"]
+    if not isinstance(templates, list) or not templates:
+        raise TrackStarError(f"{where}: 'relation_templates' must be a non-empty list of strings, got {templates!r}")
+    for t in templates:
+        if not isinstance(t, str) or t.count("[X]") != 1 or t.count("[Y]") != 1 \
+                or not re.search(r"\w", t.replace("[X]", "").replace("[Y]", "")):
+            raise TrackStarError(f"{where}: relation template {t!r} must hold [X] (the subject) and [Y] (the "
+                                 "object) once each, and words of its own")
 
 
 def file_digest(path: str | Path) -> str:

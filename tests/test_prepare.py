@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import evaluate
 import prepare
 import trackstar as ts
 
@@ -360,3 +361,41 @@ def test_lama_is_deterministic_for_a_seed(lama_out, tmp_path):
     for name in ("corpus.jsonl", "queries.jsonl"):
         assert (lama_out / name).read_bytes() == (tmp_path / "same" / name).read_bytes()
     assert (lama_out / "queries.jsonl").read_bytes() != (tmp_path / "other" / "queries.jsonl").read_bytes()
+
+
+# -----------------------------------------------------------------------------
+# the fields of evaluate.py's proponent categories
+
+
+def test_fact_world_queries_carry_the_fields_the_corpus_states_facts_with(worlds):
+    """Each query names its subject and relation, and its templates are the wordings the corpus states facts
+    in: every document stating the query's fact is "fact", and without its ground truth "subject+object",
+    with one of the query's templates present in full."""
+    queries = ts.read_jsonl(worlds["a"] / "queries.jsonl", "queries")  # the fields pass validation
+    corpus = ts.read_jsonl(worlds["a"] / "corpus.jsonl", "corpus")
+    for q in queries:
+        assert q["prompt"].startswith(q["subject"]) or f" {q['subject']} " in f" {q['prompt']} "
+        assert q["relation"] == q["fact"].split("-")[0] and len(q["relation_templates"]) >= 3
+        filled = {t.replace("[X]", q["subject"]).replace("[Y]", q["target"].strip()).rstrip(".")
+                  for t in q["relation_templates"]}
+        assert q["prompt"] + q["target"] in filled
+        stating = [d for d in corpus if q["fact"] in d["facts"]]
+        assert stating
+        for d in stating:
+            assert evaluate.proponent_category(d, q) == "fact"
+            assert evaluate.proponent_category({**d, "facts": []}, q) == "subject+object"
+            assert any(all(evaluate.mentions(d["text"], w) for w in evaluate.template_wording(t))
+                       for t in q["relation_templates"])
+
+
+@needs_lama
+def test_lama_queries_carry_subject_relation_and_every_template(lama_out):
+    """subject = the fact's sub_label, relation = its predicate, templates = LAMA's and all of ParaRel's."""
+    records = lama_records(["P20", "P413"])
+    lama_template = {json.loads(x)["relation"]: json.loads(x)["template"]
+                     for x in (TREX / "relations.jsonl").read_text().splitlines()}
+    for q in ts.read_jsonl(lama_out / "queries.jsonl", "queries"):
+        r = records[q["fact"]]
+        assert q["subject"] == r["sub_label"] and q["relation"] == r["predicate_id"]
+        patterns = [json.loads(x)["pattern"] for x in (PARAREL / f"{q['relation']}.jsonl").read_text().splitlines()]
+        assert q["relation_templates"] == list(dict.fromkeys([lama_template[q["relation"]], *patterns]))

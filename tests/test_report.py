@@ -1,5 +1,6 @@
 """The evaluate stage's report, on hand-made inputs (no pipeline run): a self-contained HTML page, runs
-without ground truth, re-rendering without the model, and ground-truth fields of the wrong type refused."""
+without ground truth, re-rendering without the model, ground-truth fields of the wrong type refused, and the
+proponent categories' shares (or the note that there are none)."""
 
 from __future__ import annotations
 
@@ -148,3 +149,53 @@ def test_ground_truth_of_the_wrong_type_is_refused_at_its_line(tmp_path, model_d
     r = evaluate_cli(run, corpus, queries, model_dir)
     assert isinstance(r.exception, ts.TrackStarError)
     assert f"{path}:2:" in str(r.exception) and ("'facts'" if where == "corpus" else "'fact'") in str(r.exception)
+
+
+CATEGORY_QUERIES = [
+    {"id": "q0", "prompt": "The capital of France is", "target": " Paris", "fact": "f0", "subject": "France",
+     "relation": "capital", "relation_templates": ["The capital of [X] is [Y]."]},
+    {"id": "q1", "prompt": "Rome is the capital of", "target": " Italy", "fact": "f1", "subject": "Rome",
+     "relation": "capital-of", "relation_templates": ["[X] is the capital of [Y].", "The capital of [Y] is [X]."]},
+]
+
+
+def test_shares_sum_to_one_per_method_and_show_in_both_reports(tmp_path, model_dir):
+    """evaluate.py on the report tests' inputs with categorised queries: per-query categories as counted by hand,
+    shares summing to 1 for every method in every split with queries, the table in results.md and report.html,
+    a stacked-bar chart, and each proponent's category beside it in the per-query view; --report-only renders
+    the same results.md from results.json (whose keys are sorted: the rows keep the order of --methods)."""
+    run_dir, corpus, queries = make_inputs(tmp_path)
+    write_jsonl(queries, CATEGORY_QUERIES)
+    r = evaluate_cli(run_dir, corpus, queries, model_dir, "--methods", "beta,alpha")
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    results = json.loads((run_dir / "results.json").read_text())
+    # alpha ranks d0, d2, d4 for both queries (METHODS)
+    assert results["per_query"]["alpha"]["categories"] == [["fact", "object", "none"], ["relation", "none", "none"]]
+    cat = results["categories"]
+    assert cat["queries"] == 2 and cat["without_fact"] == 0 and "truth" not in cat["shares"]["All queries"]
+    assert cat["shares"]["All queries"]["alpha"]["none"] == pytest.approx(3 / 6)
+    for title, by_method in cat["shares"].items():
+        for m, shares in by_method.items():
+            if cat["split_queries"][title]:
+                assert sum(shares.values()) == pytest.approx(1.0), (title, m)
+            else:
+                assert shares is None
+    md, page = (run_dir / "results.md").read_text(), (run_dir / "report.html").read_text()
+    assert "## Proponent categories" in md and "| method | fact | subject+object | relation |" in md
+    assert "<th>subject+object</th>" in page and 'alt="proponent category shares' in page
+    assert "<td class='cat'>relation</td>" in page
+    categories = md[md.index("## Proponent categories"):]
+    assert categories.index("| beta |") < categories.index("| alpha |")
+    assert evaluate_cli(run_dir, corpus, queries, model_dir, "--report-only").exit_code == 0
+    assert (run_dir / "results.md").read_text() == md
+
+
+def test_without_the_fields_the_reports_say_categories_were_not_computed(tmp_path, model_dir):
+    run_dir, corpus, queries = make_inputs(tmp_path)
+    assert evaluate_cli(run_dir, corpus, queries, model_dir).exit_code == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["categories"] is None
+    assert all(c is None for c in results["per_query"]["alpha"]["categories"])
+    for name in ("results.md", "report.html"):
+        assert "Not computed: no query carries" in (run_dir / name).read_text()
+    assert "<td class='cat'>" not in (run_dir / "report.html").read_text()
