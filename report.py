@@ -23,6 +23,7 @@ import trackstar as ts
 
 NAMES = {
     "bm25": "BM25 (lexical)",
+    "dense": "Dense (text embeddings)",
     "dot": "Gradient dot product",
     "cosine": "Gradient cosine",
     "trak": "TRAK-like (no opt. corr., R_train, no unit norm)",
@@ -211,6 +212,13 @@ def diagnostics(run: Path, methods: list[str]) -> list[str]:
             line += (f" — **R_train is rank-deficient ({a['n_train']} < d = {meta.dim}): "
                      "whitening by it is unreliable**")
         lines.append(line)
+    dense = run / "index-dense" / "index.h5"
+    if "dense" in methods and dense.exists():
+        with h5py.File(dense, "r") as f:
+            a = ts.read_attrs(f)["dense"]
+        name = "all-MiniLM-L6-v2 (`minilm`)" if a["model_path"] == "minilm" else f"`{a['model_path']}`"
+        lines.append(f"{NAMES['dense']}: {name}, fingerprint {a['model']}, d = {a['dim']}, {a['pooling']}, "
+                     f"texts cut at {a['max_length']} tokens; queries embedded as prompt + target")
     return lines or [f"no encoding metadata or R matrices found under `{run}`"]
 
 
@@ -326,7 +334,7 @@ def figure_png(fig: Any) -> bytes:
 
 
 def method_colour(m: str) -> str:
-    return {"trackstar": "#dd6b20", "truth": "#9a9a9a", "bm25": "#4c9a5b"}.get(m, "#4c72b0")
+    return {"trackstar": "#dd6b20", "truth": "#9a9a9a", "bm25": "#4c9a5b", "dense": "#8fbf7f"}.get(m, "#4c72b0")
 
 
 def results_chart(results: dict) -> bytes:
@@ -483,7 +491,7 @@ def docs_table(docs: list[dict], query: dict, facts_of: dict, cls: str, n_chars:
 
 def opponent_method(methods: list[str]) -> str | None:
     """Whose opponents to show: TrackStar's, else the last gradient method's."""
-    gradient = [m for m in methods if m not in ("bm25", "truth")]
+    gradient = [m for m in methods if m not in ("bm25", "dense", "truth")]
     return "trackstar" if "trackstar" in gradient else (gradient[-1] if gradient else None)
 
 

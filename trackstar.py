@@ -177,11 +177,11 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu",
     ggufs = sorted(p.glob("*.gguf")) if p.is_dir() else []
     if ggufs and not (p / "config.json").exists():
         kw["gguf_file"] = ggufs[0].name
-    tokenizer = _loading(f"the tokenizer in {p}", lambda: AutoTokenizer.from_pretrained(str(p), **kw))
+    tokenizer = loading(f"the tokenizer in {p}", lambda: AutoTokenizer.from_pretrained(str(p), **kw))
     if not tokenizer("The capital of France is Paris.").input_ids:
         raise TrackStarError(f"the tokenizer in {p} turns text into no tokens: are its files (tokenizer.json, "
                              "vocab.json + merges.txt, or tokenizer.model) missing?")
-    model = _loading(f"the model in {p}",
+    model = loading(f"the model in {p}",
                      lambda: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, **kw))
     model.eval()  # no dropout: a gradient must be a function of the example alone
     check_causal(model)
@@ -193,7 +193,7 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu",
     return model.to(device=device, dtype=getattr(torch, dtype)), tokenizer
 
 
-def _loading(what: str, load: Callable[[], Any]) -> Any:
+def loading(what: str, load: Callable[[], Any]) -> Any:
     """Run a transformers loader; any failure (no tokenizer files, a T5 or other non-causal config, a bad
     config.json, truncated weights) becomes one line naming what could not be loaded and why."""
     try:

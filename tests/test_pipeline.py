@@ -25,11 +25,12 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.slow
 def test_make_all_prints_the_ablation_table(tiny_run):
     run, stdout = tiny_run
-    for name in ("BM25", "Gradient cosine", "TRAK-like", "TrackStar (mixed R)", "Ground truth"):
+    for name in ("BM25", "Dense (text embeddings)", "Gradient cosine", "TRAK-like", "TrackStar (mixed R)",
+                 "Ground truth"):
         assert name in stdout
     results = json.loads((run / "results.json").read_text())
     methods = results["settings"]["methods"]
-    assert {"bm25", "dot", "cosine", "trak", "optcorr", "train", "eval", "trackstar", "truth"} <= set(methods)
+    assert {"bm25", "dense", "dot", "cosine", "trak", "optcorr", "train", "eval", "trackstar", "truth"} <= set(methods)
     for m in methods:
         s = results["summary"][m]
         assert 0 <= s["mrr"] <= 1 and 0 <= s["recall"] <= 1
