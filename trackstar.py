@@ -909,7 +909,7 @@ def encode_tokenized(
     keys = ["vectors", "vectors_uncorrected"] if enc.also_uncorrected else ["vectors"]
     out = {k: np.zeros((len(tokenized), enc.dim), dtype=np.float32) for k in keys}
     for idx in length_batches([len(ids) for ids, _ in tokenized], token_budget):
-        vecs = encode_batch(enc, collate([tokenized[i] for i in idx], dev))
+        vecs = encode_fitting(enc, [tokenized[i] for i in idx], dev)
         for k in keys:
             out[k][idx] = vecs[k].cpu().numpy()
         if progress is not None:
@@ -917,6 +917,62 @@ def encode_tokenized(
             progress.tokens = getattr(progress, "tokens", 0) + sum(len(tokenized[i][0]) for i in idx)
             progress.set_postfix(tok_s=f"{progress.tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
     return out
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A GPU's OutOfMemoryError, or the CPU allocator's refusal (the kernel may kill us first: see
+    auto_token_budget)."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def encode_fitting(enc: Encoder, examples: list[tuple[list[int], list[int]]], dev: torch.device
+                   ) -> dict[str, torch.Tensor]:
+    """encode_batch on `examples`; a batch that runs out of memory is split in half and each half retried,
+    so no example is lost (a split batch's vectors agree with the whole batch's to float round-off). One
+    example that does not fit alone is an error naming its length."""
+    try:
+        return {k: v.cpu() for k, v in encode_batch(enc, collate(examples, dev)).items()}
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+    enc.model.zero_grad(set_to_none=True)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    if len(examples) == 1:
+        raise TrackStarError(f"one example of {len(examples[0][0])} tokens does not fit in memory on {dev}: "
+                             "lower --max-length")
+    half = len(examples) // 2
+    print(f"out of memory on a batch of {len(examples)}: retrying it as {half} + {len(examples) - half}",
+          file=sys.stderr)
+    a, b = encode_fitting(enc, examples[:half], dev), encode_fitting(enc, examples[half:], dev)
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def auto_token_budget(model: nn.Module, device: str, total_bytes: int | None = None) -> int:
+    """Padded tokens per encoding batch, from the model's shape and the device's memory: the largest power
+    of two whose activations (kept for the backward pass: 3x a rough per-token count, a margin that covers
+    the fact world's model and SmolLM2 as measured) fit in 80% of a GPU's memory or 40% of a CPU's, besides
+    the model and V, between 256 and 65,536 tokens (8,192 on a CPU, where larger batches buy no speed).
+    Total, not free, memory: every rank and every resumed run on one machine type picks the same budget
+    (it is recorded; a resume keeps its own)."""
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 768)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    width = next(model.parameters()).element_size()
+    per_token = 3 * width * layers * (16 * hidden + 3 * inner)
+    if total_bytes is None:
+        if torch.device(device).type == "cuda":
+            total_bytes = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        else:
+            total_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    gpu = torch.device(device).type == "cuda"
+    usable = int((0.8 if gpu else 0.4) * total_bytes)  # a CPU shares its memory with the page cache and the rest
+    fits = max(0, usable - 2 * model_bytes) // per_token  # the model, and V or its scales
+    cap = 65536 if gpu else 8192
+    return int(min(cap, max(256, 1 << max(fits, 1).bit_length() - 1)))
 
 
 @dataclasses.dataclass(frozen=True)

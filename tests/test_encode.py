@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, tiny_model
@@ -268,3 +269,57 @@ def test_embedding_padding_row_gets_no_gradient():
     got = encoded(model, exs, {}, "factored", params="all")["vectors"]
     for b, (ids, labels) in enumerate(exs):
         assert_matches(got[b], reference_vector(model, ids, labels, DIM, SEED, params="all"))
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_and_retried_never_lost(monkeypatch):
+    """An out-of-memory batch (a GPU's OutOfMemoryError, or the CPU allocator's RuntimeError) is halved and each
+    half retried until it fits: every example comes back, in order, equal to the unsplit batch's vectors up to
+    round-off; one example that does not fit alone is an error naming its length; other errors pass through."""
+    model = tiny_model("llama")
+    enc = ts.make_encoder(model, 64, 0, {}, "factored")
+    examples = [(ids, ids) for ids in ([5, 9, 3, 7, 2], [4, 8], [6, 1, 6], [3, 3, 9, 1], [7])]
+    want = ts.encode_tokenized(enc, examples, 10**6)["vectors"]
+    real, sizes = ts.encode_batch, []
+
+    def tight(enc, batch, error=torch.OutOfMemoryError("CUDA out of memory (simulated)")):
+        sizes.append(batch["input_ids"].shape[0])
+        if batch["input_ids"].shape[0] > 2:
+            raise error
+        return real(enc, batch)
+
+    monkeypatch.setattr(ts, "encode_batch", tight)
+    got = ts.encode_tokenized(enc, examples, 10**6)["vectors"]
+    assert sizes == [5, 2, 3, 1, 2]  # 5 -> 2 + 3, and 3 -> 1 + 2
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    cpu_error = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(ts, "encode_batch", lambda e, b: tight(e, b, cpu_error))
+    np.testing.assert_allclose(ts.encode_tokenized(enc, examples, 10**6)["vectors"], want, rtol=1e-5, atol=1e-6)
+
+    def never(enc, batch):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(ts, "encode_batch", never)
+    with pytest.raises(ts.TrackStarError, match="one example of 5 tokens does not fit in memory"):
+        ts.encode_tokenized(enc, examples[:1], 10**6)
+
+    def broken(enc, batch):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(ts, "encode_batch", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        ts.encode_tokenized(enc, examples, 10**6)
+
+
+def test_automatic_token_budget_follows_model_size_and_memory():
+    """A power of two within [256, cap], fewer tokens for a larger model or less memory, more on a GPU of the
+    same size (no page cache to share), and the same for the same machine (ranks and resumes agree)."""
+    small, large = tiny_model("llama"), tiny_model("gpt2")
+    large.config.n_layer, large.config.n_embd = 48, 4096  # the budget reads the shape from the config
+    for model in (small, large):
+        budgets = [ts.auto_token_budget(model, "cpu", gib << 30) for gib in (1, 4, 16, 64, 256)]
+        assert all(256 <= b <= 8192 and b & (b - 1) == 0 for b in budgets)
+        assert budgets == sorted(budgets)
+    assert ts.auto_token_budget(large, "cpu", 64 << 30) < ts.auto_token_budget(small, "cpu", 64 << 30)
+    assert ts.auto_token_budget(large, "cpu", 64 << 30) <= ts.auto_token_budget(large, "cuda", 64 << 30) <= 65536
+    assert ts.auto_token_budget(large, "cpu", 1 << 30) == 256
+    assert ts.auto_token_budget(small, "cpu") == ts.auto_token_budget(small, "cpu")
