@@ -111,7 +111,7 @@ def sample_blocks(run: str | Path, dataset: str, n_sample: int, seed: int) -> It
         local = picked[(picked >= lo) & (picked < hi)] - lo
         if len(local):
             with h5py.File(f, "r") as h:
-                yield h[dataset][local]  # h5py reads an increasing row list as one selection
+                yield ts.chunk_rows(h, dataset, local)  # h5py reads an increasing row list as one selection
 
 
 def gathered(blocks: Iterable[np.ndarray], rows: int = 4096) -> Iterator[np.ndarray]:

@@ -109,7 +109,7 @@ def test_nan_vectors_are_refused_naming_the_first_bad_example(tmp_path):
     vectors = np.ones((3, 4), np.float32)
     vectors[1, 2] = np.inf
     with pytest.raises(ts.TrackStarError, match=r"data\.jsonl:7: .*NaN or inf"):
-        encode_cli.check_finite_rows({"vectors": vectors}, rows)
+        encode_cli.check_storable_rows({"vectors": vectors}, rows, "float32")
 
 
 def test_second_moment_with_negative_entries_is_refused_naming_the_parameter(model_dir, tmp_path):

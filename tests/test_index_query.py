@@ -25,7 +25,7 @@ META = {"tool": f"trackstar {ts.VERSION}", "model": "fingerprint-A", "model_path
         "dim": 32, "seed": 0, "factors": [4, 8], "modules": "12 matrices/abc", "correction": "adam",
         "v_digest": "v-1", "v_file": None, "eps": 1e-8, "lr": None, "factor_v": False, "max_length": 64,
         "loss": "all tokens", "gradient": "exact", "params": "matrices", "matmul_precision": "highest",
-        "device_type": "cpu", "token_budget": 8192, "truncated": 0, "data_digest": None}
+        "device_type": "cpu", "token_budget": 8192, "truncated": 0, "data_digest": None, "chunk_dtype": "float32"}
 
 
 def fabricate_run(run: Path, kind: str, vectors: dict[str, np.ndarray], chunk: int = 64, **meta) -> Path:
