@@ -6,41 +6,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, ROOT, write_jsonl
+from conftest import CORPUS, refused, run, write_jsonl
 
 import trackstar as ts
 
 DATASETS = ("vectors", "vectors_uncorrected")
 
 
-def run(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, env=env)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
 def encode(kind: str, model_dir: Path, data: Path, out: Path, *extra, check: bool = True):
     return run("encode.py", kind, "--model", model_dir, "--data", data, "--out", out, "--dim", 1024,
                "--chunk-size", 4, "--also-uncorrected", *extra, check=check)
-
-
-def refused(r: subprocess.CompletedProcess, *words: str) -> None:
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    for w in words:
-        assert w in r.stderr, (w, r.stderr[-2000:])
 
 
 @pytest.fixture(scope="module")

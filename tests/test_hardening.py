@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,31 +13,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_model, write_jsonl
+from conftest import refused, run, tiny_model, write_jsonl
 
 import trackstar as ts
-
-
-def run(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, env=env)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 def encode(kind, model_dir, data, out, *extra, check=True):
     return run("encode.py", kind, "--model", model_dir, "--data", data, "--out", out, "--dim", 64,
                "--chunk-size", 8, *extra, check=check)
-
-
-def refused(r: subprocess.CompletedProcess, *words: str) -> None:
-    """Exit 2, one line naming the culprit, no traceback."""
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert "Traceback" not in r.stderr, r.stderr[-2000:]
-    for w in words:
-        assert w in r.stderr, (w, r.stderr[-2000:])
 
 
 def vectors_of(out: Path) -> dict[str, bytes]:
