@@ -6,11 +6,20 @@ Prints: memory read bandwidth (GB/s), float32 matmul rate (GFLOP/s), then query.
 exact scan over a float16 index read from HDF5 (page cache warm) for 1 and for 1,024 queries,
 as GB/s of index read and as a fraction of the binding limit (bandwidth for one query, matmul
 for many), and BM25 queries/s on 100k short synthetic documents. Takes about 2-3 minutes on 2 cores.
+
+    python bench_index.py --r-memory 4096,8192 [--r-memory-only]
+
+adds the peak memory of index.py's R part (R_train, R_eval, λ, damping, R^(-1/2)) at each d, as a multiple
+of one d x d float64 matrix (d = 8,192: about 3 minutes on one thread, mostly eigendecompositions).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,6 +30,7 @@ import numpy as np
 import torch
 import typer
 
+import index
 import query
 import trackstar as ts
 
@@ -130,12 +140,60 @@ def bm25_rate(n_docs: int = 100_000, n_queries: int = 200) -> tuple[float, float
     return build, fast, slow
 
 
+def r_part_memory(dim: int) -> dict[str, float]:
+    """Peak memory of index.py's R part at dimension `dim`, in a fresh process: ru_maxrss is the peak of the
+    whole process (torch's allocations included, which tracemalloc cannot see), so each d gets its own."""
+    code = f"import bench_index, json; print(json.dumps(bench_index.r_part_child({dim})))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def r_part_child(dim: int, n_eval: int = 256) -> dict[str, float]:
+    """R_train from `dim` synthetic vectors (an anisotropic spectrum, streamed in blocks as index.py reads
+    chunks), R_eval from `n_eval`, then hessian_from_moments as index.py runs it: the peak RSS above the
+    process's RSS before, in d x d float64 matrices (after the moments, and over the whole R part)."""
+    rng = np.random.default_rng(0)
+    scale = np.geomspace(1, 1e-2, dim).astype(np.float32)
+
+    def blocks(n: int):
+        for lo in range(0, n, 1024):
+            yield rng.standard_normal((min(1024, n - lo), dim), dtype=np.float32) * scale
+
+    index.inverse_sqrt(np.eye(64) * 2.0)  # LAPACK's code and thread buffers are loaded before measuring
+    matrix, base = dim * dim * 8, _rss()
+    t = time.perf_counter()
+    train = index.second_moment_matrix(blocks(dim))
+    R_eval, n, _ = index.second_moment_matrix(blocks(n_eval))
+    moments = _peak_rss()
+    index.hessian_from_moments(train, R_eval, n, index.HessianOptions("mixed"))
+    return {"moments": (moments - base) / matrix, "peak": (_peak_rss() - base) / matrix,
+            "seconds": time.perf_counter() - t}
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
 @app.command(help=__doc__)
 def main(
     rows: int = typer.Option(200_000, help="Index rows (200k x 4096 float16 = 1.6 GB)."),
     dim: int = typer.Option(4096, help="Vector dimension d."),
     keep: Path | None = typer.Option(None, help="Directory for the index file (default: a temporary one)."),
+    r_memory: str = typer.Option("", help="Comma-separated d's at which to measure the R part's peak memory."),
+    r_memory_only: bool = typer.Option(False, help="Only the R part's memory (skip the scan and BM25)."),
 ) -> None:
+    for d in [int(x) for x in r_memory.split(",") if x]:
+        m = r_part_memory(d)
+        print(f"R part at d = {d}: peak {m['peak']:.2f} x one d x d float64 matrix ({d * d * 8 / 2**30:.2f} GiB); "
+              f"{m['moments']:.2f} x while accumulating R_train and R_eval; {m['seconds']:.0f} s")
+    if r_memory_only:
+        return
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"load average {os.getloadavg()[0]:.2f} (other processes share these cores)")
     bw, gflops = memory_bandwidth(), matmul_rate()

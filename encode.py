@@ -4,7 +4,8 @@
     python encode.py queries --model DIR --data queries.jsonl --out RUN/queries
 
 Writes RUN/.../meta.json and HDF5 chunks `chunk-000123.h5` (datasets `vectors`, `ids`, and with
---also-uncorrected `vectors_uncorrected`). Chunk i holds input rows [i*C, (i+1)*C). A chunk file
+--also-uncorrected `vectors_uncorrected`; vectors computed in float32, stored as --chunk-dtype: float32,
+bfloat16 as uint16 bits, or float16, and read back as float32). Chunk i holds input rows [i*C, (i+1)*C). A chunk file
 appears under its final name only when whole, so a rerun skips finished chunks and resumes; under
 torchrun or --shard/--num-shards each process encodes chunks i with i % n == shard.
 """
@@ -159,7 +160,7 @@ def check_resume(out: Path, run: ts.RunSettings) -> None:
 
 
 def check_options(gradient: str, dim: int, max_length: int | None, token_budget: int, chunk_size: int, dtype: str,
-                  estimate_v: int) -> None:
+                  estimate_v: int, chunk_dtype: str) -> None:
     """Every option checked before any work is done or any file written."""
     if gradient not in ("auto", "factored", "exact"):
         raise ts.TrackStarError(f"--gradient must be auto, factored or exact, got {gradient!r}")
@@ -174,6 +175,8 @@ def check_options(gradient: str, dim: int, max_length: int | None, token_budget:
                                 "use bfloat16 or float32")
     if dtype not in ("float32", "bfloat16"):
         raise ts.TrackStarError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    if chunk_dtype not in ts.CHUNK_DTYPES:
+        raise ts.TrackStarError(f"--chunk-dtype must be one of {list(ts.CHUNK_DTYPES)}, got {chunk_dtype!r}")
 
 
 def check_vocabulary(tokenized: list, rows: list[dict], model: nn.Module) -> None:
@@ -201,14 +204,22 @@ def finished(out: Path, run: ts.RunSettings, i: int) -> bool:
     return True
 
 
-def check_finite_rows(arrays: dict[str, np.ndarray], rows: list[dict]) -> None:
-    """Refuse NaN/inf vectors before they are written, naming the first example that gave one."""
+def check_storable_rows(arrays: dict[str, np.ndarray], rows: list[dict], chunk_dtype: str) -> None:
+    """Refuse NaN/inf vectors, and vectors beyond --chunk-dtype's range (float16: ±65504; they would be stored
+    as inf), before they are written, naming the first example that gave one."""
     for key, a in arrays.items():
         bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
         if len(bad):
             raise ts.TrackStarError(f"{rows[bad[0]]['_where']}: the example's {key} are NaN or inf "
                                     f"({len(bad)} of {len(rows)} in this chunk): a model with NaN weights, or an "
                                     "overflow in --dtype? Nothing was written for this chunk")
+        bad = ts.unstorable_rows(a, chunk_dtype)
+        if len(bad):
+            raise ts.TrackStarError(f"{rows[bad[0]]['_where']}: the example's {key} reach "
+                                    f"{np.abs(a[bad[0]]).max():.6g}, beyond --chunk-dtype {chunk_dtype}'s "
+                                    f"±{ts.chunk_limit(chunk_dtype):.6g} "
+                                    f"({len(bad)} of {len(rows)} in this chunk); use --chunk-dtype bfloat16 or "
+                                    "float32. Nothing was written for this chunk")
 
 
 @app.command()
@@ -238,6 +249,9 @@ def main(
     chunk_size: int = typer.Option(1024, help="Examples per HDF5 chunk (the unit of resume and sharding)."),
     also_uncorrected: bool = typer.Option(False, help="Also write the uncorrected projection (one model pass)."),
     dtype: str = typer.Option("float32", help="Model compute dtype: float32 | bfloat16."),
+    chunk_dtype: str = typer.Option("float32", help="How chunks store the vectors (computed in float32, rounded "
+                                    "when written; read back as float32): float32 | bfloat16 | float16 (half the "
+                                    "disk; float16 refuses vectors beyond ±65504)."),
     matmul_precision: str = typer.Option("highest", help="float32 matmuls: highest (fp32) | high (TF32 on a GPU "
                                          "that has it: faster, ~1e-3 relative error; recorded, never mixed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
@@ -247,7 +261,7 @@ def main(
     """Encode a corpus or a query set into g(z) = P · ∇θL(z) / sqrt(V + eps), one HDF5 chunk at a time."""
     if kind not in LOSS:
         raise ts.TrackStarError(f"KIND must be corpus or queries, got {kind!r}")
-    check_options(gradient, dim, max_length, token_budget, chunk_size, dtype, estimate_v)
+    check_options(gradient, dim, max_length, token_budget, chunk_size, dtype, estimate_v, chunk_dtype)
     if params not in ts.PARAMS:
         raise ts.TrackStarError(f"--params must be one of {ts.PARAMS}, got {params!r}")
     if out.exists() and not out.is_dir():
@@ -281,6 +295,7 @@ def main(
         max_length=max_length, truncated=len(truncated),
         dim=dim, seed=seed, factors=list(ts.factor_dims(dim)), modules=modules_digest(modules, lookups), params=params,
         gradient=gradient, matmul_precision=matmul_precision, device_type=torch.device(device).type,
+        chunk_dtype=chunk_dtype,
         correction=applied.source if applied else "none",
         v_digest=applied.digest if applied else None, v_file=v_file, eps=eps or 0.0,
         lr=V.lr if V else None, factor_v=factor_v,
@@ -300,7 +315,7 @@ def main(
             for i in mine:
                 lo, hi = i * chunk_size, min((i + 1) * chunk_size, len(rows))
                 arrays = ts.encode_tokenized(enc, tokenized[lo:hi], token_budget, bar)
-                check_finite_rows(arrays, rows[lo:hi])
+                check_storable_rows(arrays, rows[lo:hi], chunk_dtype)
                 ts.write_chunk(out / ts.chunk_name(i), arrays, np.arange(lo, hi), run)
 
 

@@ -111,7 +111,7 @@ def sample_blocks(run: str | Path, dataset: str, n_sample: int, seed: int) -> It
         local = picked[(picked >= lo) & (picked < hi)] - lo
         if len(local):
             with h5py.File(f, "r") as h:
-                yield h[dataset][local]  # h5py reads an increasing row list as one selection
+                yield ts.chunk_rows(h, dataset, local)  # h5py reads an increasing row list as one selection
 
 
 def gathered(blocks: Iterable[np.ndarray], rows: int = 4096) -> Iterator[np.ndarray]:
@@ -143,11 +143,11 @@ def second_moment_matrix(blocks: Iterable[np.ndarray], device: str = "cpu") -> t
         norm4 += float((x * x).sum(dim=1).square().sum())
     if acc is None or n == 0:
         raise ts.TrackStarError("no vectors to estimate a second moment from")
-    return (acc / n).cpu().numpy(), n, norm4
+    return acc.div_(n).cpu().numpy(), n, norm4
 
 
 def ledoit_wolf(S: np.ndarray, n: int, norm4: float) -> tuple[np.ndarray, float]:
-    """(ρ·μI + (1−ρ)·S, ρ): S = XᵀX/n shrunk toward the scaled identity μI, μ = trace(S)/d.
+    """(ρ·μI + (1−ρ)·S, ρ): S = XᵀX/n shrunk toward the scaled identity μI, μ = trace(S)/d, in S's memory.
 
     Ledoit & Wolf (2004), for an uncentred second moment: ρ = min(β², δ²)/δ² with
     δ² = ‖S − μI‖²/d, how far S is from the identity, and β² = (Σ‖x‖⁴/n − ‖S‖²)/(n·d), how noisy
@@ -157,13 +157,13 @@ def ledoit_wolf(S: np.ndarray, n: int, norm4: float) -> tuple[np.ndarray, float]
     """
     d = S.shape[0]
     mu = float(np.trace(S)) / d
-    frob2 = float(np.sum(S * S))
+    frob2 = float(S.ravel() @ S.ravel())  # a dot product: no d x d temporary
     delta2 = (frob2 - d * mu * mu) / d
     beta2 = (norm4 / n - frob2) / (n * d)
     rho = 0.0 if delta2 <= 0 else float(np.clip(min(beta2, delta2) / delta2, 0.0, 1.0))
-    R = (1.0 - rho) * S
-    R[np.diag_indices(d)] += rho * mu
-    return R, rho
+    S *= 1.0 - rho
+    S[np.diag_indices(d)] += rho * mu
+    return S, rho
 
 
 def _eigh_threads(d: int) -> int | None:
@@ -207,36 +207,61 @@ def mix_lambda(e_train: np.ndarray, e_eval: np.ndarray, k: int) -> float:
     return a / (a + b)
 
 
-def mixed_hessian(R_train: np.ndarray, R_eval: np.ndarray, lam: float) -> np.ndarray:
-    """R = λ·R_eval + (1−λ)·R_train (λ=0: R_train alone, λ=1: R_eval alone)."""
-    if lam == 0.0:
-        return R_train.copy()
+# At d = 2^16 one d x d float64 matrix is 34 GB, so R is built in place: R_train and R_eval are the only two
+# matrices this code allocates; the mix, the damping, the eigenvectors and R^(-1/2) reuse their memory.
+# torch's eigvalsh works on its own copy, and eigh (LAPACK's divide and conquer) on a 2·d² workspace: the peak
+# is about 4 matrices (`bench_index.py --r-memory`).
+
+
+def mixed_hessian(R_train: np.ndarray, R_eval: np.ndarray | None, lam: float) -> np.ndarray:
+    """R = λ·R_eval + (1−λ)·R_train in R_train's memory (λ=1: R_eval itself). R_eval is overwritten."""
+    if lam == 0.0 or R_eval is None:
+        return R_train
     if lam == 1.0:
-        return R_eval.copy()
-    return lam * R_eval + (1.0 - lam) * R_train
+        return R_eval
+    R_train *= 1.0 - lam
+    R_eval *= lam
+    R_train += R_eval
+    return R_train
 
 
 def damp(R: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
-    """(R + δI, δ) with δ = damping · trace(R)/d: relative to the mean eigenvalue, so the same
+    """(R + δI, δ) in R's memory, δ = damping · trace(R)/d: relative to the mean eigenvalue, so the same
     --damping means the same thing at any gradient scale."""
     delta = damping * float(np.trace(R)) / R.shape[0]
-    return R + delta * np.eye(R.shape[0]), delta
+    R[np.diag_indices(R.shape[0])] += delta
+    return R, delta
 
 
-def symmetric_power(R: np.ndarray, power: float, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(R^power, eigenvalues of R descending) by a float64 eigendecomposition; R must be positive definite."""
-    with ts.cpu_threads(_eigh_threads(R.shape[0])):
-        w, V = torch.linalg.eigh(torch.as_tensor(R, device=device).double())
-    if w.min().item() <= 0:
-        raise ts.TrackStarError(
-            f"R is not positive definite (smallest eigenvalue {w.min().item():.3g}); use --damping > 0"
-        )
-    return ((V * w.pow(power)) @ V.T).cpu().numpy(), w.flip(0).cpu().numpy()
+def inverse_roots(R: np.ndarray, spare: np.ndarray | None = None, inverse: bool = False, device: str = "cpu"
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(R^(-1/2), R^(-1) if `inverse`, eigenvalues of R descending) by a float64 eigendecomposition R = VΛVᵀ.
+
+    R^(-1/2) = WWᵀ with W = VΛ^(-1/4): V is scaled in place, never copied. On the CPU R^(-1/2) takes R's
+    memory and V (then R^(-1)) the memory of `spare`, a d x d float64 matrix the caller no longer needs
+    (None: V is allocated). R must be positive definite.
+    """
+    d = R.shape[0]
+    with ts.cpu_threads(_eigh_threads(d)):
+        r = torch.as_tensor(R, dtype=torch.float64, device=device)  # on the CPU: R's own memory
+        cpu = spare is not None and r.device.type == "cpu"
+        other = torch.as_tensor(spare, dtype=torch.float64) if cpu else torch.empty_like(r)
+        w, V = torch.empty(d, dtype=r.dtype, device=r.device), other.mT  # column-major: LAPACK writes V into it
+        torch.linalg.eigh(r, out=(w, V))
+        if w.min().item() <= 0:
+            raise ts.TrackStarError(
+                f"R is not positive definite (smallest eigenvalue {w.min().item():.3g}); use --damping > 0"
+            )
+        V.mul_(w.pow(-0.25))
+        torch.matmul(V, V.mT, out=r)
+        if inverse:  # TRAK's R^(-1) = R^(-1/2)·R^(-1/2), where V was
+            torch.matmul(r, r, out=other)
+    return r.cpu().numpy(), other.cpu().numpy() if inverse else None, w.flip(0).cpu().numpy()
 
 
 def inverse_sqrt(R: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """R^(-1/2), symmetric, float64."""
-    return symmetric_power(R, -0.5, device)[0]
+    """R^(-1/2), symmetric, float64, in R's memory."""
+    return inverse_roots(R, device=device)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +327,8 @@ def hessian_from_moments(train: tuple[np.ndarray, int, float], R_eval: np.ndarra
     """R from its two estimates: shrink R_train (damping auto), choose λ, mix, damp, take R^(-1/2).
 
     `train` is second_moment_matrix's (R_train, n, Σ‖x‖⁴). Without queries (R_eval None) R is
-    R_train alone: the paper's Hessian for a task with no query set.
+    R_train alone: the paper's Hessian for a task with no query set. Both matrices are overwritten:
+    their memory holds R, then R^(-1/2) and R's eigenvectors (or TRAK's R^(-1)).
     """
     R_train, n_train, norm4 = train
     shrinkage = 0.0
@@ -319,9 +345,10 @@ def hessian_from_moments(train: tuple[np.ndarray, int, float], R_eval: np.ndarra
         lam = 0.0 if opts.hessian == "train" else 1.0
     damping = AUTO_DAMPING if opts.damping == "auto" else float(opts.damping)
     R, delta = damp(mixed_hessian(R_train, R_eval, lam), damping)
-    inv_sqrt, e_R = symmetric_power(R, -0.5, device)
+    spare = R_eval if R is R_train else R_train
     # TRAK: g(m)ᵀ R_train^(-1) g(q); documents stay as they are, queries carry the inverse
-    query_transform = symmetric_power(R, -1.0, device)[0] if opts.trak else inv_sqrt
+    inv_sqrt, inverse, e_R = inverse_roots(R, spare, opts.trak, device)
+    query_transform = inverse if opts.trak else inv_sqrt
     return HessianFit(
         corpus_transform=None if opts.trak else inv_sqrt, query_transform=query_transform, lam=lam,
         lam_source=("auto" if opts.lam == "auto" else "given") if opts.hessian == "mixed" else opts.hessian,

@@ -47,8 +47,8 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     "λ crossing uses the wrong spectrum": (
         "index.py", "a, b = float(e_train[k]), float(e_eval[k])", "a, b = float(e_eval[k]), float(e_train[k])", [IDX]),
     "R^(-1/2) on documents only": (
-        "index.py", "query_transform = symmetric_power(R, -1.0, device)[0] if opts.trak else inv_sqrt",
-        "query_transform = symmetric_power(R, -1.0, device)[0] if opts.trak else None", [IDX]),
+        "index.py", "query_transform = inverse if opts.trak else inv_sqrt",
+        "query_transform = inverse if opts.trak else None", [IDX]),
     "top-k ties to the higher id": (
         "query.py", "return (_LOW - 1 - ids).add(order, alpha=_LOW)", "return ids.add(order, alpha=_LOW)", [IDX]),
     "unit norm skipped on queries": (

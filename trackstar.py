@@ -1002,6 +1002,7 @@ class RunSettings:
     gradient: str  # "factored" or "exact"
     matmul_precision: str  # float32 matmuls: "highest" (fp32) or "high" (TF32 where the GPU has it)
     device_type: str  # "cpu" or "cuda": recorded, not compared (results agree to round-off)
+    chunk_dtype: str  # how chunks store the float32 vectors: float32, bfloat16 or float16 (see CHUNK_DTYPES)
     correction: str  # where V came from, or "none"
     v_digest: str | None  # identity of V as applied (after --factor-v)
     v_file: str | None
@@ -1143,13 +1144,44 @@ def chunk_name(i: int) -> str:
     return f"chunk-{i:06d}.h5"
 
 
+# How a chunk stores its vectors (`encode.py --chunk-dtype`): name -> HDF5 storage type. Vectors are computed
+# in float32 and rounded (to nearest even) only when written. HDF5 has no bfloat16: its 16 bits are stored as
+# uint16, and each vector dataset names its dtype in the attribute `dtype`. Every bfloat16 and float16 value
+# is a float32, so readers get float32 back exactly.
+CHUNK_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
+
+
+def chunk_limit(chunk_dtype: str) -> float:
+    """The largest magnitude `chunk_dtype` holds (float16: 65504); beyond it a value is stored clipped or inf."""
+    return float(torch.finfo(getattr(torch, chunk_dtype)).max)
+
+
+def unstorable_rows(a: np.ndarray, chunk_dtype: str) -> np.ndarray:
+    """Indices of rows with NaN, inf, or an entry beyond `chunk_dtype`'s range."""
+    return np.flatnonzero(~(np.abs(a) <= chunk_limit(chunk_dtype)).all(axis=1))  # NaN fails <= too
+
+
+def to_chunk_dtype(a: np.ndarray, chunk_dtype: str) -> np.ndarray:
+    """float32 vectors as a chunk stores them (bfloat16 as its bits, uint16)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if chunk_dtype == "bfloat16":
+        return torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return a.astype(CHUNK_DTYPES[chunk_dtype])
+
+
 def write_chunk(path: str | Path, arrays: dict[str, np.ndarray], ids: np.ndarray, run: RunSettings) -> None:
-    """One chunk: datasets `ids` and each of `arrays`, the run's settings as attributes."""
+    """One chunk: datasets `ids` and each of `arrays` (stored as run.chunk_dtype), the run's settings as
+    attributes. A vector that does not fit the dtype is refused, never stored as inf."""
+    for key, a in arrays.items():
+        bad = unstorable_rows(a, run.chunk_dtype)
+        if len(bad):
+            raise TrackStarError(f"{path}: the {key} of row {ids[bad[0]]} are NaN, inf or beyond "
+                                 f"{run.chunk_dtype}'s ±{chunk_limit(run.chunk_dtype):.6g}; nothing was written")
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("ids", data=ids.astype(np.int64))
             for key, a in arrays.items():
-                f.create_dataset(key, data=a)
+                f.create_dataset(key, data=to_chunk_dtype(a, run.chunk_dtype)).attrs["dtype"] = run.chunk_dtype
             write_attrs(f, dataclasses.asdict(run))
 
 
@@ -1165,7 +1197,7 @@ def check_same(a: dict | RunSettings, b: dict | RunSettings, keys: list[str], wh
 
 # What must agree for two encoded runs (a corpus and its queries) to be compared.
 COMPATIBLE_KEYS = ["model", "dtype", "dim", "seed", "factors", "modules", "params", "correction", "v_digest", "eps",
-                   "matmul_precision", "tool"]
+                   "matmul_precision", "chunk_dtype", "tool"]
 
 
 def chunk_files(run: str | Path) -> list[Path]:
@@ -1207,12 +1239,18 @@ def check_chunk(path: Path, run: RunSettings, i: int) -> None:
             check_same(stored, run, CHUNK_KEYS, f"chunk {path}", "its run's meta.json")
             shapes = {key: h[key].shape for key in ["ids", *run.datasets] if key in h}
             ids_ok = "ids" in h and bool(np.array_equal(h["ids"][:], rows))
+            stored_as = {key: (h[key].dtype, h[key].attrs.get("dtype")) for key in run.datasets if key in h}
     except (OSError, ValueError) as e:
         raise DamagedChunk(f"{path} is damaged ({first_line(e, 120)}); rerun encode.py to re-encode it") from None
     want = {"ids": (n,), **{key: (n, run.dim) for key in run.datasets}}
     if shapes != want or not ids_ok:
         raise DamagedChunk(f"{path} does not hold rows {rows[0]}..{rows[-1]} of {list(want)} (shapes {shapes}); "
                            "rerun encode.py to re-encode it")
+    as_run = (np.dtype(CHUNK_DTYPES[run.chunk_dtype]), run.chunk_dtype)
+    odd = {key: f"{t} ({name})" for key, (t, name) in stored_as.items() if (t, name) != as_run}
+    if odd:
+        raise DamagedChunk(f"{path} stores {odd}, not {run.chunk_dtype} as its settings say; rerun encode.py "
+                           "to re-encode it")
 
 
 def chunk_dataset(h: h5py.File, dataset: str) -> h5py.Dataset:
@@ -1222,11 +1260,20 @@ def chunk_dataset(h: h5py.File, dataset: str) -> h5py.Dataset:
     return h[dataset]
 
 
+def chunk_rows(h: h5py.File, dataset: str, rows: Any = slice(None)) -> np.ndarray:
+    """Rows of a chunk's vector dataset as float32, whatever it stores (checked by check_chunk)."""
+    ds = chunk_dataset(h, dataset)
+    a = ds[rows]
+    if ds.attrs.get("dtype") == "bfloat16":  # the upper 16 bits of a float32
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
 def iter_vector_blocks(run: str | Path, dataset: str = "vectors") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(ids, vectors) chunk by chunk: memory bounded by one chunk, whatever the corpus size."""
     for f in chunk_files(run):
         with h5py.File(f, "r") as h:
-            yield h["ids"][:], chunk_dataset(h, dataset)[:]
+            yield h["ids"][:], chunk_rows(h, dataset)
 
 
 def read_vectors(run: str | Path, dataset: str = "vectors") -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,6 +102,24 @@ CORPUS = [
     "Tokyo is the capital of Japan.",
     "Paris is known for the Eiffel Tower.",
 ]
+
+
+def run(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """One of the scripts as a user runs it (one thread), its output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+                       text=True, env=env)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def refused(r: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit 2, one line naming the culprit, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    for w in words:
+        assert w in r.stderr, (w, r.stderr[-2000:])
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,31 +13,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_model, write_jsonl
+from conftest import refused, run, tiny_model, write_jsonl
 
 import trackstar as ts
-
-
-def run(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, env=env)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 def encode(kind, model_dir, data, out, *extra, check=True):
     return run("encode.py", kind, "--model", model_dir, "--data", data, "--out", out, "--dim", 64,
                "--chunk-size", 8, *extra, check=check)
-
-
-def refused(r: subprocess.CompletedProcess, *words: str) -> None:
-    """Exit 2, one line naming the culprit, no traceback."""
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert "Traceback" not in r.stderr, r.stderr[-2000:]
-    for w in words:
-        assert w in r.stderr, (w, r.stderr[-2000:])
 
 
 def vectors_of(out: Path) -> dict[str, bytes]:
@@ -109,7 +90,7 @@ def test_nan_vectors_are_refused_naming_the_first_bad_example(tmp_path):
     vectors = np.ones((3, 4), np.float32)
     vectors[1, 2] = np.inf
     with pytest.raises(ts.TrackStarError, match=r"data\.jsonl:7: .*NaN or inf"):
-        encode_cli.check_finite_rows({"vectors": vectors}, rows)
+        encode_cli.check_storable_rows({"vectors": vectors}, rows, "float32")
 
 
 def test_second_moment_with_negative_entries_is_refused_naming_the_parameter(model_dir, tmp_path):

@@ -25,7 +25,7 @@ META = {"tool": f"trackstar {ts.VERSION}", "model": "fingerprint-A", "model_path
         "dim": 32, "seed": 0, "factors": [4, 8], "modules": "12 matrices/abc", "correction": "adam",
         "v_digest": "v-1", "v_file": None, "eps": 1e-8, "lr": None, "factor_v": False, "max_length": 64,
         "loss": "all tokens", "gradient": "exact", "params": "matrices", "matmul_precision": "highest",
-        "device_type": "cpu", "token_budget": 8192, "truncated": 0, "data_digest": None}
+        "device_type": "cpu", "token_budget": 8192, "truncated": 0, "data_digest": None, "chunk_dtype": "float32"}
 
 
 def fabricate_run(run: Path, kind: str, vectors: dict[str, np.ndarray], chunk: int = 64, **meta) -> Path:
@@ -154,9 +154,24 @@ def test_inverse_sqrt_whitens_to_float64_precision():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((48, 200))
     R = a @ a.T / 200
-    W = index_cli.inverse_sqrt(R)
+    W = index_cli.inverse_sqrt(R.copy())  # in place: R's memory becomes W
     assert np.allclose(W, W.T, atol=0, rtol=0) or np.abs(W - W.T).max() < 1e-13
     assert np.abs(W @ R @ W - np.eye(48)).max() < 1e-12
+
+
+def test_inverse_roots_in_place_equal_the_straightforward_formulas():
+    """R^(-1/2) = (VΛ^(-1/4))(VΛ^(-1/4))ᵀ in R's memory, and TRAK's R^(-1) in the spare matrix's (no third
+    d x d matrix), equal V·Λ^p·Vᵀ written out in numpy, to float64 round-off."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((96, 400)) * np.geomspace(1, 1e-2, 96)[:, None]
+    R = a @ a.T / 400 + 1e-4 * np.eye(96)  # condition number ~1e4
+    w, V = np.linalg.eigh(R)
+    R_copy, spare = R.copy(), np.empty_like(R)
+    inv_sqrt, inverse, e_R = index_cli.inverse_roots(R_copy, spare, inverse=True)
+    for got, want in ((inv_sqrt, V @ np.diag(w**-0.5) @ V.T), (inverse, V @ np.diag(1 / w) @ V.T)):
+        assert np.linalg.norm(got - want) <= 1e-10 * np.linalg.norm(want)
+    assert np.allclose(e_R, w[::-1], rtol=1e-12)
+    assert np.shares_memory(inv_sqrt, R_copy) and np.shares_memory(inverse, spare)
 
 
 def test_lambda_crosses_the_spectra_at_component_k():
@@ -207,14 +222,50 @@ def test_ledoit_wolf_shrinkage_equals_its_definition(n):
     rng = np.random.default_rng(n)
     X = rng.standard_normal((n, 12)) * np.geomspace(3, 0.1, 12)
     S, m, norm4 = index_cli.second_moment_matrix([X[: n // 2], X[n // 2 :]])
-    got, rho = index_cli.ledoit_wolf(S, m, norm4)
+    rank = np.linalg.matrix_rank(S)
+    got, rho = index_cli.ledoit_wolf(S, m, norm4)  # in S's memory
     want, want_rho = ledoit_wolf_by_definition(X)
     assert m == n and rho == pytest.approx(want_rho, rel=1e-9) and 0 < rho <= 1
     assert np.allclose(got, want, rtol=1e-9, atol=1e-12)
     assert np.linalg.eigvalsh(got).min() > 0
     more = rng.standard_normal((400, 12)) * np.geomspace(3, 0.1, 12)  # the same distribution, sampled more
     if n == 5:
-        assert np.linalg.matrix_rank(S) == 5 and rho > ledoit_wolf_by_definition(more)[1]
+        assert rank == 5 and rho > ledoit_wolf_by_definition(more)[1]
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("kind", ["mixed", "train", "eval", "trak"])
+def test_hessian_built_in_place_equals_the_straightforward_pipeline(kind):
+    """Shrinkage, mix, damping and R^(-1/2) overwrite R_train's and R_eval's memory (at d = 2^16 one matrix
+    is 34 GB) and give what each step written out with fresh matrices gives, to 1e-10."""
+    rng = np.random.default_rng(2)
+    d = 64
+    x = rng.standard_normal((300, d)) * np.geomspace(3, 0.05, d)
+    q = rng.standard_normal((20, d)) * np.geomspace(1, 1e-3, d) * 4
+    train = index_cli.second_moment_matrix([x])
+    moment_eval, n_eval, _ = index_cli.second_moment_matrix([q])
+    opts = index_cli.HessianOptions("train" if kind == "trak" else kind, trak=kind == "trak")
+    fit = index_cli.hessian_from_moments(train, moment_eval, n_eval, opts)
+    inputs = (train[0], moment_eval)  # the transforms live in their memory: no d x d matrix was added
+    assert [np.shares_memory(fit.inverse_sqrt, m) for m in inputs] == [kind != "eval", kind == "eval"]
+    assert kind != "trak" or np.shares_memory(fit.query_transform, moment_eval)
+
+    R_train, R_eval = ledoit_wolf_by_definition(x)[0], q.T @ q / len(q)  # damping auto
+    e_train, e_eval = np.linalg.eigvalsh(R_train)[::-1], np.linalg.eigvalsh(R_eval)[::-1]
+    lam = {"mixed": e_train[1] / (e_train[1] + e_eval[1]), "eval": 1.0}.get(kind, 0.0)  # k = round(1000·64/65536)
+    assert fit.lam == pytest.approx(lam, rel=1e-9)
+    R = lam * R_eval + (1 - lam) * R_train
+    R = R + 1e-3 * np.trace(R) / d * np.eye(d)
+    w, V = np.linalg.eigh(R)
+    assert relative_error(fit.inverse_sqrt, V @ np.diag(w**-0.5) @ V.T) < 1e-10
+    assert relative_error(fit.e_R, w[::-1]) < 1e-10
+    if kind == "trak":
+        assert fit.corpus_transform is None and relative_error(fit.query_transform, V @ np.diag(1 / w) @ V.T) < 1e-10
+    else:
+        assert fit.corpus_transform is fit.inverse_sqrt and fit.query_transform is fit.inverse_sqrt
 
 
 def test_damping_auto_records_its_shrinkage_and_refuses_nonsense(tmp_path):
