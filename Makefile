@@ -19,7 +19,8 @@ DAMPING ?= auto
 TRAIN_SAMPLE ?= 100000
 K       ?= 10
 DEVICE  ?= auto
-TOKEN_BUDGET ?= 8192
+# Padded tokens per encoding batch; empty: encode.py chooses from the model and the machine's memory.
+TOKEN_BUDGET ?=
 PARAMS  ?= matrices
 SWEEP_TAIL_QUERIES ?= 40
 
@@ -60,7 +61,7 @@ endif
 LR_OPT := $(if $(LR),--lr $(LR),)
 
 ENCODE_OPTS = --model $(MODEL) --dim $(DIM) --seed $(SEED) --also-uncorrected --device $(DEVICE) \
-              --token-budget $(TOKEN_BUDGET) --params $(PARAMS) $(ENCODE_EXTRA)
+              $(if $(TOKEN_BUDGET),--token-budget $(TOKEN_BUDGET)) --params $(PARAMS) $(ENCODE_EXTRA)
 
 # The ablation rows: name -> index.py flags (see index.py --help).
 VARIANTS := dot cosine trak optcorr train eval trackstar
@@ -90,8 +91,8 @@ REAL_DAMPING  ?= $(DAMPING)
 REAL_ESTIMATE ?= 256
 REAL_LR       ?= 1e-4
 REAL_TAIL_QUERIES ?= 40
-# A 135M model with a 49k vocabulary: 4,096 padded tokens a batch keeps encode and the V estimate within ~10 GB.
-REAL_TOKEN_BUDGET ?= 4096
+# Empty: the automatic budget (1,024 tokens for SmolLM2 on a 24 GB machine; 4,096 held ~11 GB).
+REAL_TOKEN_BUDGET ?=
 REAL_RELATIONS ?= all
 REAL_DATA     ?= $(DATA)/lama-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES)-d$(REAL_DOCS)
 REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES)-d$(REAL_DOCS)

@@ -153,14 +153,19 @@ def modules_digest(modules: list, lookups: list) -> str:
     return f"{len(modules)} matrices{extra}/" + hashlib.sha256(desc.encode()).hexdigest()[:12]
 
 
+def recorded_budget(out: Path) -> int | None:
+    """The token budget an existing run was encoded with: a resume keeps it (batches, and so round-off, alike)."""
+    return ts.read_meta(out).token_budget if (out / "meta.json").exists() else None
+
+
 def check_resume(out: Path, run: ts.RunSettings) -> None:
     """A rerun into an existing directory must have exactly the same settings."""
     if (out / "meta.json").exists():
         ts.check_same(ts.read_meta(out), run, ts.CHUNK_KEYS, f"existing run {out}", "this run")
 
 
-def check_options(gradient: str, dim: int, max_length: int | None, token_budget: int, chunk_size: int, dtype: str,
-                  estimate_v: int, chunk_dtype: str) -> None:
+def check_options(gradient: str, dim: int, max_length: int | None, token_budget: int | None, chunk_size: int,
+                  dtype: str, estimate_v: int, chunk_dtype: str) -> None:
     """Every option checked before any work is done or any file written."""
     if gradient not in ("auto", "factored", "exact"):
         raise ts.TrackStarError(f"--gradient must be auto, factored or exact, got {gradient!r}")
@@ -245,7 +250,9 @@ def main(
                                  "δ and x, never form ∇W; needs no V or a rank-one V) | exact (form ∇W, divide by "
                                  "sqrt(V + eps), project)."),
     max_length: int | None = typer.Option(None, help="Max tokens per example (default: model context)."),
-    token_budget: int = typer.Option(8192, help="Max padded tokens per batch."),
+    token_budget: int | None = typer.Option(None, help="Max padded tokens per batch. Default: chosen from the "
+                                            "model's shape and the machine's memory, and printed (a resumed run "
+                                            "keeps its recorded budget). A batch that runs out of memory is split."),
     chunk_size: int = typer.Option(1024, help="Examples per HDF5 chunk (the unit of resume and sharding)."),
     also_uncorrected: bool = typer.Option(False, help="Also write the uncorrected projection (one model pass)."),
     dtype: str = typer.Option("float32", help="Model compute dtype: float32 | bfloat16."),
@@ -276,6 +283,8 @@ def main(
     if truncated:
         typer.echo(f"truncated {len(truncated)} documents to {max_length} tokens (lines {truncated[:10]}...)")
     check_vocabulary(tokenized, rows, mdl)
+    token_budget = token_budget or recorded_budget(out) or ts.auto_token_budget(mdl, device)
+    typer.echo(f"token budget: {token_budget} padded tokens a batch")
     modules = ts.weight_modules(mdl)
     lookups = ts.lookup_modules(mdl) if params == "all" else []
     V, v_file = second_moment(mdl, tokenizer, out, optimizer_state, estimate_v, no_correction,

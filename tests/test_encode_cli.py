@@ -194,3 +194,20 @@ def test_fingerprint_names_the_weights_not_the_path(model_dir, tmp_path, monkeyp
     with torch.no_grad():
         absolute.lm_head.weight[0, 0] += 1e-3
     assert ts.fingerprint(absolute) != rel.trackstar_fingerprint
+
+
+def test_token_budget_is_chosen_printed_recorded_and_kept_on_resume(model_dir, corpus_file, tmp_path):
+    """Without --token-budget the budget comes from the model and the machine (printed, recorded in meta.json);
+    a rerun into a run encoded with another budget keeps that budget instead of being refused for it."""
+    import trackstar as ts
+
+    model, _ = ts.load_model(str(model_dir))
+    r = encode("corpus", model_dir, corpus_file, tmp_path / "auto")
+    chosen = ts.auto_token_budget(model, "cpu")
+    assert f"token budget: {chosen} padded tokens a batch" in r.stdout
+    assert json.loads((tmp_path / "auto" / "meta.json").read_text())["token_budget"] == chosen
+    encode("corpus", model_dir, corpus_file, tmp_path / "set", "--token-budget", "16")
+    before = (tmp_path / "set" / "meta.json").read_text()
+    r = encode("corpus", model_dir, corpus_file, tmp_path / "set")  # a resume: nothing left, nothing refused
+    assert "token budget: 16 padded tokens a batch" in r.stdout
+    assert (tmp_path / "set" / "meta.json").read_text() == before
