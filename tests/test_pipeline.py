@@ -22,6 +22,14 @@ def tiny_run(tmp_path_factory):
     return tmp / "run", r.stdout
 
 
+def make_on(run, target: str, *extra: str) -> None:
+    """`make TARGET` on the tiny run's world and run directory; it must succeed."""
+    cmd = ["make", "-C", str(ROOT), target, "SIZE=tiny", f"DATA={run.parent}/data", f"RUN={run}",
+           f"PY={sys.executable}", "DIM=1024", *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_make_all_prints_the_ablation_table(tiny_run):
     run, stdout = tiny_run
@@ -54,10 +62,7 @@ def test_tail_patch_is_a_valid_probe_on_the_ci_world(tiny_run):
 @pytest.mark.slow
 def test_make_sweep_writes_its_figures_and_table_into_the_report(tiny_run):
     run, _ = tiny_run
-    cmd = ["make", "-C", str(ROOT), "sweep", "SIZE=tiny", f"DATA={run.parent}/data", f"RUN={run}",
-           f"PY={sys.executable}", "DIM=1024", "SWEEP_TAIL_QUERIES=4"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    make_on(run, "sweep", "SWEEP_TAIL_QUERIES=4")
     sweep = json.loads((run / "sweep" / "sweep.json").read_text())
     assert set(sweep["axes"]) == {"d", "n_train", "damping", "lambda"}
     assert sorted({p["x"] for p in sweep["axes"]["d"]}, key=int) == ["128", "256", "512", "1024"]
@@ -100,10 +105,7 @@ def test_make_trend_evaluates_every_checkpoint_and_refuses_to_mix_them(tiny_run)
     checkpoint in training order with more tokens each, the figure drawn; and a checkpoint's corpus
     encodings refuse to be indexed with another checkpoint's queries, naming both fingerprints."""
     run, _ = tiny_run
-    cmd = ["make", "-C", str(ROOT), "trend", "SIZE=tiny", f"DATA={run.parent}/data", f"RUN={run}",
-           f"PY={sys.executable}", "DIM=1024", "TREND_TAIL_QUERIES=4"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    make_on(run, "trend", "TREND_TAIL_QUERIES=4")
     points = json.loads((run / "trend" / "trend.json").read_text())
     steps = sorted(p.name for p in (run.parent / "data" / "factworld-tiny-seed0" / "model" / "checkpoints").iterdir())
     assert [p["run"].rsplit("/", 1)[1] for p in points] == [*steps, "final"]
