@@ -26,6 +26,9 @@ import trackstar as ts
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 METHODS = ("bm25", "cosine", "trackstar")
+# Tail-patch also for the documents that state the fact: how much the attributed text itself moves the
+# prediction at each checkpoint, the yardstick for the retrieved rows.
+INFLUENCE = (*METHODS, "truth")
 SAME = ("lr", "n_docs", "tail_patch_queries", "k")  # settings every point must share
 
 
@@ -55,6 +58,10 @@ def read_point(model: Path, results_dir: Path) -> dict:
 def check_comparable(points: list[dict]) -> None:
     """Every point over the same queries and corpus, with the same tail-patch sample and learning rate."""
     first = points[0]
+    for p in points:
+        if "truth" not in p["results"]["per_query"]:
+            raise ts.TrackStarError(f"{p['run']} has no ground truth (queries' `fact`, documents' `facts`): "
+                                    "the trend plots MRR and the fact-stating documents' tail-patch")
     for p in points[1:]:
         for key in SAME:
             a, b = first["results"]["settings"][key], p["results"]["settings"][key]
@@ -73,19 +80,18 @@ def summary(points: list[dict]) -> list[dict]:
         everything = [True] * len(r["queries"])
         row = {"step": p["step"], "tokens": p["tokens"], "run": p["run"],
                "accuracy": sum(r["model_correct"]) / len(r["model_correct"])}
-        for m in METHODS:
-            for key in ("mrr", "dp"):
-                row[f"{m}_{key}"], row[f"{m}_{key}_se"] = report.summarize(r["per_query"][m][key], everything)
+        for m, key in [(m, "mrr") for m in METHODS] + [(m, "dp") for m in INFLUENCE]:
+            row[f"{m}_{key}"], row[f"{m}_{key}_se"] = report.summarize(r["per_query"][m][key], everything)
         rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     head = ["step", "training tokens", "queries answered"] + [f"MRR {m}" for m in METHODS] + \
-           [f"Δp ×1e-3 {m}" for m in METHODS]
+           [f"Δp ×1e-3 {m}" for m in INFLUENCE]
     body = [[str(r["step"]), f"{r['tokens']:,}", f"{r['accuracy']:.2f}"]
             + [f"{r[f'{m}_mrr']:.3f} ± {r[f'{m}_mrr_se']:.3f}" for m in METHODS]
-            + [f"{1e3 * r[f'{m}_dp']:.2f} ± {1e3 * r[f'{m}_dp_se']:.2f}" for m in METHODS] for r in rows]
+            + [f"{1e3 * r[f'{m}_dp']:.2f} ± {1e3 * r[f'{m}_dp_se']:.2f}" for m in INFLUENCE] for r in rows]
     return report.md_table(head, body)
 
 
@@ -99,9 +105,10 @@ def figure(rows: list[dict]) -> bytes:
 
     tokens = [r["tokens"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, key, title, scale in ((axes[0], "mrr", "MRR (attribution)", 1), (axes[1], "dp", "tail-patch Δp ×1e-3 "
-                                                                                  "(influence)", 1e3)):
-        for m in METHODS:
+    panels = ((axes[0], "mrr", "MRR (attribution)", 1, METHODS),
+              (axes[1], "dp", "tail-patch Δp ×1e-3 (influence)", 1e3, INFLUENCE))
+    for ax, key, title, scale, methods in panels:
+        for m in methods:
             ax.errorbar(tokens, [scale * r[f"{m}_{key}"] for r in rows], [scale * r[f"{m}_{key}_se"] for r in rows],
                         marker="o", capsize=3, color=report.method_colour(m), label=report.NAMES.get(m, m))
         ax.set_title(title)
