@@ -119,6 +119,7 @@ def figure(rows: list[dict]) -> bytes:
         ax.set_xlabel("training tokens")
         ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())  # 250k, not 250000
     axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)  # the ground-truth row appears here only
     fig.tight_layout()
     png = report.figure_png(fig)
     plt.close(fig)
