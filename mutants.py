@@ -58,11 +58,12 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "evaluate.py", "for rank, facts in enumerate(retrieved_facts, 1):",
         "for rank, facts in enumerate(retrieved_facts, 2):", [EVAL]),
     "tail-patch drops Adam's (1−β1)": (
-        "evaluate.py", "g = (1 - beta1) * g / (v_next + eps).sqrt()", "g = g / (v_next + eps).sqrt()", [EVAL]),
+        "evaluate.py", "g.mul_(1 - beta1).div_(denom)", "g.div_(denom)", [EVAL]),
     "tail-patch divides by the stale v": (
-        "evaluate.py", "v_next = beta2 * v[name] + (1 - beta2) * g * g", "v_next = v[name]", [EVAL]),
+        "evaluate.py", "denom = g.mul(1 - beta2).mul_(g).add_(v[name] * beta2).add_(eps).sqrt_()",
+        "denom = v[name].add(eps).sqrt()", [EVAL]),
     "tail-patch does not restore the weights": (
-        "evaluate.py", "                params[n].copy_(w)", "                pass", [EVAL]),
+        "evaluate.py", "            params[n].data = w", "            pass", [EVAL]),
     "resume skips chunks without checking settings": (
         "encode.py", "        ts.check_same(ts.read_meta(out), run,",
         "        (lambda *a: None)(ts.read_meta(out), run,",
@@ -81,6 +82,20 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "query.py", 'if dense.fingerprint != meta["model"]:', "if False:", [DENSE]),
     "dense: evaluate skips the dense index's corpus": (
         "evaluate.py", 'dense = run / "index-dense" / "index.h5"', 'dense = run / "no-such-index"', [DENSE]),
+    "out-of-memory split keeps only the first half": (
+        "trackstar.py", "return {k: torch.cat([a[k], b[k]]) for k in a}", "return a", [ENC]),
+    "a resumed run re-chooses its token budget": (
+        "encode.py", "token_budget = token_budget or recorded_budget(out) or ts.auto_token_budget(mdl, device)",
+        "token_budget = token_budget or ts.auto_token_budget(mdl, device)",
+        ["tests/test_encode_cli.py::test_token_budget_is_chosen_printed_recorded_and_kept_on_resume"]),
+    "trend mixes learning rates": (
+        "trend.py", 'SAME = ("lr", "n_docs", "tail_patch_queries", "k")',
+        'SAME = ("n_docs", "tail_patch_queries", "k")', ["tests/test_trend.py"]),
+    "categories match inside words": (
+        "evaluate.py", r'rf"(?<!\w){words}(?!\w)"', 'rf"{words}"', ["tests/test_categories.py"]),
+    "chunk dtype not compared between runs": (
+        "trackstar.py", '"matmul_precision", "chunk_dtype", "tool"]', '"matmul_precision", "tool"]',
+        ["tests/test_chunk_dtype.py"]),
 }
 
 
