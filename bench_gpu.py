@@ -24,6 +24,7 @@ import copy
 import json
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -168,26 +169,40 @@ def free(device: str) -> None:
 
 
 def markdown(r: dict) -> str:
-    """The figures as README-ready tables."""
-    lines = [f"device: {r['device']}; model: {r['model']}; d = {r['dim']}", "",
-             "| dtype | mode | tokens/s | ÷ train | peak MiB | ÷ train |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for e in r["encode"]:
-        lines.append(f"| {e['dtype']} | {e['mode']} | {e['tokens_per_s']:.0f} | {e.get('speed_vs_train', 1):.2f} | "
-                     f"{e['peak_mib']:.0f} | {e.get('memory_vs_train', 1):.2f} |")
-    lines += ["", "| path | vs float32 | min cosine | mean cosine |", "| --- | --- | ---: | ---: |"]
-    lines += [f"| {p['mode']} | {p['vs_float32']} | {p['min_cosine']:.6f} | {p['mean_cosine']:.6f} |"
-              for p in r["precision"]]
-    s = r["scan"]
-    lines += ["", f"scan of {s['rows']} x {s['dim']} float16 from host memory; "
-              f"host-to-device {s['h2d_gb_s']:.1f} GB/s, device memory {s['device_memory_gb_s']:.1f} GB/s", "",
-              "| queries | block | GB/s | ÷ host-to-device | ÷ device memory | top-10 = CPU's |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {x['queries']} | {x['block']} | {x['gb_s']:.1f} | {x['vs_h2d']:.2f} | {x['vs_device_memory']:.3f} | "
-              f"{x['top10_same_as_cpu']:.2f} |" for x in s["scans"]]
-    t = r["tail_patch"]
-    lines += ["", f"tail-patch: {t['seconds_per_doc']:.3f} s per {t['doc_tokens']}-token document; peak memory "
-              f"{t['peak_vs_model']:.2f}x the model ({t['model_gib']:.2f} GiB)"]
+    """The figures as README-ready tables (a failed section as its error)."""
+    lines = [f"device: {r['device']}; model: {r['model']}; d = {r['dim']}; torch {r['torch']}, CUDA {r['cuda']}"]
+    for name, table in (("encode", encode_table), ("precision", precision_table), ("scan", scan_table),
+                        ("tail_patch", tail_patch_table)):
+        part = r.get(name, {"error": "not run"})
+        lines += [""] + ([f"{name}: FAILED: {part['error']}"] if isinstance(part, dict) and "error" in part
+                         else table(part))
     return "\n".join(lines)
+
+
+def encode_table(rows: list[dict]) -> list[str]:
+    return ["| dtype | mode | tokens/s | ÷ train | peak MiB | ÷ train |",
+            "| --- | --- | ---: | ---: | ---: | ---: |"] + [
+        f"| {e['dtype']} | {e['mode']} | {e['tokens_per_s']:.0f} | {e.get('speed_vs_train', 1):.2f} | "
+        f"{e['peak_mib']:.0f} | {e.get('memory_vs_train', 1):.2f} |" for e in rows]
+
+
+def precision_table(rows: list[dict]) -> list[str]:
+    return ["| path | vs float32 | min cosine | mean cosine |", "| --- | --- | ---: | ---: |"] + [
+        f"| {p['mode']} | {p['vs_float32']} | {p['min_cosine']:.6f} | {p['mean_cosine']:.6f} |" for p in rows]
+
+
+def scan_table(s: dict) -> list[str]:
+    return [f"scan of {s['rows']} x {s['dim']} float16 from host memory; host-to-device {s['h2d_gb_s']:.1f} GB/s, "
+            f"device memory {s['device_memory_gb_s']:.1f} GB/s", "",
+            "| queries | block | GB/s | ÷ host-to-device | ÷ device memory | top-10 = CPU's |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |"] + [
+        f"| {x['queries']} | {x['block']} | {x['gb_s']:.1f} | {x['vs_h2d']:.2f} | {x['vs_device_memory']:.3f} | "
+        f"{x['top10_same_as_cpu']:.2f} |" for x in s["scans"]]
+
+
+def tail_patch_table(t: dict) -> list[str]:
+    return [f"tail-patch: {t['seconds_per_doc']:.3f} s per {t['doc_tokens']}-token document; peak memory "
+            f"{t['peak_vs_model']:.2f}x the model ({t['model_gib']:.2f} GiB)"]
 
 
 @app.command(help=__doc__)
@@ -206,19 +221,32 @@ def main(
         n, batch, length, scan_rows, scan_dim, gib, docs = 5, 16, 512, 524_288, 4096, 1.0, 8
     t0 = time.perf_counter()
     result = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "model": model,
-              "dim": dim, "encode": encode_section(model, device, dim, n, batch, length),
-              "precision": precision_section(model, device, dim, min(batch, 4), length),
-              "scan": scan_section(device, scan_rows, scan_dim, (1, 1024), gib),
-              "tail_patch": tail_patch_section(model, device, docs, length)}
-    result["seconds"] = time.perf_counter() - t0
-    with ts.atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(result, indent=1))
+              "dim": dim, "torch": torch.__version__, "cuda": torch.version.cuda}
+    sections = {"encode": lambda: encode_section(model, device, dim, n, batch, length),
+                "precision": lambda: precision_section(model, device, dim, min(batch, 4), length),
+                "scan": lambda: scan_section(device, scan_rows, scan_dim, (1, 1024), gib),
+                "tail_patch": lambda: tail_patch_section(model, device, docs, length)}
+    failed = []
+    for name, section in sections.items():
+        # GPU time is scarce: a section that fails is recorded and the others still run; what is done so
+        # far is on disk after each section, so a run cut short keeps its figures.
+        try:
+            result[name] = section()
+        except Exception as e:  # noqa: BLE001 — reported, and the exit status says so
+            traceback.print_exc()
+            result[name] = {"error": ts.first_line(e)}
+            failed.append(name)
+        free(device)
+        result["seconds"] = time.perf_counter() - t0
+        with ts.atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
     md = markdown(result)
     with ts.atomic_path(out.with_suffix(".md")) as tmp:
         tmp.write_text(md + "\n")
     print(md)
     print(f"({result['seconds']:.0f} s; {out} and {out.with_suffix('.md')})")
-
+    if failed:
+        raise ts.TrackStarError(f"bench_gpu sections failed: {', '.join(failed)} (tracebacks above)")
 
 if __name__ == "__main__":
     ts.run_cli(app)
