@@ -1403,12 +1403,12 @@ def index_segments(index: Path, run: RunSettings, shares: dict | None) -> list[t
         with h5py.File(path, "r") as f:
             stored = read_attrs(f)
             theirs = stored.get("shares") or {}
-            if theirs.get("build") != build:
-                raise TrackStarError(f"{path} is from another index build than {index / 'index.h5'} (build "
-                                     f"{theirs.get('build')!r} vs {build!r}); rebuild the index with index.py")
             if (stored.get("share"), theirs.get("count")) != (r, count):
                 raise TrackStarError(f"{path} says it is share {stored.get('share')} of {theirs.get('count')}, "
                                      f"the index {index} has it as share {r} of {count}; rebuild the index")
+            if theirs.get("build") != build:
+                raise TrackStarError(f"{path} is from another index build than {index / 'index.h5'} (build "
+                                     f"{theirs.get('build')!r} vs {build!r}); rebuild the index with index.py")
             shapes = (f["G"].shape, f["ids"].shape) if "G" in f and "ids" in f else None
         if shapes != ((rows, run.dim), (rows,)):
             raise TrackStarError(f"{path} holds {shapes}, its chunks {rows} rows of d = {run.dim}; rebuild the index")
