@@ -1382,20 +1382,28 @@ def share_name(share: int, shares: int) -> str:
     return f"share-{share:05d}-of-{shares:05d}.h5"
 
 
+def share_segments(lengths: list[int], count: int) -> list[tuple[int, int, int]]:
+    """(share, first row, end row) of each chunk, in chunk order, when chunk i (of `lengths` rows) is in
+    share i % count after the share's earlier chunks (count 1: one file, chunk after chunk)."""
+    ends, segments = [0] * count, []
+    for i, n in enumerate(lengths):
+        r = i % count
+        segments.append((r, ends[r], ends[r] + n))
+        ends[r] += n
+    return segments
+
+
 def index_segments(index: Path, run: RunSettings, shares: dict | None) -> list[tuple[Path, int, int]]:
     """(file, first row, end row) of each chunk of the corpus run `run` in the index directory `index`, in
     chunk order. `shares` is what index.h5 records (None: index.h5 holds every row); each share must be
     there, carry this build, its own place, and the rows of its chunks."""
-    lengths = chunk_lengths(run)
+    segments = share_segments(chunk_lengths(run), shares["count"] if shares else 1)
     if shares is None:
-        starts = np.cumsum([0, *lengths]).tolist()
-        return [(index / "index.h5", lo, hi) for lo, hi in zip(starts[:-1], starts[1:], strict=True)]
+        return [(index / "index.h5", lo, hi) for _, lo, hi in segments]
     count, build = shares["count"], shares["build"]
-    files, ends, segments = [index / share_name(r, count) for r in range(count)], [0] * count, []
-    for i, n in enumerate(lengths):
-        r = i % count
-        segments.append((files[r], ends[r], ends[r] + n))
-        ends[r] += n
+    files, ends = [index / share_name(r, count) for r in range(count)], [0] * count
+    for r, _, hi in segments:
+        ends[r] = hi
     for r, (path, rows) in enumerate(zip(files, ends, strict=True)):
         if not path.exists():
             raise TrackStarError(f"{path} is missing: the index {index} was built in {count} shares; rebuild it "
@@ -1412,4 +1420,4 @@ def index_segments(index: Path, run: RunSettings, shares: dict | None) -> list[t
             shapes = (f["G"].shape, f["ids"].shape) if "G" in f and "ids" in f else None
         if shapes != ((rows, run.dim), (rows,)):
             raise TrackStarError(f"{path} holds {shapes}, its chunks {rows} rows of d = {run.dim}; rebuild the index")
-    return segments
+    return [(files[r], lo, hi) for r, lo, hi in segments]

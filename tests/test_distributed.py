@@ -98,10 +98,11 @@ def test_a_share_not_of_this_build_or_place_is_refused_naming_both(built, tmp_pa
              *INDEX, "--sample-seed", "1")
     torchrun("index.py", "--corpus", w / "corpus", "--queries", w / "queries", "--out", tmp_path / "three",
              *INDEX, nproc=3)
-    build = {name: ts.read_attrs(h5py.File(tmp_path / name / "index.h5"))["shares"]["build"] for name in ("other",)}
-    with h5py.File(w / "two" / "index.h5") as f:
-        ours = ts.read_attrs(f)["shares"]["build"]
-    cases = {"another build": (tmp_path / "other" / "share-00001-of-00002.h5", [ours, build["other"]]),
+    # three ranks hold chunks (0, 3), (1, 4), (2): the same R and rows as one process
+    assert contents(w / "one" / "hessian.h5") == contents(tmp_path / "three" / "hessian.h5")
+    assert rows_by_id(w / "one") == rows_by_id(tmp_path / "three")
+    builds = [contents(index / "index.h5")["attrs"]["shares"]["build"] for index in (w / "two", tmp_path / "other")]
+    cases = {"another build": (tmp_path / "other" / "share-00001-of-00002.h5", builds),
              "another world size": (tmp_path / "three" / "share-00001-of-00003.h5", ["share 1 of 3", "share 1 of 2"]),
              "missing": (None, ["share-00001-of-00002.h5", "2 shares"])}
     for case, (share, words) in cases.items():
