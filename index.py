@@ -523,7 +523,8 @@ def main(
     corpus: Path = typer.Option(..., help="Encoded corpus run directory (encode.py corpus --out)."),
     queries: Path | None = typer.Option(None, help="Encoded queries run directory; its vectors give R_eval. "
                                         "Without it R = R_train (the index for a corpus with no query set yet)."),
-    out: Path = typer.Option(..., help="Index directory to write (hessian.h5, spectrum.png, index.h5)."),
+    out: Path = typer.Option(..., help="Index directory to write (hessian.h5, spectrum.png, index.h5; "
+                                          "under torchrun, share-*-of-*.h5 too)."),
     hessian: Hessian = typer.Option(Hessian.mixed, help="R: mixed (λ·R_eval + (1−λ)·R_train), train (λ=0), "
                                     "eval (λ=1), or none (identity: no Hessian correction)."),
     lam: str = typer.Option("auto", help="λ for --hessian mixed: a number in [0, 1], or auto (spectra cross "

@@ -11,7 +11,9 @@ normalisation the index recorded. The dense baseline embeds the corpus once into
 own (unit text embeddings, by default all-MiniLM-L6-v2's) and scans it the same way. A blocked scan
 keeps the running top-k (highest scores, proponents) and bottom-k (lowest, opponents) per query; the
 result equals a stable sort of the full score matrix (ties: lower corpus row first), with memory
-bounded by --block, not the corpus.
+bounded by --block, not the corpus. Under torchrun (`torchrun --nproc_per_node W query.py --index ...`)
+each rank scans its share of the index's chunks and rank 0 merges the ranks' lists and writes them:
+the same output, bit for bit, as one process.
 Output, one line per query, in the queries file's order:
 
     {"query_id", "proponents": [{"id", "score", "text"}, ...], "opponents": [...]}
