@@ -11,6 +11,13 @@ for many), and BM25 queries/s on 100k short synthetic documents. Takes about 2-3
 
 adds the peak memory of index.py's R part (R_train, R_eval, λ, damping, R^(-1/2)) at each d, as a multiple
 of one d x d float64 matrix (d = 8,192: about 3 minutes on one thread, mostly eigendecompositions).
+
+    python bench_index.py --ranks 2 [--rows 100000 --dim 2048]
+
+instead measures query.py's scan under torchrun: an index in 2 shares laid out as index.py writes it under
+torchrun, scanned by one process and by 2 ranks (one thread each, as torchrun gives), for 1 and 256 queries:
+each rank's GB per wall second and per CPU second ÷ the one process's (1.0: a rank scans as fast, and as
+cheaply, as a process alone; the merge included).
 """
 
 from __future__ import annotations
@@ -172,6 +179,71 @@ def r_part_child(dim: int, n_eval: int = 256) -> dict[str, float]:
             "seconds": time.perf_counter() - t}
 
 
+def sharded_index(directory: Path, rows: int, dim: int, shares: int, chunk: int = 1024) -> list[tuple[Path, int, int]]:
+    """float16 share files laid out as index.py under torchrun writes them (chunk i in share i % shares, ids
+    the corpus rows), random unit-ish rows; their chunk segments (file, first row, end row) in chunk order."""
+    rng = np.random.default_rng(0)
+    base = (rng.standard_normal((chunk, dim)) / np.sqrt(dim)).astype(np.float16)
+    layout = ts.share_segments([min(chunk, rows - lo) for lo in range(0, rows, chunk)], shares)
+    files = [directory / ts.share_name(r, shares) for r in range(shares)]
+    for r, path in enumerate(files):
+        mine = [(i, lo, hi) for i, (share, lo, hi) in enumerate(layout) if share == r]
+        with h5py.File(path, "w") as f:
+            vectors = f.create_dataset("G", shape=(mine[-1][2], dim), dtype="float16")
+            ids = f.create_dataset("ids", shape=(mine[-1][2],), dtype=np.int64)
+            for i, lo, hi in mine:
+                vectors[lo:hi] = np.roll(base, i, axis=1)[: hi - lo]  # rows differ across chunks
+                ids[lo:hi] = np.arange(i * chunk, i * chunk + hi - lo)
+        warm(path)
+    return [(files[r], lo, hi) for r, lo, hi in layout]
+
+
+def scan_child(segments: str, n_queries: int, dim: int, repeat: int) -> None:
+    """One rank's (or a lone process's) best wall and CPU seconds for query.search over the segments, printed
+    with its rows. CPU time (this process's, gloo's threads included) is what the scan itself costs a rank,
+    whoever else shares the cores; wall time is what it took."""
+    rank, world = ts.distributed()
+    segments = [(Path(p), lo, hi) for p, lo, hi in json.loads(segments)]
+    q = torch.nn.functional.normalize(torch.randn(n_queries, dim, generator=torch.Generator().manual_seed(0)), dim=1)
+    mine = sum(hi - lo for _, lo, hi in segments[rank::world])
+    wall = cpu = float("inf")
+    for _ in range(repeat):
+        t, c = time.perf_counter(), time.process_time()
+        query.search(q, segments, 10, query.default_block("cpu", n_queries), "cpu")
+        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    print(json.dumps({"rank": rank, "rows": mine, "seconds": wall, "cpu_seconds": cpu}))
+
+
+def rank_scans(segments: list, n_queries: int, dim: int, ranks: int, repeat: int) -> list[dict]:
+    """scan_child under `torchrun --standalone --nproc_per_node ranks`, one thread a rank: each rank's line."""
+    code = (f"import bench_index; bench_index.scan_child({json.dumps([(str(p), lo, hi) for p, lo, hi in segments])!r}, "
+            f"{n_queries}, {dim}, {repeat})")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "--no-python",
+           sys.executable, "-c", code]
+    r = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if r.returncode:
+        raise RuntimeError(r.stderr[-2000:])
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def rank_scaling(rows: int, dim: int, ranks: int, keep: Path | None) -> None:
+    """Each rank's scan GB/s ÷ one process's, over the same index of `ranks` shares."""
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other processes share these cores)")
+    with tempfile.TemporaryDirectory(dir=keep) as tmp:
+        segments = sharded_index(Path(tmp), rows, dim, ranks)
+        print(f"index: {rows} x {dim} float16 = {rows * dim * 2 / 1e9:.2f} GB in {ranks} shares of 1,024-row chunks")
+        for n_queries in (1, 256):
+            one, many = rank_scans(segments, n_queries, dim, 1, 5), rank_scans(segments, n_queries, dim, ranks, 5)
+            for clock in ("seconds", "cpu_seconds"):
+                alone = one[0]["rows"] * dim * 2 / one[0][clock] / 1e9
+                each = [r["rows"] * dim * 2 / r[clock] / 1e9 for r in many]
+                print(f"scan {n_queries:>3} queries, GB per {'wall' if clock == 'seconds' else 'CPU'} second: one "
+                      f"process {alone:.2f}; {ranks} ranks " + ", ".join(f"{g:.2f}" for g in each)
+                      + f" each = {min(each) / alone:.2f}-{max(each) / alone:.2f} x one process per rank, "
+                      f"{sum(each) / alone:.2f} x together")
+
+
 @app.command(help=__doc__)
 def main(
     rows: int = typer.Option(200_000, help="Index rows (200k x 4096 float16 = 1.6 GB)."),
@@ -179,7 +251,10 @@ def main(
     keep: Path | None = typer.Option(None, help="Directory for the index file (default: a temporary one)."),
     r_memory: str = typer.Option("", help="Comma-separated d's at which to measure the R part's peak memory."),
     r_memory_only: bool = typer.Option(False, help="Only the R part's memory (skip the scan and BM25)."),
+    ranks: int = typer.Option(0, help="Instead: the scan by this many torchrun ranks against one process."),
 ) -> None:
+    if ranks:
+        return rank_scaling(rows, dim, ranks, keep)
     for d in [int(x) for x in r_memory.split(",") if x]:
         m = r_part_memory(d)
         print(f"R part at d = {d}: peak {m['peak']:.2f} x one d x d float64 matrix ({d * d * 8 / 2**30:.2f} GiB); "

@@ -15,6 +15,11 @@ with no query set yet). Outputs, in RUN/index:
     spectrum.png   the sorted spectra of λ·R_eval and (1−λ)·R_train, crossing marked
     index.h5       `G` (N x d: every Ḡ(m)), `ids`, `query_transform`; written last, so it exists only whole
 
+Under torchrun (`torchrun --nproc_per_node W index.py ...`) rank r writes the corpus chunks i ≡ r (mod W)
+into share-0000r-of-0000W.h5 (`G`, `ids`), and index.h5 holds the settings, `query_transform` and the
+build every share must carry, but no rows. R, the index rows and query.py's results equal one process's
+bit for bit (on the CPU, at one thread per process as torchrun gives each rank).
+
 The rows of the ablation table are flag combinations:
 
     dot product          --hessian none --no-unit-norm --uncorrected
@@ -28,9 +33,11 @@ The rows of the ablation table are flag combinations:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import uuid
 from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
@@ -87,22 +94,13 @@ def read_runs(corpus: Path, queries: Path | None, uncorrected: bool
 # Second moments of projected gradients, their spectra, λ and R^(-1/2).
 
 
-def chunk_sizes(run: str | Path, dataset: str) -> list[int]:
-    """Rows per chunk of an encoded run, read from the HDF5 shapes (no vectors are loaded)."""
-    sizes = []
-    for f in ts.chunk_files(run):
-        with h5py.File(f, "r") as h:
-            sizes.append(ts.chunk_dataset(h, dataset).shape[0])
-    return sizes
-
-
 def sample_blocks(run: str | Path, dataset: str, n_sample: int, seed: int) -> Iterator[np.ndarray]:
     """A seeded uniform sample of `n_sample` rows (without replacement), chunk by chunk.
 
     The sample is drawn over row positions in chunk order, so it depends only on (seed, chunk sizes);
     only the sampled rows are read, and memory is bounded by one chunk's sample.
     """
-    sizes = chunk_sizes(run, dataset)
+    sizes = ts.chunk_lengths(ts.read_meta(run))
     total = sum(sizes)
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(total, size=min(n_sample, total), replace=False))
@@ -423,24 +421,28 @@ def _device_matrix(m: np.ndarray | None, device: str) -> torch.Tensor | None:
     return None if m is None else torch.as_tensor(m, dtype=torch.float32, device=device)
 
 
-def write_index(path: Path, corpus: Path, fit: HessianFit, attrs: dict, block: int, device: str) -> None:
-    """Stream corpus chunks through the transform into a contiguous N x d dataset `G`.
+def write_index(path: Path, corpus: Path, matrix: torch.Tensor | None, attrs: dict, block: int, device: str,
+                query_transform: np.ndarray | None = None, shard: int = 0, num_shards: int = 1) -> None:
+    """Stream corpus chunks shard, shard + num_shards, ... (all by default) through the transform into a
+    contiguous dataset `G`, with their `ids`.
 
-    Contiguous and uncompressed, so query.py's scan reads a block as one plain copy. `attrs` (what
-    index.h5 records) says which vectors, whether unit-normalised, the storage dtype and scale.
+    Contiguous and uncompressed, so query.py's scan reads a block as one plain copy. `attrs` (what the
+    file records) says which vectors, whether unit-normalised, the storage dtype and scale. Each chunk is
+    transformed on its own, `block` rows at a time, so every row meets the same matrix-product shapes
+    whichever share it lands in (a float32 GEMM's rows depend on its shape).
     """
     dataset, unit_norm, scale, dtype = attrs["vector_dataset"], attrs["unit_norm"], attrs["scale"], attrs["dtype"]
-    n = sum(chunk_sizes(corpus, dataset))
-    matrix = _device_matrix(fit.corpus_transform, device)
+    n = sum(ts.chunk_lengths(ts.read_meta(corpus))[shard::num_shards])
     with ts.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         vectors = f.create_dataset("G", shape=(n, attrs["corpus"]["dim"]), dtype=dtype)
         ids = f.create_dataset("ids", shape=(n,), dtype=np.int64)
-        if fit.query_transform is not None:
-            f.create_dataset("query_transform", data=fit.query_transform.astype(np.float32))
+        if query_transform is not None:
+            f.create_dataset("query_transform", data=query_transform.astype(np.float32))
         ts.write_attrs(f, attrs)
         pos = 0
-        with tqdm(total=n, desc="index", unit="doc", unit_scale=True) as bar:
-            for chunk_ids, x in ts.iter_vector_blocks(corpus, dataset):
+        with tqdm(total=n, desc="index" if num_shards == 1 else f"index share {shard}/{num_shards}", unit="doc",
+                  unit_scale=True) as bar:
+            for chunk_ids, x in ts.iter_vector_blocks(corpus, dataset, shard, num_shards):
                 ts.check_finite(x, f"{corpus} ({dataset})")
                 for lo in range(0, len(x), block):
                     y = ts.transform(torch.as_tensor(x[lo : lo + block], device=device), matrix, unit_norm)
@@ -451,6 +453,56 @@ def write_index(path: Path, corpus: Path, fit: HessianFit, attrs: dict, block: i
                     ids[pos : pos + len(y)] = chunk_ids[lo : lo + block]
                     pos += len(y)
                     bar.update(len(y))
+
+
+# ----------------------------------------------------------------------------------------------
+# Under torchrun. Rank 0 fits R exactly as one process does (the same sample, read by the same calls, the
+# same float64 accumulation order) and hands every rank the corpus transform; each rank transforms its own
+# chunks. Why not split the Gram XᵀX across ranks: an all-reduce of partial sums re-associates the float64
+# additions (R equal to one process's only to rounding), and the sample Gram is n·d² flops, serial anyway
+# for exactness, small beside the per-row transform and the scan, which are what ranks share out. Rank 0
+# reads the sampled rows itself (the corpus run is on a filesystem every rank sees): the same bytes a
+# gather over the network would bring it, with no code of its own.
+
+OWN = ("hessian.h5", "spectrum.png", "index.h5", "share-*-of-*.h5")  # what an index directory may hold
+
+
+@contextlib.contextmanager
+def index_directory(out: Path, rank: int, world: int) -> Iterator[Path]:
+    """The directory every rank writes into: rank 0's ts.atomic_directory beside `out`, swapped in whole
+    when rank 0 leaves it, after every share is written; a build that fails on any rank (torchrun then
+    ends them all) leaves the previous index as it was, and the next build clears the leftovers."""
+    if rank != 0:
+        yield Path(ts.broadcast(None, rank))
+        return
+    with ts.atomic_directory(out, OWN) as tmp:
+        if world > 1:
+            ts.broadcast(str(tmp), rank)
+        yield tmp
+
+
+def shared_transform(matrix: torch.Tensor | None, attrs: dict | None, rank: int, world: int
+                     ) -> tuple[torch.Tensor | None, dict]:
+    """Rank 0's corpus transform (float32, on the CPU) and index attributes, on every rank."""
+    if world == 1:
+        return matrix, attrs
+    shape = ts.broadcast(None if matrix is None else tuple(matrix.shape), rank)
+    attrs = ts.broadcast(attrs, rank)
+    if shape is None:
+        return None, attrs
+    matrix = matrix if rank == 0 else torch.empty(shape, dtype=torch.float32)
+    # A tensor, not a pickle (at d = 2^16 it is 17 GB), in pieces of 256 MiB: no message is huge.
+    for piece in matrix.split(max(1, 2**26 // shape[1])):
+        torch.distributed.broadcast(piece, src=0)
+    return matrix, attrs
+
+
+def write_manifest(path: Path, attrs: dict, query_transform: np.ndarray | None) -> None:
+    """index.h5 of a sharded index: the settings and `query_transform`, no rows (they are in the shares)."""
+    with ts.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        if query_transform is not None:
+            f.create_dataset("query_transform", data=query_transform.astype(np.float32))
+        ts.write_attrs(f, attrs)
 
 
 def parse_damping(text: str) -> str:
@@ -471,7 +523,8 @@ def main(
     corpus: Path = typer.Option(..., help="Encoded corpus run directory (encode.py corpus --out)."),
     queries: Path | None = typer.Option(None, help="Encoded queries run directory; its vectors give R_eval. "
                                         "Without it R = R_train (the index for a corpus with no query set yet)."),
-    out: Path = typer.Option(..., help="Index directory to write (hessian.h5, spectrum.png, index.h5)."),
+    out: Path = typer.Option(..., help="Index directory to write (hessian.h5, spectrum.png, index.h5; "
+                                          "under torchrun, share-*-of-*.h5 too)."),
     hessian: Hessian = typer.Option(Hessian.mixed, help="R: mixed (λ·R_eval + (1−λ)·R_train), train (λ=0), "
                                     "eval (λ=1), or none (identity: no Hessian correction)."),
     lam: str = typer.Option("auto", help="λ for --hessian mixed: a number in [0, 1], or auto (spectra cross "
@@ -516,43 +569,71 @@ def main(
                                     "give --queries RUN/queries")
         hessian_kind = "train"  # the task-specific mix needs queries; without them the paper whitens by R_train alone
         typer.echo("no --queries: R = R_train (no task-specific R_eval); refit with --queries once you have them")
+    rank, world = ts.distributed()
     cmeta, qmeta, dataset = read_runs(corpus, queries, uncorrected)
     device = ts.pick_device(device)
+    opts = HessianOptions(hessian_kind, lam, trak, damping, train_sample, sample_seed)
     # Built beside --out and swapped in whole: a failed rerun leaves the previous index as it was.
-    with ts.atomic_directory(out, ("hessian.h5", "spectrum.png", "index.h5")) as tmp:
-        opts = HessianOptions(hessian_kind, lam, trak, damping, train_sample, sample_seed)
-        fit = fit_hessian(corpus, queries, dataset, opts, device)
-        settings = {"hessian": hessian_kind, "lam": fit.lam, "unit_norm": not no_unit_norm, "uncorrected": uncorrected,
-                    "trak": trak, "dtype": dtype, "train_sample": train_sample, "sample_seed": sample_seed,
-                    "damping": damping, "vector_dataset": dataset, "corpus_run": str(corpus.resolve()),
-                    "queries_run": str(queries.resolve()) if queries else None,
-                    "corpus_side": "identity" if hessian_kind == "none" or trak else "(R + δI)^(-1/2)",
-                    "query_side": "identity" if hessian_kind == "none" else
-                                  "(R_train + δI)^(-1)" if trak else "(R + δI)^(-1/2)"}
-        if hessian_kind != "none":
-            settings.update(fit.summary())
-        write_hessian(tmp / "hessian.h5", fit, {**settings, "tool": f"trackstar {ts.VERSION}"})
-        if hessian_kind != "none":
-            plot_spectrum(tmp / "spectrum.png", fit, hessian_kind)
-            typer.echo(f"R: hessian={hessian_kind} λ={fit.lam:.4g} (k={fit.k}, target {fit.k_target}"
-                       f"{', clipped by rank' if fit.k_clipped else ''}) δ={fit.delta:.3g}, "
-                       f"shrinkage={fit.shrinkage:.3g}, "
-                       f"R_train from {fit.n_train} corpus vectors, R_eval from {fit.n_eval} queries")
+    with index_directory(out, rank, world) as tmp:
+        fit, matrix, attrs = HessianFit(), None, None
+        if rank == 0:
+            fit, attrs = fit_and_record(tmp, corpus, cmeta, queries, qmeta, dataset, uncorrected, opts,
+                                        not no_unit_norm, dtype, device)
+            if fit.corpus_transform is not None:
+                matrix = torch.as_tensor(fit.corpus_transform, dtype=torch.float32)
+            if world > 1:  # every share records the build, so index.h5 never names another build's share
+                attrs["shares"] = {"count": world, "build": uuid.uuid4().hex[:16]}
+        matrix, attrs = shared_transform(matrix, attrs, rank, world)
+        matrix = None if matrix is None else matrix.to(device)
+        if world == 1:
+            write_index(tmp / "index.h5", corpus, matrix, attrs, block, device, fit.query_transform)
+        else:
+            write_index(tmp / ts.share_name(rank, world), corpus, matrix, {**attrs, "share": rank}, block, device,
+                        shard=rank, num_shards=world)
+            torch.distributed.barrier()  # every share is whole before index.h5 names them
+            if rank == 0:
+                write_manifest(tmp / "index.h5", attrs, fit.query_transform)
+                ts.index_segments(tmp, cmeta, attrs["shares"])  # each share checked as query.py will
+    if rank == 0:
+        shares = f", {world} shares" if world > 1 else ""
+        typer.echo(f"wrote {out / 'index.h5'} ({cmeta.n_examples} documents, d={cmeta.dim}, {dtype}{shares})")
+        if show_example:
+            print_example(out, cmeta.data)
 
-        if hessian_kind in ("mixed", "train") and fit.n_train < cmeta.dim:
-            typer.echo(f"warning: R_train comes from {fit.n_train} vectors in d={cmeta.dim} dimensions, so it is "
-                       "rank-deficient and whitening by it over-fits the sample (documents turn near-orthogonal). "
-                       "Sample at least d vectors (--train-sample, more documents), lower d, or raise --damping "
-                       "(e.g. 0.1-1).", err=True)
-        scale = storage_scale(corpus, dataset, fit, not no_unit_norm, dtype, opts, device)
-        # The corpus run's settings travel with the index, so query.py checks a queries run against them.
-        attrs = {"corpus": dataclasses.asdict(cmeta), "index": settings, "unit_norm": not no_unit_norm,
-                 "vector_dataset": dataset, "scale": scale, "dtype": dtype,
-                 "queries_data": qmeta.data if qmeta else None}
-        write_index(tmp / "index.h5", corpus, fit, attrs, block, device)
-    typer.echo(f"wrote {out / 'index.h5'} ({cmeta.n_examples} documents, d={cmeta.dim}, {dtype})")
-    if show_example:
-        print_example(out, cmeta.data)
+
+def fit_and_record(tmp: Path, corpus: Path, cmeta: ts.RunSettings, queries: Path | None, qmeta: ts.RunSettings | None,
+                   dataset: str, uncorrected: bool, opts: HessianOptions, unit_norm: bool, dtype: str, device: str
+                   ) -> tuple[HessianFit, dict]:
+    """R fitted and written (hessian.h5, spectrum.png), and the attributes the index files record."""
+    hessian_kind = opts.hessian
+    fit = fit_hessian(corpus, queries, dataset, opts, device)
+    settings = {"hessian": hessian_kind, "lam": fit.lam, "unit_norm": unit_norm, "uncorrected": uncorrected,
+                "trak": opts.trak, "dtype": dtype, "train_sample": opts.train_sample, "sample_seed": opts.sample_seed,
+                "damping": opts.damping, "vector_dataset": dataset, "corpus_run": str(corpus.resolve()),
+                "queries_run": str(queries.resolve()) if queries else None,
+                "corpus_side": "identity" if hessian_kind == "none" or opts.trak else "(R + δI)^(-1/2)",
+                "query_side": "identity" if hessian_kind == "none" else
+                              "(R_train + δI)^(-1)" if opts.trak else "(R + δI)^(-1/2)"}
+    if hessian_kind != "none":
+        settings.update(fit.summary())
+    write_hessian(tmp / "hessian.h5", fit, {**settings, "tool": f"trackstar {ts.VERSION}"})
+    if hessian_kind != "none":
+        plot_spectrum(tmp / "spectrum.png", fit, hessian_kind)
+        typer.echo(f"R: hessian={hessian_kind} λ={fit.lam:.4g} (k={fit.k}, target {fit.k_target}"
+                   f"{', clipped by rank' if fit.k_clipped else ''}) δ={fit.delta:.3g}, "
+                   f"shrinkage={fit.shrinkage:.3g}, "
+                   f"R_train from {fit.n_train} corpus vectors, R_eval from {fit.n_eval} queries")
+
+    if hessian_kind in ("mixed", "train") and fit.n_train < cmeta.dim:
+        typer.echo(f"warning: R_train comes from {fit.n_train} vectors in d={cmeta.dim} dimensions, so it is "
+                   "rank-deficient and whitening by it over-fits the sample (documents turn near-orthogonal). "
+                   "Sample at least d vectors (--train-sample, more documents), lower d, or raise --damping "
+                   "(e.g. 0.1-1).", err=True)
+    scale = storage_scale(corpus, dataset, fit, unit_norm, dtype, opts, device)
+    # The corpus run's settings travel with the index, so query.py checks a queries run against them.
+    attrs = {"corpus": dataclasses.asdict(cmeta), "index": settings, "unit_norm": unit_norm,
+             "vector_dataset": dataset, "scale": scale, "dtype": dtype, "queries_data": qmeta.data if qmeta else None}
+    return fit, attrs
 
 
 def print_example(out: Path, corpus_data: str) -> None:

@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent
 ENC, IDX, EVAL, CONV = "tests/test_encode.py", "tests/test_index_query.py", "tests/test_evaluate.py", \
     "tests/test_conventions.py"
 DENSE = "tests/test_dense.py"
+DIST_SAME = "tests/test_distributed.py::test_torchrun_index_and_query_equal_one_process_bit_for_bit"
+DIST_REFUSED = "tests/test_distributed.py::test_a_share_not_of_this_build_or_place_is_refused_naming_both"
 
 # name -> (file, original text, mutated text, tests to run)
 MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
@@ -96,6 +98,13 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     "chunk dtype not compared between runs": (
         "trackstar.py", '"matmul_precision", "chunk_dtype", "tool"]', '"matmul_precision", "tool"]',
         ["tests/test_chunk_dtype.py"]),
+    "scan blocks cross chunks": (
+        "query.py", "starts = [(lo, min(rows, hi - lo)) for first, hi in spans for lo in range(first, hi, rows)]",
+        "starts = [(lo, min(rows, n - lo)) for lo in range(0, n, rows)]", [DIST_SAME]),
+    "torchrun merge keeps rank 0's keys only": (
+        "query.py", "torch.cat(parts, dim=1)", "torch.cat(parts[:1], dim=1)", [DIST_SAME]),
+    "a share of another index build is read": (
+        "trackstar.py", 'if theirs.get("build") != build:', "if False:", [DIST_REFUSED]),
 }
 
 

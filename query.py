@@ -11,7 +11,9 @@ normalisation the index recorded. The dense baseline embeds the corpus once into
 own (unit text embeddings, by default all-MiniLM-L6-v2's) and scans it the same way. A blocked scan
 keeps the running top-k (highest scores, proponents) and bottom-k (lowest, opponents) per query; the
 result equals a stable sort of the full score matrix (ties: lower corpus row first), with memory
-bounded by --block, not the corpus.
+bounded by --block, not the corpus. Under torchrun (`torchrun --nproc_per_node W query.py --index ...`)
+each rank scans its share of the index's chunks and rank 0 merges the ranks' lists and writes them:
+the same output, bit for bit, as one process.
 Output, one line per query, in the queries file's order:
 
     {"query_id", "proponents": [{"id", "score", "text"}, ...], "opponents": [...]}
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 import zipfile
@@ -80,8 +83,9 @@ def read_checked_jsonl(path: str, kind: str, digest: str | None) -> list[dict]:
 
 
 def read_index_meta(index: str | Path) -> dict:
-    """The attributes of RUN/index/index.h5: the index settings, and under "corpus" the settings of
-    the encoded corpus run (a RunSettings)."""
+    """The attributes of RUN/index/index.h5: the index settings, under "corpus" the settings of the
+    encoded corpus run (a RunSettings), and under "segments" where each corpus chunk's rows lie (in
+    index.h5, or in the shares of an index built under torchrun, each checked: ts.index_segments)."""
     path = Path(index) / "index.h5"
     if not path.exists():
         raise ts.TrackStarError(f"{index} is not an index (no index.h5); run index.py first")
@@ -89,10 +93,14 @@ def read_index_meta(index: str | Path) -> dict:
         meta = ts.read_attrs(f)
         if "dense" in meta:
             raise ts.TrackStarError(f"{path} is a dense text-embedding index: query it with --method dense")
-        if "G" not in f or "corpus" not in meta:
+        if ("G" not in f and "shares" not in meta) or "corpus" not in meta:
             raise ts.TrackStarError(f"{path} was written by an older version of index.py; rerun index.py")
-        meta["n_rows"] = f["G"].shape[0]
+        rows = f["G"].shape[0] if "G" in f else None
     meta["corpus"] = ts.run_settings(meta["corpus"], str(path), "rerun index.py")
+    meta["segments"] = ts.index_segments(Path(index), meta["corpus"], meta.get("shares"))
+    meta["n_rows"] = sum(hi - lo for _, lo, hi in meta["segments"])
+    if rows is not None and rows != meta["n_rows"]:
+        raise ts.TrackStarError(f"{path} holds {rows} rows, its corpus run {meta['n_rows']}; rerun index.py")
     return meta
 
 
@@ -116,18 +124,22 @@ def mapped(path: str | Path, dataset: h5py.Dataset) -> np.ndarray | None:
 
 
 def iter_index_blocks(
-    path: str | Path, block: int, device: str = "cpu"
+    path: str | Path, block: int, device: str = "cpu", spans: list[tuple[int, int]] | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(ids, float32 vectors) of an index file, `block` rows at a time, on `device`.
 
-    Rows are converted into one preallocated float32 buffer (on a GPU, after crossing the bus in
-    their narrow storage dtype), so memory is about one block whatever the corpus size. The yielded
-    tensors are views of reused buffers: use them before asking for the next block.
+    `spans` (first row, end row), default the whole file, are the rows to read; no block crosses the
+    end of one (an index's chunk segments: a row's score then never depends on the layout). Rows are
+    converted into one preallocated float32 buffer (on a GPU, after crossing the bus in their narrow
+    storage dtype), so memory is about one block whatever the corpus size. The yielded tensors are
+    views of reused buffers: use them before asking for the next block.
     """
     with h5py.File(path, "r") as f:
         vectors, ids = f["G"], f["ids"]
         n, d = vectors.shape
-        rows = max(1, min(block, n))
+        spans = [(0, n)] if spans is None else spans
+        rows = max(1, min(block, max((hi - lo for lo, hi in spans), default=1)))
+        starts = [(lo, min(rows, hi - lo)) for first, hi in spans for lo in range(first, hi, rows)]
         vectors_map, ids_map = mapped(path, vectors), mapped(path, ids)
         all_ids = ids[:] if ids_map is None else ids_map  # 8 bytes a document: small beside the vectors
         if n and (all_ids.min() < 0 or all_ids.max() >= _LOW):
@@ -147,21 +159,20 @@ def iter_index_blocks(
             return into[:m]
 
         blocks = _cuda_blocks if torch.device(device).type == "cuda" else _cpu_blocks
-        for lo, block_vectors in blocks(read_rows, n, rows, d, vectors.dtype, device):
+        for lo, block_vectors in blocks(read_rows, starts, rows, d, vectors.dtype, device):
             yield torch.from_numpy(np.asarray(all_ids[lo : lo + len(block_vectors)])).to(device), block_vectors
 
 
-def _cpu_blocks(read_rows, n: int, rows: int, d: int, dtype: np.dtype, device: str):
-    """(first row, float32 block) on the CPU: a float32 index is scored where it lies, anything else is
-    converted once into a reused buffer."""
+def _cpu_blocks(read_rows, starts: list[tuple[int, int]], rows: int, d: int, dtype: np.dtype, device: str):
+    """(first row, float32 block) for each (first row, rows) of `starts`, on the CPU: a float32 index is
+    scored where it lies, anything else is converted once into a reused buffer."""
     wide = torch.empty((rows, d), dtype=torch.float32)
-    for lo in range(0, n, rows):
-        m = min(rows, n - lo)
+    for lo, m in starts:
         raw = torch.from_numpy(read_rows(lo, m))
         yield lo, raw if raw.dtype == torch.float32 else wide[:m].copy_(raw)
 
 
-def _cuda_blocks(read_rows, n: int, rows: int, d: int, dtype: np.dtype, device: str):
+def _cuda_blocks(read_rows, starts: list[tuple[int, int]], rows: int, d: int, dtype: np.dtype, device: str):
     """(first row, float32 block) on a GPU, ping-pong: block i+1 is read into one of two pinned host
     buffers and crosses the bus on a side stream while block i is scored, so neither the disk/page
     cache read nor the copy leaves the GPU idle. Events order each buffer's reuse: the host refills
@@ -173,8 +184,8 @@ def _cuda_blocks(read_rows, n: int, rows: int, d: int, dtype: np.dtype, device: 
     narrow = [torch.empty((rows, d), dtype=torch_dtype, device=dev) for _ in range(2)]
     wide = torch.empty((rows, d), dtype=torch.float32, device=dev)
     landed, scanned = [torch.cuda.Event() for _ in range(2)], [torch.cuda.Event() for _ in range(2)]
-    for i, lo in enumerate(range(0, n, rows)):
-        s, m = i % 2, min(rows, n - lo)
+    for i, (lo, m) in enumerate(starts):
+        s = i % 2
         landed[s].synchronize()  # returns at once before the event's first record
         read_rows(lo, m, pinned[s].numpy())
         with torch.cuda.stream(side):
@@ -241,14 +252,14 @@ def _merge(best: torch.Tensor | None, keys: torch.Tensor, k: int) -> torch.Tenso
 FEW_QUERIES = 8
 
 
-def blocked_topk(
+def topk_keys(
     queries: torch.Tensor, index_blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(top_scores, top_ids, bottom_scores, bottom_ids), each (Q, min(k, N)), on the CPU.
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(top, bottom) keys, each (Q, min(k, rows seen)) sorted descending; None for no rows.
 
-    Proponents: highest scores first; opponents: lowest first; ties to the lower id in both, exactly
-    as a stable sort of the full (Q, N) score matrix. Memory: one block of scores at a time.
-    `index_blocks` yields (ids int64 < 2^32, vectors float32) on the device of `queries`.
+    top: pack_keys of the highest scores; bottom: the same for the lowest, as (~order)·2^32 + tie, so
+    that the largest bottom key is the lowest score, ties to the lower id in both. Memory: one block of
+    scores at a time. `index_blocks` yields (ids int64 < 2^32, vectors float32) on the device of `queries`.
     """
     top = bottom = None
     few = queries.device.type == "cpu" and len(queries) < FEW_QUERIES
@@ -259,11 +270,49 @@ def blocked_topk(
             tie = _LOW - 1 - ids.to(queries.device)
             top = _merge(top, tie.add(order, alpha=_LOW), k)
             bottom = _merge(bottom, (tie - _LOW).sub(order, alpha=_LOW), k)  # (~order)·2^32 + tie
-    if top is None:
-        raise ts.TrackStarError("the index is empty")
+    return top, bottom
+
+
+def unpacked(top: torch.Tensor, bottom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top_scores, top_ids, bottom_scores, bottom_ids) on the CPU from topk_keys' keys."""
     top_order, top_ids = unpack_keys(top.cpu())
     bottom_order, bottom_ids = unpack_keys(bottom.cpu())
     return order_to_scores(top_order), top_ids, order_to_scores(~bottom_order), bottom_ids
+
+
+def blocked_topk(
+    queries: torch.Tensor, index_blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top_scores, top_ids, bottom_scores, bottom_ids), each (Q, min(k, N)), on the CPU.
+
+    Proponents: highest scores first; opponents: lowest first; ties to the lower id in both, exactly
+    as a stable sort of the full (Q, N) score matrix.
+    """
+    top, bottom = topk_keys(queries, index_blocks, k)
+    if top is None:
+        raise ts.TrackStarError("the index is empty")
+    return unpacked(top, bottom)
+
+
+# Under torchrun each rank scans its share of the chunks and rank 0 merges the ranks' keys. Keys are unique
+# and exact, so the k largest of the union of every rank's k largest are the k largest overall: the same
+# lists, bit for bit, as one process's scan, in any order and split of the rows. No key is this small (it
+# would be a NaN's), so it pads a rank that saw fewer than k rows.
+_NO_KEY = torch.iinfo(torch.int64).min
+
+
+def merged_keys(top: torch.Tensor | None, bottom: torch.Tensor | None, k: int, n_queries: int, rank: int,
+                world: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Every rank's (top, bottom) keys merged on rank 0 (on the other ranks: None, None)."""
+    merged = []
+    for keys in (top, bottom):
+        mine = torch.full((n_queries, k), _NO_KEY, dtype=torch.int64)
+        if keys is not None:
+            mine[:, : keys.shape[1]] = keys.cpu()
+        parts = [torch.empty_like(mine) for _ in range(world)] if rank == 0 else None
+        torch.distributed.gather(mine, parts, dst=0)
+        merged.append(_merge(None, torch.cat(parts, dim=1), k) if rank == 0 else None)
+    return merged[0], merged[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,20 +387,41 @@ def prepare_queries(vectors: np.ndarray, index: Path, meta: dict, device: str) -
     return q * meta["scale"]
 
 
-def progress_blocks(index: Path, block: int, device: str, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The index's blocks with a progress bar (documents/s and index GB/s)."""
-    with tqdm(total=n, desc="scan", unit="doc", unit_scale=True) as bar:
-        for ids, vectors in iter_index_blocks(index / "index.h5", block, device):
-            yield ids, vectors
-            bar.update(len(ids))
+def progress_blocks(segments: list[tuple[Path, int, int]], block: int, device: str, desc: str = "scan"
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The blocks of the segments (file, first row, end row), file by file, with a progress bar."""
+    spans: dict[Path, list[tuple[int, int]]] = {}
+    for path, lo, hi in segments:
+        spans.setdefault(path, []).append((lo, hi))
+    with tqdm(total=sum(hi - lo for _, lo, hi in segments), desc=desc, unit="doc", unit_scale=True) as bar:
+        for path, file_spans in spans.items():
+            for ids, vectors in iter_index_blocks(path, block, device, file_spans):
+                yield ids, vectors
+                bar.update(len(ids))
 
 
-def search(queries: torch.Tensor, index: Path, k: int, block: int, device: str, n: int) -> tuple:
-    """(top_scores, top_ids, bottom_scores, bottom_ids) as numpy, each (Q, min(k, N))."""
+def search(queries: torch.Tensor, segments: list[tuple[Path, int, int]], k: int, block: int, device: str
+           ) -> tuple | None:
+    """(top_scores, top_ids, bottom_scores, bottom_ids) as numpy, each (Q, min(k, N)), over the index rows
+    in `segments` (file, first row, end row). Under torchrun rank r scans segments r, r + W, ... (with W
+    index shares too, exactly share r) and only rank 0 gets the result (the others: None)."""
+    rank, world = ts.distributed()
     block = block or default_block(device, len(queries), queries.shape[1])
+    if world > 1:  # one block size on every rank (a GPU's default depends on its free memory)
+        size = torch.tensor([block])
+        torch.distributed.all_reduce(size, torch.distributed.ReduceOp.MIN)
+        block = int(size)
+    desc = "scan" if world == 1 else f"scan rank {rank}/{world}"
     with torch.inference_mode():
-        out = blocked_topk(queries, progress_blocks(index, block, device, n), k)
-    return tuple(t.numpy() for t in out)
+        top, bottom = topk_keys(queries, progress_blocks(segments[rank::world], block, device, desc), k)
+        if world > 1:
+            top, bottom = merged_keys(top, bottom, min(k, sum(hi - lo for _, lo, hi in segments)), len(queries),
+                                      rank, world)
+            if rank != 0:
+                return None
+    if top is None:
+        raise ts.TrackStarError("the index is empty")
+    return tuple(t.numpy() for t in unpacked(top, bottom))
 
 
 def ranked(rows: list[dict], ids: np.ndarray, scores: np.ndarray) -> list[dict]:
@@ -377,21 +447,27 @@ def corpus_rows_for(data: str, digest: str, n: int) -> list[dict]:
 
 
 def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device: str) -> None:
+    """Every query of an encoded run against the index. Under torchrun every rank prepares the (few) queries
+    alike and scans its share; rank 0 reads the texts and writes the results."""
+    rank, _ = ts.distributed()
     meta, qmeta = read_index_meta(index), ts.read_meta(queries)
     if qmeta.kind != "queries":
         raise ts.TrackStarError(f"--queries {queries} holds an encoded {qmeta.kind!r} run, not 'queries'")
     ts.check_same(meta["corpus"], qmeta, ts.COMPATIBLE_KEYS, f"index {index}", f"queries run {queries}")
-    if meta["queries_data"] and qmeta.data != meta["queries_data"]:
+    if meta["queries_data"] and qmeta.data != meta["queries_data"] and rank == 0:
         typer.echo(f"note: the index's R_eval was fit on {meta['queries_data']}, not on these queries", err=True)
     rows, vectors = ts.read_vectors(queries, meta["vector_dataset"])
     order = np.argsort(rows, kind="stable")  # output in the queries file's order
-    query_rows = read_checked_jsonl(qmeta.data, "queries", qmeta.data_digest)
-    c = meta["corpus"]
-    corpus_rows = corpus_rows_for(c.data, c.data_digest, c.n_examples)
+    if rank == 0:
+        query_rows = read_checked_jsonl(qmeta.data, "queries", qmeta.data_digest)
+        c = meta["corpus"]
+        corpus_rows = corpus_rows_for(c.data, c.data_digest, c.n_examples)
     q = prepare_queries(vectors[order], index, meta, device)
     t0 = time.perf_counter()
-    result = search(q, index, k, block, device, meta["n_rows"])
+    result = search(q, meta["segments"], k, block, device)
     dt = time.perf_counter() - t0
+    if rank != 0:
+        return
     write_results(out, [query_rows[r]["id"] for r in rows[order]], corpus_rows, result)
     typer.echo(f"wrote {out}: {len(rows)} queries x {meta['n_rows']} documents, top/bottom {min(k, meta['n_rows'])}"
                f" in {dt:.2f} s")
@@ -425,9 +501,10 @@ def print_table(title: str, rows: list[dict], width: int = 72) -> None:
 def query_adhoc(index: Path, prompt: str, target: str, k: int, block: int, device: str) -> None:
     meta = read_index_meta(index)
     q = prepare_queries(encode_one(meta, prompt, target, device), index, meta, device)
-    c = meta["corpus"]
-    print_adhoc(prompt, target, corpus_rows_for(c.data, c.data_digest, c.n_examples),
-                search(q, index, k, block, device, meta["n_rows"]))
+    result = search(q, meta["segments"], k, block, device)
+    if result is not None:  # rank 0 (or one process)
+        c = meta["corpus"]
+        print_adhoc(prompt, target, corpus_rows_for(c.data, c.data_digest, c.n_examples), result)
 
 
 def print_adhoc(prompt: str, target: str, rows: list[dict], result: tuple) -> None:
@@ -595,7 +672,7 @@ def query_dense(index: Path, queries: list[dict], dense: DenseModel, k: int, blo
     meta = read_dense_meta(index)
     rows = corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"])
     q = torch.as_tensor(embed_texts(dense, [query_text(q) for q in queries]), device=device)
-    return rows, search(q, index, k, block, device, meta["n_rows"])
+    return rows, search(q, [(index / "index.h5", 0, meta["n_rows"])], k, block, device)
 
 
 def dense_main(index: Path | None, corpus: Path | None, queries: Path | None, out: Path | None, prompt: str | None,
@@ -635,7 +712,8 @@ def main(
                                            "the default) or a Hugging Face model directory (or a zip of one); "
                                            "asking an index, the one it was embedded with (checked)."),
     block: int = typer.Option(0, help="Index rows scored per step; bounds memory. 0: auto (a GPU: what a quarter "
-                              "of its free memory holds, at most 65536; a CPU: 512 for a few queries, 4096 for many)."),
+                              "of its free memory holds, at most 65536; a CPU: 512 for a few queries, 4096 for many). "
+                              "A gradient index's blocks never cross an encode chunk (at most --chunk-size rows)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: the GPU when there is one)."),
 ) -> None:
     if k < 1 or block < 0:
@@ -644,6 +722,9 @@ def main(
         raise ts.TrackStarError(f"--out {out} is a directory; give the JSONL file to write")
     if dense_model is not None and method != Method.dense:
         raise ts.TrackStarError("--dense-model applies to --method dense only")
+    if method != Method.trackstar and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ts.TrackStarError(f"--method {method.value} runs in one process; torchrun shares out gradient "
+                                "indexes only")
     if method == Method.bm25:
         if corpus is None or queries is None or out is None:
             raise ts.TrackStarError("--method bm25 needs --corpus, --queries (JSONL files) and --out")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import fnmatch
 import gzip
 import hashlib
 import json
@@ -280,6 +282,30 @@ def pick_device(device: str = "auto") -> str:
         raise TrackStarError(f"--device {device}, but this machine has {torch.cuda.device_count()} GPU(s)")
     torch.cuda.set_device(device)
     return device
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size): torchrun's, with torch.distributed started, or (0, 1) for a plain process.
+
+    The backend is gloo, on GPUs too: what crosses between ranks is host data, once or rarely (the
+    corpus transform R^(-1/2), a few settings, each rank's top-k keys), never the index itself, so
+    NCCL's bandwidth would buy nothing and would need every message staged on a GPU. The timeout is
+    long because ranks wait in a collective while rank 0 fits R (hours on a CPU at d = 2^16); a rank
+    that fails ends the others through torchrun, not through the timeout.
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return torch.distributed.get_rank(), world
+
+
+def broadcast(obj: Any, rank: int) -> Any:
+    """Rank 0's `obj` (anything picklable), on every rank."""
+    box = [obj if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 PRECISIONS = ("highest", "high")  # float32 matmuls: true fp32, or TF32 on GPUs that have it (~1e-3 relative)
@@ -1111,13 +1137,15 @@ def atomic_directory(out: Path, own: tuple[str, ...]) -> Iterator[Path]:
     """Yield a fresh directory beside `out`; it replaces `out` only when the block succeeds, so a failed
     run leaves the previous output as it was, and a reader never sees half of one and half of another.
 
-    `out` may hold only the files named in `own` (what this stage writes): a directory holding anything
-    else (an encoded run, a user's notes) is refused rather than replaced.
+    `out` may hold only the files named in `own` (what this stage writes; shell patterns such as
+    `share-*.h5` allowed): a directory holding anything else (an encoded run, a user's notes) is refused
+    rather than replaced.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TrackStarError(f"--out {out} exists and is not a directory")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in own) if out.exists() else []
+    mine = lambda name: any(fnmatch.fnmatchcase(name, pattern) for pattern in own)  # noqa: E731
+    foreign = sorted(p.name for p in out.iterdir() if not mine(p.name)) if out.exists() else []
     if foreign:
         raise TrackStarError(f"--out {out} holds {foreign[:3]}, which this stage did not write; "
                              "give a directory of its own")
@@ -1207,17 +1235,23 @@ COMPATIBLE_KEYS = ["model", "dtype", "dim", "seed", "factors", "modules", "param
                    "matmul_precision", "chunk_dtype", "tool"]
 
 
-def chunk_files(run: str | Path) -> list[Path]:
-    """All chunk files of a complete run, in order, each checked against the run's settings; an
-    incomplete run, a damaged chunk or one another run wrote is an error naming the file."""
+def chunk_lengths(run: RunSettings) -> list[int]:
+    """Rows of each chunk of a run: chunk i holds rows [i·C, (i+1)·C), the last one what is left."""
+    return [min(run.chunk_size, run.n_examples - i * run.chunk_size) for i in range(run.n_chunks)]
+
+
+def chunk_files(run: str | Path, shard: int = 0, num_shards: int = 1) -> list[Path]:
+    """The chunk files i = shard, shard + num_shards, ... of a complete run (all of them by default), in
+    order, each checked against the run's settings; an incomplete run, a damaged chunk or one another
+    run wrote is an error naming the file."""
     settings = read_meta(run)
-    files = [Path(run) / chunk_name(i) for i in range(settings.n_chunks)]
+    files = [Path(run) / chunk_name(i) for i in range(shard, settings.n_chunks, num_shards)]
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise TrackStarError(
             f"{run} is incomplete: {len(missing)} of {len(files)} chunks missing (first: {missing[0]}); rerun encode"
         )
-    for i, f in enumerate(files):
+    for i, f in zip(range(shard, settings.n_chunks, num_shards), files, strict=True):
         check_chunk(f, settings, i)
     return files
 
@@ -1276,9 +1310,11 @@ def chunk_rows(h: h5py.File, dataset: str, rows: Any = slice(None)) -> np.ndarra
     return a.astype(np.float32, copy=False)
 
 
-def iter_vector_blocks(run: str | Path, dataset: str = "vectors") -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, vectors) chunk by chunk: memory bounded by one chunk, whatever the corpus size."""
-    for f in chunk_files(run):
+def iter_vector_blocks(run: str | Path, dataset: str = "vectors", shard: int = 0, num_shards: int = 1
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) chunk by chunk (chunks shard, shard + num_shards, ...; all by default): memory
+    bounded by one chunk, whatever the corpus size."""
+    for f in chunk_files(run, shard, num_shards):
         with h5py.File(f, "r") as h:
             yield h["ids"][:], chunk_rows(h, dataset)
 
@@ -1331,3 +1367,57 @@ def write_attrs(obj: h5py.HLObject, attrs: dict) -> None:
 
 def read_attrs(obj: h5py.HLObject) -> dict:
     return {key: json.loads(value) for key, value in obj.attrs.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The index layout (index.py writes it, query.py scans it). One process writes index.h5 holding every row
+# (`G`, `ids`). Under torchrun with W ranks, rank r writes the corpus chunks i ≡ r (mod W), in order, into
+# share-0000r-of-0000W.h5, and index.h5 holds no rows but records `shares`: W and the build every share
+# carries. Either way an index is a list of chunk segments, and both stages keep to them: a float32 matrix
+# product's rows depend on its shape (MKL and cuBLAS pick kernels and blockings by size), so a row is
+# transformed and scored in the same shapes only if no block mixes rows of two chunks.
+
+
+def share_name(share: int, shares: int) -> str:
+    return f"share-{share:05d}-of-{shares:05d}.h5"
+
+
+def share_segments(lengths: list[int], count: int) -> list[tuple[int, int, int]]:
+    """(share, first row, end row) of each chunk, in chunk order, when chunk i (of `lengths` rows) is in
+    share i % count after the share's earlier chunks (count 1: one file, chunk after chunk)."""
+    ends, segments = [0] * count, []
+    for i, n in enumerate(lengths):
+        r = i % count
+        segments.append((r, ends[r], ends[r] + n))
+        ends[r] += n
+    return segments
+
+
+def index_segments(index: Path, run: RunSettings, shares: dict | None) -> list[tuple[Path, int, int]]:
+    """(file, first row, end row) of each chunk of the corpus run `run` in the index directory `index`, in
+    chunk order. `shares` is what index.h5 records (None: index.h5 holds every row); each share must be
+    there, carry this build, its own place, and the rows of its chunks."""
+    segments = share_segments(chunk_lengths(run), shares["count"] if shares else 1)
+    if shares is None:
+        return [(index / "index.h5", lo, hi) for _, lo, hi in segments]
+    count, build = shares["count"], shares["build"]
+    files, ends = [index / share_name(r, count) for r in range(count)], [0] * count
+    for r, _, hi in segments:
+        ends[r] = hi
+    for r, (path, rows) in enumerate(zip(files, ends, strict=True)):
+        if not path.exists():
+            raise TrackStarError(f"{path} is missing: the index {index} was built in {count} shares; rebuild it "
+                                 "with index.py")
+        with h5py.File(path, "r") as f:
+            stored = read_attrs(f)
+            theirs = stored.get("shares") or {}
+            if (stored.get("share"), theirs.get("count")) != (r, count):
+                raise TrackStarError(f"{path} says it is share {stored.get('share')} of {theirs.get('count')}, "
+                                     f"the index {index} has it as share {r} of {count}; rebuild the index")
+            if theirs.get("build") != build:
+                raise TrackStarError(f"{path} is from another index build than {index / 'index.h5'} (build "
+                                     f"{theirs.get('build')!r} vs {build!r}); rebuild the index with index.py")
+            shapes = (f["G"].shape, f["ids"].shape) if "G" in f and "ids" in f else None
+        if shapes != ((rows, run.dim), (rows,)):
+            raise TrackStarError(f"{path} holds {shapes}, its chunks {rows} rows of d = {run.dim}; rebuild the index")
+    return [(files[r], lo, hi) for r, lo, hi in segments]
