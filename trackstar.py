@@ -118,9 +118,13 @@ def iter_records(path: str | Path, kind: str) -> Iterator[dict]:
     """
     hashes = array.array("Q")
     for row in _records(path, kind):
-        hashes.append(int.from_bytes(hashlib.blake2b(row["id"].encode(), digest_size=8).digest(), "little"))
+        hashes.append(_id_hash(row["id"]))
         yield row
     _check_unique_ids(path, kind, np.frombuffer(hashes, dtype=np.uint64))
+
+
+def _id_hash(rid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little")
 
 
 def read_jsonl(path: str | Path, kind: str) -> list[dict]:
