@@ -148,15 +148,16 @@ def _records(path: str | Path, kind: str) -> Iterator[dict]:
 
 
 def _check_unique_ids(path: str | Path, kind: str, hashes: np.ndarray) -> None:
-    """Refuse a repeated id, naming both places. Only when two hashes agree are those records read again, and
-    their ids themselves compared (two ids may share a hash)."""
-    s = np.sort(hashes)
-    repeated = s[1:][s[1:] == s[:-1]]
-    if not len(repeated):
+    """Refuse a repeated id, naming both places. `hashes` (every id's _id_hash) is sorted in place, so the check
+    adds no copy; only when two hashes agree are the records read again, and the ids themselves compared (two
+    ids may share a hash)."""
+    hashes.sort()
+    repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if not repeated:
         return
-    suspects, first = set(np.flatnonzero(np.isin(hashes, repeated)).tolist()), {}
-    for i, row in enumerate(_records(path, kind)):
-        if i in suspects:
+    first = {}
+    for row in _records(path, kind):
+        if _id_hash(row["id"]) in repeated:
             if row["id"] in first:
                 raise TrackStarError(f"{row['_where']}: duplicate id {row['id']!r} (first at {first[row['id']]})")
             first[row["id"]] = row["_where"]
