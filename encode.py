@@ -204,10 +204,12 @@ def survey(data: Path, kind: str, tokenizer, max_length: int, model: nn.Module, 
     """The first pass: every record read, validated and tokenized, then dropped, before anything is written.
     Returns how many records there are, how many documents are truncated, and where the first ten of those are."""
     n, n_truncated, shown = 0, 0, []
-    for window in windows(ts.iter_records(data, kind), chunk_size):
-        tokenized, truncated = ts.tokenize_rows(tokenizer, window, kind, max_length)
-        check_vocabulary(tokenized, window, model)
-        n, n_truncated, shown = n + len(window), n_truncated + len(truncated), (shown + truncated)[:10]
+    with tqdm(desc=f"check {kind}", unit="ex") as bar:
+        for window in windows(ts.iter_records(data, kind), chunk_size):
+            tokenized, truncated = ts.tokenize_rows(tokenizer, window, kind, max_length)
+            check_vocabulary(tokenized, window, model)
+            n, n_truncated, shown = n + len(window), n_truncated + len(truncated), (shown + truncated)[:10]
+            bar.update(len(window))
     return n, n_truncated, shown
 
 
@@ -304,7 +306,7 @@ def main(
     rank, world = resolve_shard(shard, num_shards)
     device = ts.pick_device(device)
     ts.pin_precision(matmul_precision)
-    ts.data_files(data)  # a missing or unreadable input is named before the model loads
+    ts.data_files(data)  # a missing input, or a folder holding other files, is named before the model loads
     mdl, tokenizer = ts.load_model(model, dtype, device)
     max_length = min(max_length or ts.context_length(mdl), ts.context_length(mdl))
     n_rows, truncated, shown = survey(data, kind, tokenizer, max_length, mdl, chunk_size)
@@ -365,6 +367,7 @@ def main(
         if left:
             raise ts.TrackStarError(f"{data} has fewer records than the first pass counted ({n_rows}): it changed "
                                     "while being encoded")
+
 
 if __name__ == "__main__":
     ts.run_cli(app)
