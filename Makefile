@@ -2,6 +2,8 @@
 #
 #   make all                                   the embedded fact world, end to end, prints the table
 #   make all MODEL=dir CORPUS=c.jsonl          your corpus encoded and indexed (R_train), ready for questions
+#                                              (CORPUS: a .jsonl, .jsonl.gz or .parquet file, a directory of them,
+#                                              or a quoted glob pattern: CORPUS='shards/*.parquet')
 #   make all MODEL=dir CORPUS=c.jsonl QUERIES=q.jsonl [OPTIMIZER=optimizer.pt | ESTIMATE_V=512] [LR=1e-4]
 #   make sweep                                 d, R_train sample size, damping and λ against MRR and tail-patch
 #   make trend                                 BM25, cosine and TrackStar at each training checkpoint
@@ -59,6 +61,12 @@ QUERY_V  := --optimizer-state $(OPTIMIZER)
 TAIL_V   := --optimizer-state $(OPTIMIZER)
 endif
 LR_OPT := $(if $(LR),--lr $(LR),)
+
+# What a stage reading CORPUS or QUERIES depends on. A directory: itself and its data files (a directory's own
+# time changes when a file comes or goes, not when one is rewritten). A glob pattern make expands itself.
+data_dep = $(if $(and $(1),$(wildcard $(1)/.)),$(1) $(wildcard $(addprefix $(1)/*,.jsonl .jsonl.gz .parquet)),$(1))
+CORPUS_DEP = $(call data_dep,$(CORPUS))
+QUERIES_DEP = $(call data_dep,$(QUERIES))
 
 ENCODE_OPTS = --model $(MODEL) --dim $(DIM) --seed $(SEED) --also-uncorrected --device $(DEVICE) \
               $(if $(TOKEN_BUDGET),--token-budget $(TOKEN_BUDGET)) --params $(PARAMS) $(ENCODE_EXTRA)
@@ -136,12 +144,12 @@ $(WORLD)/world.json: prepare.py .venv/.installed
 # A user's own inputs have no prepare step; the fact world's come from it.
 $(MODEL) $(CORPUS) $(QUERIES): $(if $(WORLD),$(WORLD)/world.json)
 
-$(RUN)/corpus.done: $(CORPUS) $(MODEL_DEP) encode.py $(CORE)
-	$(PY) encode.py corpus --data $(CORPUS) --out $(RUN)/corpus $(ENCODE_OPTS) $(CORPUS_V)
+$(RUN)/corpus.done: $(CORPUS_DEP) $(MODEL_DEP) encode.py $(CORE)
+	$(PY) encode.py corpus --data '$(CORPUS)' --out $(RUN)/corpus $(ENCODE_OPTS) $(CORPUS_V)
 	touch $@
 
-$(RUN)/queries.done: $(QUERIES) $(RUN)/corpus.done encode.py $(CORE)
-	$(PY) encode.py queries --data $(QUERIES) --out $(RUN)/queries $(ENCODE_OPTS) $(QUERY_V)
+$(RUN)/queries.done: $(QUERIES_DEP) $(RUN)/corpus.done encode.py $(CORE)
+	$(PY) encode.py queries --data '$(QUERIES)' --out $(RUN)/queries $(ENCODE_OPTS) $(QUERY_V)
 	touch $@
 
 $(RUN)/index-%/index.h5: $(RUN)/corpus.done $(RUN)/queries.done index.py $(CORE)
@@ -150,18 +158,18 @@ $(RUN)/index-%/index.h5: $(RUN)/corpus.done $(RUN)/queries.done index.py $(CORE)
 $(RUN)/proponents-%.jsonl: $(RUN)/index-%/index.h5 query.py
 	$(PY) query.py --index $(RUN)/index-$* --queries $(RUN)/queries --out $@ --k $(K) --device $(DEVICE)
 
-$(RUN)/proponents-bm25.jsonl: $(CORPUS) $(QUERIES) query.py $(CORE)
-	$(PY) query.py --method bm25 --corpus $(CORPUS) --queries $(QUERIES) --out $@ --k $(K)
+$(RUN)/proponents-bm25.jsonl: $(CORPUS_DEP) $(QUERIES_DEP) query.py $(CORE)
+	$(PY) query.py --method bm25 --corpus '$(CORPUS)' --queries '$(QUERIES)' --out $@ --k $(K)
 
 # The dense baseline (text embeddings, all-MiniLM-L6-v2): the corpus embedded once into its own index.
-$(RUN)/index-dense/index.h5: $(CORPUS) query.py $(CORE)
-	$(PY) query.py --method dense --corpus $(CORPUS) --index $(RUN)/index-dense --device $(DEVICE)
+$(RUN)/index-dense/index.h5: $(CORPUS_DEP) query.py $(CORE)
+	$(PY) query.py --method dense --corpus '$(CORPUS)' --index $(RUN)/index-dense --device $(DEVICE)
 
-$(RUN)/proponents-dense.jsonl: $(RUN)/index-dense/index.h5 $(QUERIES) query.py
-	$(PY) query.py --method dense --index $(RUN)/index-dense --queries $(QUERIES) --out $@ --k $(K) --device $(DEVICE)
+$(RUN)/proponents-dense.jsonl: $(RUN)/index-dense/index.h5 $(QUERIES_DEP) query.py
+	$(PY) query.py --method dense --index $(RUN)/index-dense --queries '$(QUERIES)' --out $@ --k $(K) --device $(DEVICE)
 
 $(RUN)/results.md: $(foreach m,$(BASELINES) $(VARIANTS),$(RUN)/proponents-$(m).jsonl) evaluate.py
-	$(PY) evaluate.py --run $(RUN) --model $(MODEL) --corpus $(CORPUS) --queries $(QUERIES) \
+	$(PY) evaluate.py --run $(RUN) --model $(MODEL) --corpus '$(CORPUS)' --queries '$(QUERIES)' \
 	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE) --tail-queries $(TAIL_QUERIES)
 
 
@@ -184,9 +192,9 @@ real: $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl
 sweep: $(RUN)/sweep/sweep.md
 
 $(RUN)/sweep/sweep.md: $(RUN)/results.md sweep.py index.py evaluate.py
-	$(PY) sweep.py --run $(RUN) --model $(MODEL) --corpus $(CORPUS) --queries $(QUERIES) $(TAIL_V) $(LR_OPT) \
+	$(PY) sweep.py --run $(RUN) --model $(MODEL) --corpus '$(CORPUS)' --queries '$(QUERIES)' $(TAIL_V) $(LR_OPT) \
 	    --damping $(DAMPING) --tail-queries $(SWEEP_TAIL_QUERIES)
-	$(PY) evaluate.py --report-only --run $(RUN) --corpus $(CORPUS) --queries $(QUERIES)
+	$(PY) evaluate.py --report-only --run $(RUN) --corpus '$(CORPUS)' --queries '$(QUERIES)'
 
 # The training-tokens trend: every checkpoint (MODEL/checkpoints/step-N, saved by prepare.py, then MODEL itself) through
 # encode → index → query → evaluate into RUN/trend/, with its own optimizer state, the rows BM25, cosine and TrackStar,
@@ -194,11 +202,11 @@ $(RUN)/sweep/sweep.md: $(RUN)/results.md sweep.py index.py evaluate.py
 TREND_VARIANTS ?= cosine trackstar
 TREND_TAIL_QUERIES ?= 40
 TREND_LR = $(shell $(PY) -c "import json; print(json.load(open('$(MODEL)/checkpoint.json'))['lr'])")
-trend: $(MODEL_DEP) $(CORPUS) $(QUERIES) trend.py
+trend: $(MODEL_DEP) $(CORPUS_DEP) $(QUERIES_DEP) trend.py
 	@test -d $(MODEL)/checkpoints || { echo "$(MODEL) has no checkpoints/: prepare.py factworld saves them" >&2; exit 2; }
 	for c in $(MODEL)/checkpoints/step-* $(MODEL); do \
 	  name=$$(basename $$c); [ "$$c" = "$(MODEL)" ] && name=final; \
-	  $(MAKE) all MODEL=$$c CORPUS=$(CORPUS) QUERIES=$(QUERIES) OPTIMIZER=$$c/optimizer.pt LR=$(TREND_LR) \
+	  $(MAKE) all MODEL=$$c CORPUS='$(CORPUS)' QUERIES='$(QUERIES)' OPTIMIZER=$$c/optimizer.pt LR=$(TREND_LR) \
 	      RUN=$(RUN)/trend/$$name BASELINES=bm25 VARIANTS="$(TREND_VARIANTS)" TAIL_QUERIES=$(TREND_TAIL_QUERIES) || exit 1; \
 	done
 	$(PY) trend.py --run $(RUN) --model $(MODEL)

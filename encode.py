@@ -8,16 +8,22 @@ Writes RUN/.../meta.json and HDF5 chunks `chunk-000123.h5` (datasets `vectors`, 
 bfloat16 as uint16 bits, or float16, and read back as float32). Chunk i holds input rows [i*C, (i+1)*C). A chunk file
 appears under its final name only when whole, so a rerun skips finished chunks and resumes; under
 torchrun or --shard/--num-shards each process encodes chunks i with i % n == shard.
+
+--data is one JSONL, .jsonl.gz or Parquet file, a directory of them, or a quoted glob pattern ('shards/*.parquet').
+It is streamed twice and never held: a first pass validates and tokenizes every record (so a bad one is named
+before anything is written, and the run's counts are known), a second tokenizes and encodes one chunk's
+records at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +75,7 @@ def second_moment(
     if estimate_v > 0:
         v_file = out / "second_moment.pt"
         if not v_file.exists() and rank == 0:
-            estimate_to_file(model, tokenizer, data, estimate_v, max_length, token_budget, seed, v_file)
+            estimate_to_file(model, tokenizer, data, n_rows, estimate_v, max_length, token_budget, seed, v_file)
         wait_for(v_file, "shard 0's V estimate")  # one estimate for all shards: they must share its digest
         V = ts.load_second_moment(str(v_file), model)
         want = estimate_source(data, min(estimate_v, n_rows), token_budget, seed)
@@ -121,16 +127,18 @@ def estimate_second_moment(model: nn.Module, batches: Iterator[dict[str, torch.T
     return {n: (x / max(count, 1)).cpu() for n, x in v.items()}
 
 
-def estimate_to_file(model, tokenizer, data: Path, n: int, max_length: int, token_budget: int, seed: int,
-                     v_file: Path) -> None:
-    """V from mean squared minibatch gradients over a seeded sample of n documents.
+def estimate_to_file(model, tokenizer, data: Path, n_rows: int, n: int, max_length: int, token_budget: int,
+                     seed: int, v_file: Path) -> None:
+    """V from mean squared minibatch gradients over a seeded sample of n of the corpus's n_rows documents.
 
     Minibatches hold at most 8 documents of similar length and at most `token_budget` padded tokens:
     a plain backward keeps every layer's activations and the B·T·vocab logits, so one long document
     in a fixed batch of 8 once took 24 GB on SmolLM2.
     """
-    rows = ts.read_jsonl(data, "corpus")
-    sample = random.Random(seed).sample(rows, min(n, len(rows)))
+    picks = random.Random(seed).sample(range(n_rows), min(n, n_rows))  # the same draw as sampling the rows
+    wanted = set(picks)
+    found = {i: row for i, row in enumerate(ts.iter_records(data, "corpus")) if i in wanted}
+    sample = [found[i] for i in picks]
     tokenized, _ = ts.tokenize_rows(tokenizer, sample, "corpus", max_length)
     dev = next(model.parameters()).device
     groups = ts.length_batches([len(ids) for ids, _ in tokenized], token_budget, max_batch=8)
@@ -143,7 +151,7 @@ def estimate_to_file(model, tokenizer, data: Path, n: int, max_length: int, toke
 
 def estimate_source(data: Path, n: int, token_budget: int, seed: int) -> str:
     """What an estimate of V from n documents is recorded as: everything it depends on."""
-    return f"estimate(n={n}, batch<=8 docs and {token_budget} tokens, seed={seed}, data={ts.file_digest(data)})"
+    return f"estimate(n={n}, batch<=8 docs and {token_budget} tokens, seed={seed}, data={ts.data_digest(data)})"
 
 
 def modules_digest(modules: list, lookups: list) -> str:
@@ -182,6 +190,27 @@ def check_options(gradient: str, dim: int, max_length: int | None, token_budget:
         raise ts.TrackStarError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     if chunk_dtype not in ts.CHUNK_DTYPES:
         raise ts.TrackStarError(f"--chunk-dtype must be one of {list(ts.CHUNK_DTYPES)}, got {chunk_dtype!r}")
+
+
+def windows(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive lists of `size` records (the last may be shorter): window i is chunk i's rows."""
+    it = iter(records)
+    while window := list(itertools.islice(it, size)):
+        yield window
+
+
+def survey(data: Path, kind: str, tokenizer, max_length: int, model: nn.Module, chunk_size: int
+           ) -> tuple[int, int, list[str]]:
+    """The first pass: every record read, validated and tokenized, then dropped, before anything is written.
+    Returns how many records there are, how many documents are truncated, and where the first ten of those are."""
+    n, n_truncated, shown = 0, 0, []
+    with tqdm(desc=f"check {kind}", unit="ex") as bar:
+        for window in windows(ts.iter_records(data, kind), chunk_size):
+            tokenized, truncated = ts.tokenize_rows(tokenizer, window, kind, max_length)
+            check_vocabulary(tokenized, window, model)
+            n, n_truncated, shown = n + len(window), n_truncated + len(truncated), (shown + truncated)[:10]
+            bar.update(len(window))
+    return n, n_truncated, shown
 
 
 def check_vocabulary(tokenized: list, rows: list[dict], model: nn.Module) -> None:
@@ -231,8 +260,9 @@ def check_storable_rows(arrays: dict[str, np.ndarray], rows: list[dict], chunk_d
 def main(
     kind: str = typer.Argument(..., help="corpus (loss on every token) | queries (on the target given the prompt)."),
     model: str = typer.Option(..., help="Hugging Face model directory (config + weights, or a .gguf file)."),
-    data: Path = typer.Option(..., help=f"Input JSONL, one object a line. corpus: {FIELDS['corpus']}; "
-                              f"queries: {FIELDS['queries']}."),
+    data: Path = typer.Option(..., help=f"Input: JSONL (one object a line), .jsonl.gz or Parquet with the same "
+                              "fields, or a directory or quoted glob pattern of such files (read in sorted order). "
+                              f"corpus: {FIELDS['corpus']}; queries: {FIELDS['queries']}."),
     out: Path = typer.Option(..., help="Output directory of HDF5 chunks (resumed if it exists)."),
     dim: int = typer.Option(65536, help="Projection dimension d (a power of two; the paper: 2^16)."),
     seed: int = typer.Option(0, help="Projection seed (and V-estimate sample seed)."),
@@ -276,19 +306,18 @@ def main(
     rank, world = resolve_shard(shard, num_shards)
     device = ts.pick_device(device)
     ts.pin_precision(matmul_precision)
-    rows = ts.read_jsonl(data, kind)  # every line validated before anything is written
+    ts.data_files(data)  # a missing input, or a folder holding other files, is named before the model loads
     mdl, tokenizer = ts.load_model(model, dtype, device)
     max_length = min(max_length or ts.context_length(mdl), ts.context_length(mdl))
-    tokenized, truncated = ts.tokenize_rows(tokenizer, rows, kind, max_length)
+    n_rows, truncated, shown = survey(data, kind, tokenizer, max_length, mdl, chunk_size)
     if truncated:
-        typer.echo(f"truncated {len(truncated)} documents to {max_length} tokens (lines {truncated[:10]}...)")
-    check_vocabulary(tokenized, rows, mdl)
+        typer.echo(f"truncated {truncated} documents to {max_length} tokens ({', '.join(shown)}...)")
     token_budget = token_budget or recorded_budget(out) or ts.auto_token_budget(mdl, device)
     typer.echo(f"token budget: {token_budget} padded tokens a batch")
     modules = ts.weight_modules(mdl)
     lookups = ts.lookup_modules(mdl) if params == "all" else []
     V, v_file = second_moment(mdl, tokenizer, out, optimizer_state, estimate_v, no_correction,
-                              data, max_length, token_budget, seed, len(rows), rank)
+                              data, max_length, token_budget, seed, n_rows, rank)
     if V is not None and eps is None:
         eps = ts.default_eps(V, [p for _, _, p, _ in modules])
     applied, _ = ts.applied_second_moment(V, eps or 0.0, factor_v)
@@ -297,11 +326,11 @@ def main(
         gradient = "factored" if rank_one else "exact"
     run = ts.RunSettings(
         tool=f"trackstar {ts.VERSION}", kind=kind, loss=LOSS[kind],
-        data=str(data.resolve()), data_digest=ts.file_digest(data), n_examples=len(rows),
-        chunk_size=chunk_size, n_chunks=-(-len(rows) // chunk_size), token_budget=token_budget,
+        data=str(data.resolve()), data_digest=ts.data_digest(data), n_examples=n_rows,
+        chunk_size=chunk_size, n_chunks=-(-n_rows // chunk_size), token_budget=token_budget,
         datasets=["vectors", "vectors_uncorrected"] if (also_uncorrected and V is not None) else ["vectors"],
         model=mdl.trackstar_fingerprint, model_path=mdl.trackstar_path, dtype=dtype,
-        max_length=max_length, truncated=len(truncated),
+        max_length=max_length, truncated=truncated,
         dim=dim, seed=seed, factors=list(ts.factor_dims(dim)), modules=modules_digest(modules, lookups), params=params,
         gradient=gradient, matmul_precision=matmul_precision, device_type=torch.device(device).type,
         chunk_dtype=chunk_dtype,
@@ -317,15 +346,27 @@ def main(
         ts.write_json(out / "meta.json", dataclasses.asdict(run))
 
         mine = [i for i in range(rank, run.n_chunks, world) if i not in done]
-        todo = sum(min(chunk_size, len(rows) - i * chunk_size) for i in mine)
-        typer.echo(f"{kind}: {len(rows)} examples, {run.n_chunks} chunks, {len(mine)} to encode here "
+        todo = sum(min(chunk_size, n_rows - i * chunk_size) for i in mine)
+        typer.echo(f"{kind}: {n_rows} examples, {run.n_chunks} chunks, {len(mine)} to encode here "
                    f"(shard {rank}/{world}), gradient={run.gradient}, correction={run.correction}, d={dim}")
+        # The second pass: chunk i is window i of the records. Other shards' chunks and finished ones are read
+        # past, never tokenized; reading stops after this process's last chunk.
+        left = set(mine)
         with tqdm(total=todo, desc=f"encode {kind}", unit="ex") as bar:
-            for i in mine:
-                lo, hi = i * chunk_size, min((i + 1) * chunk_size, len(rows))
-                arrays = ts.encode_tokenized(enc, tokenized[lo:hi], token_budget, bar)
-                check_storable_rows(arrays, rows[lo:hi], chunk_dtype)
-                ts.write_chunk(out / ts.chunk_name(i), arrays, np.arange(lo, hi), run)
+            for i, rows in enumerate(windows(ts.iter_records(data, kind), chunk_size)):
+                if not left:
+                    break
+                if i not in left:
+                    continue
+                left.remove(i)
+                tokenized, _ = ts.tokenize_rows(tokenizer, rows, kind, max_length)
+                arrays = ts.encode_tokenized(enc, tokenized, token_budget, bar)
+                check_storable_rows(arrays, rows, chunk_dtype)
+                lo = i * chunk_size
+                ts.write_chunk(out / ts.chunk_name(i), arrays, np.arange(lo, lo + len(rows)), run)
+        if left:
+            raise ts.TrackStarError(f"{data} has fewer records than the first pass counted ({n_rows}): it changed "
+                                    "while being encoded")
 
 
 if __name__ == "__main__":

@@ -281,8 +281,8 @@ def check_inputs(run: Path, corpus: Path, queries: Path) -> ts.RunSettings | Non
             embedded = ts.read_attrs(f).get("dense", {})
         made_from.append(("corpus", corpus, dense, embedded.get("data"), embedded.get("data_digest")))
     for kind, path, artifact, data, digest in made_from:
-        if ts.file_digest(path) != digest:
-            raise ts.TrackStarError(f"--{kind} {path} (digest {ts.file_digest(path)}) is not the file {artifact} "
+        if ts.data_digest(path) != digest:
+            raise ts.TrackStarError(f"--{kind} {path} (digest {ts.data_digest(path)}) is not the data {artifact} "
                                     f"was encoded from ({data}, digest {digest})")
     return settings
 
@@ -475,7 +475,7 @@ def main(
     device = ts.pick_device(device)
     n_all = len(qs)  # query.py ranked every query of the file
     if max_queries and max_queries < len(qs):
-        qs = sorted(random.Random(0).sample(qs, max_queries), key=lambda q: q["_line"])
+        qs = [qs[i] for i in sorted(random.Random(0).sample(range(len(qs)), max_queries))]  # in file order
     scored = scored_queries(docs, qs)
     method_list = [m for m in methods.split(",") if m and m != "truth"]
     if any(scored):  # the documents stating each fact: an upper reference for tail-patch
@@ -488,7 +488,7 @@ def main(
 
     correct = model_answers(step.model, step.tokenizer, qs, step.max_length)
     per_query = {m: attribution(rankings[m], qs, facts_of, k, scored) for m in method_list}
-    tail_qs = sorted(random.Random(1).sample(qs, tail_queries), key=lambda q: q["_line"]) \
+    tail_qs = [qs[i] for i in sorted(random.Random(1).sample(range(len(qs)), tail_queries))] \
         if 0 < tail_queries < len(qs) else qs
     infl = influence(step, corpus_tok, rankings, qs, tail_qs, k)
     docs_by_id = {d["id"]: d for d in docs}

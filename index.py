@@ -638,7 +638,7 @@ def fit_and_record(tmp: Path, corpus: Path, cmeta: ts.RunSettings, queries: Path
 
 def print_example(out: Path, corpus_data: str) -> None:
     """How to ask the new index a question, with a prompt cut from the corpus's first document."""
-    words = ts.read_jsonl(corpus_data, "corpus")[0]["text"].split()[:12]
+    words = next(ts.iter_records(corpus_data, "corpus"))["text"].split()[:12]
     n = max(1, len(words) - 1)
     prompt, target = " ".join(words[:n]), " " + (words[n] if n < len(words) else words[0])
     typer.echo(f"Ask it a question (the answer's tokens carry the loss):\n  python query.py --index {out} "

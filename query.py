@@ -70,9 +70,9 @@ def default_block(device: str, n_queries: int, dim: int = 0, free_bytes: int | N
 
 
 def read_checked_jsonl(path: str, kind: str, digest: str | None) -> list[dict]:
-    """Rows of the JSONL a run was encoded from, refusing a file that changed since."""
-    if digest and Path(path).exists() and ts.file_digest(path) != digest:
-        raise ts.TrackStarError(f"{path} has changed since it was encoded (digest {ts.file_digest(path)} vs "
+    """Rows of the data a run was encoded from (a file, directory or glob), refusing data that changed since."""
+    if digest and ts.data_digest(path) != digest:
+        raise ts.TrackStarError(f"{path} has changed since it was encoded (digest {ts.data_digest(path)} vs "
                                 f"{digest}); re-encode it")
     return ts.read_jsonl(path, kind)
 
@@ -634,7 +634,7 @@ def build_dense_index(index: Path, corpus: Path, dense: DenseModel) -> None:
     G = embed_texts(dense, [d["text"] for d in docs], desc="embed corpus")
     dt = time.perf_counter() - t0
     settings = {"model": dense.fingerprint, "model_path": dense.name, "max_length": dense.max_length,
-                "data": str(corpus.resolve()), "data_digest": ts.file_digest(corpus), "n_examples": len(docs),
+                "data": str(corpus.resolve()), "data_digest": ts.data_digest(corpus), "n_examples": len(docs),
                 "dim": G.shape[1], "pooling": "mean, unit norm", "tool": f"trackstar {ts.VERSION}"}
     with ts.atomic_directory(index, ("index.h5",)) as tmp, h5py.File(tmp / "index.h5", "w") as f:
         f.create_dataset("G", data=G)  # float32, contiguous: the scan maps it in place

@@ -15,12 +15,15 @@ blocked exact top-k, metrics.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import datetime
 import fnmatch
+import glob
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -57,18 +60,114 @@ def run_cli(app: Callable[[], Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs: corpus and query JSONL, validated with line numbers.
+# Inputs: a corpus or a query set, streamed record by record and validated, every problem named by file and
+# line. The data is one file (JSONL, .jsonl.gz or Parquet), a directory of such files or a glob pattern; its
+# records are numbered in one fixed order (files sorted by name), and that number is what an encoded row means.
+
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # what a directory or a glob pattern may hold
+PARQUET_BATCH = 1024  # rows decoded from a Parquet file at a time: memory bounded by a batch, never the table
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """The files `path` names, in record order: the file itself; a directory's *.jsonl, *.jsonl.gz and
+    *.parquet files sorted by name (names starting with "." or "_", such as Spark's _SUCCESS, are skipped);
+    or a glob pattern's matches, sorted. Anything else in the directory or among the matches is refused."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files, what = sorted(f for f in p.iterdir() if not f.name.startswith((".", "_"))), f"the directory {path}"
+    elif _is_pattern(path):
+        files, what = sorted(Path(f) for f in glob.glob(str(path), recursive=True)), f"the pattern {path}"
+    else:
+        raise TrackStarError(f"{path}: no such file or directory")
+    kinds = ", ".join("*" + s for s in DATA_SUFFIXES)
+    for f in files:
+        if not (f.is_file() and f.name.endswith(DATA_SUFFIXES)):
+            raise TrackStarError(f"{f}: in {what}, but not a {kinds} file (move it away, or name the data files "
+                                 "with a glob pattern)")
+    if not files:
+        raise TrackStarError(f"{what} holds no {kinds} files")
+    return files
+
+
+def _is_pattern(path: str | Path) -> bool:
+    return any(c in str(path) for c in "*?[")
+
+
+def data_digest(path: str | Path) -> str:
+    """The identity of a corpus or query set, so a resumed run or a later stage refuses changed data. One file:
+    its file_digest. A directory or pattern: the digest of its files' names (relative to the directory, or to the
+    pattern's fixed part) and digests, in record order, so a changed, added, removed or renamed shard changes it."""
+    files = data_files(path)
+    if Path(path).is_file():
+        return file_digest(path)
+    root = Path(path) if Path(path).is_dir() else Path(*itertools.takewhile(
+        lambda part: not _is_pattern(part), Path(path).parts))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{Path(os.path.relpath(f, root)).as_posix()}\t{file_digest(f)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def iter_records(path: str | Path, kind: str) -> Iterator[dict]:
+    """The records of a corpus (`kind="corpus"`) or query set (`kind="queries"`), validated, one at a time.
+
+    A row's id is its `id` field, else its 0-based record number across all files; `_where` names its file and
+    line (Parquet: `file:row N`, counted from 0 as pandas does). Reading holds one line or one Parquet batch;
+    ids are checked unique when the last record has been read, through an 8-byte hash each (the one thing here
+    that grows with the corpus: 8 MB a million records), and a duplicate is named at both places.
+    """
+    hashes = array.array("Q")
+    for row in _records(path, kind):
+        hashes.append(_id_hash(row["id"]))
+        yield row
+    _check_unique_ids(path, kind, np.frombuffer(hashes, dtype=np.uint64))
+
+
+def _id_hash(rid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little")
 
 
 def read_jsonl(path: str | Path, kind: str) -> list[dict]:
-    """Read a corpus (`kind="corpus"`) or queries (`kind="queries"`) file.
+    """Every record of a corpus or query set in memory (any form iter_records reads), for the stages that
+    show or score documents by row number."""
+    return list(iter_records(path, kind))
 
-    Row ids are the 0-based record numbers; every problem names its line number.
-    """
-    opener = gzip.open if str(path).endswith(".gz") else open
-    if not Path(path).is_file():
-        raise TrackStarError(f"{path}: {'is a directory, not a JSONL file' if Path(path).is_dir() else 'no such file'}")
-    rows, seen = [], {}
+
+def _records(path: str | Path, kind: str) -> Iterator[dict]:
+    n = 0
+    for f in data_files(path):
+        for where, row in _parquet_rows(f) if f.name.endswith(".parquet") else _jsonl_rows(f):
+            if not isinstance(row, dict):
+                raise TrackStarError(f"{where}: expected a JSON object")
+            _validate_row(row, kind, where)
+            row["id"], row["_where"] = str(n if row.get("id") is None else row["id"]), where
+            n += 1
+            yield row
+    if not n:
+        raise TrackStarError(f"{path}: no records")
+
+
+def _check_unique_ids(path: str | Path, kind: str, hashes: np.ndarray) -> None:
+    """Refuse a repeated id, naming both places. `hashes` (every id's _id_hash) is sorted in place, so the check
+    adds no copy; only when two hashes agree are the records read again, and the ids themselves compared (two
+    ids may share a hash)."""
+    hashes.sort()
+    repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if not repeated:
+        return
+    first = {}
+    for row in _records(path, kind):
+        if _id_hash(row["id"]) in repeated:
+            if row["id"] in first:
+                raise TrackStarError(f"{row['_where']}: duplicate id {row['id']!r} (first at {first[row['id']]})")
+            first[row["id"]] = row["_where"]
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, parsed line) for each non-blank line of a JSONL or .jsonl.gz file."""
+    opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(_lines(f, path), 1):
             where = f"{path}:{lineno}"
@@ -85,18 +184,7 @@ def read_jsonl(path: str | Path, kind: str) -> list[dict]:
                 raise TrackStarError(f"{where}: not valid JSON ({e.msg})") from None
             except UnicodeEncodeError:
                 raise TrackStarError(f"{where}: text holds a lone UTF-16 surrogate escape, not a character") from None
-            if not isinstance(row, dict):
-                raise TrackStarError(f"{where}: expected a JSON object")
-            _validate_row(row, kind, where)
-            rid = str(row.get("id", len(rows)))
-            if rid in seen:
-                raise TrackStarError(f"{where}: duplicate id {rid!r} (first on line {seen[rid]})")
-            seen[rid] = lineno
-            row["id"], row["_line"], row["_where"] = rid, lineno, where
-            rows.append(row)
-    if not rows:
-        raise TrackStarError(f"{path}: no records")
-    return rows
+            yield where, row
 
 
 def _lines(f: Any, path: str | Path) -> Iterator[bytes]:
@@ -106,6 +194,21 @@ def _lines(f: Any, path: str | Path) -> Iterator[bytes]:
     except (OSError, EOFError) as e:
         raise TrackStarError(f"{path}: cannot be read as {'gzip' if str(path).endswith('.gz') else 'text'} "
                              f"({e})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, row as a dict) for each row of a Parquet file, read PARQUET_BATCH rows at a time."""
+    import pyarrow as pa  # only Parquet input needs pyarrow
+    import pyarrow.parquet as pq
+
+    n = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH):
+            for row in batch.to_pylist():
+                yield f"{path}:row {n}", row
+                n += 1
+    except (pa.ArrowException, OSError) as e:
+        raise TrackStarError(f"{path}: cannot be read as Parquet ({first_line(e)})") from None
 
 
 def _validate_row(row: dict, kind: str, where: str) -> None:
@@ -410,16 +513,16 @@ def tokenize_query(tokenizer: Any, prompt: str, target: str, max_length: int) ->
     return p + t, [IGNORE] * len(p) + t
 
 
-def tokenize_rows(tokenizer: Any, rows: list[dict], kind: str, max_length: int) -> tuple[list, list[int]]:
-    """Tokenize every row; returns [(ids, labels)] and the line numbers of truncated documents."""
+def tokenize_rows(tokenizer: Any, rows: list[dict], kind: str, max_length: int) -> tuple[list, list[str]]:
+    """Tokenize every row; returns [(ids, labels)] and where the truncated documents are (file:line)."""
     out, truncated = [], []
     for n, row in enumerate(rows, 1):
-        line, where = row.get("_line", n), row.get("_where", f"line {n}")
+        where = row.get("_where", f"line {n}")
         try:
             if kind == "corpus":
                 ids, labels, cut = tokenize_document(tokenizer, row["text"], max_length)
                 if cut:
-                    truncated.append(line)
+                    truncated.append(where)
             else:
                 ids, labels = tokenize_query(tokenizer, row["prompt"], row["target"], max_length)
         except TrackStarError as e:
@@ -1015,7 +1118,7 @@ class RunSettings:
     tool: str  # "trackstar <version>"
     kind: str  # "corpus" or "queries"
     loss: str  # which tokens carry the loss
-    data: str  # the input JSONL, and its digest
+    data: str  # the input (a file, a directory or a glob pattern), and its digest (data_digest)
     data_digest: str
     n_examples: int
     chunk_size: int
