@@ -44,6 +44,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import scipy.linalg
 import torch
 import typer
 from tqdm import tqdm
@@ -206,9 +207,10 @@ def mix_lambda(e_train: np.ndarray, e_eval: np.ndarray, k: int) -> float:
 
 
 # At d = 2^16 one d x d float64 matrix is 34 GB, so R is built in place: R_train and R_eval are the only two
-# matrices this code allocates; the mix, the damping, the eigenvectors and R^(-1/2) reuse their memory.
-# torch's eigvalsh works on its own copy, and eigh (LAPACK's divide and conquer) on a 2·d² workspace: the peak
-# is about 4 matrices (`bench_index.py --r-memory`).
+# matrices this code allocates; the mix, the damping and R^(-1/2) reuse their memory. The eigenvectors take
+# a third: on the CPU they come from LAPACK's MRRR solver (dsyevr, through SciPy), whose workspace is O(d),
+# where divide and conquer (dsyevd, behind torch.linalg.eigh and numpy) allocates 2·d² besides (4 matrices,
+# measured). The eigenvalue-only spectra work on one copy. Peak: about 3 matrices (`bench_index.py --r-memory`).
 
 
 def mixed_hessian(R_train: np.ndarray, R_eval: np.ndarray | None, lam: float) -> np.ndarray:
@@ -235,26 +237,42 @@ def inverse_roots(R: np.ndarray, spare: np.ndarray | None = None, inverse: bool 
                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """(R^(-1/2), R^(-1) if `inverse`, eigenvalues of R descending) by a float64 eigendecomposition R = VΛVᵀ.
 
-    R^(-1/2) = WWᵀ with W = VΛ^(-1/4): V is scaled in place, never copied. On the CPU R^(-1/2) takes R's
-    memory and V (then R^(-1)) the memory of `spare`, a d x d float64 matrix the caller no longer needs
-    (None: V is allocated). R must be positive definite.
+    R^(-1/2) = WWᵀ with W = VΛ^(-1/4): V is scaled in place, never copied. R's memory is overwritten (on the
+    CPU the solver destroys it) and then holds R^(-1/2); R^(-1) takes the memory of `spare`, a d x d float64
+    matrix the caller no longer needs (None: allocated). R must be positive definite.
     """
-    d = R.shape[0]
-    with ts.cpu_threads(_eigh_threads(d)):
-        r = torch.as_tensor(R, dtype=torch.float64, device=device)  # on the CPU: R's own memory
-        cpu = spare is not None and r.device.type == "cpu"
-        other = torch.as_tensor(spare, dtype=torch.float64) if cpu else torch.empty_like(r)
-        w, V = torch.empty(d, dtype=r.dtype, device=r.device), other.mT  # column-major: LAPACK writes V into it
-        torch.linalg.eigh(r, out=(w, V))
-        if w.min().item() <= 0:
-            raise ts.TrackStarError(
-                f"R is not positive definite (smallest eigenvalue {w.min().item():.3g}); use --damping > 0"
-            )
-        V.mul_(w.pow(-0.25))
-        torch.matmul(V, V.mT, out=r)
-        if inverse:  # TRAK's R^(-1) = R^(-1/2)·R^(-1/2), where V was
+    if torch.device(device).type != "cpu":
+        return _inverse_roots_torch(R, inverse, device)
+    # R is symmetric, so its transpose (a Fortran-order view) is R itself: LAPACK then works in R's memory.
+    w, V = scipy.linalg.eigh(R.T, overwrite_a=True, check_finite=False, driver="evr")
+    _check_positive(float(w.min()))
+    V *= w**-0.25
+    r, v = torch.from_numpy(R), torch.from_numpy(V)
+    with ts.cpu_threads(_eigh_threads(R.shape[0])):
+        torch.matmul(v, v.mT, out=r)
+        del V, v  # before R^(-1): at most three d x d matrices at once
+        other = None
+        if inverse:  # TRAK's R^(-1) = R^(-1/2)·R^(-1/2)
+            other = torch.from_numpy(spare) if spare is not None else torch.empty_like(r)
             torch.matmul(r, r, out=other)
-    return r.cpu().numpy(), other.cpu().numpy() if inverse else None, w.flip(0).cpu().numpy()
+    return R, None if other is None else other.numpy(), w[::-1].copy()
+
+
+def _inverse_roots_torch(R: np.ndarray, inverse: bool, device: str) -> tuple[np.ndarray, np.ndarray | None,
+                                                                                np.ndarray]:
+    """inverse_roots on a GPU: torch's eigh (cuSOLVER) in device memory, in float64."""
+    r = torch.as_tensor(R, dtype=torch.float64, device=device)
+    w, V = torch.linalg.eigh(r)
+    _check_positive(w.min().item())
+    V.mul_(w.pow(-0.25))
+    torch.matmul(V, V.mT, out=r)
+    other = torch.matmul(r, r) if inverse else None
+    return r.cpu().numpy(), None if other is None else other.cpu().numpy(), w.flip(0).cpu().numpy()
+
+
+def _check_positive(smallest: float) -> None:
+    if smallest <= 0:
+        raise ts.TrackStarError(f"R is not positive definite (smallest eigenvalue {smallest:.3g}); use --damping > 0")
 
 
 def inverse_sqrt(R: np.ndarray, device: str = "cpu") -> np.ndarray:

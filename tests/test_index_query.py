@@ -174,6 +174,25 @@ def test_inverse_roots_in_place_equal_the_straightforward_formulas():
     assert np.shares_memory(inv_sqrt, R_copy) and np.shares_memory(inverse, spare)
 
 
+def test_inverse_roots_allocate_one_matrix_the_eigenvectors():
+    """At d = 2^16 a d x d float64 matrix is 34 GB: on the CPU the eigensolver works in R's own memory and
+    needs O(d) workspace (LAPACK's MRRR), so the only new d x d matrix is V. A copy of R (a C-order array
+    handed to LAPACK) or divide and conquer's 2·d² workspace would each show here (numpy's allocations, the
+    solver's included, are traced)."""
+    import tracemalloc
+
+    d = 256
+    a = np.random.default_rng(2).standard_normal((d, 2 * d))
+    R, spare = a @ a.T / (2 * d), np.empty((d, d))
+    tracemalloc.start()
+    try:
+        index_cli.inverse_roots(R, spare, inverse=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.25 * d * d * 8
+
+
 def test_lambda_crosses_the_spectra_at_component_k():
     dim = 128  # k_target = round(1000 * 128 / 65536) = 2
     e_train = np.array([16.0, 8, 4, 2, 1] + [0.5] * 123)
