@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent
 ENC, IDX, EVAL, CONV = "tests/test_encode.py", "tests/test_index_query.py", "tests/test_evaluate.py", \
     "tests/test_conventions.py"
 DENSE = "tests/test_dense.py"
+STREAM = "tests/test_stream.py"
 DIST_SAME = "tests/test_distributed.py::test_torchrun_index_and_query_equal_one_process_bit_for_bit"
 DIST_REFUSED = "tests/test_distributed.py::test_a_share_not_of_this_build_or_place_is_refused_naming_both"
 
@@ -105,6 +106,11 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "query.py", "torch.cat(parts, dim=1)", "torch.cat(parts[:1], dim=1)", [DIST_SAME]),
     "a share of another index build is read": (
         "trackstar.py", 'if theirs.get("build") != build:', "if False:", [DIST_REFUSED]),
+    "a directory's digest ignores its shards' contents": (
+        "trackstar.py", 'h.update(f"{Path(os.path.relpath(f, root)).as_posix()}\\t{file_digest(f)}\\n".encode())',
+        'h.update(f"{Path(os.path.relpath(f, root)).as_posix()}\\n".encode())', [STREAM]),
+    "R's eigenvectors by divide and conquer (2·d² workspace)": (
+        "index.py", 'driver="evr")', 'driver="evd")', [IDX]),
 }
 
 
