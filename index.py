@@ -581,13 +581,14 @@ def main(
     damping = parse_damping(damping)
     if train_sample < 1 or block < 1:
         raise ts.TrackStarError("--train-sample and --block must be >= 1")
+    rank, world = ts.distributed()
     if queries is None and hessian_kind in ("mixed", "eval"):
         if hessian_kind == "eval" or lam != "auto":
             raise ts.TrackStarError(f"--hessian {hessian_kind}{' --lam ' + lam if lam != 'auto' else ''} needs R_eval: "
                                     "give --queries RUN/queries")
         hessian_kind = "train"  # the task-specific mix needs queries; without them the paper whitens by R_train alone
-        typer.echo("no --queries: R = R_train (no task-specific R_eval); refit with --queries once you have them")
-    rank, world = ts.distributed()
+        if rank == 0:
+            typer.echo("no --queries: R = R_train (no task-specific R_eval); refit with --queries once you have them")
     cmeta, qmeta, dataset = read_runs(corpus, queries, uncorrected)
     device = ts.pick_device(device)
     opts = HessianOptions(hessian_kind, lam, trak, damping, train_sample, sample_seed)
