@@ -60,6 +60,7 @@ def second_moment(
     estimate_v: int,
     no_correction: bool,
     data: Path,
+    digest: str,
     max_length: int,
     token_budget: int,
     seed: int,
@@ -75,10 +76,11 @@ def second_moment(
     if estimate_v > 0:
         v_file = out / "second_moment.pt"
         if not v_file.exists() and rank == 0:
-            estimate_to_file(model, tokenizer, data, n_rows, estimate_v, max_length, token_budget, seed, v_file)
+            estimate_to_file(model, tokenizer, data, digest, n_rows, estimate_v, max_length, token_budget, seed,
+                             v_file)
         wait_for(v_file, "shard 0's V estimate")  # one estimate for all shards: they must share its digest
         V = ts.load_second_moment(str(v_file), model)
-        want = estimate_source(data, min(estimate_v, n_rows), token_budget, seed)
+        want = estimate_source(digest, min(estimate_v, n_rows), token_budget, seed)
         if V.source != want:  # a rerun with another --estimate-v must not reuse the old estimate
             raise ts.TrackStarError(f"{v_file} holds {V.source}, this run asks for {want}; "
                                     "delete it or encode into a new --out")
@@ -127,8 +129,8 @@ def estimate_second_moment(model: nn.Module, batches: Iterator[dict[str, torch.T
     return {n: (x / max(count, 1)).cpu() for n, x in v.items()}
 
 
-def estimate_to_file(model, tokenizer, data: Path, n_rows: int, n: int, max_length: int, token_budget: int,
-                     seed: int, v_file: Path) -> None:
+def estimate_to_file(model, tokenizer, data: Path, digest: str, n_rows: int, n: int, max_length: int,
+                     token_budget: int, seed: int, v_file: Path) -> None:
     """V from mean squared minibatch gradients over a seeded sample of n of the corpus's n_rows documents.
 
     Minibatches hold at most 8 documents of similar length and at most `token_budget` padded tokens:
@@ -145,13 +147,13 @@ def estimate_to_file(model, tokenizer, data: Path, n_rows: int, n: int, max_leng
     batches = (ts.collate([tokenized[i] for i in idx], dev) for idx in groups)
     v = estimate_second_moment(model, tqdm(batches, total=len(groups), desc="estimate V", unit="batch"))
     with ts.atomic_path(v_file) as tmp:
-        torch.save({"second_moment": v, "source": estimate_source(data, len(sample), token_budget, seed), "lr": None},
+        torch.save({"second_moment": v, "source": estimate_source(digest, len(sample), token_budget, seed), "lr": None},
                    tmp)
 
 
-def estimate_source(data: Path, n: int, token_budget: int, seed: int) -> str:
-    """What an estimate of V from n documents is recorded as: everything it depends on."""
-    return f"estimate(n={n}, batch<=8 docs and {token_budget} tokens, seed={seed}, data={ts.data_digest(data)})"
+def estimate_source(digest: str, n: int, token_budget: int, seed: int) -> str:
+    """What an estimate of V from n documents of the data with `digest` is recorded as: everything it depends on."""
+    return f"estimate(n={n}, batch<=8 docs and {token_budget} tokens, seed={seed}, data={digest})"
 
 
 def modules_digest(modules: list, lookups: list) -> str:
@@ -316,8 +318,9 @@ def main(
     typer.echo(f"token budget: {token_budget} padded tokens a batch")
     modules = ts.weight_modules(mdl)
     lookups = ts.lookup_modules(mdl) if params == "all" else []
+    digest = ts.data_digest(data)  # once: for a folder of shards it reads every byte of them
     V, v_file = second_moment(mdl, tokenizer, out, optimizer_state, estimate_v, no_correction,
-                              data, max_length, token_budget, seed, n_rows, rank)
+                              data, digest, max_length, token_budget, seed, n_rows, rank)
     if V is not None and eps is None:
         eps = ts.default_eps(V, [p for _, _, p, _ in modules])
     applied, _ = ts.applied_second_moment(V, eps or 0.0, factor_v)
@@ -326,7 +329,7 @@ def main(
         gradient = "factored" if rank_one else "exact"
     run = ts.RunSettings(
         tool=f"trackstar {ts.VERSION}", kind=kind, loss=LOSS[kind],
-        data=str(data.resolve()), data_digest=ts.data_digest(data), n_examples=n_rows,
+        data=str(data.resolve()), data_digest=digest, n_examples=n_rows,
         chunk_size=chunk_size, n_chunks=-(-n_rows // chunk_size), token_budget=token_budget,
         datasets=["vectors", "vectors_uncorrected"] if (also_uncorrected and V is not None) else ["vectors"],
         model=mdl.trackstar_fingerprint, model_path=mdl.trackstar_path, dtype=dtype,

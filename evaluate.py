@@ -280,9 +280,12 @@ def check_inputs(run: Path, corpus: Path, queries: Path) -> ts.RunSettings | Non
         with h5py.File(dense, "r") as f:
             embedded = ts.read_attrs(f).get("dense", {})
         made_from.append(("corpus", corpus, dense, embedded.get("data"), embedded.get("data_digest")))
+    digests: dict = {}  # the corpus is named twice (encoded run, dense index): each input is read once
     for kind, path, artifact, data, digest in made_from:
-        if ts.data_digest(path) != digest:
-            raise ts.TrackStarError(f"--{kind} {path} (digest {ts.data_digest(path)}) is not the data {artifact} "
+        if path not in digests:
+            digests[path] = ts.data_digest(path)
+        if digests[path] != digest:
+            raise ts.TrackStarError(f"--{kind} {path} (digest {digests[path]}) is not the data {artifact} "
                                     f"was encoded from ({data}, digest {digest})")
     return settings
 

@@ -71,8 +71,8 @@ def default_block(device: str, n_queries: int, dim: int = 0, free_bytes: int | N
 
 def read_checked_jsonl(path: str, kind: str, digest: str | None) -> list[dict]:
     """Rows of the data a run was encoded from (a file, directory or glob), refusing data that changed since."""
-    if digest and ts.data_digest(path) != digest:
-        raise ts.TrackStarError(f"{path} has changed since it was encoded (digest {ts.data_digest(path)} vs "
+    if digest and (now := ts.data_digest(path)) != digest:
+        raise ts.TrackStarError(f"{path} has changed since it was encoded (digest {now} vs "
                                 f"{digest}); re-encode it")
     return ts.read_jsonl(path, kind)
 
