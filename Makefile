@@ -191,8 +191,8 @@ real: $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl
 # from the encodings `make all` made (nothing is re-encoded). Figures land in $(RUN)/sweep and report.html.
 sweep: $(RUN)/sweep/sweep.md
 
-$(RUN)/sweep/sweep.md: $(RUN)/results.md sweep.py index.py evaluate.py
-	$(PY) sweep.py --run $(RUN) --model $(MODEL) --corpus '$(CORPUS)' --queries '$(QUERIES)' $(TAIL_V) $(LR_OPT) \
+$(RUN)/sweep/sweep.md: $(RUN)/results.md experiments/sweep.py index.py evaluate.py
+	$(PY) -m experiments.sweep --run $(RUN) --model $(MODEL) --corpus '$(CORPUS)' --queries '$(QUERIES)' $(TAIL_V) $(LR_OPT) \
 	    --damping $(DAMPING) --tail-queries $(SWEEP_TAIL_QUERIES)
 	$(PY) evaluate.py --report-only --run $(RUN) --corpus '$(CORPUS)' --queries '$(QUERIES)'
 
@@ -202,29 +202,29 @@ $(RUN)/sweep/sweep.md: $(RUN)/results.md sweep.py index.py evaluate.py
 TREND_VARIANTS ?= cosine trackstar
 TREND_TAIL_QUERIES ?= 40
 TREND_LR = $(shell $(PY) -c "import json; print(json.load(open('$(MODEL)/checkpoint.json'))['lr'])")
-trend: $(MODEL_DEP) $(CORPUS_DEP) $(QUERIES_DEP) trend.py
+trend: $(MODEL_DEP) $(CORPUS_DEP) $(QUERIES_DEP) experiments/trend.py
 	@test -d $(MODEL)/checkpoints || { echo "$(MODEL) has no checkpoints/: prepare.py factworld saves them" >&2; exit 2; }
 	for c in $(MODEL)/checkpoints/step-* $(MODEL); do \
 	  name=$$(basename $$c); [ "$$c" = "$(MODEL)" ] && name=final; \
 	  $(MAKE) all MODEL=$$c CORPUS='$(CORPUS)' QUERIES='$(QUERIES)' OPTIMIZER=$$c/optimizer.pt LR=$(TREND_LR) \
 	      RUN=$(RUN)/trend/$$name BASELINES=bm25 VARIANTS="$(TREND_VARIANTS)" TAIL_QUERIES=$(TREND_TAIL_QUERIES) || exit 1; \
 	done
-	$(PY) trend.py --run $(RUN) --model $(MODEL)
+	$(PY) -m experiments.trend --run $(RUN) --model $(MODEL)
 
 test: .venv/.installed
 	$(PY) -m pytest -q --durations=10
 
 bench: .venv/.installed
-	$(PY) bench_encode.py
-	$(PY) bench_index.py
+	$(PY) -m bench.encoding
+	$(PY) -m bench.indexing
 
 # On a machine with a GPU (a few minutes): encode ratios in fp32/bf16, precision cosines, scan, tail-patch.
 bench-gpu: .venv/.installed
-	$(PY) bench_gpu.py --device cuda --out bench-gpu.json
+	$(PY) -m bench.gpu --device cuda --out bench-gpu.json
 
-# Each plausible bug in mutants.py applied alone to a scratch copy: do the tests notice? (minutes; not in CI)
+# Each plausible bug in tools/mutants.py applied alone to a scratch copy: do the tests notice? (minutes; not in CI)
 mutants: .venv/.installed
-	$(PY) mutants.py
+	$(PY) -m tools.mutants
 
 lint: .venv/.installed
 	$(PY) -m ruff check .

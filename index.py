@@ -210,7 +210,8 @@ def mix_lambda(e_train: np.ndarray, e_eval: np.ndarray, k: int) -> float:
 # matrices this code allocates; the mix, the damping and R^(-1/2) reuse their memory. The eigenvectors take
 # a third: on the CPU they come from LAPACK's MRRR solver (dsyevr, through SciPy), whose workspace is O(d),
 # where divide and conquer (dsyevd, behind torch.linalg.eigh and numpy) allocates 2·d² besides (4 matrices,
-# measured). The eigenvalue-only spectra work on one copy. Peak: about 3 matrices (`bench_index.py --r-memory`).
+# measured). The eigenvalue-only spectra work on one copy. Peak: about 3 matrices
+# (`python -m bench.indexing --r-memory`).
 
 
 def mixed_hessian(R_train: np.ndarray, R_eval: np.ndarray | None, lam: float) -> np.ndarray:

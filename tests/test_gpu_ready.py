@@ -192,7 +192,7 @@ def test_bench_gpu_script_runs_end_to_end_on_the_cpu(model_dir, tmp_path):
     encodings agree exactly; a bfloat16 model still points the same way; the scan finds the CPU's top-10."""
     from typer.testing import CliRunner
 
-    import bench_gpu
+    from bench import gpu as bench_gpu
 
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(bench_gpu.app, ["--device", "cpu", "--model", str(model_dir), "--small", "--out", str(out)])

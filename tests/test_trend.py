@@ -1,4 +1,4 @@
-"""trend.py's checks: a point's results must come from its checkpoint, and all points from one setting."""
+"""experiments/trend.py's checks: a point's results must come from its checkpoint, and all points from one setting."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 import pytest
 
 import trackstar as ts
-import trend
+from experiments import trend
 
 
 def fake_point(tmp_path, name: str, step: int, tokens: int, lr: float = 2e-4, model=None, truth: bool = True):
-    """A checkpoint directory and the results.json an evaluation of it would write (only what trend.py reads)."""
+    """A checkpoint directory and the results.json an evaluation of it would write (only what the trend reads)."""
     ckpt, run = tmp_path / "model" / "checkpoints" / name, tmp_path / "run" / "trend" / name
     ckpt.mkdir(parents=True)
     run.mkdir(parents=True)

@@ -2,7 +2,7 @@
 and TrackStar at each checkpoint of one training run, against the training tokens it had seen.
 
     make trend                          # every checkpoint: encode → index → query → evaluate, then this
-    python trend.py --run RUN --model DIR
+    python -m experiments.trend --run RUN --model DIR
 
 The paper's headline: with more training tokens, influence (what moves the prediction) aligns more
 closely with attribution (what states the fact). `make trend` evaluates each MODEL/checkpoints/step-N

@@ -1,6 +1,6 @@
 """Encode benchmark: encode throughput and peak memory as ratios to a plain training step.
 
-    python bench_encode.py [--dim 65536] [--device auto]
+    python -m bench.encoding [--dim 65536] [--device auto]      (from the repository root)
 
 Each mode runs in its own process on the same batches of a small GPT-2-like model, so peak memory
 (CPU: max RSS above the process's baseline; GPU: torch.cuda.max_memory_allocated above baseline)
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import typer
@@ -23,6 +24,7 @@ import typer
 import trackstar as ts
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(arch: str, dtype: str, device: str):
@@ -141,9 +143,9 @@ def main(
         return
     results = {}
     for m in MODES:
-        cmd = [sys.executable, __file__, "--mode", m, "--dim", str(dim), "--arch", arch, "--dtype", dtype,
+        cmd = [sys.executable, "-m", "bench.encoding", "--mode", m, "--dim", str(dim), "--arch", arch, "--dtype", dtype,
                "--device", device, "--n", str(n), "--batch", str(batch), "--length", str(length)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
         results[m] = json.loads(out.stdout.strip().splitlines()[-1])
     flops = flop_model(arch, dim, length)
     train = results["train"]
@@ -158,7 +160,7 @@ def main(
               f"{r['tokens_per_s'] * flops[m] / 1e9:14.1f}  {target}")
     print("model GFLOP/s: tokens/s x the FLOP model of README §Scale (train 6N; factored 4N + projections;\n"
           "exact 6N + per-example projections), N = traced weight-matrix parameters. Compare with the\n"
-          "machine's matmul rate (bench_index.py prints it) to see what fraction of peak each mode reaches.")
+          "machine's matmul rate (bench/indexing.py prints it) to see what fraction of peak each mode reaches.")
 
 
 def flop_model(arch: str, dim: int, length: int) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """GPU checks and ratios in one run (a few minutes on one GPU): what a CPU cannot show.
 
-    python bench_gpu.py [--model smollm2] [--device cuda] [--out bench-gpu.json]
-    python bench_gpu.py --device cpu --model DIR --small      # the smoke test the suite runs
+    python -m bench.gpu [--model smollm2] [--device cuda] [--out bench-gpu.json]
+    python -m bench.gpu --device cpu --model DIR --small      # the smoke test the suite runs
 
 1. encode: tokens/s and peak memory of each gradient path (factored with a rank-one V, exact with a
    full V) in float32 and bfloat16, as ratios to a plain training step on the same batches and dtype.
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 import typer
 
-import bench_encode
-import bench_index
 import evaluate
 import query
 import trackstar as ts
+from bench import encoding as bench_encode
+from bench import indexing as bench_index
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 

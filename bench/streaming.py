@@ -1,6 +1,6 @@
 """Streamed-input benchmark: encode.py's peak memory does not grow with the corpus.
 
-    python bench_stream.py [--sizes 10000,1000000] [--modes read,hold,encode]
+    python -m bench.streaming [--sizes 10000,1000000] [--modes read,hold,encode]
 
 For each size N, a corpus of N tiny documents (4-12 words) in a directory of 8 JSONL shards, and for each mode a
 fresh process whose peak RSS (ru_maxrss, bench_encode.peak_memory) is the mode's own:
@@ -32,7 +32,8 @@ import typer
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-OUT = Path("bench-out/stream")
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench-out" / "stream"
 WORDS = ("paris rome berlin madrid tokyo lisbon vienna capital country river city tower bridge north south "
          "the of is in and a was born lives near old new great small").split()
 SHARDS = 8
@@ -71,8 +72,8 @@ def write_model(folder: Path) -> None:
 
 def child(mode: str, data: Path, model: Path, out: Path) -> dict:
     """One mode in this (fresh) process: peak RSS in MiB, the RSS before it (imports done) and seconds."""
-    import bench_encode
     import trackstar as ts
+    from bench import encoding as bench_encode
 
     if mode == "encode":
         import encode  # its imports (transformers) peak above the read modes' whole use: only where needed
@@ -103,7 +104,7 @@ def main(
     if mode:
         return
     if not (OUT / "model" / "config.json").exists():
-        subprocess.run([sys.executable, __file__, "--mode", "model"], check=True)
+        subprocess.run([sys.executable, "-m", "bench.streaming", "--mode", "model"], check=True, cwd=ROOT)
     ns, wanted = [int(s) for s in sizes.split(",")], modes.split(",")
     results = {}
     for n in ns:
@@ -113,8 +114,8 @@ def main(
         write_corpus(data, n)
         for m in wanted:
             shutil.rmtree(OUT / "run", ignore_errors=True)
-            cmd = [sys.executable, __file__, "--mode", m, "--data", str(data)]
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            cmd = [sys.executable, "-m", "bench.streaming", "--mode", m, "--data", str(data.resolve())]
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if r.returncode:
                 raise SystemExit(f"{m} on {n} documents failed:\n{r.stderr[-3000:]}")
             results[m, n] = json.loads(r.stdout.strip().splitlines()[-1])

@@ -2,7 +2,7 @@
 paper fixes by fiat — the projection dimension d, the number of corpus vectors behind R_train, the
 damping of R, and the mixing weight λ. The evidence for every default, as tables and figures.
 
-    python sweep.py --run RUN --model DIR --corpus corpus.jsonl --queries queries.jsonl [--tail-queries 40]
+    python -m experiments.sweep --run RUN --model DIR --corpus corpus.jsonl --queries queries.jsonl [--tail-queries 40]
 
 Reads the encoded RUN/corpus and RUN/queries (encoded once, with --also-uncorrected) and writes
 RUN/sweep/sweep.json, sweep.md and one figure per axis (sweep-<axis>.png). Nothing is re-encoded:

@@ -1,18 +1,18 @@
 """Benchmark the index scan and BM25 against this machine's own limits, measured in the same run.
 
-    python bench_index.py [--rows 200000] [--dim 4096] [--keep DIR]
+    python -m bench.indexing [--rows 200000] [--dim 4096] [--keep DIR]
 
 Prints: memory read bandwidth (GB/s), float32 matmul rate (GFLOP/s), then query.py's blocked
 exact scan over a float16 index read from HDF5 (page cache warm) for 1 and for 1,024 queries,
 as GB/s of index read and as a fraction of the binding limit (bandwidth for one query, matmul
 for many), and BM25 queries/s on 100k short synthetic documents. Takes about 2-3 minutes on 2 cores.
 
-    python bench_index.py --r-memory 4096,8192 [--r-memory-only]
+    python -m bench.indexing --r-memory 4096,8192 [--r-memory-only]
 
 adds the peak memory of index.py's R part (R_train, R_eval, λ, damping, R^(-1/2)) at each d, as a multiple
 of one d x d float64 matrix (d = 8,192: about 3 minutes on one thread, mostly eigendecompositions).
 
-    python bench_index.py --ranks 2 [--rows 100000 --dim 2048]
+    python -m bench.indexing --ranks 2 [--rows 100000 --dim 2048]
 
 instead measures query.py's scan under torchrun: an index in 2 shares laid out as index.py writes it under
 torchrun, scanned by one process and by 2 ranks (one thread each, as torchrun gives), for 1 and 256 queries:
@@ -36,10 +36,10 @@ import numpy as np
 import torch
 import typer
 
-import bench_encode
 import index
 import query
 import trackstar as ts
+from bench import encoding as bench_encode
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
@@ -150,8 +150,8 @@ def bm25_rate(n_docs: int = 100_000, n_queries: int = 200) -> tuple[float, float
 def r_part_memory(dim: int) -> dict[str, float]:
     """Peak memory of index.py's R part at dimension `dim`, in a fresh process: ru_maxrss is the peak of the
     whole process (torch's allocations included, which tracemalloc cannot see), so each d gets its own."""
-    code = f"import bench_index, json; print(json.dumps(bench_index.r_part_child({dim})))"
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
+    code = f"from bench import indexing; import json; print(json.dumps(indexing.r_part_child({dim})))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=bench_encode.ROOT, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
     return json.loads(r.stdout.splitlines()[-1])
@@ -216,11 +216,11 @@ def scan_child(segments: str, n_queries: int, dim: int, repeat: int) -> None:
 
 def rank_scans(segments: list, n_queries: int, dim: int, ranks: int, repeat: int) -> list[dict]:
     """scan_child under `torchrun --standalone --nproc_per_node ranks`, one thread a rank: each rank's line."""
-    code = (f"import bench_index; bench_index.scan_child({json.dumps([(str(p), lo, hi) for p, lo, hi in segments])!r}, "
-            f"{n_queries}, {dim}, {repeat})")
+    listed = json.dumps([(str(p), lo, hi) for p, lo, hi in segments])
+    code = f"from bench import indexing; indexing.scan_child({listed!r}, {n_queries}, {dim}, {repeat})"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "--no-python",
            sys.executable, "-c", code]
-    r = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True,
+    r = subprocess.run(cmd, cwd=bench_encode.ROOT, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])

@@ -1,7 +1,7 @@
 """Mutation check of the test suite: apply one plausible bug at a time to a scratch copy of the project, run
 the tests that should catch it, and report which bugs no test notices (survivors).
 
-    python mutants.py [--only NAME ...] [--list]
+    python -m tools.mutants [--only NAME ...] [--list]
 
 Each mutant is a one-line change a careless refactor could make. Not run in CI (minutes per mutant);
 `make mutants` runs them all. A survivor is a hole in the tests, or an equivalent mutant (a change
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import typer
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 ENC, IDX, EVAL, CONV = "tests/test_encode.py", "tests/test_index_query.py", "tests/test_evaluate.py", \
     "tests/test_conventions.py"
 DENSE = "tests/test_dense.py"
@@ -92,7 +92,7 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "token_budget = token_budget or ts.auto_token_budget(mdl, device)",
         ["tests/test_encode_cli.py::test_token_budget_is_chosen_printed_recorded_and_kept_on_resume"]),
     "trend mixes learning rates": (
-        "trend.py", 'SAME = ("lr", "n_docs", "tail_patch_queries", "k")',
+        "experiments/trend.py", 'SAME = ("lr", "n_docs", "tail_patch_queries", "k")',
         'SAME = ("n_docs", "tail_patch_queries", "k")', ["tests/test_trend.py"]),
     "categories match inside words": (
         "evaluate.py", r'rf"(?<!\w){words}(?!\w)"', 'rf"{words}"', ["tests/test_categories.py"]),
