@@ -435,6 +435,119 @@ def influence(step: Step, corpus_tok: dict, rankings: dict, all_queries: list[di
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Evidence. A difference between two rows is a finding only with its uncertainty: the mean paired difference
+# over the same queries (and, across runs, the same projection seeds), with a seeded bootstrap 95% CI that
+# resamples queries. A claim of the paper holds when its CI lies entirely on the claimed side, is contradicted
+# when it lies entirely on the other side, and is not established otherwise, or when a split holds fewer than
+# MIN_QUERIES measured queries.
+
+BOOTSTRAP = 4000  # resamples of the queries
+BOOTSTRAP_SEED = 0
+LEVEL = 0.95
+MIN_QUERIES = 10  # fewer measured queries in a split decide nothing
+
+HOLDS, CONTRADICTED, NOT_ESTABLISHED = "holds", "contradicted", "not established"
+
+# Row pairs (a, b): the differences a − b that the ablation chain and the claims compare.
+CHAIN = ("dot", "cosine", "optcorr", "train", "trackstar")  # each row adds one component to the one before
+PAIRS = (*zip(CHAIN[1:], CHAIN[:-1], strict=True), ("eval", "optcorr"), ("eval", "train"), ("trackstar", "optcorr"),
+         ("trackstar", "cosine"), ("trackstar", "trak"), ("trackstar", "eval"), ("trackstar", "bm25"),
+         ("trackstar", "dense"), ("truth", "trackstar"), ("truth", "bm25"))
+
+# The paper's findings: (claim, row a, row b, metric); each claims a > b (b None: a > 0, the probe's validity).
+CLAIMS = (
+    ("Tail-patch is a valid probe: a step on the fact-stating documents raises p(target)", "truth", None, "dp"),
+    ("Unit normalisation raises MRR (cosine over dot product)", "cosine", "dot", "mrr"),
+    ("Unit normalisation raises tail-patch (cosine over dot product)", "cosine", "dot", "dp"),
+    ("The optimizer correction raises MRR", "optcorr", "cosine", "mrr"),
+    ("The optimizer correction raises tail-patch", "optcorr", "cosine", "dp"),
+    ("R_train raises MRR over the correction alone", "train", "optcorr", "mrr"),
+    ("R_train raises tail-patch over the correction alone", "train", "optcorr", "dp"),
+    ("The task-specific mix (TrackStar) raises MRR over R_train", "trackstar", "train", "mrr"),
+    ("The task-specific mix (TrackStar) raises tail-patch over R_train", "trackstar", "train", "dp"),
+    ("TrackStar beats gradient cosine on MRR", "trackstar", "cosine", "mrr"),
+    ("TrackStar beats gradient cosine on tail-patch", "trackstar", "cosine", "dp"),
+    ("TrackStar beats TRAK-like on MRR", "trackstar", "trak", "mrr"),
+    ("TrackStar beats TRAK-like on tail-patch", "trackstar", "trak", "dp"),
+    ("BM25 beats TrackStar on MRR", "bm25", "trackstar", "mrr"),
+    ("BM25 beats TrackStar on recall@10", "bm25", "trackstar", "recall"),
+    ("TrackStar's proponents raise p(target) more than BM25's", "trackstar", "bm25", "dp"),
+)
+
+
+def bootstrap_ci(d: np.ndarray, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED,
+                 level: float = LEVEL) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of `d` (queries × seeds: each resample draws whole queries, so a
+    query's seeds stay together and the CI reflects the queries' spread, not only the projection's)."""
+    d = np.asarray(d, dtype=np.float64).reshape(len(d), -1)
+    rng = np.random.default_rng(seed)
+    means = d.mean(axis=1)[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def claim_state(ci: tuple[float, float], n: int) -> str:
+    """Three states, decided by the CI of (claimed larger − claimed smaller), never by the means alone."""
+    if n < MIN_QUERIES:
+        return NOT_ESTABLISHED
+    return HOLDS if ci[0] > 0 else CONTRADICTED if ci[1] < 0 else NOT_ESTABLISHED
+
+
+def measured(values: list) -> np.ndarray:
+    """Per-query values as floats (queries × seeds), "not measured" (None) as NaN."""
+    return np.array([[np.nan if v is None else v for v in np.atleast_1d(x)] for x in values], dtype=np.float64)
+
+
+def paired_difference(a: list, b: list | None, mask: list[bool]) -> dict:
+    """Mean of a − b (b None: of a) over the masked queries measured in both, its bootstrap CI, and n."""
+    x = measured(a)
+    d = x - measured(b) if b is not None else x
+    keep = np.array(mask, dtype=bool) & ~np.isnan(d).any(axis=1)
+    d = d[keep]
+    if len(d) == 0:
+        return {"n": 0, "diff": None, "ci": None}
+    ci = bootstrap_ci(d) if len(d) > 1 else (float(d.mean()), float(d.mean()))
+    return {"n": int(len(d)), "diff": float(d.mean()), "ci": list(ci)}
+
+
+def comparisons(per_query: dict, split_masks: list[tuple[str, list[bool]]]) -> list[dict]:
+    """Every PAIRS difference whose rows were run, for each metric and split."""
+    out = []
+    for a, b in PAIRS:
+        if a in per_query and b in per_query:
+            for key in METRICS:
+                for title, mask in split_masks:
+                    out.append({"a": a, "b": b, "metric": key, "split": title,
+                                **paired_difference(per_query[a][key], per_query[b][key], mask)})
+    return out
+
+
+def claims(per_query: dict, split_masks: list[tuple[str, list[bool]]], attributed: bool) -> list[dict]:
+    """The paper's claims that this run's rows can test, each in every split, with its state."""
+    out = []
+    for text, a, b, key in CLAIMS:
+        if a not in per_query or (b is not None and b not in per_query) or (key in ("mrr", "recall") and
+                                                                             not attributed):
+            continue
+        for title, mask in split_masks:
+            d = paired_difference(per_query[a][key], per_query[b][key] if b else None, mask)
+            out.append({"claim": text, "a": a, "b": b, "metric": key, "split": title, **d,
+                        "state": claim_state(d["ci"], d["n"]) if d["n"] else NOT_ESTABLISHED})
+    return out
+
+
+def evidence(per_query: dict, model_correct: list[bool], attributed: bool) -> dict:
+    """results.json's paired differences and claim states (per_query values: one per query, or a list per
+    query with one value per seed)."""
+    split_masks = splits(model_correct)
+    return {"bootstrap": {"resamples": BOOTSTRAP, "seed": BOOTSTRAP_SEED, "level": LEVEL,
+                          "min_queries": MIN_QUERIES, "unit": "query"},
+            "comparisons": comparisons(per_query, split_masks),
+            "claims": claims(per_query, split_masks, attributed)}
+
+
 def jsonable(x: Any) -> Any:
     """`x` with every NaN / inf replaced by None: results.json is strict JSON, "not measured" is null."""
     if isinstance(x, dict):
@@ -502,6 +615,7 @@ def main(
         "summary": {m: {key: summarize(per_query[m][key], [True] * len(qs))[0] for key in METRICS}
                     for m in method_list},
         "categories": category_summary({m: per_query[m]["categories"] for m in method_list}, scored, splits(correct)),
+        **evidence(per_query, correct, any(scored)),
     })
     ts.write_json(run / "results.json", results)
     typer.echo(f"wrote {run / 'results.json'}; render it with: python report.py --run {run} --corpus {corpus} "

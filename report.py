@@ -1,4 +1,4 @@
-"""The report: results.md (the ablation table, the paper's findings checked, how each row was built) and
+"""The report: results.md (the ablation table, the paper's claims decided by paired CIs, how each row was built) and
 report.html, one self-contained page a person can browse offline — HTML tables, charts of every
 metric with error bars, the R spectra, the sweep's figures, and each query's proponents with the words
 that state its fact highlighted. evaluate.py computes the numbers; this file only presents them.
@@ -151,42 +151,68 @@ def intro(results: dict) -> list[str]:
     return out
 
 
-def findings(results: dict) -> list[tuple[str, bool]]:
-    """The paper's qualitative findings, checked against this run's numbers (all queries); the attribution
-    checks only when there is ground truth."""
-    methods = results["settings"]["methods"]
-    allq = [True] * len(results["queries"])
-    mean = {m: {key: summarize(results["per_query"][m][key], allq)[0] for key in ("mrr", "recall", "dp")}
-            for m in methods}
-    attributed = n_scored(results) > 0
-    checks = []
-    if "truth" in mean:  # the probe itself: a step on the documents that state a fact must raise p(target)
-        truth = {title: summarize(results["per_query"]["truth"]["dp"], mask)[0] for title, mask in splits(results)}
-        checks.append(("Tail-patch is a valid probe: stepping on the fact-stating documents raises p(target) in every "
-                       "split (" + ", ".join(f"{t.lower()}: {v:.2e}" for t, v in truth.items()) + ")",
-                       all(v > 0 for v in truth.values() if not math.isnan(v))))
-    # "A raises tail-patch over B" holds only if A's proponents raise the target at all: a smaller fall is no rise.
-    chain = [m for m in ("cosine", "optcorr", "train", "trackstar") if m in mean]
-    for a, b in zip(chain, chain[1:], strict=False):
-        checks.append((f"{NAMES[b]} raises tail-patch over {NAMES[a]}: {mean[a]['dp']:.2e} → {mean[b]['dp']:.2e}",
-                       mean[b]["dp"] > max(mean[a]["dp"], 0.0)))
-    star = mean.get("trackstar")
-    for base in ("cosine", "trak"):
-        if base in mean and star:
-            checks.append((f"TrackStar beats {NAMES[base]} on tail-patch ({star['dp']:.2e} vs {mean[base]['dp']:.2e})",
-                           star["dp"] > max(mean[base]["dp"], 0.0)))
-            if attributed:
-                checks.append((f"TrackStar beats {NAMES[base]} on MRR ({star['mrr']:.3f} vs {mean[base]['mrr']:.3f})",
-                               star["mrr"] > mean[base]["mrr"]))
-    if "bm25" in mean and star:
-        bm = mean["bm25"]
-        if attributed:
-            checks.append((f"BM25 beats TrackStar on MRR ({bm['mrr']:.3f} vs {star['mrr']:.3f}) "
-                           f"and recall ({bm['recall']:.3f} vs {star['recall']:.3f})",
-                           bm["mrr"] > star["mrr"] and bm["recall"] > star["recall"]))
-        checks.append((f"TrackStar's proponents raise the target more than BM25's ({star['dp']:.2e} vs "
-                       f"{bm['dp']:.2e})", star["dp"] > max(bm["dp"], 0.0)))
-    return checks
+STATE_MARK = {evaluate.HOLDS: "holds", evaluate.CONTRADICTED: "**contradicted**",
+              evaluate.NOT_ESTABLISHED: "not established"}
+
+
+def fmt_diff(key: str, x: float | None) -> str:
+    """A difference in its metric's display units (tail-patch Δp in 1e-3), with its sign."""
+    if x is None:
+        return "–"
+    return f"{x * 1e3:+.2f}e-3" if key == "dp" else f"{x:+.3f}"
+
+
+def fmt_interval(key: str, d: dict) -> str:
+    """"diff [lo, hi]" of one paired difference (results.json's "comparisons" and "claims" entries)."""
+    if not d["n"]:
+        return "–"
+    lo, hi = d["ci"]
+    return f"{fmt_diff(key, d['diff'])} [{fmt_diff(key, lo)}, {fmt_diff(key, hi)}]"
+
+
+def evidence_intro(results: dict) -> str:
+    b = results.get("bootstrap")
+    if b is None:
+        return "Not computed: this results.json predates paired differences (rerun evaluate.py)."
+    return (f"Each claim is a paired difference (claimed larger row − claimed smaller row) over the same queries, "
+            f"with a {b['level']:.0%} bootstrap CI ({b['resamples']} resamples of the queries, seed {b['seed']}). "
+            "**holds**: the CI lies entirely on the claimed side; **contradicted**: entirely on the other side; "
+            f"**not established**: it contains 0, or the split has fewer than {b['min_queries']} measured queries. "
+            "Means alone decide nothing. Tail-patch Δp in units of 1e-3.")
+
+
+def claim_rows(results: dict) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, states of the all-queries column): one row per claim, one column per query split,
+    each cell the difference, its CI, its state and how many queries it rests on."""
+    titles = [t for t, _ in splits(results)]
+    by_claim: dict[str, dict[str, dict]] = {}
+    for c in results.get("claims", []):
+        by_claim.setdefault(c["claim"], {})[c["split"]] = c
+    head = ["claim", *[f"{t.lower()}" for t in titles]]
+    rows, states = [], []
+    for claim, cells in by_claim.items():
+        row = [claim]
+        for t in titles:
+            c = cells[t]
+            row.append(f"{fmt_interval(c['metric'], c)} {STATE_MARK[c['state']]} (n = {c['n']})" if c["n"]
+                       else f"– {STATE_MARK[c['state']]} (n = 0)")
+        rows.append(row)
+        states.append(cells[titles[0]]["state"])
+    return head, rows, states
+
+
+def comparison_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Every paired difference of the chain and the claims' rows over all queries: one row per pair."""
+    k = results["settings"]["k"]
+    keys = [key for key in evaluate.METRICS if key not in ATTRIBUTION or n_scored(results)]
+    labels = {"mrr": "MRR", "recall": f"recall@{k}", "dp": "Δp (1e-3)", "dlogp": "Δlog p"}
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for c in results.get("comparisons", []):
+        if c["split"] == "All queries":
+            cells.setdefault((c["a"], c["b"]), {})[c["metric"]] = fmt_interval(c["metric"], c)
+    rows = [[f"{NAMES.get(a, a)} − {NAMES.get(b, b)}", *(v.get(key, "–") for key in keys)]
+            for (a, b), v in cells.items()]
+    return ["difference (all queries)", *(labels[key] for key in keys)], rows
 
 
 def diagnostics(run: Path, methods: list[str]) -> list[str]:
@@ -240,8 +266,13 @@ def markdown(run: Path, results: dict) -> str:
     md += ["## Proponent categories", "", category_intro(results), ""]
     for title, head, rows in category_tables(results):
         md += [f"### {title}", "", md_table(head, rows), ""]
-    md += ["## The paper's findings, checked on this run", ""]
-    md += [f"- [{'x' if ok else ' '}] {text}" for text, ok in findings(results)] + [""]
+    md += ["## The paper's claims, checked on this run", "", evidence_intro(results), ""]
+    head, rows, _ = claim_rows(results)
+    if rows:
+        md += [md_table(head, rows), ""]
+    head, rows = comparison_rows(results)
+    if rows:
+        md += ["### Paired differences between rows", "", md_table(head, rows), ""]
     md += ["## How the rows were built", ""]
     md += [f"- {line}" for line in diagnostics(run, results["settings"]["methods"])] + [""]
     return "\n".join(md)
@@ -266,7 +297,10 @@ tr.hit td{background:#d9f5d9!important}td.cat{font-size:12px;white-space:nowrap}
 mark{background:#ffe36e;padding:0 1px}mark.subj{background:#bfe0ff}
 mark.part{background:none;border-bottom:2px dotted #5a9bd5}
 .note{background:#fff4d6;border-left:4px solid #e0a800;padding:.5em 1em;margin:1em 0}
-.ok{color:#127a12}.bad{color:#b01c1c}ul.checks{list-style:none;padding-left:.5em}
+.ok{color:#127a12}.bad{color:#b01c1c}
+table.claims tr.holds td:first-child{border-left:5px solid #127a12}
+table.claims tr.contradicted td:first-child{border-left:5px solid #b01c1c}
+table.claims tr.open td:first-child{border-left:5px solid #bbb}
 img{max-width:100%;height:auto;border:1px solid #eee}figure{margin:1em 0}figcaption{font-weight:600}
 details.q{margin:.5em 0;padding:.4em .8em;border:1px solid #bbb;border-radius:6px}
 details.q[open]{background:#fcfcfc}summary{cursor:pointer}h4{margin:.9em 0 .2em}
@@ -362,6 +396,36 @@ def results_chart(results: dict) -> bytes:
             ax.grid(axis="x", alpha=0.3)
         ax_row[0].set_yticks(y, labels=labels)
     axes[0][0].invert_yaxis()  # shared: the first method on top, as in the tables
+    return figure_png(fig)
+
+
+STATE_CLASS = {evaluate.HOLDS: "holds", evaluate.CONTRADICTED: "contradicted", evaluate.NOT_ESTABLISHED: "open"}
+STATE_COLOURS = {evaluate.HOLDS: "#127a12", evaluate.CONTRADICTED: "#b01c1c", evaluate.NOT_ESTABLISHED: "#888888"}
+
+
+def forest_plot(results: dict) -> bytes:
+    """Each claim's paired difference (all queries) with its 95% CI, one panel per metric, coloured by state:
+    a claim holds when its whole bar lies right of 0 (the claimed side)."""
+    from matplotlib.figure import Figure
+
+    rows = [c for c in results["claims"] if c["split"] == "All queries" and c["n"]]
+    keys = [key for key in evaluate.METRICS if any(c["metric"] == key for c in rows)]
+    tallest = max(sum(c["metric"] == key for c in rows) for key in keys)
+    fig = Figure(figsize=(4.2 * len(keys) + 3.4, 0.34 * tallest + 1.2), layout="constrained")
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for key, ax in zip(keys, axes, strict=True):
+        mine = [c for c in rows if c["metric"] == key]
+        scale = 1e3 if key == "dp" else 1.0
+        y = np.arange(len(mine))
+        for yi, c in zip(y, mine, strict=True):
+            lo, hi = (v * scale for v in c["ci"])
+            ax.plot([lo, hi], [yi, yi], color=STATE_COLOURS[c["state"]], lw=2.5)
+            ax.plot([c["diff"] * scale], [yi], "o", color=STATE_COLOURS[c["state"]])
+        ax.axvline(0, color="#333", lw=0.8)
+        ax.set_yticks(y, labels=[textwrap.fill(c["claim"], 44) for c in mine], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title({"mrr": "MRR", "recall": "recall", "dp": "tail-patch Δp (×1e-3)"}.get(key, key), fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
     return figure_png(fig)
 
 
@@ -523,8 +587,8 @@ def html_report(run: Path, results: dict, queries: list[dict], rankings: dict, o
     e = html.escape
     methods = results["settings"]["methods"]
     head = header(results)
-    sections = {"results": "Results", "charts": "Charts", "categories": "Proponent categories",
-                "findings": "Findings", "built": "How rows were built"}
+    sections = {"results": "Results", "findings": "Claims", "charts": "Charts", "categories": "Proponent categories",
+                "built": "How rows were built"}
     spectra, sweep = spectra_section(run, methods), sweep_section(run)
     if spectra:
         sections["spectra"] = "Spectra of R"
@@ -542,6 +606,16 @@ def html_report(run: Path, results: dict, queries: list[dict], rankings: dict, o
         parts.append(f"<h3>{e(title)} ({sum(mask)} queries)</h3>")
         parts.append(html_table(head, table_rows(results, mask), "results",
                                 ["trackstar" if m == "trackstar" else "" for m in methods]))
+    parts.append("<h2 id='findings'>The paper's claims, checked on this run</h2>"
+                 f"<p>{inline(evidence_intro(results))}</p>")
+    chead, crows, states = claim_rows(results)
+    if crows:
+        parts.append(html_table(chead, crows, "results claims", [STATE_CLASS[st] for st in states]))
+    if any(c["n"] and c["split"] == "All queries" for c in results.get("claims", [])):
+        parts.append(img(forest_plot(results), "paired differences of each claim with their 95% CIs"))
+    chead, crows = comparison_rows(results)
+    if crows:
+        parts.append("<h3>Paired differences between rows</h3>" + html_table(chead, crows, "results"))
     parts.append("<h2 id='charts'>Charts</h2>"
                  + img(results_chart(results), "MRR, recall and tail-patch per method and query split"))
     parts.append(f"<h2 id='categories'>Proponent categories</h2><p>{inline(category_intro(results))}</p>")
@@ -549,10 +623,7 @@ def html_report(run: Path, results: dict, queries: list[dict], rankings: dict, o
         parts.append(f"<h3>{e(title)}</h3>" + html_table(chead, rows, "results"))
     if results.get("categories"):
         parts.append(img(category_chart(results), "proponent category shares per method and query split"))
-    parts.append("<h2 id='findings'>The paper's findings, checked on this run</h2><ul class='checks'>")
-    parts += [f"<li><span class='{'ok' if ok else 'bad'}'>{'✓' if ok else '✗'}</span> {inline(text)}</li>"
-              for text, ok in findings(results)]
-    parts.append("</ul><h2 id='built'>How the rows were built</h2><ul>")
+    parts.append("<h2 id='built'>How the rows were built</h2><ul>")
     parts += [f"<li>{inline(line)}</li>" for line in diagnostics(run, methods)]
     parts += ["</ul>", spectra, sweep, "<h2 id='queries'>Queries</h2>",
               "<p>Each query lists every method's top proponents; <span style='background:#d9f5d9'>green</span> "
