@@ -16,6 +16,8 @@ PY      ?= .venv/bin/python
 TORCH   ?= torch==2.13.0
 SIZE    ?= default
 SEED    ?= 0
+# The projection seed (P's draw); `make seeds` varies it over one world.
+PROJ_SEED ?= $(SEED)
 DIM     ?= 2048
 DAMPING ?= auto
 TRAIN_SAMPLE ?= 100000
@@ -47,6 +49,13 @@ RUN     ?= runs/factworld-$(SIZE)-seed$(SEED)
 # Tail-patch costs a training step per distinct proponent: a seeded half of the queries keeps `make all`
 # within minutes (MRR and recall use every query).
 TAIL_QUERIES ?= 100
+# One world and one table on every x86-64 machine: PyTorch's CPU kernels run their AVX2 code (an AVX-512 machine
+# rounds otherwise and trains another world) and MKL its reproducible AVX2 path; prepare.py trains on one thread.
+# Runs on your own model (MODEL=...) keep the machine's fastest kernels.
+ifeq ($(shell uname -m),x86_64)
+export ATEN_CPU_CAPABILITY ?= avx2
+export MKL_CBWR ?= AVX2
+endif
 endif
 TAIL_QUERIES ?= 0
 
@@ -68,7 +77,7 @@ data_dep = $(if $(and $(1),$(wildcard $(1)/.)),$(1) $(wildcard $(addprefix $(1)/
 CORPUS_DEP = $(call data_dep,$(CORPUS))
 QUERIES_DEP = $(call data_dep,$(QUERIES))
 
-ENCODE_OPTS = --model $(MODEL) --dim $(DIM) --seed $(SEED) --also-uncorrected --device $(DEVICE) \
+ENCODE_OPTS = --model $(MODEL) --dim $(DIM) --seed $(PROJ_SEED) --also-uncorrected --device $(DEVICE) \
               $(if $(TOKEN_BUDGET),--token-budget $(TOKEN_BUDGET)) --params $(PARAMS) $(ENCODE_EXTRA)
 
 # The ablation rows: name -> index.py flags (see index.py --help).
@@ -108,7 +117,7 @@ REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES
 # A model named by a shortcut (smollm2) is a package, not a file make can track.
 MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 
-.PHONY: all install test bench bench-gpu lint trend real clean screenshot sweep mutants
+.PHONY: all install test bench bench-gpu lint trend real clean screenshot sweep mutants seeds
 .DELETE_ON_ERROR:
 # Indexes are products users query again (`query.py --index ... --prompt`), not intermediates to delete.
 .SECONDARY: $(foreach v,$(VARIANTS) dense,$(RUN)/index-$(v)/index.h5)
@@ -198,6 +207,17 @@ $(RUN)/sweep/sweep.md: $(RUN)/results.md experiments/sweep.py index.py evaluate.
 	$(PY) -m experiments.sweep --run $(RUN) --model $(MODEL) --corpus '$(CORPUS)' --queries '$(QUERIES)' $(TAIL_V) $(LR_OPT) \
 	    --damping $(DAMPING) --tail-queries $(SWEEP_TAIL_QUERIES)
 	$(PY) report.py --run $(RUN) --corpus '$(CORPUS)' --queries '$(QUERIES)'
+
+# The projection's share of the table: the same world encoded with each seed in SEEDS (world, model, queries and
+# the tail-patch sample unchanged), each through index, query and evaluate into RUN/seeds/pN (BM25 as the text
+# baseline: it does not depend on P), then the table over seeds and the claims over queries × seeds.
+SEEDS ?= 0 1 2
+SEEDS_TAIL_QUERIES ?= 40
+seeds: $(MODEL_DEP) $(CORPUS_DEP) $(QUERIES_DEP) experiments/seeds.py
+	for s in $(SEEDS); do \
+	  $(MAKE) all PROJ_SEED=$$s RUN=$(RUN)/seeds/p$$s BASELINES=bm25 TAIL_QUERIES=$(SEEDS_TAIL_QUERIES) || exit 1; \
+	done
+	$(PY) -m experiments.seeds --run $(RUN) $(foreach s,$(SEEDS),--seed $(s))
 
 # The training-tokens trend: every checkpoint (MODEL/checkpoints/step-N, saved by prepare.py, then MODEL itself) through
 # encode → index → query → evaluate into RUN/trend/, with its own optimizer state, the rows BM25, cosine and TrackStar,
