@@ -117,7 +117,7 @@ REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES
 # A model named by a shortcut (smollm2) is a package, not a file make can track.
 MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 
-.PHONY: all install test bench bench-gpu lint trend real clean screenshot sweep mutants seeds
+.PHONY: all install test bench bench-gpu lint trend real clean screenshot sweep mutants seeds docs
 .DELETE_ON_ERROR:
 # Indexes are products users query again (`query.py --index ... --prompt`), not intermediates to delete.
 .SECONDARY: $(foreach v,$(VARIANTS) dense,$(RUN)/index-$(v)/index.h5)
@@ -248,6 +248,12 @@ bench-gpu: .venv/.installed
 # Each plausible bug in tools/mutants.py applied alone to a scratch copy: do the tests notice? (minutes; not in CI)
 mutants: .venv/.installed
 	$(PY) -m tools.mutants
+
+# README's and docs/' result tables, rendered from docs/results/*.json: each file recorded by tools/record.py with
+# the command, commit, machine and wall time that made it (e.g. `python -m tools.record factworld
+# runs/factworld-default-seed0/results.json -- make all`). A test fails when a page differs from what this renders.
+docs: .venv/.installed
+	$(PY) -m tools.docs
 
 lint: .venv/.installed
 	$(PY) -m ruff check .

@@ -149,12 +149,13 @@ DEFAULT_BETAS = (0.9, 0.999)
 
 
 def adam_increment(
-    model: nn.Module, tokenized: tuple[list[int], list[int]], v: dict[str, torch.Tensor] | None, eps: float,
+    model: nn.Module, docs: list[tuple[list[int], list[int]]], v: dict[str, torch.Tensor] | None, eps: float,
     betas: tuple[float, float] = DEFAULT_BETAS,
 ) -> dict[str, torch.Tensor]:
-    """This document's own share of the next Adam update, per unit learning rate (SGD's g when V is unknown).
+    """These documents' own share of the next Adam update, per unit learning rate (SGD's g when V is unknown).
 
-    Had the next training batch been this document alone (L = its mean token loss, gradient g), Adam
+    Had the next training batch been these documents alone (one document, or a method's top-k proponents
+    together; L = the mean token loss over all their tokens, gradient g), Adam
     would set m' = β1·m + (1−β1)·g and v' = β2·v + (1−β2)·g² and step by lr·m'/sqrt(v' + eps). The
     β1·m part is the momentum of earlier batches, the same whichever document comes next, so the part
     this document contributes is (1−β1)·g / sqrt(v' + eps). Weight decay is left out for the same
@@ -171,7 +172,7 @@ def adam_increment(
         p.requires_grad_(True)
     model.zero_grad(set_to_none=True)
     dev = next(model.parameters()).device
-    batch = ts.collate([tokenized], dev)
+    batch = ts.collate(docs, dev)
     n_tokens = (batch["labels"][:, 1:] != ts.IGNORE).sum()
     (ts.per_example_loss(model, batch).sum() / n_tokens).backward()
     out = {}
@@ -225,20 +226,33 @@ def load_step(model_dir: str, optimizer_state: str | None, no_correction: bool, 
 def tail_patch(step: Step, doc: tuple[list[int], list[int]], queries: list[dict], base: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Δp and Δlog p of each query's target after the step lr·adam_increment(doc); weights restored bit-exactly.
+    `base` is log p(target) of the queries under the untouched weights."""
+    return stepped_change(step, adam_increment(step.model, [doc], step.v, step.eps, step.betas), queries, base,
+                          step.lr)
 
-    `base` is log p(target) of the queries under the untouched weights. The stepped weights w − lr·d are
-    written into the increment's buffer and swapped in; restoring swaps the untouched tensors back. So a
-    step holds the model, V and one model-sized buffer (not a clone of the weights as well), and the
-    restored weights are the very same tensors, not a copy.
+
+def tail_patch_lrs(step: Step, docs: list[tuple[list[int], list[int]]], queries: list[dict], base: torch.Tensor,
+                   lrs: list[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """tail_patch at each learning rate of `lrs` (one gradient, one step each), for the documents together."""
+    increment = adam_increment(step.model, docs, step.v, step.eps, step.betas)
+    return [stepped_change(step, {n: d.clone() for n, d in increment.items()}, queries, base, lr) for lr in lrs]
+
+
+def stepped_change(step: Step, increment: dict[str, torch.Tensor], queries: list[dict], base: torch.Tensor,
+                   lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δp and Δlog p of each query after the step w − lr·increment, weights restored bit-exactly.
+
+    The stepped weights are written into the increment's buffer (it is consumed) and swapped in; restoring
+    swaps the untouched tensors back. So a step holds the model, V and one model-sized buffer (not a clone of
+    the weights as well), and the restored weights are the very same tensors, not a copy.
     """
     model = step.model
-    increment = adam_increment(model, doc, step.v, step.eps, step.betas)
     params = dict(model.named_parameters())
     untouched = {}
     try:
         with torch.no_grad():
             for n, d in increment.items():
-                stepped = d.mul_(-step.lr).add_(params[n])  # (−lr·d) + w: the same bits as w − lr·d
+                stepped = d.mul_(-lr).add_(params[n])  # (−lr·d) + w: the same bits as w − lr·d
                 untouched[n], params[n].data = params[n].data, stepped
         after = target_logprob(model, step.tokenizer, queries, step.max_length)
     finally:
@@ -260,6 +274,13 @@ def full_second_moment(V: ts.SecondMoment, model: nn.Module) -> dict[str, torch.
 # or not), "not measured" (None, NaN) left out.
 
 METRICS = ("mrr", "recall", "dp", "dlogp")  # per-query values of every method: MRR, recall@k, tail-patch Δp, Δlog p
+TOGETHER = ("dp_joint", "dlogp_joint")  # tail-patch of the top-k together (--together)
+
+
+def metrics_of(per_query: dict) -> list[str]:
+    """The metrics a run measured: METRICS, and TOGETHER when it was asked for."""
+    first = next(iter(per_query.values()), {})
+    return [key for key in (*METRICS, *TOGETHER) if key in first]
 
 
 def summarize(values: list[float | None], mask: list[bool]) -> tuple[float, float]:
@@ -435,6 +456,72 @@ def influence(step: Step, corpus_tok: dict, rankings: dict, all_queries: list[di
     return out
 
 
+def influence_together(step: Step, corpus_tok: dict, rankings: dict, all_queries: list[dict],
+                       queries: list[dict], k: int) -> dict[str, dict[str, list[float]]]:
+    """A second influence measure: one step on a method's top-k proponents together (one minibatch of all k,
+    as a training batch of them would be), the change in the query's own target; NaN for queries outside
+    `queries`. Where the one-document step asks which document moves the prediction most, this asks whether
+    the retrieved set as a whole does."""
+    base = target_logprob(step.model, step.tokenizer, queries, step.max_length)
+    out = {}
+    for method, ranks in tqdm(rankings.items(), desc="tail-patch (top-k together)", unit="method"):
+        measured_here = {}
+        for i, q in enumerate(queries):
+            docs = [corpus_tok[p["id"]] for p in ranks[q["id"]][:k]]
+            if docs:
+                (dp, dlp), = tail_patch_lrs(step, docs, [q], base[[i]], [step.lr])
+                measured_here[q["id"]] = (float(dp[0]), float(dlp[0]))
+        nan = (float("nan"), float("nan"))
+        pairs = [measured_here.get(q["id"], nan) for q in all_queries]
+        out[method] = {"dp_joint": [a for a, _ in pairs], "dlogp_joint": [b for _, b in pairs]}
+    return out
+
+
+def calibration_sample(queries: list[dict], scored: list[bool], tail_qs: list[dict], n: int) -> list[dict]:
+    """A seeded sample of n queries with ground truth that are not tail-patched: the lr rule's own queries."""
+    tailed = {q["id"] for q in tail_qs}
+    pool = [q for q, s in zip(queries, scored, strict=True) if s and q["id"] not in tailed]
+    if len(pool) < max(n, MIN_QUERIES):
+        raise ts.TrackStarError(f"--calibrate-lr needs {max(n, MIN_QUERIES)} queries with ground truth outside the "
+                                f"tail-patch sample, there are {len(pool)}: lower --tail-queries or "
+                                "--calibration-queries")
+    return random.Random(2).sample(pool, n)
+
+
+LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+LR_RULE = ("the smallest learning rate of the grid at which a step on the fact-stating documents raises p(target) "
+           "on the calibration queries (seeded, disjoint from the tail-patched ones) with its 95% bootstrap CI above "
+           "zero; if none does, the largest, and the probe is reported invalid")
+
+
+def calibrate_lr_rule(step: Step, corpus_tok: dict, truth: dict[str, list[dict]], queries: list[dict], k: int,
+                 grid: tuple[float, ...] = LR_GRID) -> dict:
+    """The tail-patch learning rate by LR_RULE, fixed before any method's row is looked at: only the ground-truth
+    row, only on `queries` (none of them tail-patched later). Each document's gradient is taken once and
+    stepped at every lr of the grid."""
+    base = target_logprob(step.model, step.tokenizer, queries, step.max_length)
+    need: dict[str, list[int]] = {}
+    for i, q in enumerate(queries):
+        for p in truth[q["id"]][:k]:
+            need.setdefault(p["id"], []).append(i)
+    effect: dict[tuple[str, int], list[float]] = {}
+    for doc_id in tqdm(sorted(need), desc="calibrate lr", unit="doc"):
+        qs = need[doc_id]
+        changes = tail_patch_lrs(step, [corpus_tok[doc_id]], [queries[i] for i in qs], base[qs], list(grid))
+        for j, i in enumerate(qs):
+            effect[(doc_id, i)] = [float(dp[j]) for dp, _ in changes]
+    per_lr = []
+    for g, lr in enumerate(grid):
+        values = [float(np.mean([effect[(p["id"], i)][g] for p in truth[q["id"]][:k]])) if truth[q["id"]] else None
+                  for i, q in enumerate(queries)]
+        d = paired_difference(values, None, [True] * len(queries))
+        per_lr.append({"lr": lr, **d, "state": claim_state(d["ci"], d["n"]) if d["n"] else NOT_ESTABLISHED})
+    valid = [r for r in per_lr if r["state"] == HOLDS]
+    chosen = valid[0] if valid else per_lr[-1]
+    return {"rule": LR_RULE, "grid": list(grid), "queries": [q["id"] for q in queries], "per_lr": per_lr,
+            "lr": chosen["lr"], "valid": bool(valid)}
+
+
 # ----------------------------------------------------------------------------------------------
 # Evidence. A difference between two rows is a finding only with its uncertainty: the mean paired difference
 # over the same queries (and, across runs, the same projection seeds), with a seeded bootstrap 95% CI that
@@ -517,7 +604,7 @@ def comparisons(per_query: dict, split_masks: list[tuple[str, list[bool]]]) -> l
     out = []
     for a, b in PAIRS:
         if a in per_query and b in per_query:
-            for key in METRICS:
+            for key in metrics_of(per_query):
                 for title, mask in split_masks:
                     out.append({"a": a, "b": b, "metric": key, "split": title,
                                 **paired_difference(per_query[a][key], per_query[b][key], mask)})
@@ -527,7 +614,8 @@ def comparisons(per_query: dict, split_masks: list[tuple[str, list[bool]]]) -> l
 def claims(per_query: dict, split_masks: list[tuple[str, list[bool]]], attributed: bool) -> list[dict]:
     """The paper's claims that this run's rows can test, each in every split, with its state."""
     out = []
-    for text, a, b, key in CLAIMS:
+    twins = [(f"{text} (top-k together)", a, b, "dp_joint") for text, a, b, key in CLAIMS if key == "dp"]
+    for text, a, b, key in (*CLAIMS, *(twins if "dp_joint" in metrics_of(per_query) else ())):
         if a not in per_query or (b is not None and b not in per_query) or (key in ("mrr", "recall") and
                                                                              not attributed):
             continue
@@ -574,8 +662,16 @@ def main(
     max_queries: int = typer.Option(0, help="Evaluate a seeded sample of this many queries (0: all)."),
     tail_queries: int = typer.Option(0, help="Tail-patch a seeded sample of this many queries (0: all); "
                                      "MRR/recall still use every query. Costs a training step per document."),
+    calibrate_lr: bool = typer.Option(False, "--calibrate-lr", help="Choose the tail-patch lr by a rule fixed in "
+                                      f"advance (instead of --lr): {LR_RULE}. Grid: {', '.join(map(str, LR_GRID))}."),
+    calibration_queries: int = typer.Option(20, help="Queries (with ground truth, outside the tail-patch sample) "
+                                            "that --calibrate-lr uses."),
+    together: bool = typer.Option(False, "--together", help="Also tail-patch each method's top-k proponents "
+                                  "together (one step on all k): a second influence measure (dp_joint, dlogp_joint)."),
     device: str = typer.Option("auto"),
 ) -> None:
+    if calibrate_lr and lr is not None:
+        raise ts.TrackStarError("give --lr or --calibrate-lr, not both")
     if max_queries < 0 or tail_queries < 0 or k < 1:
         raise ts.TrackStarError(f"--k must be >= 1 and --max-queries, --tail-queries >= 0 (got {k}, {max_queries}, "
                                 f"{tail_queries})")
@@ -592,7 +688,9 @@ def main(
         method_list.append("truth")
     rankings, opponents = all_rankings(run, method_list, docs, qs, n_all, k)
     facts_of = {d["id"]: d.get("facts") or [] for d in docs}
-    step = load_step(model, optimizer_state, no_correction, lr, eps, device, encoded.model if encoded else None)
+    # with --calibrate-lr the step's lr is chosen below; the grid's first stands in until then
+    step = load_step(model, optimizer_state, no_correction, LR_GRID[0] if calibrate_lr else lr, eps, device,
+                     encoded.model if encoded else None)
     tokenized, _ = ts.tokenize_rows(step.tokenizer, docs, "corpus", step.max_length)
     corpus_tok = {d["id"]: t for d, t in zip(docs, tokenized, strict=True)}
 
@@ -600,7 +698,18 @@ def main(
     per_query = {m: attribution(rankings[m], qs, facts_of, k, scored) for m in method_list}
     tail_qs = [qs[i] for i in sorted(random.Random(1).sample(range(len(qs)), tail_queries))] \
         if 0 < tail_queries < len(qs) else qs
+    calibration = None
+    if calibrate_lr:
+        calib_qs = calibration_sample(qs, scored, tail_qs, calibration_queries)
+        calibration = calibrate_lr_rule(step, corpus_tok, rankings["truth"], calib_qs, k)
+        step = dataclasses.replace(step, lr=calibration["lr"])
+        typer.echo(f"tail-patch lr {step.lr:g} by the calibration rule"
+                   + ("" if calibration["valid"] else " (no lr of the grid makes the probe valid)"))
     infl = influence(step, corpus_tok, rankings, qs, tail_qs, k)
+    if together:
+        joint = influence_together(step, corpus_tok, rankings, qs, tail_qs, k)
+        for m in method_list:
+            infl[m].update(joint[m])
     docs_by_id = {d["id"]: d for d in docs}
     for m in method_list:
         per_query[m].update(infl[m])
@@ -610,10 +719,12 @@ def main(
                      "lr": step.lr, "v_source": step.source, "eps": step.eps, "methods": method_list,
                      "betas": list(step.betas) if step.v is not None else None,
                      "step": "lr·(1−β1)·g/sqrt(β2·v + (1−β2)·g² + eps)" if step.v is not None else "lr·g (SGD: no V)",
-                     "tail_patch_queries": len(tail_qs), "attribution_queries": sum(scored)},
+                     "tail_patch_queries": len(tail_qs), "attribution_queries": sum(scored),
+                     "lr_source": "calibrated" if calibrate_lr else "given" if lr is not None else "optimizer state"},
         "queries": [q["id"] for q in qs], "model_correct": correct, "per_query": per_query,
-        "summary": {m: {key: summarize(per_query[m][key], [True] * len(qs))[0] for key in METRICS}
+        "summary": {m: {key: summarize(per_query[m][key], [True] * len(qs))[0] for key in metrics_of(per_query)}
                     for m in method_list},
+        "calibration": calibration,
         "categories": category_summary({m: per_query[m]["categories"] for m in method_list}, scored, splits(correct)),
         **evidence(per_query, correct, any(scored)),
     })

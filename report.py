@@ -159,7 +159,7 @@ def fmt_diff(key: str, x: float | None) -> str:
     """A difference in its metric's display units (tail-patch Δp in 1e-3), with its sign."""
     if x is None:
         return "–"
-    return f"{x * 1e3:+.2f}e-3" if key == "dp" else f"{x:+.3f}"
+    return f"{x * 1e3:+.2f}e-3" if key.startswith("dp") else f"{x:+.3f}"
 
 
 def fmt_interval(key: str, d: dict) -> str:
@@ -201,11 +201,28 @@ def claim_rows(results: dict) -> tuple[list[str], list[list[str]], list[str]]:
     return head, rows, states
 
 
+def calibration_intro(results: dict) -> str:
+    c = results["calibration"]
+    verdict = (f"chosen: **{c['lr']:g}**" if c["valid"] else
+               f"no lr of the grid makes the probe valid on them; the largest, {c['lr']:g}, is used")
+    return (f"Chosen before any method's row is measured, by the rule: {c['rule']}. Calibration queries: "
+            f"{len(c['queries'])}; {verdict}.")
+
+
+def calibration_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    rows = [[f"{r['lr']:g}", fmt_interval("dp", r), STATE_MARK[r["state"]], str(r["n"])]
+            for r in results["calibration"]["per_lr"]]
+    return ["lr", "ground truth Δp [95% CI]", "state", "queries"], rows
+
+
 def comparison_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """Every paired difference of the chain and the claims' rows over all queries: one row per pair."""
     k = results["settings"]["k"]
-    keys = [key for key in evaluate.METRICS if key not in ATTRIBUTION or n_scored(results)]
-    labels = {"mrr": "MRR", "recall": f"recall@{k}", "dp": "Δp (1e-3)", "dlogp": "Δlog p"}
+    present = {c["metric"] for c in results.get("comparisons", [])}
+    keys = [key for key in (*evaluate.METRICS, *evaluate.TOGETHER) if key in present
+            and (key not in ATTRIBUTION or n_scored(results))]
+    labels = {"mrr": "MRR", "recall": f"recall@{k}", "dp": "Δp (1e-3)", "dlogp": "Δlog p",
+              "dp_joint": "Δp top-k together (1e-3)", "dlogp_joint": "Δlog p top-k together"}
     cells: dict[tuple[str, str], dict[str, str]] = {}
     for c in results.get("comparisons", []):
         if c["split"] == "All queries":
@@ -273,6 +290,9 @@ def markdown(run: Path, results: dict) -> str:
     head, rows = comparison_rows(results)
     if rows:
         md += ["### Paired differences between rows", "", md_table(head, rows), ""]
+    if results.get("calibration"):
+        md += ["## The tail-patch learning rate", "", calibration_intro(results), "",
+               md_table(*calibration_rows(results)), ""]
     md += ["## How the rows were built", ""]
     md += [f"- {line}" for line in diagnostics(run, results["settings"]["methods"])] + [""]
     return "\n".join(md)
@@ -415,7 +435,7 @@ def forest_plot(results: dict) -> bytes:
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for key, ax in zip(keys, axes, strict=True):
         mine = [c for c in rows if c["metric"] == key]
-        scale = 1e3 if key == "dp" else 1.0
+        scale = 1e3 if key.startswith("dp") else 1.0
         y = np.arange(len(mine))
         for yi, c in zip(y, mine, strict=True):
             lo, hi = (v * scale for v in c["ci"])
@@ -424,7 +444,8 @@ def forest_plot(results: dict) -> bytes:
         ax.axvline(0, color="#333", lw=0.8)
         ax.set_yticks(y, labels=[textwrap.fill(c["claim"], 44) for c in mine], fontsize=7)
         ax.invert_yaxis()
-        ax.set_title({"mrr": "MRR", "recall": "recall", "dp": "tail-patch Δp (×1e-3)"}.get(key, key), fontsize=9)
+        ax.set_title({"mrr": "MRR", "recall": "recall", "dp": "tail-patch Δp (×1e-3)",
+                      "dp_joint": "top-k together Δp (×1e-3)"}.get(key, key), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     return figure_png(fig)
 
@@ -616,6 +637,9 @@ def html_report(run: Path, results: dict, queries: list[dict], rankings: dict, o
     chead, crows = comparison_rows(results)
     if crows:
         parts.append("<h3>Paired differences between rows</h3>" + html_table(chead, crows, "results"))
+    if results.get("calibration"):
+        parts.append(f"<h3>The tail-patch learning rate</h3><p>{inline(calibration_intro(results))}</p>"
+                     + html_table(*calibration_rows(results), "results"))
     parts.append("<h2 id='charts'>Charts</h2>"
                  + img(results_chart(results), "MRR, recall and tail-patch per method and query split"))
     parts.append(f"<h2 id='categories'>Proponent categories</h2><p>{inline(category_intro(results))}</p>")

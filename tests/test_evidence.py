@@ -3,10 +3,13 @@ contradicted, not established), decided by the CI and never by the means alone."
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import types
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate
 import report
@@ -99,3 +102,52 @@ def test_contradicted_claims_are_reported_as_such():
     c = next(c for c in ev["claims"] if c["claim"] == "R_train raises tail-patch over the correction alone"
              and c["split"] == "All queries")
     assert c["state"] == evaluate.CONTRADICTED and c["ci"][1] < 0
+
+
+def test_the_lr_rule_takes_the_smallest_lr_whose_ground_truth_ci_is_above_zero(monkeypatch):
+    """The calibration reads only the ground-truth row: with Δp below zero up to 3e-5 and above from 1e-4, the
+    rule picks 1e-4; when no lr of the grid gives a CI above zero it takes the largest and says the probe is
+    invalid."""
+    queries = [{"id": f"q{i}", "prompt": "p", "target": " t"} for i in range(12)]
+    truth = {q["id"]: [{"id": f"d{i}"}, {"id": f"e{i}"}] for i, q in enumerate(queries)}
+    monkeypatch.setattr(evaluate, "target_logprob", lambda *a: torch.zeros(len(a[2]), dtype=torch.float64))
+
+    def fake(sign_at):
+        def tail_patch_lrs(step, docs, qs, base, lrs):
+            return [(torch.full((len(qs),), sign_at(lr) * (1 + 0.1 * len(docs[0][0]))), torch.zeros(len(qs)))
+                    for lr in lrs]
+        return tail_patch_lrs
+
+    corpus_tok = {f"{c}{i}": ([1] * (i + 2), [1] * (i + 2)) for i in range(12) for c in "de"}
+    step = types.SimpleNamespace(model=None, tokenizer=None, max_length=8)
+    monkeypatch.setattr(evaluate, "tail_patch_lrs", fake(lambda lr: 1.0 if lr >= 1e-4 else -1.0))
+    c = evaluate.calibrate_lr_rule(step, corpus_tok, truth, queries, k=10)
+    assert c["lr"] == 1e-4 and c["valid"]
+    assert [r["state"] for r in c["per_lr"]][:3] == [evaluate.CONTRADICTED, evaluate.CONTRADICTED, evaluate.HOLDS]
+    monkeypatch.setattr(evaluate, "tail_patch_lrs", fake(lambda lr: -1.0))
+    c = evaluate.calibrate_lr_rule(step, corpus_tok, truth, queries, k=10)
+    assert c["lr"] == evaluate.LR_GRID[-1] and not c["valid"]
+
+
+def test_calibration_queries_are_never_tail_patched():
+    qs = [{"id": f"q{i}"} for i in range(40)]
+    tail = qs[::2]
+    calib = evaluate.calibration_sample(qs, [True] * 40, tail, 15)
+    assert len(calib) == 15 and not {q["id"] for q in calib} & {q["id"] for q in tail}
+    with pytest.raises(evaluate.ts.TrackStarError, match="--calibrate-lr needs"):
+        evaluate.calibration_sample(qs, [True] * 40, qs[:35], 15)
+
+
+def test_stepping_at_a_grid_of_lrs_equals_one_step_at_each(model_dir):
+    """tail_patch_lrs takes the gradient once and steps at each lr: the same numbers as tail_patch at that lr;
+    the top-k-together step on one document is that document's own step."""
+    step = evaluate.load_step(str(model_dir), None, False, 1e-3, None)
+    tok = step.tokenizer
+    queries = [{"prompt": "The capital of France is", "target": " Paris"}]
+    doc, _, _ = evaluate.ts.tokenize_document(tok, "The capital of France is Paris.", 128)
+    base = evaluate.target_logprob(step.model, tok, queries, 128)
+    grid = evaluate.tail_patch_lrs(step, [(doc, doc)], queries, base, [1e-4, 1e-3])
+    for lr, (dp, dlogp) in zip([1e-4, 1e-3], grid, strict=True):
+        one = evaluate.tail_patch(dataclasses.replace(step, lr=lr), (doc, doc), queries, base)
+        assert torch.equal(dp, one[0]) and torch.equal(dlogp, one[1])
+    assert grid[1][0][0] > grid[0][0][0] > 0  # a larger step on the fact's sentence raises it more

@@ -1,0 +1,129 @@
+"""Render README's and docs/' result tables from the recorded result files (`make docs`).
+
+    python -m tools.docs            # rewrite every marked block from docs/results/*.json
+    python -m tools.docs --check    # exit 1, naming the block, if a file differs from what would be rendered
+
+A block in a Markdown file is
+
+    <!-- results: NAME VIEW -->
+    ... (rendered: never edit by hand) ...
+    <!-- /results -->
+
+where NAME is a record in docs/results/NAME.json (written by tools/record.py with the command, commit, machine
+and wall time that made it) and VIEW one of RENDERERS. Each block ends with a line naming the command, the
+commit, the machine and the wall time, so a figure in the docs always says where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import evaluate
+import report
+from experiments import seeds
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+PAGES = ("README.md", "docs/*.md")
+BLOCK = re.compile(r"(<!-- results: (\S+) (\S+) -->\n)(.*?)(<!-- /results -->)", re.S)
+
+
+def load(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"{path.relative_to(ROOT)} is missing: record it with tools/record.py")
+    return json.loads(path.read_text())
+
+
+def duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s"
+
+
+def provenance(rec: dict) -> str:
+    """One line: what made the figures above it, where and how long it took."""
+    m = rec["machine"]
+    cpu = f"{m['cores']}-core {m['cpu']}{' (AVX-512)' if m.get('avx512') else ''}, {m['memory_gib']} GiB"
+    commit = (rec["commit"] or "no commit")[:7] + ("+dirty" if (rec["commit"] or "").endswith("+dirty") else "")
+    return (f"*`{rec['command']}` at commit `{commit}` on a {cpu}, {rec['date']}: {duration(rec['wall_seconds'])}, "
+            f"peak memory {rec['peak_rss_mib'] / 1024:.1f} GiB.*")
+
+
+def ablation(rec: dict, titles: tuple[str, ...] = ("All queries",)) -> str:
+    """The ablation table (mean ± s.e. over queries) for the query splits named."""
+    results = rec["results"]
+    parts = []
+    for title, mask in report.splits(results):
+        if title in titles:
+            if len(titles) > 1:
+                parts += [f"**{title}** ({sum(mask)} queries)", ""]
+            parts += [report.md_table(report.header(results), report.table_rows(results, mask)), ""]
+    return "\n".join(parts).rstrip()
+
+
+def claims(rec: dict) -> str:
+    head, rows, _ = report.claim_rows(rec["results"])
+    return report.md_table(head, rows)
+
+
+def comparisons(rec: dict) -> str:
+    head, rows = report.comparison_rows(rec["results"])
+    return report.md_table(head, rows)
+
+
+def seed_table(rec: dict) -> str:
+    return seeds.markdown(rec["results"]).rstrip()
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {
+    "table": ablation,
+    "splits": lambda rec: ablation(rec, tuple(t for t, _ in evaluate.splits([]))),
+    "claims": claims,
+    "comparisons": comparisons,
+    "seeds": seed_table,
+}
+
+
+def render_block(name: str, view: str) -> str:
+    if view not in RENDERERS:
+        raise SystemExit(f"unknown view {view!r} for {name} (known: {', '.join(RENDERERS)})")
+    rec = load(name)
+    return f"{RENDERERS[view](rec)}\n\n{provenance(rec)}\n"
+
+
+def rendered(text: str) -> str:
+    """`text` with every results block rendered anew."""
+    return BLOCK.sub(lambda m: m.group(1) + render_block(m.group(2), m.group(3)) + m.group(5), text)
+
+
+def pages() -> list[Path]:
+    return sorted({p for pattern in PAGES for p in ROOT.glob(pattern)})
+
+
+def stale() -> list[str]:
+    """The pages whose blocks differ from what the recorded results render."""
+    return [str(p.relative_to(ROOT)) for p in pages() if rendered(p.read_text(encoding="utf-8")) != p.read_text(
+        encoding="utf-8")]
+
+
+def main(argv: list[str]) -> None:
+    if "--check" in argv:
+        bad = stale()
+        if bad:
+            raise SystemExit(f"tables differ from docs/results/ in: {', '.join(bad)}; run `make docs`")
+        return
+    for p in pages():
+        text = p.read_text(encoding="utf-8")
+        new = rendered(text)
+        if new != text:
+            p.write_text(new, encoding="utf-8")
+            print(f"rendered {p.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
