@@ -20,6 +20,7 @@ from pathlib import Path
 
 import typer
 
+import evaluate
 import report
 import trackstar as ts
 
@@ -72,27 +73,63 @@ def check_comparable(points: list[dict]) -> None:
             raise ts.TrackStarError(f"{p['run']} and {first['run']} evaluated different queries")
 
 
+# The differences each point is read by, (a, b, metric): does TrackStar beat cosine, does a step on the documents
+# that state the fact move the prediction more than a step on TrackStar's proponents (attribution vs influence).
+POINT_DIFFERENCES = (("trackstar", "cosine", "mrr"), ("trackstar", "cosine", "dp"), ("truth", "trackstar", "dp"))
+
+
 def summary(points: list[dict]) -> list[dict]:
-    """Per point: tokens, accuracy on the queries, and mean ± s.e. of MRR and Δp per method."""
+    """Per point: tokens, accuracy on the queries, mean ± s.e. of MRR and Δp per method, and the paired
+    differences of POINT_DIFFERENCES with their CIs."""
     rows = []
     for p in points:
         r = p["results"]
         everything = [True] * len(r["queries"])
-        row = {"step": p["step"], "tokens": p["tokens"], "run": p["run"],
+        row = {"step": p["step"], "tokens": p["tokens"], "run": p["run"], "label": p.get("label", str(p["step"])),
                "accuracy": sum(r["model_correct"]) / len(r["model_correct"])}
         for m, key in [(m, "mrr") for m in METHODS] + [(m, "dp") for m in INFLUENCE]:
-            row[f"{m}_{key}"], row[f"{m}_{key}_se"] = report.summarize(r["per_query"][m][key], everything)
+            row[f"{m}_{key}"], row[f"{m}_{key}_se"] = evaluate.summarize(r["per_query"][m][key], everything)
+        row["differences"] = [{"a": a, "b": b, "metric": key, **evaluate.paired_difference(
+            r["per_query"][a][key], r["per_query"][b][key], everything)} for a, b, key in POINT_DIFFERENCES]
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    head = ["step", "training tokens", "queries answered"] + [f"MRR {m}" for m in METHODS] + \
-           [f"Δp ×1e-3 {m}" for m in INFLUENCE]
-    body = [[str(r["step"]), f"{r['tokens']:,}", f"{r['accuracy']:.2f}"]
+def across(points: list[dict]) -> list[dict]:
+    """How the last point differs from the first, paired over the same queries: TrackStar's MRR and Δp, and the
+    ground truth's lead over TrackStar in Δp (does influence come to align with attribution?)."""
+    first, last = points[0]["results"]["per_query"], points[-1]["results"]["per_query"]
+    everything = [True] * len(points[0]["results"]["queries"])
+    out = []
+    for what, a, b in (("TrackStar MRR", "trackstar", None), ("TrackStar Δp", "trackstar", None),
+                       ("ground truth − TrackStar Δp", "truth", "trackstar")):
+        key = "mrr" if "MRR" in what else "dp"
+        lead = [[x, y] for x, y in zip(last[a][key], first[a][key], strict=True)]
+        if b is not None:  # (a − b) at the last point minus (a − b) at the first
+            lead = [[x - y if None not in (x, y) else None, u - v if None not in (u, v) else None]
+                    for x, y, u, v in zip(last[a][key], last[b][key], first[a][key], first[b][key], strict=True)]
+        d = evaluate.paired_difference([x for x, _ in lead], [y for _, y in lead], everything)
+        out.append({"what": what, "metric": key, **d,
+                    "state": evaluate.claim_state(d["ci"], d["n"]) if d["n"] else evaluate.NOT_ESTABLISHED})
+    return out
+
+
+def markdown(rows: list[dict], axis: str = "step") -> str:
+    head = [axis, "training tokens", "queries answered"] + [f"MRR {m}" for m in METHODS] + \
+           [f"Δp ×1e-3 {m}" for m in INFLUENCE] + \
+           [f"{a} − {b} {'MRR' if key == 'mrr' else 'Δp'}" for a, b, key in POINT_DIFFERENCES]
+    body = [[r["label"], f"{r['tokens']:,}", f"{r['accuracy']:.2f}"]
             + [f"{r[f'{m}_mrr']:.3f} ± {r[f'{m}_mrr_se']:.3f}" for m in METHODS]
-            + [f"{1e3 * r[f'{m}_dp']:.2f} ± {1e3 * r[f'{m}_dp_se']:.2f}" for m in INFLUENCE] for r in rows]
+            + [f"{1e3 * r[f'{m}_dp']:.2f} ± {1e3 * r[f'{m}_dp_se']:.2f}" for m in INFLUENCE]
+            + [report.fmt_interval(d["metric"], d) for d in r["differences"]] for r in rows]
     return report.md_table(head, body)
+
+
+def across_markdown(changes: list[dict], first: str, last: str) -> str:
+    rows = [[c["what"], report.fmt_interval(c["metric"], c), report.STATE_MARK[c["state"]], str(c["n"])]
+            for c in changes]
+    return (f"From {first} to {last}, paired over the same queries (95% bootstrap CI; holds: the CI lies above 0):\n\n"
+            + report.md_table(["change", "last − first [95% CI]", "rise", "queries"], rows))
 
 
 def figure(rows: list[dict]) -> bytes:
@@ -134,12 +171,12 @@ def main(
     models = checkpoints(model)
     points = [read_point(m, run / "trend" / m.name) for m in models[:-1]] + [read_point(model, run / "trend" / "final")]
     check_comparable(points)
-    rows = summary(points)
+    rows, changes = summary(points), across(points)
     out = run / "trend"
     out.mkdir(parents=True, exist_ok=True)
-    with ts.atomic_path(out / "trend.json") as tmp:
-        tmp.write_text(json.dumps(rows, indent=1))
-    md = markdown(rows)
+    ts.write_json(out / "trend.json", evaluate.jsonable({"rows": rows, "across": changes,
+                                                         "provenance": ts.provenance()}))
+    md = markdown(rows) + "\n\n" + across_markdown(changes, f"step {rows[0]['step']}", "the final model")
     with ts.atomic_path(out / "trend.md") as tmp:
         tmp.write_text(f"Training-tokens trend ({len(rows)} checkpoints; tail-patch at lr "
                        f"{points[0]['results']['settings']['lr']:.3g} for all)\n\n{md}\n", encoding="utf-8")

@@ -106,7 +106,9 @@ def test_make_trend_evaluates_every_checkpoint_and_refuses_to_mix_them(tiny_run)
     encodings refuse to be indexed with another checkpoint's queries, naming both fingerprints."""
     run, _ = tiny_run
     make_on(run, "trend", "TREND_TAIL_QUERIES=4")
-    points = json.loads((run / "trend" / "trend.json").read_text())
+    trend_json = json.loads((run / "trend" / "trend.json").read_text())
+    points = trend_json["rows"]
+    assert {c["state"] for c in trend_json["across"]} <= {"holds", "contradicted", "not established"}
     steps = sorted(p.name for p in (run.parent / "data" / "factworld-tiny-seed0" / "model" / "checkpoints").iterdir())
     assert [p["run"].rsplit("/", 1)[1] for p in points] == [*steps, "final"]
     assert all(a["tokens"] < b["tokens"] for a, b in zip(points, points[1:], strict=False))

@@ -32,6 +32,10 @@ def test_points_are_read_in_order_and_summarised(tmp_path):
     rows = trend.summary([a, b])
     assert [r["tokens"] for r in rows] == [100, 200] and rows[0]["trackstar_mrr"] == 0.75
     assert rows[0]["truth_dp"] == pytest.approx(0.035) and rows[0]["accuracy"] == 0.5
+    lead = next(d for d in rows[0]["differences"] if d["a"] == "truth")  # truth − TrackStar Δp, paired
+    assert lead["diff"] == pytest.approx(0.02) and lead["n"] == 2
+    change = next(c for c in trend.across([a, b]) if c["what"] == "TrackStar MRR")
+    assert change["diff"] == 0.0 and change["state"] == "not established"  # 2 queries decide nothing
 
 
 def test_results_of_another_model_are_refused(tmp_path):
