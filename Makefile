@@ -41,7 +41,9 @@ ifdef QUERIES
 $(error QUERIES=$(QUERIES) needs MODEL=dir and CORPUS=corpus.jsonl)
 endif
 DATA    ?= data
-WORLD   := $(DATA)/factworld-$(SIZE)-seed$(SEED)
+# The model trained on the world (`make sizes` varies it): small, default or large.
+MODEL_SIZE ?= default
+WORLD   := $(DATA)/factworld-$(SIZE)-seed$(SEED)$(if $(filter-out default,$(MODEL_SIZE)),-$(MODEL_SIZE))
 MODEL   := $(WORLD)/model
 CORPUS  := $(WORLD)/corpus.jsonl
 QUERIES := $(WORLD)/queries.jsonl
@@ -117,7 +119,7 @@ REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES
 # A model named by a shortcut (smollm2) is a package, not a file make can track.
 MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 
-.PHONY: all install test bench bench-gpu lint trend real clean screenshot sweep mutants seeds docs
+.PHONY: all install test bench bench-gpu lint trend real clean screenshot sweep mutants seeds docs sizes
 .DELETE_ON_ERROR:
 # Indexes are products users query again (`query.py --index ... --prompt`), not intermediates to delete.
 .SECONDARY: $(foreach v,$(VARIANTS) dense,$(RUN)/index-$(v)/index.h5)
@@ -148,7 +150,7 @@ endif
 install: .venv/.installed
 
 $(WORLD)/world.json: prepare.py .venv/.installed
-	$(PY) prepare.py factworld --out $(WORLD) --size $(SIZE) --seed $(SEED)
+	$(PY) prepare.py factworld --out $(WORLD) --size $(SIZE) --seed $(SEED) --model-size $(MODEL_SIZE)
 
 # A user's own inputs have no prepare step; the fact world's come from it.
 $(MODEL) $(CORPUS) $(QUERIES): $(if $(WORLD),$(WORLD)/world.json)
@@ -218,6 +220,19 @@ seeds: $(MODEL_DEP) $(CORPUS_DEP) $(QUERIES_DEP) experiments/seeds.py
 	  $(MAKE) all PROJ_SEED=$$s RUN=$(RUN)/seeds/p$$s BASELINES=bm25 TAIL_QUERIES=$(SEEDS_TAIL_QUERIES) || exit 1; \
 	done
 	$(PY) -m experiments.seeds --run $(RUN) $(foreach s,$(SEEDS),--seed $(s))
+
+# The model-size axis: the same world (SIZES_WORLD) with a model of each size in MODEL_SIZES, trained with the same
+# schedule, each through the pipeline into RUN/sizes/SIZE (BM25, cosine, TrackStar), then the table and figure.
+MODEL_SIZES ?= small default large
+SIZES_WORLD ?= small
+SIZES_DIM ?= 1024
+SIZES_TAIL_QUERIES ?= 40
+sizes: experiments/sizes.py
+	for ms in $(MODEL_SIZES); do \
+	  $(MAKE) all SIZE=$(SIZES_WORLD) MODEL_SIZE=$$ms DIM=$(SIZES_DIM) RUN=$(RUN)/sizes/$$ms BASELINES=bm25 \
+	      VARIANTS="cosine trackstar" TAIL_QUERIES=$(SIZES_TAIL_QUERIES) || exit 1; \
+	done
+	$(PY) -m experiments.sizes --run $(RUN) $(foreach s,$(MODEL_SIZES),--size $(s))
 
 # The training-tokens trend: every checkpoint (MODEL/checkpoints/step-N, saved by prepare.py, then MODEL itself) through
 # encode → index → query → evaluate into RUN/trend/, with its own optimizer state, the rows BM25, cosine and TrackStar,

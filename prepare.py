@@ -461,13 +461,19 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
                                    model_max_length=MAX_POSITIONS)
 
 
-def make_model(tok, seed: int):
+# The model-size axis (`make sizes`): hidden width, layers, heads and MLP width; ~0.3M, 1.35M and 4.6M parameters
+# with the world's 1,536-token vocabulary. The default is the demo's model.
+MODEL_SIZES = {"small": (64, 2, 2, 224), "default": (128, 4, 4, 448), "large": (256, 4, 8, 896)}
+
+
+def make_model(tok, seed: int, model_size: str = "default"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    hidden, layers, heads, inner = MODEL_SIZES[model_size]
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=448, max_position_embeddings=MAX_POSITIONS,
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, intermediate_size=inner, max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=False,  # separate input/output matrices, as in Llama: each gets its own V and P
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
@@ -655,10 +661,14 @@ def factworld(
     checkpoints: int = typer.Option(3, help="intermediate checkpoints saved in MODEL/checkpoints/step-N, each "
                                             "with its optimizer state (`make trend` evaluates them)"),
     no_train: bool = typer.Option(False, "--no-train", help="write corpus, queries and world.json only"),
+    model_size: str = typer.Option("default", help="the model trained on the world: small (~0.3M parameters) | "
+                                   "default (~1.35M) | large (~4.6M); the world and the schedule are the same"),
 ) -> None:
     """Generate the synthetic fact world and train a small Llama-style LM on it."""
     if size not in SIZES:
         raise ts.TrackStarError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
+    if model_size not in MODEL_SIZES:
+        raise ts.TrackStarError(f"--model-size must be one of {', '.join(MODEL_SIZES)}, got {model_size!r}")
     if steps is not None and steps < 1:
         raise ts.TrackStarError(f"--steps must be >= 1, got {steps}")
     if checkpoints < 0:
@@ -686,7 +696,8 @@ def factworld(
         write_jsonl(tmp / "queries.jsonl", queries)
         if not no_train:
             info.update(train_and_save(tmp / "model", facts, corpus, queries, doc_count, seed,
-                                       TrainSettings(steps=steps or ws.steps, batch=ws.batch), checkpoints))
+                                       TrainSettings(steps=steps or ws.steps, batch=ws.batch), checkpoints,
+                                       model_size))
         info["wall_seconds"] = round(time.time() - t0, 1)
         write_json(tmp / "world.json", info)
         publish(tmp, out)
@@ -696,7 +707,8 @@ def factworld(
 
 
 def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queries: list[dict],
-                   doc_count: Counter, seed: int, s: TrainSettings, checkpoints: int = 0) -> dict:
+                   doc_count: Counter, seed: int, s: TrainSettings, checkpoints: int = 0,
+                   model_size: str = "default") -> dict:
     """Tokenizer + model + AdamW training; saves an HF directory with optimizer.pt (and `checkpoints`
     intermediate ones under checkpoints/); returns metadata."""
     t0 = time.time()
@@ -705,7 +717,7 @@ def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queri
     bad = tokenization_mismatches(tok, queries)
     if bad:
         print(f"warning: {bad} queries tokenize differently split at the target than whole")
-    model = make_model(tok, seed)
+    model = make_model(tok, seed, model_size)
     repeats = [s.fact_repeats if d["facts"] else 1 for d in corpus]
     def checkpoint(step: int, tokens: int, opt) -> None:
         save_checkpoint(model_dir / "checkpoints" / f"step-{step:06d}", model, tok, opt, step, tokens)
@@ -722,7 +734,8 @@ def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queri
     tail = losses[-max(1, len(losses) // 20) :]  # the last 5% of steps: less noisy than the last batch
     return {
         "tokenizer": {"type": "byte-level BPE", "vocab_size": len(tok), "split_mismatches": bad},
-        "model": {"type": "LlamaForCausalLM", "parameters": sum(p.numel() for p in model.parameters()),
+        "model": {"type": "LlamaForCausalLM", "size": model_size,
+                  "parameters": sum(p.numel() for p in model.parameters()),
                   "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers,
                   "heads": model.config.num_attention_heads,
                   "intermediate_size": model.config.intermediate_size,

@@ -132,15 +132,16 @@ def across_markdown(changes: list[dict], first: str, last: str) -> str:
             + report.md_table(["change", "last − first [95% CI]", "rise", "queries"], rows))
 
 
-def figure(rows: list[dict]) -> bytes:
-    """MRR, tail-patch Δp and the fraction of queries answered, against training tokens."""
+def figure(rows: list[dict], x: list[float] | None = None, xlabel: str = "training tokens", log: bool = False
+           ) -> bytes:
+    """MRR, tail-patch Δp and the fraction of queries answered, against training tokens (or `x`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    tokens = [r["tokens"] for r in rows]
+    tokens = x if x is not None else [r["tokens"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     panels = ((axes[0], "mrr", "MRR (attribution)", 1, METHODS),
               (axes[1], "dp", "tail-patch Δp ×1e-3 (influence)", 1e3, INFLUENCE))
@@ -153,7 +154,9 @@ def figure(rows: list[dict]) -> bytes:
     axes[2].plot(tokens, [r["accuracy"] for r in rows], marker="o", color="#555")
     axes[2].set_title("queries the model answers")
     for ax in axes:
-        ax.set_xlabel("training tokens")
+        ax.set_xlabel(xlabel)
+        if log:
+            ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())  # 250k, not 250000
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)  # the ground-truth row appears here only
