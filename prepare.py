@@ -482,9 +482,18 @@ def make_model(tok, seed: int, model_size: str = "default"):
 
 
 # The world's model is trained on one CPU thread whatever the machine has: how a float sum is split between
-# threads decides its last bits, and over thousands of steps those bits make another model. On one thread every
-# machine (with this torch version and CPU architecture) trains the same weights, so the tables match.
+# threads decides its last bits, and over thousands of steps those bits make another model. The CPU's vector
+# kernels decide them too (on an AVX-512 machine PyTorch's own AVX-512 code trains another world than its AVX2
+# code: measured on the tiny world, query accuracy 0.47 vs 0.57), so `make all` pins them to AVX2 on x86-64
+# (ATEN_CPU_CAPABILITY=avx2, MKL_CBWR=AVX2); both choices are recorded in world.json.
 TRAIN_THREADS = 1
+
+
+def cpu_kernels() -> dict:
+    """Which CPU code the training ran: PyTorch's kernel capability and MKL's reproducibility mode."""
+    import torch
+
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "mkl_cbwr": os.environ.get("MKL_CBWR")}
 
 
 @dataclass(frozen=True)
@@ -742,7 +751,8 @@ def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queri
                   "max_positions": MAX_POSITIONS},
         "training": {**asdict(s), "optimizer": "AdamW", "schedule": "linear warmup + cosine",
                      "final_lr": opt.param_groups[0]["lr"], "tokens": tokens, "seconds": round(time.time() - t0, 1),
-                     "checkpoints": sorted(checkpoint_steps(s.steps, checkpoints)), "threads": TRAIN_THREADS},
+                     "checkpoints": sorted(checkpoint_steps(s.steps, checkpoints)), "threads": TRAIN_THREADS,
+                     "cpu_kernels": cpu_kernels()},
         "final_loss": round(sum(tail) / len(tail), 4),
         "accuracy_by_bucket": table,
         "accuracy": round(sum(correct[f] for f in doc_count) / max(1, len(doc_count)), 4),  # stated facts
