@@ -71,7 +71,11 @@ CORPUS_V := --optimizer-state $(OPTIMIZER)
 QUERY_V  := --optimizer-state $(OPTIMIZER)
 TAIL_V   := --optimizer-state $(OPTIMIZER)
 endif
-LR_OPT := $(if $(LR),--lr $(LR),)
+# The tail-patch step: LR=..., or CALIBRATE_LR=1 (the rule evaluate.py --calibrate-lr states), else the optimizer's.
+CALIBRATION_QUERIES ?= 20
+LR_OPT := $(if $(LR),--lr $(LR),$(if $(CALIBRATE_LR),--calibrate-lr --calibration-queries $(CALIBRATION_QUERIES),))
+# TAIL_QUERIES=none: attribution only, no tail-patch.
+TAIL_OPT = $(if $(filter none,$(TAIL_QUERIES)),--no-tail-patch,--tail-queries $(TAIL_QUERIES))
 
 # What a stage reading CORPUS or QUERIES depends on. A directory: itself and its data files (a directory's own
 # time changes when a file comes or goes, not when one is rewritten). A glob pattern make expands itself.
@@ -108,11 +112,18 @@ REAL_DOCS     ?= 4096
 REAL_DIM      ?= 1024
 REAL_DAMPING  ?= $(DAMPING)
 REAL_ESTIMATE ?= 256
-REAL_LR       ?= 1e-4
+# Empty: the tail-patch lr is calibrated on the ground truth of queries that are not tail-patched (the model
+# ships without its optimizer state or final learning rate).
+REAL_LR       ?=
+# What g(z) covers: every parameter, as in the paper (the weight matrices and the embeddings).
+REAL_PARAMS   ?= all
 REAL_TAIL_QUERIES ?= 40
 # Empty: the automatic budget (1,024 tokens for SmolLM2 on a 24 GB machine; 4,096 held ~11 GB).
 REAL_TOKEN_BUDGET ?=
 REAL_RELATIONS ?= all
+# V as the encoder divides by it: --factor-v (Adafactor's rank-one factors of the estimate: a training step's cost),
+# or empty for the full estimate (the exact per-example gradient: several times slower).
+REAL_ENCODE_EXTRA ?= --factor-v
 REAL_DATA     ?= $(DATA)/lama-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES)-d$(REAL_DOCS)
 REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES)-d$(REAL_DOCS)
 
@@ -181,7 +192,7 @@ $(RUN)/proponents-dense.jsonl: $(RUN)/index-dense/index.h5 $(QUERIES_DEP) query.
 
 $(RUN)/results.json: $(foreach m,$(BASELINES) $(VARIANTS),$(RUN)/proponents-$(m).jsonl) evaluate.py
 	$(PY) evaluate.py --run $(RUN) --model $(MODEL) --corpus '$(CORPUS)' --queries '$(QUERIES)' \
-	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE) --tail-queries $(TAIL_QUERIES)
+	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE) $(TAIL_OPT) $(EVALUATE_EXTRA)
 
 $(RUN)/results.md: $(RUN)/results.json report.py
 	$(PY) report.py --run $(RUN) --corpus '$(CORPUS)' --queries '$(QUERIES)'
@@ -189,7 +200,7 @@ $(RUN)/results.md: $(RUN)/results.json report.py
 
 $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl &: prepare.py .venv/.installed | $(LAMA)
 	$(PY) prepare.py lama --trex $(LAMA) --out $(REAL_DATA) --queries $(REAL_QUERIES) --docs $(REAL_DOCS) \
-	    --relations $(REAL_RELATIONS)
+	    --relations $(REAL_RELATIONS) --model smollm2
 
 $(LAMA):
 	@echo "make real needs LAMA T-REx (Petroni et al. 2019: Wikipedia sentences aligned with Wikidata facts, CC-BY-NC)" \
@@ -198,7 +209,8 @@ $(LAMA):
 
 real: $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl
 	$(MAKE) all MODEL=smollm2 CORPUS=$(REAL_DATA)/corpus.jsonl QUERIES=$(REAL_DATA)/queries.jsonl \
-	    ESTIMATE_V=$(REAL_ESTIMATE) LR=$(REAL_LR) DIM=$(REAL_DIM) RUN=$(REAL_RUN) ENCODE_EXTRA=--factor-v \
+	    ESTIMATE_V=$(REAL_ESTIMATE) LR=$(REAL_LR) CALIBRATE_LR=1 PARAMS=$(REAL_PARAMS) DIM=$(REAL_DIM) RUN=$(REAL_RUN) \
+	    ENCODE_EXTRA="$(REAL_ENCODE_EXTRA)" \
 	    TAIL_QUERIES=$(REAL_TAIL_QUERIES) DAMPING=$(REAL_DAMPING) TOKEN_BUDGET=$(REAL_TOKEN_BUDGET)
 
 # The evidence for the defaults: d, the R_train sample, damping and λ against MRR, recall@10 and tail-patch,

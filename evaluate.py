@@ -430,6 +430,9 @@ def influence(step: Step, corpus_tok: dict, rankings: dict, all_queries: list[di
               k: int) -> dict[str, dict[str, list[float]]]:
     """Tail-patch Δp and Δlog p for every (method, query) of `all_queries`: the mean over its top-k
     proponents, measured for the queries in `queries` (a sample, or all), NaN for the others."""
+    if not queries:  # --no-tail-patch
+        nan = [float("nan")] * len(all_queries)
+        return {method: {"dp": list(nan), "dlogp": list(nan)} for method in rankings}
     base = target_logprob(step.model, step.tokenizer, queries, step.max_length)
     qindex = {q["id"]: i for i, q in enumerate(queries)}
     need: dict[str, set[int]] = {}  # document id -> queries that retrieved it (any method)
@@ -662,6 +665,8 @@ def main(
     max_queries: int = typer.Option(0, help="Evaluate a seeded sample of this many queries (0: all)."),
     tail_queries: int = typer.Option(0, help="Tail-patch a seeded sample of this many queries (0: all); "
                                      "MRR/recall still use every query. Costs a training step per document."),
+    tail_patch_on: bool = typer.Option(True, "--tail-patch/--no-tail-patch", help="--no-tail-patch: attribution "
+                                       "only (MRR, recall), no training steps; tail-patch values are null."),
     calibrate_lr: bool = typer.Option(False, "--calibrate-lr", help="Choose the tail-patch lr by a rule fixed in "
                                       f"advance (instead of --lr): {LR_RULE}. Grid: {', '.join(map(str, LR_GRID))}."),
     calibration_queries: int = typer.Option(20, help="Queries (with ground truth, outside the tail-patch sample) "
@@ -672,6 +677,8 @@ def main(
 ) -> None:
     if calibrate_lr and lr is not None:
         raise ts.TrackStarError("give --lr or --calibrate-lr, not both")
+    if not tail_patch_on and (calibrate_lr or together or tail_queries):
+        raise ts.TrackStarError("--no-tail-patch takes no --tail-queries, --calibrate-lr or --together")
     if max_queries < 0 or tail_queries < 0 or k < 1:
         raise ts.TrackStarError(f"--k must be >= 1 and --max-queries, --tail-queries >= 0 (got {k}, {max_queries}, "
                                 f"{tail_queries})")
@@ -697,7 +704,7 @@ def main(
     correct = model_answers(step.model, step.tokenizer, qs, step.max_length)
     per_query = {m: attribution(rankings[m], qs, facts_of, k, scored) for m in method_list}
     tail_qs = [qs[i] for i in sorted(random.Random(1).sample(range(len(qs)), tail_queries))] \
-        if 0 < tail_queries < len(qs) else qs
+        if 0 < tail_queries < len(qs) else qs if tail_patch_on else []
     calibration = None
     if calibrate_lr:
         calib_qs = calibration_sample(qs, scored, tail_qs, calibration_queries)

@@ -869,6 +869,37 @@ def lama_corpus(facts: list[LamaFact], query_ids: set[str], docs: int, max_evide
     return [{"id": id_of[t], "text": t, "facts": list(dict.fromkeys(facts_of[t]))} for t in texts]
 
 
+def query_row(f: LamaFact, templates: dict[str, str], wordings: dict[str, list[str]]) -> dict:
+    return {"id": f"{f.relation}-{f.uuid}", "prompt": templates[f.relation].replace("[X]", f.subject),
+            "target": " " + f.object, "fact": f.uuid, "subject": f.subject, "relation": f.relation,
+            "relation_templates": list(dict.fromkeys(wordings[f.relation]))}
+
+
+def sample_by_answer(candidates: list[LamaFact], n: int, model_dir: str, templates: dict[str, str],
+                     wordings: dict[str, list[str]], rng: random.Random, batch: int = 256) -> list[dict]:
+    """n queries, half of them facts the model answers (greedy decoding reproduces the target) where the data
+    allow, the rest facts it does not: the paper reads every result split by correctness, and a model that
+    knows 5% of a uniform sample leaves that split empty. Candidates are read in one seeded order and the model
+    is asked until the known half is full (or the candidates run out); each row records `model_correct`."""
+    import evaluate
+
+    model, tok = ts.load_model(model_dir)
+    order = rng.sample(candidates, len(candidates))
+    known, unknown, asked = [], [], 0
+    want_known = n // 2
+    for lo in range(0, len(order), batch):
+        rows = [query_row(f, templates, wordings) for f in order[lo : lo + batch]]
+        for row, ok in zip(rows, evaluate.model_answers(model, tok, rows, ts.context_length(model)), strict=True):
+            (known if ok else unknown).append({**row, "model_correct": ok})
+        asked += len(rows)
+        if len(known) >= want_known and len(unknown) >= n - want_known:
+            break
+    chosen = known[:want_known] + unknown[: n - min(len(known), want_known)]
+    print(f"asked the model {asked} facts: it answers {len(known)}; {min(len(known), want_known)} known and "
+          f"{len(chosen) - min(len(known), want_known)} unknown queries kept")
+    return sorted(chosen, key=lambda r: r["id"])
+
+
 @app.command()
 def lama(
     out: Path = typer.Option(..., help=OUT_HELP),
@@ -879,6 +910,9 @@ def lama(
     docs: int = typer.Option(3000, help="corpus size: query evidence plus distractor evidence up to this"),
     max_evidence: int = typer.Option(10, help="at most this many evidence sentences per fact"),
     seed: int = typer.Option(0, help="seeds the query sample and the distractor choice"),
+    model: str | None = typer.Option(None, help="a model (directory, or smollm2): sample half the queries among "
+                                     "the facts it answers and half among those it does not, recording "
+                                     "`model_correct` per query (without it: a uniform sample)"),
 ) -> None:
     """Convert LAMA T-REx facts and their Wikipedia evidence sentences into corpus and queries JSONL."""
     from tqdm import tqdm
@@ -896,12 +930,13 @@ def lama(
         facts += load_facts(trex / f"{rel}.jsonl.gz", rel)
     rng = random.Random(seed)
     candidates = [f for f in facts if f.sentences]
-    sample = rng.sample(candidates, min(queries, len(candidates)))
-    query_rows = [{"id": f"{f.relation}-{f.uuid}", "prompt": templates[f.relation].replace("[X]", f.subject),
-                   "target": " " + f.object, "fact": f.uuid, "subject": f.subject, "relation": f.relation,
-                   "relation_templates": list(dict.fromkeys(wordings[f.relation]))} for f in sample]
-    corpus = lama_corpus(facts, {f.uuid for f in sample}, docs, max_evidence, rng)
-    n_evidence = sum(1 for d in corpus if any(u in {f.uuid for f in sample} for u in d["facts"]))
+    if model is None:
+        query_rows = [query_row(f, templates, wordings) for f in rng.sample(candidates, min(queries, len(candidates)))]
+    else:
+        query_rows = sample_by_answer(candidates, min(queries, len(candidates)), model, templates, wordings, rng)
+    query_facts = {q["fact"] for q in query_rows}
+    corpus = lama_corpus(facts, query_facts, docs, max_evidence, rng)
+    n_evidence = sum(1 for d in corpus if any(u in query_facts for u in d["facts"]))
     print(f"{len(rels)} relations, {len(facts)} facts read; {len(query_rows)} queries; {len(corpus)} docs "
           f"({n_evidence} evidence of a query fact, {len(corpus) - n_evidence} distractors)")
     if len(corpus) > docs:
@@ -912,7 +947,8 @@ def lama(
         write_jsonl(tmp / "queries.jsonl", query_rows)
         write_json(tmp / "lama.json", {
             "source": str(trex), "relations": rels, "templates": {r: templates[r] for r in rels},
-            "seed": seed,
+            "seed": seed, "sampled_by_answer": model,
+            "known_queries": sum(q.get("model_correct", False) for q in query_rows),
             "facts_read": len(facts), "queries": len(query_rows), "documents": len(corpus),
             "evidence_documents": n_evidence, "max_evidence": max_evidence})
         publish(tmp, out)
