@@ -14,6 +14,12 @@ RUN/sweep/sweep.json, sweep.md and one figure per axis (sweep-<axis>.png). Nothi
   damping remove). So each smaller d is read off the stored vectors.
 - R_train sample size, damping, λ: the Hessian is refitted from the stored vectors with index.py's
   own functions (`second_moment_matrix`, `hessian_from_moments`).
+- R_eval's sample (axis `reval`): the queries split in two seeded halves A and B; R_eval fitted on B itself
+  (the pipeline's in-sample way: the queries it then scores), or on A alone (held out), both scored on B.
+
+Every point keeps its per-query values, and is compared with its axis's reference (the optimizer-corrected
+cosine row without R at the same d, or λ = 0 on the λ axis) by evaluate.py's paired bootstrap: a gain or a
+loss is a finding only when its 95% CI excludes 0.
 
 Scores are computed in float32 in memory (the pipeline's index stores float16: rankings can differ in
 the last ties). Tail-patch uses evaluate.py's rule on a seeded sample of queries; the effect of a
@@ -24,7 +30,6 @@ retrieves it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +57,7 @@ class Setting:
     n_train: int = 0  # corpus vectors behind R_train (0: all)
     damping: str = "1e-3"
     lam: str = "auto"
+    eval_fit: str = "all"  # which queries R_eval is fitted on: all, or (axis reval) "same half" / "other half"
 
 
 def subgrid(x: np.ndarray, dim: int, new_dim: int) -> np.ndarray:
@@ -69,6 +75,12 @@ def run_vectors(run: Path, dataset: str) -> np.ndarray:
     return x[np.argsort(ids, kind="stable")]
 
 
+def halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two seeded, disjoint halves A and B of the queries (row numbers, sorted)."""
+    perm = np.random.default_rng(seed + 2).permutation(n)
+    return np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+
+
 def transforms(s: Setting, X: np.ndarray, Q: np.ndarray, seed: int) -> tuple[np.ndarray | None, dict]:
     """R^(-1/2) for a setting (None: identity), and what was fitted (λ, shrinkage, n)."""
     if s.hessian == "none":
@@ -76,7 +88,9 @@ def transforms(s: Setting, X: np.ndarray, Q: np.ndarray, seed: int) -> tuple[np.
     n = len(X) if s.n_train in (0, None) or s.n_train >= len(X) else s.n_train
     rows = np.sort(np.random.default_rng(seed).choice(len(X), size=n, replace=False))
     train = index.second_moment_matrix([X[rows]])
-    R_eval, n_eval, _ = index.second_moment_matrix([Q])
+    a, b = halves(len(Q), seed)
+    fit_rows = {"all": slice(None), "same half": b, "other half": a}[s.eval_fit]
+    R_eval, n_eval, _ = index.second_moment_matrix([Q[fit_rows]])
     fit = index.hessian_from_moments(train, R_eval, n_eval, index.HessianOptions(s.hessian, s.lam, damping=s.damping))
     return fit.inverse_sqrt, {"lam": fit.lam, "shrinkage": fit.shrinkage, "n_train": n, "k": fit.k}
 
@@ -92,18 +106,42 @@ def top_k(X: np.ndarray, Q: np.ndarray, M: np.ndarray | None, k: int) -> np.ndar
 
 
 def measure(top: np.ndarray, queries: list[dict], facts_of: list[list[str]], sample: list[int],
-            effect: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> dict:
-    """MRR and recall@k over every query; tail-patch (mean ± s.e.) over the sampled ones."""
-    rr = [evaluate.reciprocal_rank([facts_of[i] for i in top[j]], q["fact"]) for j, q in enumerate(queries)]
-    rec = [evaluate.recall_at([facts_of[i] for i in top[j]], q["fact"], top.shape[1]) for j, q in enumerate(queries)]
-    dp, dlp = [], []
-    for si, j in enumerate(sample):
-        effects = [effect(int(i)) for i in top[j]]
-        dp.append(np.mean([e[0][si] for e in effects]))
-        dlp.append(np.mean([e[1][si] for e in effects]))
-    se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0  # noqa: E731
-    return {"mrr": float(np.mean(rr)), "recall": float(np.mean(rec)), "dp": float(np.mean(dp)), "dp_se": se(dp),
-            "dlogp": float(np.mean(dlp)), "dlogp_se": se(dlp)}
+            effect: Callable[[int], tuple[np.ndarray, np.ndarray]], scored: np.ndarray) -> dict:
+    """MRR and recall@k over the `scored` queries (a boolean mask), tail-patch over the sampled ones among them:
+    means (± s.e.) and the per-query values (None where a query is not measured), in query order."""
+    per_query: dict[str, list] = {key: [None] * len(queries) for key in evaluate.METRICS}
+    position = {j: si for si, j in enumerate(sample)}
+    for j, q in enumerate(queries):
+        if not scored[j]:
+            continue
+        retrieved = [facts_of[i] for i in top[j]]
+        per_query["mrr"][j] = evaluate.reciprocal_rank(retrieved, q["fact"])
+        per_query["recall"][j] = evaluate.recall_at(retrieved, q["fact"], top.shape[1])
+        if j in position:
+            effects = [effect(int(i)) for i in top[j]]
+            per_query["dp"][j] = float(np.mean([e[0][position[j]] for e in effects]))
+            per_query["dlogp"][j] = float(np.mean([e[1][position[j]] for e in effects]))
+    means = {}
+    for key, values in per_query.items():
+        mean, se = evaluate.summarize(values, [True] * len(values))
+        means[key], means[f"{key}_se"] = mean, se
+    return {**means, "per_query": per_query}
+
+
+def reference(axis: str, s: Setting) -> Setting:
+    """What a point of `axis` is compared with: the corrected cosine without R at the same d (λ axis: λ = 0)."""
+    if axis == "lambda":
+        return dataclasses.replace(s, lam="0")
+    return Setting("+ optimizer correction", s.dim, "none", eval_fit=s.eval_fit)
+
+
+def differences(p: dict, ref: dict) -> dict:
+    """A point's paired differences from its reference (MRR and tail-patch Δp), each with its state."""
+    out = {}
+    for key in ("mrr", "dp"):
+        d = evaluate.paired_difference(p["per_query"][key], ref["per_query"][key], [True] * len(p["per_query"][key]))
+        out[key] = {**d, "state": evaluate.claim_state(d["ci"], d["n"]) if d["n"] else evaluate.NOT_ESTABLISHED}
+    return out
 
 
 def axes(dim: int, n_docs: int, default_damping: str) -> dict[str, list[tuple[str, Setting]]]:
@@ -124,6 +162,9 @@ def axes(dim: int, n_docs: int, default_damping: str) -> dict[str, list[tuple[st
                       for row, hess in (("+ R_train", "train"), ("TrackStar", "mixed"))]
     out["lambda"] = [(lam, Setting("TrackStar", dim, "mixed", lam=lam, damping=default_damping))
                      for lam in ("0", "0.5", "0.9", "0.99", "1", "auto")]
+    out["reval"] = [(fit, Setting(row, dim, hess, damping=default_damping, eval_fit=fit))
+                    for fit in ("same half", "other half")
+                    for row, hess in (("+ R_eval", "eval"), ("TrackStar", "mixed"))]
     return out
 
 
@@ -165,16 +206,30 @@ def plot(path: Path, axis: str, points: list[dict]) -> None:
 
 
 def markdown(results: dict) -> str:
+    import report
+
     lines = ["# Sweep", "", f"{results['n_docs']} documents, {results['n_queries']} queries (MRR, recall@10), "
-             f"tail-patch on a seeded {results['tail_queries']} of them; run d = {results['dim']}.", ""]
+             f"tail-patch on a seeded {results['tail_queries']} of them; run d = {results['dim']}. The last two "
+             "columns: the paired difference from the axis's reference (the corrected cosine without R at the same d; "
+             "λ = 0 on the λ axis; the reval axis scores half B of the queries) with its 95% bootstrap CI.", ""]
     for axis, points in results["axes"].items():
-        lines += [f"## {axis}", "", f"| {axis} | row | MRR | recall@10 | tail-patch Δp (×1e-3) | Δlog p | fitted |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+        lines += [f"## {axis}", "", f"| {axis} | row | MRR | recall@10 | tail-patch Δp (×1e-3) | Δlog p | fitted | "
+                  "MRR − reference | Δp − reference |", "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
         for p in points:
             fitted = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in p["fitted"].items())
+            vs = p.get("vs_reference", {})
+            diffs = [f"{report.fmt_interval(k, vs[k])} {report.STATE_MARK[vs[k]['state']]}" if k in vs else "–"
+                     for k in ("mrr", "dp")]
             lines.append(f"| {p['x']} | {p['row']} | {p['mrr']:.3f} | {p['recall']:.3f} | "
                          f"{p['dp'] * 1e3:.2f} ± {p['dp_se'] * 1e3:.2f} | {p['dlogp']:.3f} ± {p['dlogp_se']:.3f} | "
-                         f"{fitted} |")
+                         f"{fitted} | {diffs[0]} | {diffs[1]} |")
+        lines.append("")
+        for p in points:
+            if "vs_in_sample" in p:
+                vs = p["vs_in_sample"]
+                lines.append(f"- {p['row']}, R_eval held out − fitted on the scored queries themselves: MRR "
+                             + "; Δp ".join(f"{report.fmt_interval(k, vs[k])} ({report.STATE_MARK[vs[k]['state']]})"
+                                            for k in ("mrr", "dp")))
         lines.append("")
     return "\n".join(lines)
 
@@ -191,6 +246,7 @@ def main(
     tail_queries: int = typer.Option(40, help="Queries sampled (seeded) for tail-patch at every point."),
     k: int = typer.Option(10, help="Proponents per query."),
     seed: int = typer.Option(0, help="Seed of the R_train samples and the tail-patch query sample."),
+    only: str = typer.Option("d,n_train,damping,lambda,reval", "--axes", help="The axes to sweep (comma-separated)."),
 ) -> None:
     damping = index.parse_damping(damping)
     meta = ts.read_meta(run / "corpus")
@@ -216,26 +272,43 @@ def main(
 
     results = {"dim": meta.dim, "n_docs": len(docs), "n_queries": len(qs), "tail_queries": len(sample),
                "lr": step.lr, "axes": {}}
-    plan = axes(meta.dim, len(docs), damping)
+    plan = {a: p for a, p in axes(meta.dim, len(docs), damping).items() if a in only.split(",")}
     total = sum(len(p) for p in plan.values())
+    measured: dict[Setting, dict] = {}  # a setting measured once, whichever axes (and references) use it
+
+    def point(s: Setting, x: str) -> dict:
+        if s not in measured:
+            X = subgrid(X_all[s.corrected], meta.dim, s.dim)
+            Q = subgrid(Q_all[s.corrected], meta.dim, s.dim)
+            M, fitted = transforms(s, X, Q, seed)
+            scored = np.ones(len(qs), dtype=bool)
+            if s.eval_fit != "all":  # the reval axis scores half B of the queries
+                scored[:] = False
+                scored[halves(len(qs), seed)[1]] = True
+            measured[s] = {"row": s.row, "setting": dataclasses.asdict(s), "fitted": fitted,
+                           **measure(top_k(X, Q, M, k), qs, facts_of, sample, effect, scored)}
+        return {"x": x, **measured[s]}
+
     with tqdm(total=total, desc="sweep", unit="setting") as bar:
         for axis, points in plan.items():
             out = []
             for x, s in points:
-                X = subgrid(X_all[s.corrected], meta.dim, s.dim)
-                Q = subgrid(Q_all[s.corrected], meta.dim, s.dim)
-                M, fitted = transforms(s, X, Q, seed)
-                top = top_k(X, Q, M, k)
-                out.append({"x": x, "row": s.row, "setting": dataclasses.asdict(s), "fitted": fitted,
-                            **measure(top, qs, facts_of, sample, effect)})
+                p = point(s, x)
+                ref = reference(axis, s)
+                if ref != s:
+                    p["vs_reference"] = differences(p, point(ref, "reference"))
+                if s.eval_fit == "other half":  # held out against in-sample, on the same half of the queries
+                    p["vs_in_sample"] = differences(p, point(dataclasses.replace(s, eval_fit="same half"), x))
+                out.append(p)
                 bar.set_postfix(docs_stepped=len(stepped))
                 bar.update()
             results["axes"][axis] = out
     with ts.atomic_directory(run / "sweep", tuple(f"sweep-{a}.png" for a in plan) + ("sweep.json", "sweep.md")) \
             as out_dir:  # all figures and tables, or the previous ones
         for axis, points in results["axes"].items():
-            plot(out_dir / f"sweep-{axis}.png", axis, points)
-        ts.write_json(out_dir / "sweep.json", results)
+            if axis != "reval":  # two categories, not a scale: its table says it all
+                plot(out_dir / f"sweep-{axis}.png", axis, points)
+        ts.write_json(out_dir / "sweep.json", evaluate.jsonable(results))
         (out_dir / "sweep.md").write_text(markdown(results))
     typer.echo(f"wrote {run / 'sweep'}: {total} settings, {len(stepped)} documents stepped for tail-patch")
 

@@ -64,11 +64,14 @@ def test_make_sweep_writes_its_figures_and_table_into_the_report(tiny_run):
     run, _ = tiny_run
     make_on(run, "sweep", "SWEEP_TAIL_QUERIES=4")
     sweep = json.loads((run / "sweep" / "sweep.json").read_text())
-    assert set(sweep["axes"]) == {"d", "n_train", "damping", "lambda"}
+    assert set(sweep["axes"]) == {"d", "n_train", "damping", "lambda", "reval"}
+    held_out = [p for p in sweep["axes"]["reval"] if p["x"] == "other half"]
+    assert held_out and all(p["vs_in_sample"]["mrr"]["state"] in ("holds", "contradicted", "not established")
+                            for p in held_out)
     assert sorted({p["x"] for p in sweep["axes"]["d"]}, key=int) == ["128", "256", "512", "1024"]
     assert {p["x"] for p in sweep["axes"]["damping"]} >= {"auto", "1e-3"}
     assert {"0.9", "0.99", "auto"} <= {p["x"] for p in sweep["axes"]["lambda"]}
-    for axis in sweep["axes"]:
+    for axis in set(sweep["axes"]) - {"reval"}:
         assert (run / "sweep" / f"sweep-{axis}.png").read_bytes()[:4] == b"\x89PNG"
     html = (run / "report.html").read_text()
     assert "<h2 id='sweep'>" in html and html.count("data:image/png;base64,") >= 4 + 1  # + the results chart
