@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -138,7 +138,7 @@ def read_jsonl(path: str | Path, kind: str) -> list[dict]:
 def _records(path: str | Path, kind: str) -> Iterator[dict]:
     n = 0
     for f in data_files(path):
-        for where, row in _parquet_rows(f) if f.name.endswith(".parquet") else _jsonl_rows(f):
+        for where, row in _parquet_rows(f) if f.name.endswith(".parquet") else jsonl_records(f):
             if not isinstance(row, dict):
                 raise TrackStarError(f"{where}: expected a JSON object")
             _validate_row(row, kind, where)
@@ -165,8 +165,9 @@ def _check_unique_ids(path: str | Path, kind: str, hashes: np.ndarray) -> None:
             first[row["id"]] = row["_where"]
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, parsed line) for each non-blank line of a JSONL or .jsonl.gz file."""
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, parsed line) for each non-blank line of a JSONL or .jsonl.gz file; `where` is "file:line".
+    Any JSON value is yielded: a reader of its own records (prepare.py's LAMA files) checks their fields."""
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(_lines(f, path), 1):
@@ -1524,3 +1525,31 @@ def index_segments(index: Path, run: RunSettings, shares: dict | None) -> list[t
         if shapes != ((rows, run.dim), (rows,)):
             raise TrackStarError(f"{path} holds {shapes}, its chunks {rows} rows of d = {run.dim}; rebuild the index")
     return [(files[r], lo, hi) for r, lo, hi in segments]
+
+
+# --- added for prepare/evaluate (placed by the lead at merge) ---
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """One JSON object a line (UTF-8, non-ASCII kept as written), renamed into place when all are written."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def greedy_answers(model: nn.Module, tokenizer: Any, queries: list[dict], max_length: int, batch: int = 256
+                   ) -> list[bool]:
+    """Whether greedy decoding after each query's prompt reproduces all of its target's tokens (the model
+    "knows" the fact). With the true prefix fed in (teacher forcing), argmax == next target token at every
+    target position is exactly the condition for greedy decoding to produce the target: one forward pass
+    a batch of queries, right padded by collate, so that no real token attends to padding."""
+    tokenized, _ = tokenize_rows(tokenizer, queries, "queries", max_length)
+    device = next(model.parameters()).device
+    answers: list[bool] = []
+    with torch.no_grad():
+        for b in range(0, len(tokenized), batch):
+            inputs = collate(tokenized[b : b + batch], device)
+            pred = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.argmax(-1)
+            labels = inputs["labels"][:, 1:]  # the logits at position t predict token t + 1
+            answers += ((pred[:, :-1] == labels) | (labels == IGNORE)).all(dim=1).tolist()
+    return answers
