@@ -168,9 +168,12 @@ $(RUN)/index-dense/index.h5: $(CORPUS_DEP) query.py $(CORE)
 $(RUN)/proponents-dense.jsonl: $(RUN)/index-dense/index.h5 $(QUERIES_DEP) query.py
 	$(PY) query.py --method dense --index $(RUN)/index-dense --queries '$(QUERIES)' --out $@ --k $(K) --device $(DEVICE)
 
-$(RUN)/results.md: $(foreach m,$(BASELINES) $(VARIANTS),$(RUN)/proponents-$(m).jsonl) evaluate.py
+$(RUN)/results.json: $(foreach m,$(BASELINES) $(VARIANTS),$(RUN)/proponents-$(m).jsonl) evaluate.py
 	$(PY) evaluate.py --run $(RUN) --model $(MODEL) --corpus '$(CORPUS)' --queries '$(QUERIES)' \
 	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE) --tail-queries $(TAIL_QUERIES)
+
+$(RUN)/results.md: $(RUN)/results.json report.py
+	$(PY) report.py --run $(RUN) --corpus '$(CORPUS)' --queries '$(QUERIES)'
 
 
 $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl &: prepare.py .venv/.installed | $(LAMA)
@@ -191,10 +194,10 @@ real: $(REAL_DATA)/corpus.jsonl $(REAL_DATA)/queries.jsonl
 # from the encodings `make all` made (nothing is re-encoded). Figures land in $(RUN)/sweep and report.html.
 sweep: $(RUN)/sweep/sweep.md
 
-$(RUN)/sweep/sweep.md: $(RUN)/results.md experiments/sweep.py index.py evaluate.py
+$(RUN)/sweep/sweep.md: $(RUN)/results.md experiments/sweep.py index.py evaluate.py report.py
 	$(PY) -m experiments.sweep --run $(RUN) --model $(MODEL) --corpus '$(CORPUS)' --queries '$(QUERIES)' $(TAIL_V) $(LR_OPT) \
 	    --damping $(DAMPING) --tail-queries $(SWEEP_TAIL_QUERIES)
-	$(PY) evaluate.py --report-only --run $(RUN) --corpus '$(CORPUS)' --queries '$(QUERIES)'
+	$(PY) report.py --run $(RUN) --corpus '$(CORPUS)' --queries '$(QUERIES)'
 
 # The training-tokens trend: every checkpoint (MODEL/checkpoints/step-N, saved by prepare.py, then MODEL itself) through
 # encode → index → query → evaluate into RUN/trend/, with its own optimizer state, the rows BM25, cosine and TrackStar,

@@ -3,12 +3,10 @@ ablation table, and a report a person can browse.
 
     python evaluate.py --run RUN --model DIR --corpus corpus.jsonl --queries queries.jsonl \
         [--methods bm25,dense,dot,cosine,trak,optcorr,train,eval,trackstar] [--optimizer-state F] [--lr F]
-    python evaluate.py --run RUN --corpus corpus.jsonl --queries queries.jsonl --report-only
 
-Reads RUN/proponents-<method>.jsonl (query.py's output for each method), writes RUN/results.json,
-RUN/results.md and RUN/report.html (one self-contained page: tables, charts, the R spectra, the
-sweep's figures, every query's proponents). --report-only rewrites only the last two, from
-results.json, without the model.
+Reads RUN/proponents-<method>.jsonl (query.py's output for each method) and writes RUN/results.json:
+every per-query value, the summaries per query split, and what the report shows. report.py renders it
+(results.md, report.html); this stage computes, the renderer only presents.
 
 Ground truth is optional. Where queries carry a `fact` and documents their `facts`, MRR and
 recall@k say whether a retrieved document states the fact, and a "ground truth" row uses those
@@ -18,8 +16,7 @@ Tail-patch: for each of a query's top-k proponents, one training step on that do
 the final weights, the change in p(target | prompt) (and log p), weights restored exactly; averaged
 over proponents, then queries. The step is the document's own share of Adam's next update,
 lr·(1−β1)·g/sqrt(β2·v + (1−β2)·g² + eps) (see `adam_increment`; plain SGD without V). Each distinct
-document is stepped once and every query that retrieved it is measured together. The tables and
-report.html are written by report.py.
+document is stepped once and every query that retrieved it is measured together.
 """
 
 from __future__ import annotations
@@ -41,7 +38,6 @@ import typer
 from torch import nn
 from tqdm import tqdm
 
-import report
 import trackstar as ts
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__)
@@ -260,6 +256,28 @@ def full_second_moment(V: ts.SecondMoment, model: nn.Module) -> dict[str, torch.
 
 
 # ----------------------------------------------------------------------------------------------
+# Summaries: a mean and its standard error over the queries of a split (the model answers them correctly,
+# or not), "not measured" (None, NaN) left out.
+
+METRICS = ("mrr", "recall", "dp", "dlogp")  # per-query values of every method: MRR, recall@k, tail-patch Δp, Δlog p
+
+
+def summarize(values: list[float | None], mask: list[bool]) -> tuple[float, float]:
+    """Mean and standard error over the queries selected by mask (None and NaN, i.e. not measured, skipped)."""
+    x = np.array([v for v, m in zip(values, mask, strict=True) if m and v is not None and not math.isnan(v)])
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def splits(model_correct: list[bool]) -> list[tuple[str, list[bool]]]:
+    """The query splits every table is shown for: all, the ones the model answers, the ones it does not."""
+    return [("All queries", [True] * len(model_correct)),
+            ("Queries the model answers correctly", list(model_correct)),
+            ("Queries the model gets wrong", [not c for c in model_correct])]
+
+
+# ----------------------------------------------------------------------------------------------
 # Inputs. Ground truth (a query's `fact`, a document's `facts`; their types are checked as they are
 # read) is optional: without it there is no attribution score, but tail-patch and the proponents
 # themselves still say a lot.
@@ -419,26 +437,10 @@ def jsonable(x: Any) -> Any:
     return x
 
 
-def rerender(run: Path, docs: list[dict], queries: list[dict]) -> None:
-    """--report-only: results.md and report.html again from RUN/results.json, without the model."""
-    path = run / "results.json"
-    if not path.exists():
-        raise ts.TrackStarError(f"{path} is missing: run evaluate.py without --report-only first")
-    results = json.loads(path.read_text())
-    by_id = {q["id"]: q for q in queries}
-    missing = [qid for qid in results["queries"] if qid not in by_id]
-    if missing:
-        raise ts.TrackStarError(f"{path} scores query {missing[0]!r}, which --queries lacks: pass the same file")
-    chosen = [by_id[qid] for qid in results["queries"]]
-    s = results["settings"]
-    rankings, opponents = all_rankings(run, s["methods"], docs, chosen, len(queries), s["k"])
-    report.render(run, results, chosen, rankings, opponents, {d["id"]: d.get("facts") or [] for d in docs})
-
-
 @app.command()
 def main(
     run: Path = typer.Option(..., help="Run directory holding proponents-<method>.jsonl."),
-    model: str | None = typer.Option(None, help="The model directory (for tail-patch; unused with --report-only)."),
+    model: str = typer.Option(..., help="The model directory (for tail-patch and the model's own answers)."),
     corpus: Path = typer.Option(..., help="Corpus JSONL (ground-truth `facts` optional)."),
     queries: Path = typer.Option(..., help="Queries JSONL (`fact` optional: without it no MRR / recall)."),
     methods: str = typer.Option("bm25,dense,dot,cosine,trak,optcorr,train,eval,trackstar", help="Comma-separated."),
@@ -451,21 +453,13 @@ def main(
     tail_queries: int = typer.Option(0, help="Tail-patch a seeded sample of this many queries (0: all); "
                                      "MRR/recall still use every query. Costs a training step per document."),
     device: str = typer.Option("auto"),
-    report_only: bool = typer.Option(False, help="Only rewrite results.md and report.html from RUN/results.json "
-                                     "(no model, no tail-patch): after new figures, or a change to the report."),
 ) -> None:
-    if model is None and not report_only:
-        raise ts.TrackStarError("--model is needed for tail-patch (or pass --report-only)")
     if max_queries < 0 or tail_queries < 0 or k < 1:
         raise ts.TrackStarError(f"--k must be >= 1 and --max-queries, --tail-queries >= 0 (got {k}, {max_queries}, "
                                 f"{tail_queries})")
     docs = ts.read_jsonl(corpus, "corpus")
     qs = ts.read_jsonl(queries, "queries")
     encoded = check_inputs(run, corpus, queries)
-    if report_only:
-        rerender(run, docs, qs)
-        typer.echo(f"wrote {run / 'results.md'}, {run / 'report.html'}")
-        return
     device = ts.pick_device(device)
     n_all = len(qs)  # query.py ranked every query of the file
     if max_queries and max_queries < len(qs):
@@ -496,14 +490,13 @@ def main(
                      "step": "lr·(1−β1)·g/sqrt(β2·v + (1−β2)·g² + eps)" if step.v is not None else "lr·g (SGD: no V)",
                      "tail_patch_queries": len(tail_qs), "attribution_queries": sum(scored)},
         "queries": [q["id"] for q in qs], "model_correct": correct, "per_query": per_query,
-        "summary": {m: {key: report.summarize(per_query[m][key], [True] * len(qs))[0]
-                        for key, _ in report.METRICS} for m in method_list},
-        "categories": category_summary({m: per_query[m]["categories"] for m in method_list}, scored,
-                                       report.splits({"model_correct": correct})),
+        "summary": {m: {key: summarize(per_query[m][key], [True] * len(qs))[0] for key in METRICS}
+                    for m in method_list},
+        "categories": category_summary({m: per_query[m]["categories"] for m in method_list}, scored, splits(correct)),
     })
     ts.write_json(run / "results.json", results)
-    report.render(run, results, qs, rankings, opponents, facts_of)
-    typer.echo(f"wrote {run / 'results.json'}, {run / 'results.md'}, {run / 'report.html'}")
+    typer.echo(f"wrote {run / 'results.json'}; render it with: python report.py --run {run} --corpus {corpus} "
+               f"--queries {queries}")
 
 
 if __name__ == "__main__":

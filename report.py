@@ -2,6 +2,11 @@
 report.html, one self-contained page a person can browse offline — HTML tables, charts of every
 metric with error bars, the R spectra, the sweep's figures, and each query's proponents with the words
 that state its fact highlighted. evaluate.py computes the numbers; this file only presents them.
+
+    python report.py --run RUN --corpus corpus.jsonl --queries queries.jsonl
+
+Reads RUN/results.json (evaluate.py's) and the proponents files, never the model; rerun it after new
+figures (a sweep) or a change to the report.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import base64
 import html
 import io
 import itertools
+import json
 import math
 import re
 import textwrap
@@ -18,8 +24,13 @@ from typing import Any
 
 import h5py
 import numpy as np
+import typer
 
+import evaluate
 import trackstar as ts
+from evaluate import summarize
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__)
 
 NAMES = {
     "bm25": "BM25 (lexical)",
@@ -35,18 +46,10 @@ NAMES = {
 }
 
 
-def summarize(values: list[float | None], mask: list[bool]) -> tuple[float, float]:
-    """Mean and standard error over the queries selected by mask (None and NaN, i.e. not measured, skipped)."""
-    x = np.array([v for v, m in zip(values, mask, strict=True) if m and v is not None and not math.isnan(v)])
-    if len(x) == 0:
-        return float("nan"), float("nan")
-    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
-
-
 # ----------------------------------------------------------------------------------------------
 # The tables, checklist and notes, as data first: results.md and report.html render the same rows.
 
-METRICS = (("mrr", 1.0), ("recall", 1.0), ("dp", 1e3), ("dlogp", 1.0))  # key, display scale
+METRICS = (("mrr", 1.0), ("recall", 1.0), ("dp", 1e3), ("dlogp", 1.0))  # evaluate.METRICS, each with its display scale
 ATTRIBUTION = ("mrr", "recall")
 
 
@@ -59,10 +62,7 @@ def n_scored(results: dict) -> int:
 
 
 def splits(results: dict) -> list[tuple[str, list[bool]]]:
-    known = results["model_correct"]
-    return [("All queries", [True] * len(known)),
-            ("Queries the model answers correctly", list(known)),
-            ("Queries the model gets wrong", [not c for c in known])]
+    return evaluate.splits(results["model_correct"])
 
 
 def header(results: dict) -> list[str]:
@@ -570,3 +570,31 @@ def render(run: Path, results: dict, queries: list[dict], rankings: dict, oppone
         tmp.write_text(markdown(run, results), encoding="utf-8")
     with ts.atomic_path(run / "report.html") as tmp:
         tmp.write_text(html_report(run, results, queries, rankings, opponents, facts_of), encoding="utf-8")
+
+
+@app.command()
+def main(
+    run: Path = typer.Option(..., help="Run directory holding results.json (evaluate.py's) and the proponents files."),
+    corpus: Path = typer.Option(..., help="The corpus the run was evaluated on."),
+    queries: Path = typer.Option(..., help="The queries the run was evaluated on."),
+) -> None:
+    """Write RUN/results.md and RUN/report.html from RUN/results.json, without the model."""
+    docs, qs = ts.read_jsonl(corpus, "corpus"), ts.read_jsonl(queries, "queries")
+    evaluate.check_inputs(run, corpus, queries)
+    path = run / "results.json"
+    if not path.exists():
+        raise ts.TrackStarError(f"{path} is missing: run evaluate.py first")
+    results = json.loads(path.read_text())
+    by_id = {q["id"]: q for q in qs}
+    missing = [qid for qid in results["queries"] if qid not in by_id]
+    if missing:
+        raise ts.TrackStarError(f"{path} scores query {missing[0]!r}, which --queries lacks: pass the same file")
+    chosen = [by_id[qid] for qid in results["queries"]]
+    s = results["settings"]
+    rankings, opponents = evaluate.all_rankings(run, s["methods"], docs, chosen, len(qs), s["k"])
+    render(run, results, chosen, rankings, opponents, {d["id"]: d.get("facts") or [] for d in docs})
+    typer.echo(f"wrote {run / 'results.md'}, {run / 'report.html'}")
+
+
+if __name__ == "__main__":
+    ts.run_cli(app)

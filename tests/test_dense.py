@@ -15,8 +15,8 @@ import torch
 from conftest import CORPUS, write_jsonl
 from typer.testing import CliRunner
 
-import evaluate as evaluate_cli
 import query as query_cli
+import report
 import trackstar as ts
 
 DOCS = CORPUS + [f"Number {i} is {word}." for i, word in enumerate(["odd", "even", "large", "small", "prime"])]
@@ -155,8 +155,8 @@ def test_dense_index_refuses_another_model_or_corpus_naming_both(bert_dir, dense
     with open(dense_corpus, "a") as f:
         f.write(json.dumps({"id": "d-new", "text": "A document added after the index was built."}) + "\n")
     refused(invoke(query_cli.app, *ask), digest, ts.file_digest(dense_corpus), str(dense_corpus))
-    refused(invoke(evaluate_cli.app, "--run", run, "--corpus", dense_corpus, "--queries", dense_queries,
-                   "--methods", "dense", "--report-only"), digest, ts.file_digest(dense_corpus), "index-dense")
+    refused(invoke(report.app, "--run", run, "--corpus", dense_corpus, "--queries", dense_queries),
+            digest, ts.file_digest(dense_corpus), "index-dense")
 
 
 def test_gradient_and_dense_indexes_are_not_mistaken_for_each_other(bert_dir, dense_corpus, tmp_path):

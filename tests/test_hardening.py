@@ -103,7 +103,7 @@ def test_second_moment_with_negative_entries_is_refused_naming_the_parameter(mod
         ts.load_second_moment(str(tmp_path / "v.pt"), model)
 
 
-# 3. evaluate.py refuses a corpus, queries or model other than the ones the run was encoded with.
+# 3. evaluate.py (and report.py) refuse a corpus, queries or model other than the ones the run was encoded with.
 
 
 @pytest.fixture()
@@ -118,8 +118,7 @@ def bm25_run(model_dir, corpus_file, queries_file, tmp_path) -> Path:
 def test_evaluate_refuses_another_corpus_with_the_same_ids(bm25_run, corpus_file, queries_file, tmp_path):
     rows = [json.loads(line) for line in corpus_file.read_text().splitlines()]
     other = write_jsonl(tmp_path / "other.jsonl", [{**r, "text": r["text"] + " Changed."} for r in rows])
-    r = run("evaluate.py", "--run", bm25_run, "--corpus", other, "--queries", queries_file, "--methods", "bm25",
-            "--report-only", check=False)
+    r = run("report.py", "--run", bm25_run, "--corpus", other, "--queries", queries_file, check=False)
     refused(r, "other.jsonl", "corpus.jsonl")
 
 

@@ -1,5 +1,5 @@
-"""The evaluate stage's report, on hand-made inputs (no pipeline run): a self-contained HTML page, runs
-without ground truth, re-rendering without the model, ground-truth fields of the wrong type refused, and the
+"""The report (report.py, after evaluate.py), on hand-made inputs (no pipeline run): a self-contained HTML page,
+runs without ground truth, re-rendering without the model, ground-truth fields of the wrong type refused, and the
 proponent categories' shares (or the note that there are none)."""
 
 from __future__ import annotations
@@ -51,9 +51,15 @@ def make_inputs(tmp_path, truth: bool = True):
 
 
 def evaluate_cli(run, corpus, queries, model, *extra: str):
+    """evaluate.py, then (when it succeeds) report.py, as `make all` runs them."""
     args = ["--run", str(run), "--model", str(model), "--corpus", str(corpus), "--queries", str(queries),
             "--methods", ",".join(METHODS), "--lr", "1e-3", "--k", "3", "--device", "cpu", *extra]
-    return CliRunner().invoke(evaluate.app, args)
+    r = CliRunner().invoke(evaluate.app, args)
+    return report_cli(run, corpus, queries) if r.exit_code == 0 else r
+
+
+def report_cli(run, corpus, queries):
+    return CliRunner().invoke(report.app, ["--run", str(run), "--corpus", str(corpus), "--queries", str(queries)])
 
 
 def test_report_is_one_page_of_tables_inline_charts_and_marked_proponents(tmp_path, model_dir):
@@ -105,8 +111,8 @@ def test_some_queries_without_a_fact_are_scored_over_the_rest(tmp_path, model_di
     assert "1 of 2 queries" in (run / "results.md").read_text()
 
 
-def test_report_only_rerenders_without_the_model(tmp_path, model_dir, monkeypatch):
-    """--report-only rebuilds results.md (identical) and report.html from results.json, never loading a model,
+def test_report_rerenders_without_the_model(tmp_path, model_dir, monkeypatch):
+    """report.py rebuilds results.md (identical) and report.html from results.json, never loading a model,
     and picks up a sweep's figures and notes written since."""
     run, corpus, queries = make_inputs(tmp_path)
     assert evaluate_cli(run, corpus, queries, model_dir).exit_code == 0
@@ -119,10 +125,10 @@ def test_report_only_rerenders_without_the_model(tmp_path, model_dir, monkeypatc
                                             "| 0.9 | 0.5 |\n")
 
     def no_model(*a, **kw):
-        raise AssertionError("--report-only loaded the model")
+        raise AssertionError("report.py loaded the model")
 
     monkeypatch.setattr(ts, "load_model", no_model)
-    r = evaluate_cli(run, corpus, queries, tmp_path / "no-such-model", "--report-only")
+    r = report_cli(run, corpus, queries)
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert (run / "results.md").read_text() == md
     page = (run / "report.html").read_text()
@@ -162,7 +168,7 @@ CATEGORY_QUERIES = [
 def test_shares_sum_to_one_per_method_and_show_in_both_reports(tmp_path, model_dir):
     """evaluate.py on the report tests' inputs with categorised queries: per-query categories as counted by hand,
     shares summing to 1 for every method in every split with queries, the table in results.md and report.html,
-    a stacked-bar chart, and each proponent's category beside it in the per-query view; --report-only renders
+    a stacked-bar chart, and each proponent's category beside it in the per-query view; report.py renders
     the same results.md from results.json (whose keys are sorted: the rows keep the order of --methods)."""
     run_dir, corpus, queries = make_inputs(tmp_path)
     write_jsonl(queries, CATEGORY_QUERIES)
@@ -186,7 +192,7 @@ def test_shares_sum_to_one_per_method_and_show_in_both_reports(tmp_path, model_d
     assert "<td class='cat'>relation</td>" in page
     categories = md[md.index("## Proponent categories"):]
     assert categories.index("| beta |") < categories.index("| alpha |")
-    assert evaluate_cli(run_dir, corpus, queries, model_dir, "--report-only").exit_code == 0
+    assert report_cli(run_dir, corpus, queries).exit_code == 0
     assert (run_dir / "results.md").read_text() == md
 
 
