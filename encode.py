@@ -3,11 +3,12 @@
     python encode.py corpus  --model DIR --data corpus.jsonl  --out RUN/corpus
     python encode.py queries --model DIR --data queries.jsonl --out RUN/queries
 
-Writes RUN/.../meta.json and HDF5 chunks `chunk-000123.h5` (datasets `vectors`, `ids`, and with
---also-uncorrected `vectors_uncorrected`; vectors computed in float32, stored as --chunk-dtype: float32,
-bfloat16 as uint16 bits, or float16, and read back as float32). Chunk i holds input rows [i*C, (i+1)*C). A chunk file
-appears under its final name only when whole, so a rerun skips finished chunks and resumes; under
-torchrun or --shard/--num-shards each process encodes chunks i with i % n == shard.
+Writes RUN/.../meta.json (the run's settings, and the provenance of the command that started the run) and
+HDF5 chunks `chunk-000123.h5` (datasets `vectors`, `ids`, and with --also-uncorrected `vectors_uncorrected`;
+vectors computed in float32, stored as --chunk-dtype: float32, bfloat16 as uint16 bits, or float16, and read
+back as float32). Chunk i holds input rows [i*C, (i+1)*C). A chunk file appears under its final name only when
+whole, so a rerun skips finished chunks and resumes; under torchrun or --shard/--num-shards each process
+encodes chunks i with i % n == shard.
 
 --data is one JSONL, .jsonl.gz or Parquet file, a directory of them, or a quoted glob pattern ('shards/*.parquet').
 It is streamed twice and never held: a first pass validates and tokenizes every record (so a bad one is named
@@ -20,12 +21,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 import os
 import random
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
+import h5py
 import numpy as np
 import torch
 import typer
@@ -39,6 +43,64 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 LOSS = {"corpus": "all tokens", "queries": "target tokens given the prompt"}
 FIELDS = {"corpus": '{"id", "text", "facts": [fact ids] (optional)}',
           "queries": '{"id", "prompt", "target", "fact" (optional)}'}
+PARAMS = ("matrices", "all")  # what `--params` traces: the weight matrices, or those and the embedding lookups
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The command line as given (`main` says what each option means)."""
+
+    kind: str
+    model: str
+    data: Path
+    out: Path
+    dim: int
+    seed: int
+    optimizer_state: str | None
+    estimate_v: int
+    no_correction: bool
+    eps: float | None
+    factor_v: bool
+    params: str
+    gradient: str
+    max_length: int | None
+    token_budget: int | None
+    chunk_size: int
+    also_uncorrected: bool
+    dtype: str
+    chunk_dtype: str
+    matmul_precision: str
+    device: str
+    shard: int | None
+    num_shards: int | None
+
+
+def check_options(o: Options) -> None:
+    """Every option checked before any work is done or any file written."""
+    if o.kind not in LOSS:
+        raise ts.TrackStarError(f"KIND must be corpus or queries, got {o.kind!r}")
+    if o.gradient not in ("auto", "factored", "exact"):
+        raise ts.TrackStarError(f"--gradient must be auto, factored or exact, got {o.gradient!r}")
+    ts.factor_dims(o.dim)  # a power of two >= 4
+    for name, value in (("--max-length", o.max_length), ("--token-budget", o.token_budget),
+                        ("--chunk-size", o.chunk_size)):
+        if value is not None and value < 1:
+            raise ts.TrackStarError(f"{name} must be >= 1, got {value}")
+    if o.estimate_v < 0:
+        raise ts.TrackStarError(f"--estimate-v must be >= 0, got {o.estimate_v}")
+    if o.dtype == "float16":  # without loss scaling, δ underflows in the lower layers
+        raise ts.TrackStarError("--dtype float16 is not supported (gradients underflow without loss scaling); "
+                                "use bfloat16 or float32")
+    if o.dtype not in ("float32", "bfloat16"):
+        raise ts.TrackStarError(f"--dtype must be float32 or bfloat16, got {o.dtype!r}")
+    if o.chunk_dtype not in ts.CHUNK_DTYPES:
+        raise ts.TrackStarError(f"--chunk-dtype must be one of {list(ts.CHUNK_DTYPES)}, got {o.chunk_dtype!r}")
+    if o.params not in PARAMS:
+        raise ts.TrackStarError(f"--params must be one of {PARAMS}, got {o.params!r}")
+    if o.out.exists() and not o.out.is_dir():
+        raise ts.TrackStarError(f"--out {o.out} exists and is not a directory")
+    if sum([o.optimizer_state is not None, o.estimate_v > 0, o.no_correction]) > 1:
+        raise ts.TrackStarError("give only one of --optimizer-state, --estimate-v, --no-correction")
 
 
 def resolve_shard(shard: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -52,47 +114,142 @@ def resolve_shard(shard: int | None, num_shards: int | None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def second_moment(
-    model: torch.nn.Module,
-    tokenizer,
-    out: Path,
-    optimizer_state: str | None,
-    estimate_v: int,
-    no_correction: bool,
-    data: Path,
-    digest: str,
-    max_length: int,
-    token_budget: int,
-    seed: int,
-    n_rows: int,
-    rank: int = 0,
-) -> tuple[ts.SecondMoment | None, str | None]:
-    """Where V comes from: a state file, an estimate over a corpus sample (cached in OUT), or none."""
-    chosen = sum([optimizer_state is not None, estimate_v > 0, no_correction])
-    if chosen > 1:
-        raise ts.TrackStarError("give only one of --optimizer-state, --estimate-v, --no-correction")
-    if no_correction:
+# ----------------------------------------------------------------------------------------------
+# Planning: everything a run is settled by before its first chunk, in the order it is found out: the options,
+# the model, the first pass over the data, the token budget, V, and the settings every chunk will carry.
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A run as planning leaves it: the options, the model, what the first pass found, and (once chosen) V and
+    the run's settings."""
+
+    o: Options
+    model: nn.Module
+    tokenizer: Any
+    device: str
+    rank: int
+    world: int
+    max_length: int
+    n_rows: int
+    truncated: int
+    token_budget: int
+    digest: str  # of --data, read once: for a folder of shards it reads every byte of them
+    modules: list  # the traced matrices (ts.weight_modules) and lookups (ts.lookup_modules)
+    lookups: list
+    V: ts.SecondMoment | None = None
+    run: ts.RunSettings | None = None
+
+
+def plan(o: Options) -> Plan:
+    """Options checked, the model loaded, the data surveyed (the first pass), V chosen and the run's settings
+    built; nothing is written but a V estimate."""
+    check_options(o)
+    rank, world = resolve_shard(o.shard, o.num_shards)
+    device = ts.pick_device(o.device)
+    ts.pin_precision(o.matmul_precision)
+    ts.data_files(o.data)  # a missing input, or a folder holding other files, is named before the model loads
+    model, tokenizer = ts.load_model(o.model, o.dtype, device)
+    max_length = min(o.max_length or ts.context_length(model), ts.context_length(model))
+    n_rows, truncated, shown = survey(o.data, o.kind, tokenizer, max_length, model, o.chunk_size)
+    if truncated:
+        typer.echo(f"truncated {truncated} documents to {max_length} tokens ({', '.join(shown)}...)")
+    token_budget = o.token_budget or recorded_budget(o.out) or auto_token_budget(model, device)
+    typer.echo(f"token budget: {token_budget} padded tokens a batch")
+    modules = ts.weight_modules(model)
+    lookups = ts.lookup_modules(model) if o.params == "all" else []
+    p = Plan(o, model, tokenizer, device, rank, world, max_length, n_rows, truncated, token_budget,
+             ts.data_digest(o.data), modules, lookups)
+    V, v_file = second_moment(p)
+    return dataclasses.replace(p, V=V, run=settings(p, V, v_file))
+
+
+def survey(data: Path, kind: str, tokenizer, max_length: int, model: nn.Module, chunk_size: int
+           ) -> tuple[int, int, list[str]]:
+    """The first pass: every record read, validated and tokenized, then dropped, before anything is written.
+    Returns how many records there are, how many documents are truncated, and where the first ten of those are."""
+    n, n_truncated, shown = 0, 0, []
+    with tqdm(desc=f"check {kind}", unit="ex") as bar:
+        for window in windows(ts.iter_records(data, kind), chunk_size):
+            tokenized, truncated = ts.tokenize_rows(tokenizer, window, kind, max_length)
+            check_vocabulary(tokenized, window, model)
+            n, n_truncated, shown = n + len(window), n_truncated + len(truncated), (shown + truncated)[:10]
+            bar.update(len(window))
+    return n, n_truncated, shown
+
+
+def windows(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive lists of `size` records (the last may be shorter): window i is chunk i's rows."""
+    it = iter(records)
+    while window := list(itertools.islice(it, size)):
+        yield window
+
+
+def check_vocabulary(tokenized: list, rows: list[dict], model: nn.Module) -> None:
+    """Every token id must have an embedding row: a tokenizer larger than its model is refused up front."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    for (ids, _), row in zip(tokenized, rows, strict=True):
+        if max(ids) >= vocab:
+            raise ts.TrackStarError(f"{row['_where']}: token id {max(ids)} is beyond the model's {vocab} "
+                                    "embeddings: the tokenizer does not belong to this model")
+
+
+def recorded_budget(out: Path) -> int | None:
+    """The token budget an existing run was encoded with: a resume keeps it (batches, and so round-off, alike)."""
+    return ts.read_meta(out).token_budget if (out / "meta.json").exists() else None
+
+
+def auto_token_budget(model: nn.Module, device: str, total_bytes: int | None = None) -> int:
+    """Padded tokens per encoding batch, from the model's shape and the device's memory: the largest power
+    of two whose activations (kept for the backward pass: 3x a rough per-token count, a margin that covers
+    the fact world's model and SmolLM2 as measured) fit in 80% of a GPU's memory or 40% of a CPU's, besides
+    the model and V, between 256 and 65,536 tokens (8,192 on a CPU, where larger batches buy no speed).
+    Total, not free, memory: every rank and every resumed run on one machine type picks the same budget
+    (it is recorded; a resume keeps its own)."""
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 768)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    width = next(model.parameters()).element_size()
+    per_token = 3 * width * layers * (16 * hidden + 3 * inner)
+    gpu = torch.device(device).type == "cuda"
+    if total_bytes is None:
+        if gpu:
+            total_bytes = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        else:
+            total_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    usable = int((0.8 if gpu else 0.4) * total_bytes)  # a CPU shares its memory with the page cache and the rest
+    fits = max(0, usable - 2 * model_bytes) // per_token  # the model, and V or its scales
+    cap = 65536 if gpu else 8192
+    return int(min(cap, max(256, 1 << max(fits, 1).bit_length() - 1)))
+
+
+def second_moment(p: Plan) -> tuple[ts.SecondMoment | None, str | None]:
+    """Where V comes from: a state file, an estimate over a corpus sample (cached in --out), or none."""
+    o = p.o
+    if o.no_correction:
         return None, None
-    if estimate_v > 0:
-        v_file = out / "second_moment.pt"
-        if not v_file.exists() and rank == 0:
-            estimate_to_file(model, tokenizer, data, digest, n_rows, estimate_v, max_length, token_budget, seed,
-                             v_file)
+    if o.estimate_v > 0:
+        v_file = o.out / "second_moment.pt"
+        if not v_file.exists() and p.rank == 0:
+            estimate_to_file(p, v_file)
         wait_for(v_file, "shard 0's V estimate")  # one estimate for all shards: they must share its digest
-        V = ts.load_second_moment(str(v_file), model)
-        want = estimate_source(digest, min(estimate_v, n_rows), token_budget, seed)
+        V = ts.load_second_moment(str(v_file), p.model)
+        want = estimate_source(p)
         if V.source != want:  # a rerun with another --estimate-v must not reuse the old estimate
             raise ts.TrackStarError(f"{v_file} holds {V.source}, this run asks for {want}; "
                                     "delete it or encode into a new --out")
         return V, str(v_file.resolve())
+    optimizer_state = o.optimizer_state
     if optimizer_state is None:
-        default = Path(model.trackstar_path) / "optimizer.pt"
+        default = Path(p.model.trackstar_path) / "optimizer.pt"
         if not default.exists():
             raise ts.TrackStarError(
                 f"no optimizer state at {default}; pass --optimizer-state FILE, --estimate-v N or --no-correction"
             )
         optimizer_state = str(default)
-    return ts.load_second_moment(optimizer_state, model), str(Path(optimizer_state).resolve())
+    return ts.load_second_moment(optimizer_state, p.model), str(Path(optimizer_state).resolve())
 
 
 def wait_for(path: Path, what: str, poll_s: float = 2.0, timeout_s: float = 7 * 24 * 3600) -> None:
@@ -129,31 +286,60 @@ def estimate_second_moment(model: nn.Module, batches: Iterator[dict[str, torch.T
     return {n: (x / max(count, 1)).cpu() for n, x in v.items()}
 
 
-def estimate_to_file(model, tokenizer, data: Path, digest: str, n_rows: int, n: int, max_length: int,
-                     token_budget: int, seed: int, v_file: Path) -> None:
-    """V from mean squared minibatch gradients over a seeded sample of n of the corpus's n_rows documents.
+def estimate_to_file(p: Plan, v_file: Path) -> None:
+    """V from mean squared minibatch gradients over a seeded sample of --estimate-v of the corpus's documents.
 
     Minibatches hold at most 8 documents of similar length and at most `token_budget` padded tokens:
     a plain backward keeps every layer's activations and the B·T·vocab logits, so one long document
     in a fixed batch of 8 once took 24 GB on SmolLM2.
     """
-    picks = random.Random(seed).sample(range(n_rows), min(n, n_rows))  # the same draw as sampling the rows
+    picks = random.Random(p.o.seed).sample(range(p.n_rows), min(p.o.estimate_v, p.n_rows))  # as sampling the rows
     wanted = set(picks)
-    found = {i: row for i, row in enumerate(ts.iter_records(data, "corpus")) if i in wanted}
+    found = {i: row for i, row in enumerate(ts.iter_records(p.o.data, "corpus")) if i in wanted}
     sample = [found[i] for i in picks]
-    tokenized, _ = ts.tokenize_rows(tokenizer, sample, "corpus", max_length)
-    dev = next(model.parameters()).device
-    groups = ts.length_batches([len(ids) for ids, _ in tokenized], token_budget, max_batch=8)
+    tokenized, _ = ts.tokenize_rows(p.tokenizer, sample, "corpus", p.max_length)
+    dev = next(p.model.parameters()).device
+    groups = ts.length_batches([len(ids) for ids, _ in tokenized], p.token_budget, max_batch=8)
     batches = (ts.collate([tokenized[i] for i in idx], dev) for idx in groups)
-    v = estimate_second_moment(model, tqdm(batches, total=len(groups), desc="estimate V", unit="batch"))
+    v = estimate_second_moment(p.model, tqdm(batches, total=len(groups), desc="estimate V", unit="batch"))
     with ts.atomic_path(v_file) as tmp:
-        torch.save({"second_moment": v, "source": estimate_source(digest, len(sample), token_budget, seed), "lr": None},
-                   tmp)
+        torch.save({"second_moment": v, "source": estimate_source(p), "lr": None}, tmp)
 
 
-def estimate_source(digest: str, n: int, token_budget: int, seed: int) -> str:
-    """What an estimate of V from n documents of the data with `digest` is recorded as: everything it depends on."""
-    return f"estimate(n={n}, batch<=8 docs and {token_budget} tokens, seed={seed}, data={digest})"
+def estimate_source(p: Plan) -> str:
+    """What the run's estimate of V is recorded as: everything it depends on (how many documents, how they are
+    batched, the sample's seed, the data's digest)."""
+    n = min(p.o.estimate_v, p.n_rows)
+    return f"estimate(n={n}, batch<=8 docs and {p.token_budget} tokens, seed={p.o.seed}, data={p.digest})"
+
+
+def settings(p: Plan, V: ts.SecondMoment | None, v_file: str | None) -> ts.RunSettings:
+    """The settings every chunk of the run carries, V's included: eps (by default the optimizer's own, see
+    ts.default_eps), V as the encoder divides by it, and the gradient path it allows."""
+    o = p.o
+    eps = o.eps
+    if V is not None and eps is None:
+        eps = ts.default_eps(V, [name for _, _, name, _ in p.modules])
+    applied, _ = ts.applied_second_moment(V, eps or 0.0, o.factor_v)
+    gradient = o.gradient
+    if gradient == "auto":  # the factored gradient is exact for no V and for a rank-one V of every traced matrix
+        rank_one = applied is None or all(isinstance(applied.values.get(name), ts.RankOne)
+                                          for _, _, name, _ in p.modules)
+        gradient = "factored" if rank_one else "exact"
+    return ts.RunSettings(
+        tool=f"trackstar {ts.VERSION}", kind=o.kind, loss=LOSS[o.kind],
+        data=str(o.data.resolve()), data_digest=p.digest, n_examples=p.n_rows,
+        chunk_size=o.chunk_size, n_chunks=-(-p.n_rows // o.chunk_size), token_budget=p.token_budget,
+        datasets=["vectors", "vectors_uncorrected"] if (o.also_uncorrected and V is not None) else ["vectors"],
+        model=p.model.trackstar_fingerprint, model_path=p.model.trackstar_path, dtype=o.dtype,
+        max_length=p.max_length, truncated=p.truncated,
+        dim=o.dim, seed=o.seed, factors=list(ts.factor_dims(o.dim)), modules=modules_digest(p.modules, p.lookups),
+        params=o.params, gradient=gradient, matmul_precision=o.matmul_precision,
+        device_type=torch.device(p.device).type, chunk_dtype=o.chunk_dtype,
+        correction=applied.source if applied else "none",
+        v_digest=applied.digest if applied else None, v_file=v_file, eps=eps or 0.0,
+        lr=V.lr if V else None, factor_v=o.factor_v,
+    )
 
 
 def modules_digest(modules: list, lookups: list) -> str:
@@ -163,65 +349,30 @@ def modules_digest(modules: list, lookups: list) -> str:
     return f"{len(modules)} matrices{extra}/" + hashlib.sha256(desc.encode()).hexdigest()[:12]
 
 
-def recorded_budget(out: Path) -> int | None:
-    """The token budget an existing run was encoded with: a resume keeps it (batches, and so round-off, alike)."""
-    return ts.read_meta(out).token_budget if (out / "meta.json").exists() else None
+# ----------------------------------------------------------------------------------------------
+# Encoding: the second pass. Chunk i is window i of the records; each is encoded, checked and written whole, and
+# a rerun skips the chunks that are done (resume) or that are other shards'.
+
+
+def encode(p: Plan) -> None:
+    """Encode this process's chunks of the planned run that are not done yet."""
+    run, out = p.run, p.o.out
+    enc = ts.build_encoder(p.model, p.V, run, p.o.also_uncorrected)
+    with ts.writer_lock(out, f"-shard{p.rank}"):  # a second process encoding the same shard is refused
+        check_resume(out, run)
+        # every chunk already there is checked before meta.json is (re)written: a refused run changes nothing
+        done = {i for i in range(p.rank, run.n_chunks, p.world) if finished(out, run, i)}
+        write_meta(out, run)
+        mine = [i for i in range(p.rank, run.n_chunks, p.world) if i not in done]
+        typer.echo(f"{run.kind}: {run.n_examples} examples, {run.n_chunks} chunks, {len(mine)} to encode here "
+                   f"(shard {p.rank}/{p.world}), gradient={run.gradient}, correction={run.correction}, d={run.dim}")
+        encode_chunks(p, enc, mine)
 
 
 def check_resume(out: Path, run: ts.RunSettings) -> None:
     """A rerun into an existing directory must have exactly the same settings."""
     if (out / "meta.json").exists():
         ts.check_same(ts.read_meta(out), run, ts.CHUNK_KEYS, f"existing run {out}", "this run")
-
-
-def check_options(gradient: str, dim: int, max_length: int | None, token_budget: int | None, chunk_size: int,
-                  dtype: str, estimate_v: int, chunk_dtype: str) -> None:
-    """Every option checked before any work is done or any file written."""
-    if gradient not in ("auto", "factored", "exact"):
-        raise ts.TrackStarError(f"--gradient must be auto, factored or exact, got {gradient!r}")
-    ts.factor_dims(dim)  # a power of two >= 4
-    for name, value in (("--max-length", max_length), ("--token-budget", token_budget), ("--chunk-size", chunk_size)):
-        if value is not None and value < 1:
-            raise ts.TrackStarError(f"{name} must be >= 1, got {value}")
-    if estimate_v < 0:
-        raise ts.TrackStarError(f"--estimate-v must be >= 0, got {estimate_v}")
-    if dtype == "float16":  # without loss scaling, δ underflows in the lower layers
-        raise ts.TrackStarError("--dtype float16 is not supported (gradients underflow without loss scaling); "
-                                "use bfloat16 or float32")
-    if dtype not in ("float32", "bfloat16"):
-        raise ts.TrackStarError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-    if chunk_dtype not in ts.CHUNK_DTYPES:
-        raise ts.TrackStarError(f"--chunk-dtype must be one of {list(ts.CHUNK_DTYPES)}, got {chunk_dtype!r}")
-
-
-def windows(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
-    """Consecutive lists of `size` records (the last may be shorter): window i is chunk i's rows."""
-    it = iter(records)
-    while window := list(itertools.islice(it, size)):
-        yield window
-
-
-def survey(data: Path, kind: str, tokenizer, max_length: int, model: nn.Module, chunk_size: int
-           ) -> tuple[int, int, list[str]]:
-    """The first pass: every record read, validated and tokenized, then dropped, before anything is written.
-    Returns how many records there are, how many documents are truncated, and where the first ten of those are."""
-    n, n_truncated, shown = 0, 0, []
-    with tqdm(desc=f"check {kind}", unit="ex") as bar:
-        for window in windows(ts.iter_records(data, kind), chunk_size):
-            tokenized, truncated = ts.tokenize_rows(tokenizer, window, kind, max_length)
-            check_vocabulary(tokenized, window, model)
-            n, n_truncated, shown = n + len(window), n_truncated + len(truncated), (shown + truncated)[:10]
-            bar.update(len(window))
-    return n, n_truncated, shown
-
-
-def check_vocabulary(tokenized: list, rows: list[dict], model: nn.Module) -> None:
-    """Every token id must have an embedding row: a tokenizer larger than its model is refused up front."""
-    vocab = model.get_input_embeddings().weight.shape[0]
-    for (ids, _), row in zip(tokenized, rows, strict=True):
-        if max(ids) >= vocab:
-            raise ts.TrackStarError(f"{row['_where']}: token id {max(ids)} is beyond the model's {vocab} "
-                                    "embeddings: the tokenizer does not belong to this model")
 
 
 def finished(out: Path, run: ts.RunSettings, i: int) -> bool:
@@ -240,6 +391,38 @@ def finished(out: Path, run: ts.RunSettings, i: int) -> bool:
     return True
 
 
+def write_meta(out: Path, run: ts.RunSettings) -> None:
+    """meta.json: the run's settings, and the provenance of the process that started the run. A resume or
+    another shard keeps the provenance recorded (it is never compared), so only a run's settings decide
+    whether a rerun may add to it."""
+    path = out / "meta.json"
+    recorded = json.loads(path.read_text()).get("provenance") if path.exists() else None
+    ts.write_json(path, {**dataclasses.asdict(run), "provenance": recorded or ts.provenance()})
+
+
+def encode_chunks(p: Plan, enc: ts.Encoder, mine: list[int]) -> None:
+    """Chunks `mine`, from their windows of the records. Other shards' chunks and finished ones are read past,
+    never tokenized; reading stops after this process's last chunk."""
+    o, run = p.o, p.run
+    todo = sum(min(o.chunk_size, p.n_rows - i * o.chunk_size) for i in mine)
+    left = set(mine)
+    with tqdm(total=todo, desc=f"encode {o.kind}", unit="ex") as bar:
+        for i, rows in enumerate(windows(ts.iter_records(o.data, o.kind), o.chunk_size)):
+            if not left:
+                break
+            if i not in left:
+                continue
+            left.remove(i)
+            tokenized, _ = ts.tokenize_rows(p.tokenizer, rows, o.kind, p.max_length)
+            arrays = ts.encode_tokenized(enc, tokenized, p.token_budget, bar)
+            check_storable_rows(arrays, rows, o.chunk_dtype)
+            lo = i * o.chunk_size
+            write_chunk(o.out / ts.chunk_name(i), arrays, np.arange(lo, lo + len(rows)), run)
+    if left:
+        raise ts.TrackStarError(f"{o.data} has fewer records than the first pass counted ({p.n_rows}): it changed "
+                                "while being encoded")
+
+
 def check_storable_rows(arrays: dict[str, np.ndarray], rows: list[dict], chunk_dtype: str) -> None:
     """Refuse NaN/inf vectors, and vectors beyond --chunk-dtype's range (float16: ±65504; they would be stored
     as inf), before they are written, naming the first example that gave one."""
@@ -249,13 +432,42 @@ def check_storable_rows(arrays: dict[str, np.ndarray], rows: list[dict], chunk_d
             raise ts.TrackStarError(f"{rows[bad[0]]['_where']}: the example's {key} are NaN or inf "
                                     f"({len(bad)} of {len(rows)} in this chunk): a model with NaN weights, or an "
                                     "overflow in --dtype? Nothing was written for this chunk")
-        bad = ts.unstorable_rows(a, chunk_dtype)
+        bad = unstorable_rows(a, chunk_dtype)
         if len(bad):
             raise ts.TrackStarError(f"{rows[bad[0]]['_where']}: the example's {key} reach "
                                     f"{np.abs(a[bad[0]]).max():.6g}, beyond --chunk-dtype {chunk_dtype}'s "
-                                    f"±{ts.chunk_limit(chunk_dtype):.6g} "
+                                    f"±{chunk_limit(chunk_dtype):.6g} "
                                     f"({len(bad)} of {len(rows)} in this chunk); use --chunk-dtype bfloat16 or "
                                     "float32. Nothing was written for this chunk")
+
+
+def write_chunk(path: str | Path, arrays: dict[str, np.ndarray], ids: np.ndarray, run: ts.RunSettings) -> None:
+    """One chunk: datasets `ids` and each of `arrays` (stored as run.chunk_dtype; check_storable_rows has
+    refused what it cannot hold), the run's settings as attributes."""
+    with ts.atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("ids", data=ids.astype(np.int64))
+            for key, a in arrays.items():
+                f.create_dataset(key, data=to_chunk_dtype(a, run.chunk_dtype)).attrs["dtype"] = run.chunk_dtype
+            ts.write_attrs(f, dataclasses.asdict(run))
+
+
+def to_chunk_dtype(a: np.ndarray, chunk_dtype: str) -> np.ndarray:
+    """float32 vectors as a chunk stores them (bfloat16 as its bits, uint16)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if chunk_dtype == "bfloat16":
+        return torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return a.astype(ts.CHUNK_DTYPES[chunk_dtype])
+
+
+def unstorable_rows(a: np.ndarray, chunk_dtype: str) -> np.ndarray:
+    """Indices of rows with NaN, inf, or an entry beyond `chunk_dtype`'s range."""
+    return np.flatnonzero(~(np.abs(a) <= chunk_limit(chunk_dtype)).all(axis=1))  # NaN fails <= too
+
+
+def chunk_limit(chunk_dtype: str) -> float:
+    """The largest magnitude `chunk_dtype` holds (float16: 65504); beyond it a value is stored clipped or inf."""
+    return float(torch.finfo(getattr(torch, chunk_dtype)).max)
 
 
 @app.command()
@@ -298,78 +510,7 @@ def main(
     num_shards: int | None = typer.Option(None, help="Number of shards (default: torchrun WORLD_SIZE or 1)."),
 ) -> None:
     """Encode a corpus or a query set into g(z) = P · ∇θL(z) / sqrt(V + eps), one HDF5 chunk at a time."""
-    if kind not in LOSS:
-        raise ts.TrackStarError(f"KIND must be corpus or queries, got {kind!r}")
-    check_options(gradient, dim, max_length, token_budget, chunk_size, dtype, estimate_v, chunk_dtype)
-    if params not in ts.PARAMS:
-        raise ts.TrackStarError(f"--params must be one of {ts.PARAMS}, got {params!r}")
-    if out.exists() and not out.is_dir():
-        raise ts.TrackStarError(f"--out {out} exists and is not a directory")
-    rank, world = resolve_shard(shard, num_shards)
-    device = ts.pick_device(device)
-    ts.pin_precision(matmul_precision)
-    ts.data_files(data)  # a missing input, or a folder holding other files, is named before the model loads
-    mdl, tokenizer = ts.load_model(model, dtype, device)
-    max_length = min(max_length or ts.context_length(mdl), ts.context_length(mdl))
-    n_rows, truncated, shown = survey(data, kind, tokenizer, max_length, mdl, chunk_size)
-    if truncated:
-        typer.echo(f"truncated {truncated} documents to {max_length} tokens ({', '.join(shown)}...)")
-    token_budget = token_budget or recorded_budget(out) or ts.auto_token_budget(mdl, device)
-    typer.echo(f"token budget: {token_budget} padded tokens a batch")
-    modules = ts.weight_modules(mdl)
-    lookups = ts.lookup_modules(mdl) if params == "all" else []
-    digest = ts.data_digest(data)  # once: for a folder of shards it reads every byte of them
-    V, v_file = second_moment(mdl, tokenizer, out, optimizer_state, estimate_v, no_correction,
-                              data, digest, max_length, token_budget, seed, n_rows, rank)
-    if V is not None and eps is None:
-        eps = ts.default_eps(V, [p for _, _, p, _ in modules])
-    applied, _ = ts.applied_second_moment(V, eps or 0.0, factor_v)
-    if gradient == "auto":  # the factored gradient is exact for no V and for a rank-one V of every traced matrix
-        rank_one = applied is None or all(isinstance(applied.values.get(p), ts.RankOne) for _, _, p, _ in modules)
-        gradient = "factored" if rank_one else "exact"
-    run = ts.RunSettings(
-        tool=f"trackstar {ts.VERSION}", kind=kind, loss=LOSS[kind],
-        data=str(data.resolve()), data_digest=digest, n_examples=n_rows,
-        chunk_size=chunk_size, n_chunks=-(-n_rows // chunk_size), token_budget=token_budget,
-        datasets=["vectors", "vectors_uncorrected"] if (also_uncorrected and V is not None) else ["vectors"],
-        model=mdl.trackstar_fingerprint, model_path=mdl.trackstar_path, dtype=dtype,
-        max_length=max_length, truncated=truncated,
-        dim=dim, seed=seed, factors=list(ts.factor_dims(dim)), modules=modules_digest(modules, lookups), params=params,
-        gradient=gradient, matmul_precision=matmul_precision, device_type=torch.device(device).type,
-        chunk_dtype=chunk_dtype,
-        correction=applied.source if applied else "none",
-        v_digest=applied.digest if applied else None, v_file=v_file, eps=eps or 0.0,
-        lr=V.lr if V else None, factor_v=factor_v,
-    )
-    enc = ts.build_encoder(mdl, V, run, also_uncorrected)
-    with ts.writer_lock(out, f"-shard{rank}"):  # a second process encoding the same shard is refused
-        check_resume(out, run)
-        # every chunk already there is checked before meta.json is (re)written: a refused run changes nothing
-        done = {i for i in range(rank, run.n_chunks, world) if finished(out, run, i)}
-        ts.write_json(out / "meta.json", dataclasses.asdict(run))
-
-        mine = [i for i in range(rank, run.n_chunks, world) if i not in done]
-        todo = sum(min(chunk_size, n_rows - i * chunk_size) for i in mine)
-        typer.echo(f"{kind}: {n_rows} examples, {run.n_chunks} chunks, {len(mine)} to encode here "
-                   f"(shard {rank}/{world}), gradient={run.gradient}, correction={run.correction}, d={dim}")
-        # The second pass: chunk i is window i of the records. Other shards' chunks and finished ones are read
-        # past, never tokenized; reading stops after this process's last chunk.
-        left = set(mine)
-        with tqdm(total=todo, desc=f"encode {kind}", unit="ex") as bar:
-            for i, rows in enumerate(windows(ts.iter_records(data, kind), chunk_size)):
-                if not left:
-                    break
-                if i not in left:
-                    continue
-                left.remove(i)
-                tokenized, _ = ts.tokenize_rows(tokenizer, rows, kind, max_length)
-                arrays = ts.encode_tokenized(enc, tokenized, token_budget, bar)
-                check_storable_rows(arrays, rows, chunk_dtype)
-                lo = i * chunk_size
-                ts.write_chunk(out / ts.chunk_name(i), arrays, np.arange(lo, lo + len(rows)), run)
-        if left:
-            raise ts.TrackStarError(f"{data} has fewer records than the first pass counted ({n_rows}): it changed "
-                                    "while being encoded")
+    encode(plan(Options(**locals())))  # every option above, as given
 
 
 if __name__ == "__main__":

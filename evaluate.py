@@ -398,16 +398,7 @@ def check_ids(path: Path, props: dict, opps: dict, docs: list[dict], queries: li
 
 def model_answers(model, tokenizer, queries: list[dict], max_length: int) -> list[bool]:
     """Does greedy decoding from the prompt reproduce the target's tokens (the model "knows" it)?"""
-    dev = next(model.parameters()).device
-    tokenized, _ = ts.tokenize_rows(tokenizer, queries, "queries", max_length)
-    out = []
-    with torch.no_grad():
-        for ids, labels in tokenized:
-            batch = ts.collate([(ids, labels)], dev)
-            logits = model(input_ids=batch["input_ids"]).logits[0]
-            pos = [t for t in range(len(ids) - 1) if labels[t + 1] != ts.IGNORE]
-            out.append(all(int(logits[t].argmax()) == ids[t + 1] for t in pos))
-    return out
+    return ts.greedy_answers(model, tokenizer, queries, max_length)
 
 
 def attribution(rankings: dict, queries: list[dict], facts_of: dict[str, list[str]], k: int,

@@ -15,6 +15,9 @@ with no query set yet). Outputs, in RUN/index:
     spectrum.png   the sorted spectra of λ·R_eval and (1−λ)·R_train, crossing marked
     index.h5       `G` (N x d: every Ḡ(m)), `ids`, `query_transform`; written last, so it exists only whole
 
+Each HDF5 file also records its provenance (ts.provenance: command line, versions, commit, host, time), which
+nothing compares.
+
 Under torchrun (`torchrun --nproc_per_node W index.py ...`) rank r writes the corpus chunks i ≡ r (mod W)
 into share-0000r-of-0000W.h5 (`G`, `ids`), and index.h5 holds the settings, `query_transform` and the
 build every share must carry, but no rows. R, the index rows and query.py's results equal one process's
@@ -41,6 +44,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -382,7 +386,7 @@ def write_hessian(path: Path, fit: HessianFit, settings: dict) -> None:
             f.create_dataset("inverse_sqrt", data=fit.inverse_sqrt.astype(np.float32))
         if fit.query_transform is not None and fit.query_transform is not fit.inverse_sqrt:
             f.create_dataset("query_transform", data=fit.query_transform.astype(np.float32))  # TRAK's R^(-1)
-        ts.write_attrs(f, settings)
+        ts.write_attrs(f, {**settings, "provenance": ts.provenance()})
 
 
 def plot_spectrum(path: Path, fit: HessianFit, hessian_kind: str) -> None:
@@ -457,7 +461,7 @@ def write_index(path: Path, corpus: Path, matrix: torch.Tensor | None, attrs: di
         ids = f.create_dataset("ids", shape=(n,), dtype=np.int64)
         if query_transform is not None:
             f.create_dataset("query_transform", data=query_transform.astype(np.float32))
-        ts.write_attrs(f, attrs)
+        ts.write_attrs(f, {**attrs, "provenance": ts.provenance()})
         pos = 0
         with tqdm(total=n, desc="index" if num_shards == 1 else f"index share {shard}/{num_shards}", unit="doc",
                   unit_scale=True) as bar:
@@ -486,17 +490,24 @@ def write_index(path: Path, corpus: Path, matrix: torch.Tensor | None, attrs: di
 OWN = ("hessian.h5", "spectrum.png", "index.h5", "share-*-of-*.h5")  # what an index directory may hold
 
 
+def broadcast(obj: Any, rank: int) -> Any:
+    """Rank 0's `obj` (anything picklable), on every rank."""
+    box = [obj if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @contextlib.contextmanager
 def index_directory(out: Path, rank: int, world: int) -> Iterator[Path]:
     """The directory every rank writes into: rank 0's ts.atomic_directory beside `out`, swapped in whole
     when rank 0 leaves it, after every share is written; a build that fails on any rank (torchrun then
     ends them all) leaves the previous index as it was, and the next build clears the leftovers."""
     if rank != 0:
-        yield Path(ts.broadcast(None, rank))
+        yield Path(broadcast(None, rank))
         return
     with ts.atomic_directory(out, OWN) as tmp:
         if world > 1:
-            ts.broadcast(str(tmp), rank)
+            broadcast(str(tmp), rank)
         yield tmp
 
 
@@ -505,8 +516,8 @@ def shared_transform(matrix: torch.Tensor | None, attrs: dict | None, rank: int,
     """Rank 0's corpus transform (float32, on the CPU) and index attributes, on every rank."""
     if world == 1:
         return matrix, attrs
-    shape = ts.broadcast(None if matrix is None else tuple(matrix.shape), rank)
-    attrs = ts.broadcast(attrs, rank)
+    shape = broadcast(None if matrix is None else tuple(matrix.shape), rank)
+    attrs = broadcast(attrs, rank)
     if shape is None:
         return None, attrs
     matrix = matrix if rank == 0 else torch.empty(shape, dtype=torch.float32)
@@ -521,7 +532,7 @@ def write_manifest(path: Path, attrs: dict, query_transform: np.ndarray | None) 
     with ts.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         if query_transform is not None:
             f.create_dataset("query_transform", data=query_transform.astype(np.float32))
-        ts.write_attrs(f, attrs)
+        ts.write_attrs(f, {**attrs, "provenance": ts.provenance()})
 
 
 def parse_damping(text: str) -> str:

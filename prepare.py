@@ -31,13 +31,9 @@ tok(prompt) + tok(target) is the tokenization of prompt + target for a byte-leve
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -53,29 +49,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 REPO = Path(__file__).resolve().parent
 
 # -----------------------------------------------------------------------------
-# shared I/O: clear errors, and outputs that are either whole or absent
+# inputs refused in one line, outputs whole or absent
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) from a .jsonl or .jsonl.gz file; blank lines are skipped."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ts.TrackStarError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise ts.TrackStarError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-                yield lineno, record
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise ts.TrackStarError(f"cannot read {path}: {e}") from None
-
-
-def field(record: dict, key: str, where: str, kind: type = str):
+def field(record: Any, key: str, where: str, kind: type = str):
+    """record[key], refused unless the record is a JSON object holding a `kind` there."""
+    if not isinstance(record, dict):
+        raise ts.TrackStarError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if key not in record:
         raise ts.TrackStarError(f"{where}: missing field '{key}'")
     if not isinstance(record[key], kind):
@@ -83,49 +63,17 @@ def field(record: dict, key: str, where: str, kind: type = str):
     return record[key]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 MARKERS = ("world.json", "lama.json")  # a directory holding one of these was written by this script
+OWN = ("corpus.jsonl", "queries.jsonl", "model", *MARKERS)  # all that either command writes
 OUT_HELP = "output directory, written atomically (replaces an earlier prepare.py output, nothing else)"
 
 
 def check_out(out: Path) -> None:
-    """Refuse early (before minutes of work) to replace a directory this script did not write."""
-    if out.exists() and not out.is_dir():
-        raise ts.TrackStarError(f"--out {out} exists and is not a directory")
+    """Refuse a directory this script did not write, even one holding only names it writes (a user's own
+    corpus.jsonl): ts.atomic_directory, which swaps the output in, refuses any other name."""
     if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in MARKERS):
         raise ts.TrackStarError(f"--out {out} exists and was not written by prepare.py; "
                                 "remove it or choose another path")
-
-
-def staging_dir(out: Path) -> Path:
-    """A fresh sibling directory to build the output in; publish() renames it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the published directory private
-    return tmp
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Swap the finished staging directory into place, so `out` is never half-written."""
-    check_out(out)
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old", dir=out.parent))
-        os.replace(out, old / "previous")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 # -----------------------------------------------------------------------------
@@ -436,7 +384,7 @@ def build_world(seed: int, size: WorldSize) -> tuple[list[Fact], list[dict], lis
 # tokenizer and model
 
 
-SPECIAL = ["<pad>", "<s>", "</s>"]
+SPECIAL = ["<pad>", "<s>", "</s>"]  # <pad> first: id 0, what ts.collate pads with
 VOCAB_SIZE = 1536
 MAX_POSITIONS = 128  # fact documents are at most 4 sentences (< 90 tokens), generic ones PASSAGE_CHARS bytes
 
@@ -522,18 +470,6 @@ def lr_factor(step: int, s: TrainSettings) -> float:
     return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int):
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 def length_grouped_batches(lengths: list[int], repeats: list[int], batch: int, rng) -> Iterator[list[int]]:
     """Endless epochs of shuffled batches in which documents of similar length go together (as HF's
     group_by_length does), so that little compute is spent on padding; document i repeats[i] times
@@ -575,17 +511,15 @@ def train(model, tok, texts: list[str], repeats: list[int], s: TrainSettings, se
     bar = tqdm(range(s.steps), desc="train", unit="step")
     t0, tokens = time.time(), 0
     for step in bar:
-        idx = next(batches)
-        ids, mask = pad_batch([seqs[i] for i in idx], tok.pad_token_id)
-        labels = ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        batch = ts.collate([(seqs[i], seqs[i]) for i in next(batches)], "cpu")  # padding carries no loss
+        loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         opt.step()
         sched.step()
         losses.append(loss.item())
-        tokens += int(mask.sum())
+        tokens += int(batch["attention_mask"].sum())
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}",
                         tok_s=f"{tokens / (time.time() - t0):.0f}")
         if step + 1 in checkpoint_steps:
@@ -610,26 +544,7 @@ def save_checkpoint(out: Path, model, tok, opt, step: int, tokens: int) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     torch.save(opt.state_dict(), out / "optimizer.pt")
-    write_json(out / "checkpoint.json", {"step": step, "tokens": tokens, "lr": opt.param_groups[0]["lr"]})
-
-
-def greedy_correct(model, tok, pairs: list[tuple[str, str]], batch: int = 256) -> list[bool]:
-    """Whether greedy decoding after each prompt reproduces all of the target's tokens. With the
-    true prefix fed in (teacher forcing), argmax == next target token at every target position is
-    exactly the condition for greedy decoding to produce the target, and it needs one forward pass."""
-    import torch
-
-    correct = []
-    with torch.no_grad():
-        for b in range(0, len(pairs), batch):
-            prompts = [tok(p).input_ids for p, _ in pairs[b : b + batch]]
-            targets = [tok(t, add_special_tokens=False).input_ids for _, t in pairs[b : b + batch]]
-            ids, mask = pad_batch([p + t for p, t in zip(prompts, targets, strict=True)], tok.pad_token_id)
-            pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
-            for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
-                # logits at position k predict token k+1
-                correct.append(pred[i, len(p) - 1 : len(p) + len(t) - 1].tolist() == t)
-    return correct
+    ts.write_json(out / "checkpoint.json", {"step": step, "tokens": tokens, "lr": opt.param_groups[0]["lr"]})
 
 
 def accuracy_by_bucket(facts: list[Fact], doc_count: Counter, correct: dict[str, bool],
@@ -682,7 +597,16 @@ def factworld(
         raise ts.TrackStarError(f"--steps must be >= 1, got {steps}")
     if checkpoints < 0:
         raise ts.TrackStarError(f"--checkpoints must be >= 0, got {checkpoints}")
+    t0 = time.time()
     check_out(out)
+    with ts.atomic_directory(out, OWN) as tmp:  # refused before minutes of work, swapped in when whole
+        write_factworld(tmp, seed, size, steps, checkpoints, no_train, model_size)
+    print(f"wrote {out} in {time.time() - t0:.0f} s (trained on {TRAIN_THREADS} thread)")
+
+
+def write_factworld(tmp: Path, seed: int, size: str, steps: int | None, checkpoints: int, no_train: bool,
+                    model_size: str = "default") -> None:
+    """The world's corpus, queries, world.json and (unless no_train) its trained model, into `tmp`."""
     t0 = time.time()
     ws = SIZES[size]
     facts, corpus, queries = build_world(seed, ws)
@@ -699,20 +623,14 @@ def factworld(
         "generic_documents": ws.generic, "queries": len(queries),
         "facts_by_bucket": {b: sum(lo <= doc_count[f.id] <= hi for f in stated) for b, lo, hi in BUCKETS},
     }
-    tmp = staging_dir(out)
-    try:
-        write_jsonl(tmp / "corpus.jsonl", corpus)
-        write_jsonl(tmp / "queries.jsonl", queries)
-        if not no_train:
-            info.update(train_and_save(tmp / "model", facts, corpus, queries, doc_count, seed,
-                                       TrainSettings(steps=steps or ws.steps, batch=ws.batch), checkpoints,
-                                       model_size))
-        info["wall_seconds"] = round(time.time() - t0, 1)
-        write_json(tmp / "world.json", info)
-        publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out} in {time.time() - t0:.0f} s (trained on {TRAIN_THREADS} thread)")
+    ts.write_jsonl(tmp / "corpus.jsonl", corpus)
+    ts.write_jsonl(tmp / "queries.jsonl", queries)
+    if not no_train:
+        info.update(train_and_save(tmp / "model", facts, corpus, queries, doc_count, seed,
+                                   TrainSettings(steps=steps or ws.steps, batch=ws.batch), checkpoints,
+                                   model_size))
+    info["wall_seconds"] = round(time.time() - t0, 1)
+    ts.write_json(tmp / "world.json", info)
 
 
 def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queries: list[dict],
@@ -734,8 +652,8 @@ def train_and_save(model_dir: Path, facts: list[Fact], corpus: list[dict], queri
     with ts.cpu_threads(TRAIN_THREADS):
         opt, losses, tokens = train(model, tok, texts, repeats, s, seed, checkpoint,
                                     checkpoint_steps(s.steps, checkpoints))
-        pairs = [f.query() for f in facts]
-        correct = dict(zip([f.id for f in facts], greedy_correct(model, tok, pairs), strict=True))
+        asked = [dict(zip(("prompt", "target"), f.query(), strict=True)) for f in facts]
+        correct = dict(zip([f.id for f in facts], ts.greedy_answers(model, tok, asked, MAX_POSITIONS), strict=True))
     table = accuracy_by_bucket([f for f in facts if doc_count[f.id] > 0], doc_count, correct,
                                {q["fact"] for q in queries})
     print_table(table)
@@ -781,12 +699,12 @@ def load_templates(trex: Path, pararel: Path) -> dict[str, list[str]]:
     if not path.exists():
         raise ts.TrackStarError(f"{path} not found (is --trex the LAMA T-REx folder?)")
     templates = {}
-    for lineno, r in read_jsonl(path):
-        rel = field(r, "relation", f"{path}:{lineno}")
-        templates[rel] = [field(r, "template", f"{path}:{lineno}")]
+    for where, r in ts.jsonl_records(path):
+        rel = field(r, "relation", where)
+        templates[rel] = [field(r, "template", where)]
         ppath = pararel / f"{rel}.jsonl"
         if ppath.exists():
-            templates[rel] += [field(p, "pattern", f"{ppath}:{n}") for n, p in read_jsonl(ppath)]
+            templates[rel] += [field(p, "pattern", w) for w, p in ts.jsonl_records(ppath)]
     return templates
 
 
@@ -808,8 +726,7 @@ class LamaFact:
 
 def load_facts(path: Path, relation: str) -> list[LamaFact]:
     facts = []
-    for lineno, r in read_jsonl(path):
-        where = f"{path}:{lineno}"
+    for where, r in ts.jsonl_records(path):
         uuid, sub, obj = (field(r, k, where) for k in ("uuid", "sub_label", "obj_label"))
         sentences, seen = [], set()
         for k, ev in enumerate(field(r, "evidences", where, list)):
@@ -881,15 +798,13 @@ def sample_by_answer(candidates: list[LamaFact], n: int, model_dir: str, templat
     allow, the rest facts it does not: the paper reads every result split by correctness, and a model that
     knows 5% of a uniform sample leaves that split empty. Candidates are read in one seeded order and the model
     is asked until the known half is full (or the candidates run out); each row records `model_correct`."""
-    import evaluate
-
     model, tok = ts.load_model(model_dir)
     order = rng.sample(candidates, len(candidates))
     known, unknown, asked = [], [], 0
     want_known = n // 2
     for lo in range(0, len(order), batch):
         rows = [query_row(f, templates, wordings) for f in order[lo : lo + batch]]
-        for row, ok in zip(rows, evaluate.model_answers(model, tok, rows, ts.context_length(model)), strict=True):
+        for row, ok in zip(rows, ts.greedy_answers(model, tok, rows, ts.context_length(model)), strict=True):
             (known if ok else unknown).append({**row, "model_correct": ok})
         asked += len(rows)
         if len(known) >= want_known and len(unknown) >= n - want_known:
@@ -915,13 +830,21 @@ def lama(
                                      "`model_correct` per query (without it: a uniform sample)"),
 ) -> None:
     """Convert LAMA T-REx facts and their Wikipedia evidence sentences into corpus and queries JSONL."""
-    from tqdm import tqdm
-
     if queries < 1 or docs < 1 or max_evidence < 1:
         raise ts.TrackStarError("--queries, --docs and --max-evidence must be >= 1")
     if not trex.is_dir():
         raise ts.TrackStarError(f"--trex {trex} is not a directory")
     check_out(out)
+    with ts.atomic_directory(out, OWN) as tmp:
+        write_lama(tmp, trex, pararel, relations, queries, docs, max_evidence, seed, model)
+    print(f"wrote {out}")
+
+
+def write_lama(tmp: Path, trex: Path, pararel: Path, relations: str, queries: int, docs: int, max_evidence: int,
+               seed: int, model: str | None = None) -> None:
+    """The converted corpus, queries and lama.json (what was converted, how), into `tmp`."""
+    from tqdm import tqdm
+
     wordings = load_templates(trex, pararel)
     templates = prompt_templates(wordings)
     rels = select_relations(relations, trex, pararel, templates)
@@ -941,20 +864,14 @@ def lama(
           f"({n_evidence} evidence of a query fact, {len(corpus) - n_evidence} distractors)")
     if len(corpus) > docs:
         print(f"note: the query facts' evidence alone exceeds --docs {docs}")
-    tmp = staging_dir(out)
-    try:
-        write_jsonl(tmp / "corpus.jsonl", corpus)
-        write_jsonl(tmp / "queries.jsonl", query_rows)
-        write_json(tmp / "lama.json", {
-            "source": str(trex), "relations": rels, "templates": {r: templates[r] for r in rels},
-            "seed": seed, "sampled_by_answer": model,
-            "known_queries": sum(q.get("model_correct", False) for q in query_rows),
-            "facts_read": len(facts), "queries": len(query_rows), "documents": len(corpus),
-            "evidence_documents": n_evidence, "max_evidence": max_evidence})
-        publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out}")
+    ts.write_jsonl(tmp / "corpus.jsonl", corpus)
+    ts.write_jsonl(tmp / "queries.jsonl", query_rows)
+    ts.write_json(tmp / "lama.json", {
+        "source": str(trex), "relations": rels, "templates": {r: templates[r] for r in rels},
+        "seed": seed, "sampled_by_answer": model,
+        "known_queries": sum(q.get("model_correct", False) for q in query_rows),
+        "facts_read": len(facts), "queries": len(query_rows), "documents": len(corpus),
+        "evidence_documents": n_evidence, "max_evidence": max_evidence})
 
 
 if __name__ == "__main__":

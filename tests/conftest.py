@@ -52,6 +52,17 @@ def tiny_model(arch: str, vocab: int = 96, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def project_full_gradient(grad_out_in: torch.Tensor, seed: int, module: str, dim: int) -> torch.Tensor:
+    """Reference projection of one full (out, in) gradient: vec(P_outᵀ ∇W P_in), the product the encoder
+    computes batched (and, on its factored path, without ever forming ∇W)."""
+    import trackstar as ts
+
+    s_out, s_in = ts.factor_dims(dim)
+    p_out = ts.projection_matrix(seed, module, "out", grad_out_in.shape[0], s_out)
+    p_in = ts.projection_matrix(seed, module, "in", grad_out_in.shape[1], s_in)
+    return (p_out.T @ grad_out_in.float().cpu() @ p_in).flatten()
+
+
 def bpe_tokenizer(vocab_size: int = 400):
     """A GPT-2-style byte-level BPE tokenizer trained here on the test corpus: no files from outside the repo.
 

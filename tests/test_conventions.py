@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import bpe_tokenizer, tiny_model
+from conftest import bpe_tokenizer, project_full_gradient, tiny_model
 
 import query
 import trackstar as ts
@@ -31,7 +31,7 @@ def hf_query_vector(model, tok, prompt: str, target: str, prompt_carries_loss: b
     total = torch.zeros(DIM)
     for name, _, _, transposed in ts.weight_modules(m):
         grad = dict(m.named_modules())[name].weight.grad
-        total += ts.project_full_gradient(grad.T if transposed else grad, SEED, name, DIM)
+        total += project_full_gradient(grad.T if transposed else grad, SEED, name, DIM)
     return total
 
 

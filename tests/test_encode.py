@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_model
+from conftest import ROOT, project_full_gradient, tiny_model
 
+import encode
 import trackstar as ts
 
 DIM = 256
@@ -59,7 +60,7 @@ def reference_vector(model, ids, labels, dim, seed, v_full=None, v_factored=None
             row, col = v_factored[pname]
             grad = grad / (torch.outer(row, col).double() / row.double().mean()).sqrt()
         grad = grad.T if transposed else grad
-        total += ts.project_full_gradient(grad.float(), seed, name, dim)
+        total += project_full_gradient(grad.float(), seed, name, dim)
     return total
 
 
@@ -316,10 +317,11 @@ def test_automatic_token_budget_follows_model_size_and_memory():
     small, large = tiny_model("llama"), tiny_model("gpt2")
     large.config.n_layer, large.config.n_embd = 48, 4096  # the budget reads the shape from the config
     for model in (small, large):
-        budgets = [ts.auto_token_budget(model, "cpu", gib << 30) for gib in (1, 4, 16, 64, 256)]
+        budgets = [encode.auto_token_budget(model, "cpu", gib << 30) for gib in (1, 4, 16, 64, 256)]
         assert all(256 <= b <= 8192 and b & (b - 1) == 0 for b in budgets)
         assert budgets == sorted(budgets)
-    assert ts.auto_token_budget(large, "cpu", 64 << 30) < ts.auto_token_budget(small, "cpu", 64 << 30)
-    assert ts.auto_token_budget(large, "cpu", 64 << 30) <= ts.auto_token_budget(large, "cuda", 64 << 30) <= 65536
-    assert ts.auto_token_budget(large, "cpu", 1 << 30) == 256
-    assert ts.auto_token_budget(small, "cpu") == ts.auto_token_budget(small, "cpu")
+    assert encode.auto_token_budget(large, "cpu", 64 << 30) < encode.auto_token_budget(small, "cpu", 64 << 30)
+    assert (encode.auto_token_budget(large, "cpu", 64 << 30) <= encode.auto_token_budget(large, "cuda", 64 << 30)
+            <= 65536)
+    assert encode.auto_token_budget(large, "cpu", 1 << 30) == 256
+    assert encode.auto_token_budget(small, "cpu") == encode.auto_token_budget(small, "cpu")

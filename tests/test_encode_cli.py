@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, write_jsonl
+from conftest import ROOT, refused, write_jsonl
 
 ENCODE = [sys.executable, str(ROOT / "encode.py")]
 
@@ -133,6 +136,57 @@ def test_estimated_v_is_recorded_and_reused_by_queries(model_dir, corpus_file, q
     assert mq["v_digest"] == meta["v_digest"] and mq["eps"] == meta["eps"]
 
 
+def head_commit() -> str | None:
+    """The commit of the checkout the tests run from, or None (no git, or not a checkout)."""
+    if shutil.which("git") is None:
+        return None
+    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def test_provenance_is_recorded_in_every_artifact_and_never_compared(model_dir, corpus_file, tmp_path):
+    """meta.json, hessian.h5 and index.h5 record the command line, the versions, the checkout's commit, the host
+    and the time. A resume from another checkout, host or command line is accepted (the run's provenance is
+    kept), an older meta.json without provenance still reads and resumes, and a changed setting is refused."""
+    import trackstar as ts
+
+    run, index = tmp_path / "corpus", tmp_path / "index"
+    encode("corpus", model_dir, corpus_file, run, "--no-correction")
+    r = subprocess.run([sys.executable, str(ROOT / "index.py"), "--corpus", str(run), "--out", str(index),
+                        "--hessian", "none"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with h5py.File(index / "hessian.h5", "r") as h, h5py.File(index / "index.h5", "r") as i:
+        recorded = {"meta.json": json.loads((run / "meta.json").read_text())["provenance"],
+                    "hessian.h5": ts.read_attrs(h)["provenance"], "index.h5": ts.read_attrs(i)["provenance"]}
+    head = head_commit()
+    for name, p in recorded.items():
+        script, out = ("encode.py", run) if name == "meta.json" else ("index.py", index)
+        assert Path(p["command"][0]).name == script and str(out) in p["command"], (name, p["command"])
+        assert set(p["versions"]) == {"torch", "transformers", "numpy", "h5py", "python"}, name
+        assert p["versions"]["torch"] == torch.__version__ and p["host"] == os.uname().nodename, name
+        assert re.fullmatch(rf"{head}(\+dirty)?", p["commit"]) if head else p["commit"] is None, (name, p)
+
+    meta = json.loads((run / "meta.json").read_text())
+    elsewhere = {**meta["provenance"], "commit": "0" * 40, "host": "elsewhere", "command": ["elsewhere"]}
+    (run / "meta.json").write_text(json.dumps({**meta, "provenance": elsewhere}))
+    (run / ts.chunk_name(1)).unlink()
+    encode("corpus", model_dir, corpus_file, run, "--no-correction")  # a resume: accepted
+    assert (run / ts.chunk_name(1)).exists()
+    assert json.loads((run / "meta.json").read_text())["provenance"] == elsewhere
+
+    settings = {k: v for k, v in meta.items() if k != "provenance"}  # as an older encode.py wrote it
+    (run / "meta.json").write_text(json.dumps(settings))
+    assert dataclasses.asdict(ts.read_meta(run)) == settings
+    (run / ts.chunk_name(2)).unlink()
+    encode("corpus", model_dir, corpus_file, run, "--no-correction")
+    assert json.loads((run / "meta.json").read_text())["provenance"]["command"][0].endswith("encode.py")
+
+    before = (run / "meta.json").read_bytes()
+    refused(encode("corpus", model_dir, corpus_file, run, "--no-correction", "--seed", "1", check=False),
+            "'seed'", "0 vs 1")
+    assert (run / "meta.json").read_bytes() == before
+
+
 def bad(tmp_path: Path, model_dir: Path, kind: str, lines: list[str], *extra) -> subprocess.CompletedProcess:
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(lines) + "\n")
@@ -199,11 +253,12 @@ def test_fingerprint_names_the_weights_not_the_path(model_dir, tmp_path, monkeyp
 def test_token_budget_is_chosen_printed_recorded_and_kept_on_resume(model_dir, corpus_file, tmp_path):
     """Without --token-budget the budget comes from the model and the machine (printed, recorded in meta.json);
     a rerun into a run encoded with another budget keeps that budget instead of being refused for it."""
+    import encode as encode_cli
     import trackstar as ts
 
     model, _ = ts.load_model(str(model_dir))
     r = encode("corpus", model_dir, corpus_file, tmp_path / "auto")
-    chosen = ts.auto_token_budget(model, "cpu")
+    chosen = encode_cli.auto_token_budget(model, "cpu")
     assert f"token budget: {chosen} padded tokens a batch" in r.stdout
     assert json.loads((tmp_path / "auto" / "meta.json").read_text())["token_budget"] == chosen
     encode("corpus", model_dir, corpus_file, tmp_path / "set", "--token-budget", "16")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CORPUS, bpe_tokenizer
 
 import evaluate
 import trackstar as ts
@@ -113,3 +114,48 @@ def test_tail_patch_in_place_is_the_cloned_step_bit_for_bit_and_keeps_the_weight
         for n, p in model.named_parameters():
             p.copy_(saved[n])
     assert torch.equal(dlogp, want)
+
+
+def test_greedy_answers_are_greedy_decoding_whatever_the_batching():
+    """ts.greedy_answers (evaluate's "does the model know it", prepare's accuracy table) is True exactly when
+    greedy decoding from the prompt produces every target token, decoded one token at a time without padding;
+    batches of mixed lengths (right padded) give the same booleans as one query at a time. The model is trained
+    until it knows some sentences; swapped targets and targets right on their first token only make the False
+    cases (a check of the first target token alone would call those True)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = bpe_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=128,
+                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    docs = [ts.tokenize_document(tok, text, 128)[:2] for text in CORPUS[:5]]
+    for _ in range(150):
+        ts.per_example_loss(model, ts.collate(docs, "cpu")).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    queries = []
+    for text in CORPUS:
+        words = text.split(" ")
+        for i in range(2, len(words)):
+            queries.append({"prompt": " ".join(words[:i]), "target": " " + " ".join(words[i : i + 2])})
+    targets = [q["target"] for q in queries]
+    queries += [{**q, "target": t} for q, t in zip(queries[::3], targets[1::3], strict=False)]  # swapped
+    queries += [{**q, "target": " " + q["target"].split()[0] + " zebra"} for q in queries[::2]]  # right, then wrong
+
+    def decoded(q: dict) -> bool:
+        ids, target = tok(q["prompt"]).input_ids, tok(q["target"], add_special_tokens=False).input_ids
+        for t in target:
+            with torch.no_grad():
+                nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if nxt != t:
+                return False
+            ids = ids + [nxt]
+        return True
+
+    want = [decoded(q) for q in queries]
+    assert 5 <= sum(want) <= len(want) - 5, "the model knows some targets and not others"
+    for batch in (1, 7, 256):
+        assert ts.greedy_answers(model, tok, queries, 128, batch=batch) == want, batch
+    assert evaluate.model_answers(model, tok, queries, 128) == want

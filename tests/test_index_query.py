@@ -17,6 +17,7 @@ import torch
 from conftest import ROOT, write_jsonl
 from typer.testing import CliRunner
 
+import encode as encode_cli
 import index as index_cli
 import query as query_cli
 import trackstar as ts
@@ -42,7 +43,7 @@ def fabricate_run(run: Path, kind: str, vectors: dict[str, np.ndarray], chunk: i
                           **meta})
     for i, lo in enumerate(range(0, n, chunk)):
         part = {k: v[lo : lo + chunk].astype(np.float32) for k, v in vectors.items()}
-        ts.write_chunk(run / ts.chunk_name(i), part, np.arange(lo, lo + len(part["vectors"])), m)
+        encode_cli.write_chunk(run / ts.chunk_name(i), part, np.arange(lo, lo + len(part["vectors"])), m)
     ts.write_json(run / "meta.json", dataclasses.asdict(m))
     return run
 

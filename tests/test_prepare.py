@@ -258,14 +258,25 @@ def test_tiny_world_model_learns_its_frequent_facts(tmp_path):
 
 
 def test_out_replaces_an_earlier_output_but_not_a_foreign_directory(tmp_path):
+    """An earlier output is replaced whole, with the permissions of a directory made by the user (not a
+    private temporary one's); a directory prepare.py did not write, or one where a user added a file, is kept."""
+    import os
+
     run("factworld", "--out", tmp_path / "w", "--size", "tiny", "--no-train")
     run("factworld", "--out", tmp_path / "w", "--size", "tiny", "--seed", 1, "--no-train")
     assert json.loads((tmp_path / "w" / "world.json").read_text())["seed"] == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "w").stat().st_mode & 0o777 == 0o777 & ~umask
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert "not written by prepare.py" in run_fails("factworld", "--out", tmp_path / "mine", "--no-train")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "w"], "no staging directory left behind"
+    (tmp_path / "w" / "notes.txt").write_text("keep me too")
+    assert "notes.txt" in run_fails("factworld", "--out", tmp_path / "w", "--no-train")
+    assert (tmp_path / "w" / "notes.txt").read_text() == "keep me too"
+    # no staging directory left behind; the writer lock's small file stays beside the output (ts.writer_lock)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".w.lock", "mine", "w"]
 
 
 def test_bad_size_is_refused(tmp_path):
@@ -284,7 +295,7 @@ def test_lama_bad_json_line_names_file_and_line_and_writes_nothing(tmp_path):
         f.write(good + '{"uuid": "x", oops\n')
     out = run_fails("lama", "--trex", trex, "--out", tmp_path / "out", "--relations", "P20")
     assert "P20.jsonl.gz:2" in out and "not valid JSON" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["trex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "trex"]  # the writer lock's file only
 
 
 @needs_lama

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import evaluate
 import report
-from experiments import seeds
+from experiments import compare, seeds, sweep, trend
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -80,12 +80,29 @@ def seed_table(rec: dict) -> str:
     return seeds.markdown(rec["results"]).rstrip()
 
 
+def points_table(rec: dict, axis: str) -> str:
+    """The trend (axis "step") or the model sizes (axis "model"): each point's means and paired differences,
+    then the change from the first point to the last."""
+    rows, changes = rec["results"]["rows"], rec["results"]["across"]
+    first = f"step {rows[0]['step']}" if axis == "step" else rows[0]["label"]
+    last = "the final model" if axis == "step" else rows[-1]["label"]
+    return trend.markdown(rows, axis) + "\n\n" + trend.across_markdown(changes, first, last)
+
+
+def sweep_tables(rec: dict) -> str:
+    return sweep.markdown(rec["results"]).replace("# Sweep\n\n", "", 1).replace("\n## ", "\n#### ").rstrip()
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "table": ablation,
     "splits": lambda rec: ablation(rec, tuple(t for t, _ in evaluate.splits([]))),
     "claims": claims,
     "comparisons": comparisons,
     "seeds": seed_table,
+    "trend": lambda rec: points_table(rec, "step"),
+    "sizes": lambda rec: points_table(rec, "model"),
+    "sweep": sweep_tables,
+    "compare": lambda rec: compare.markdown(rec["results"]),
 }
 
 

@@ -88,8 +88,8 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     "out-of-memory split keeps only the first half": (
         "trackstar.py", "return {k: torch.cat([a[k], b[k]]) for k in a}", "return a", [ENC]),
     "a resumed run re-chooses its token budget": (
-        "encode.py", "token_budget = token_budget or recorded_budget(out) or ts.auto_token_budget(mdl, device)",
-        "token_budget = token_budget or ts.auto_token_budget(mdl, device)",
+        "encode.py", "token_budget = o.token_budget or recorded_budget(o.out) or auto_token_budget(model, device)",
+        "token_budget = o.token_budget or auto_token_budget(model, device)",
         ["tests/test_encode_cli.py::test_token_budget_is_chosen_printed_recorded_and_kept_on_resume"]),
     "trend mixes learning rates": (
         "experiments/trend.py", 'SAME = ("lr", "n_docs", "tail_patch_queries", "k")',
