@@ -7,7 +7,7 @@
 #   make all MODEL=dir CORPUS=c.jsonl QUERIES=q.jsonl [OPTIMIZER=optimizer.pt | ESTIMATE_V=512] [LR=1e-4]
 #   make sweep                                 d, R_train sample size, damping and λ against MRR and tail-patch
 #   make trend                                 BM25, cosine and TrackStar at each training checkpoint
-#   make real                                  SmolLM2-135M on LAMA T-REx (see README)
+#   make real                                  SmolLM2-135M on LAMA T-REx (docs/results.md)
 #   make test | make bench | make bench-gpu | make lint
 #
 # Stages are chained by file dependencies, so a stage reruns only when its inputs (or its code) change.

@@ -489,7 +489,7 @@ def main(
     factor_v: bool = typer.Option(False, help="Replace a full V by Adafactor's rank-1 factors (row and column "
                                   "means), so the factored gradient applies: ~a training step's cost."),
     params: str = typer.Option("matrices", help="What g(z) covers: matrices (attention, MLP, LM head) | all (also "
-                               "the token and position embedding lookups; see README for the measured effect)."),
+                               "the token and position embedding lookups; docs/results.md has the measured effect)."),
     gradient: str = typer.Option("auto", help="How per-example gradients are formed: auto | factored (project "
                                  "δ and x, never form ∇W; needs no V or a rank-one V) | exact (form ∇W, divide by "
                                  "sqrt(V + eps), project)."),

@@ -93,7 +93,7 @@ def category_intro(results: dict) -> str:
         return "Not computed: this results.json predates proponent categories (rerun evaluate.py)."
     if cat is None:
         return ("Not computed: no query carries `subject` and `relation_templates` (prepare.py writes them; a "
-                "query file of your own may add them, see README).")
+                "query file of your own may add them, see docs/files.md).")
     out = (f"Share of each kind among the top {results['settings']['k']} proponents of each method, over the "
            f"{cat['queries']} queries that carry `subject` and `relation_templates`; the first kind that applies: "
            "**fact** (the document states the query's fact), **subject+object** (names both), **relation** "
@@ -234,7 +234,7 @@ def comparison_rows(results: dict) -> tuple[list[str], list[list[str]]]:
 
 def diagnostics(run: Path, methods: list[str]) -> list[str]:
     """How each gradient row was built (Markdown lines), and the one condition known to make R_train rows
-    unreliable: fewer sampled training vectors than dimensions (a rank-deficient R_train, see README)."""
+    unreliable: fewer sampled training vectors than dimensions (a rank-deficient R_train, see docs/method.md)."""
     lines = []
     meta = ts.read_meta(run / "corpus") if (run / "corpus" / "meta.json").exists() else None
     if meta:

@@ -5,7 +5,7 @@
 Each mode runs in its own process on the same batches of a small GPT-2-like model, so peak memory
 (CPU: max RSS above the process's baseline; GPU: torch.cuda.max_memory_allocated above baseline)
 is the mode's own. Ratios, not absolute figures, are the result: these machines are shared.
-Targets (issue 2): factored >= 0.8x, exact >= 0.4x a training step's tokens/s; memory <= 1.5x.
+Targets: factored >= 0.8x, exact >= 0.4x a training step's tokens/s; memory <= 1.5x.
 """
 
 from __future__ import annotations
@@ -158,13 +158,13 @@ def main(
         print(f"{m:12} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / train['tokens_per_s']:8.2f} "
               f"{r['peak_mib']:9.0f} {r['peak_mib'] / max(train['peak_mib'], 1e-9):8.2f} "
               f"{r['tokens_per_s'] * flops[m] / 1e9:14.1f}  {target}")
-    print("model GFLOP/s: tokens/s x the FLOP model of README §Scale (train 6N; factored 4N + projections;\n"
+    print("model GFLOP/s: tokens/s x the FLOP model of docs/scale.md (train 6N; factored 4N + projections;\n"
           "exact 6N + per-example projections), N = traced weight-matrix parameters. Compare with the\n"
           "machine's matmul rate (bench/indexing.py prints it) to see what fraction of peak each mode reaches.")
 
 
 def flop_model(arch: str, dim: int, length: int) -> dict[str, float]:
-    """FLOPs per token of each mode, from the traced matrices' shapes (README, section Scale)."""
+    """FLOPs per token of each mode, from the traced matrices' shapes (docs/scale.md)."""
     model = build(arch, "float32", "cpu")
     s_out, s_in = ts.factor_dims(dim)
     shapes = [(m.weight.shape[::-1] if t else m.weight.shape) for _, m, _, t in ts.weight_modules(model)]

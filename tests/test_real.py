@@ -66,7 +66,7 @@ def test_known_facts_rank_their_sentence_above_random_ones(real_run):
     the 5% point for 4 or more degrees of freedom).
 
     Checked on the gradient-cosine index. At this CI size (V estimated from 64 documents) the
-    corrected rows, TrackStar among them, are near chance: see the README's real-data results."""
+    corrected rows, TrackStar among them, are near chance: see docs/results.md."""
     run, corpus, queries = real_run
     results = json.loads((run / "results.json").read_text())
     known = [q for q, ok in zip(queries, results["model_correct"], strict=True) if ok]
