@@ -51,6 +51,8 @@ RUN     ?= runs/factworld-$(SIZE)-seed$(SEED)
 # Tail-patch costs a training step per distinct proponent: a seeded half of the queries keeps `make all`
 # within minutes (MRR and recall use every query).
 TAIL_QUERIES ?= 100
+# A second influence measure beside the one-document step: each row's top-k proponents stepped on together.
+EVALUATE_EXTRA ?= --together
 # One world and one table on every x86-64 machine: PyTorch's CPU kernels run their AVX2 code (an AVX-512 machine
 # rounds otherwise and trains another world) and MKL its reproducible AVX2 path; prepare.py trains on one thread.
 # Runs on your own model (MODEL=...) keep the machine's fastest kernels.
