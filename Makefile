@@ -75,7 +75,8 @@ TAIL_V   := --optimizer-state $(OPTIMIZER)
 endif
 # The tail-patch step: LR=..., or CALIBRATE_LR=1 (the rule evaluate.py --calibrate-lr states), else the optimizer's.
 CALIBRATION_QUERIES ?= 20
-LR_OPT := $(if $(LR),--lr $(LR),$(if $(CALIBRATE_LR),--calibrate-lr --calibration-queries $(CALIBRATION_QUERIES),))
+LR_OPT = $(if $(LR),--lr $(LR),$(if $(and $(CALIBRATE_LR),$(filter-out none,$(TAIL_QUERIES))),--calibrate-lr \
+             --calibration-queries $(CALIBRATION_QUERIES),))
 # TAIL_QUERIES=none: attribution only, no tail-patch.
 TAIL_OPT = $(if $(filter none,$(TAIL_QUERIES)),--no-tail-patch,--tail-queries $(TAIL_QUERIES))
 
