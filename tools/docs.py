@@ -71,6 +71,17 @@ def claims(rec: dict) -> str:
     return report.md_table(head, rows)
 
 
+def verdicts(rec: dict) -> str:
+    """The claims over all queries, grouped by their state: the prose-sized summary of the claims table."""
+    measured = [c for c in rec["results"]["claims"] if c["split"] == "All queries" and c["n"]]
+    lines = []
+    for state, title in (("holds", "Hold"), ("contradicted", "Contradicted"), ("not established", "Not established")):
+        named = [c["claim"] for c in measured if c["state"] == state]
+        if named:
+            lines.append(f"* **{title}** ({len(named)}): " + "; ".join(named) + ".")
+    return "\n".join(lines)
+
+
 def comparisons(rec: dict) -> str:
     head, rows = report.comparison_rows(rec["results"])
     return report.md_table(head, rows)
@@ -97,6 +108,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "table": ablation,
     "splits": lambda rec: ablation(rec, tuple(t for t, _ in evaluate.splits([]))),
     "claims": claims,
+    "verdicts": verdicts,
     "comparisons": comparisons,
     "seeds": seed_table,
     "trend": lambda rec: points_table(rec, "step"),
@@ -106,9 +118,16 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
 }
 
 
+# An experiment not yet recorded says so in its block, rather than keeping figures from another commit.
+NOT_RECORDED = ("*Not recorded at this commit: run the command above under `python -m tools.record {name} "
+                "RESULTS -- COMMAND`, then `make docs`.*\n")
+
+
 def render_block(name: str, view: str) -> str:
     if view not in RENDERERS:
         raise SystemExit(f"unknown view {view!r} for {name} (known: {', '.join(RENDERERS)})")
+    if not (RESULTS / f"{name}.json").exists():
+        return NOT_RECORDED.format(name=name)
     rec = load(name)
     return f"{RENDERERS[view](rec)}\n\n{provenance(rec)}\n"
 
