@@ -111,6 +111,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "verdicts": verdicts,
     "comparisons": comparisons,
     "seeds": seed_table,
+    "seedrows": lambda rec: seeds.table_markdown(rec["results"]),
     "trend": lambda rec: points_table(rec, "step"),
     "sizes": lambda rec: points_table(rec, "model"),
     "sweep": sweep_tables,
