@@ -17,6 +17,7 @@ commit, the machine and the wall time, so a figure in the docs always says where
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -66,6 +67,26 @@ def ablation(rec: dict, titles: tuple[str, ...] = ("All queries",)) -> str:
     return "\n".join(parts).rstrip()
 
 
+def by_split(rec: dict) -> str:
+    """The table in one: MRR and tail-patch Δp per method on all queries, those the model answers and those it
+    gets wrong, after the tail-patch lr's calibration (when the run calibrated one)."""
+    results = rec["results"]
+    parts = report.splits(results)
+    names = ("all", "answered", "wrong")
+    head = ["method", *(f"MRR {n} ({sum(m)})" for n, (_, m) in zip(names, parts, strict=True)),
+            *(f"Δp ×1e-3 {n}" for n in names)]
+    rows = []
+    for method in results["settings"]["methods"]:
+        cells = [report.NAMES.get(method, method)]
+        for key, scale in (("mrr", 1.0), ("dp", 1e3)):
+            for _, mask in parts:
+                mean, se = evaluate.summarize(results["per_query"][method][key], mask)
+                cells.append("–" if math.isnan(mean) else f"{mean * scale:.3f} ± {se * scale:.3f}")
+        rows.append(cells)
+    calibration = report.calibration_intro(results) + "\n\n" if results.get("calibration") else ""
+    return calibration + report.md_table(head, rows)
+
+
 def claims(rec: dict) -> str:
     head, rows, _ = report.claim_rows(rec["results"])
     return report.md_table(head, rows)
@@ -100,12 +121,64 @@ def points_table(rec: dict, axis: str) -> str:
     return trend.markdown(rows, axis) + "\n\n" + trend.across_markdown(changes, first, last)
 
 
+def sign(d: dict) -> str:
+    """Where a paired difference's 95% CI lies with respect to 0."""
+    lo, hi = d["ci"]
+    return "below 0" if hi < 0 else "above 0" if lo > 0 else "spans 0"
+
+
+def interval(key: str, d: dict | None) -> str:
+    return f"{report.fmt_interval(key, d)} ({sign(d)})" if d and d.get("n") else "–"
+
+
+def sweep_diff(rec: dict, axis: str, x: str, row: str, against: str = "vs_reference") -> dict | None:
+    """One point's paired Δp difference on one sweep axis (None where the axis was not swept)."""
+    points = rec["results"]["axes"].get(axis, [])
+    hit = [p for p in points if str(p["x"]) == x and p["row"] == row]
+    return hit[0].get(against, {}).get("dp") if hit else None
+
+
+def pair(rec: dict, a: str, b: str, metric: str) -> dict | None:
+    hit = [c for c in rec["results"]["comparisons"]
+           if (c["a"], c["b"], c["metric"], c["split"]) == (a, b, metric, "All queries")]
+    return hit[0] if hit else None
+
+
+def r_explanations(recs: list[dict]) -> str:
+    """Each explanation of R lowering one-step influence, as the paired Δp differences that test it: the sweep of
+    each projection seed (the first records) and the fact world's comparisons (the last record)."""
+    *sweeps, world = recs
+    rows: list[tuple[str, str, list[dict | None]]] = []
+
+    def over_seeds(what: str, how: str, axis: str, x: str, row: str, against: str = "vs_reference") -> None:
+        rows.append((what, how, [sweep_diff(r, axis, x, row, against) for r in sweeps]))
+
+    fit = "R_eval fitted in-sample"
+    over_seeds(fit, "TrackStar: R_eval held out − fitted on the scored queries", "reval", "other half", "TrackStar",
+               "vs_in_sample")
+    over_seeds(fit, "+ R_eval (λ = 1): held out − in-sample", "reval", "other half", "+ R_eval", "vs_in_sample")
+    over_seeds(fit, "+ R_eval (λ = 1), held out − correction alone", "reval", "other half", "+ R_eval")
+    for lam in ("auto", "1"):
+        over_seeds("the λ rule", f"TrackStar at λ = {lam} − λ = 0", "lambda", lam, "TrackStar")
+    for dim in ("256", "512", "1024", "2048"):
+        over_seeds("d", f"TrackStar − correction alone at d = {dim}", "d", dim, "TrackStar")
+    for damping in ("1e-3", "auto", "1"):
+        over_seeds("damping", f"+ R_train − correction alone at damping {damping}", "damping", damping, "+ R_train")
+    for metric, probe in (("dp", "one document"), ("dp_joint", "top-k together")):
+        for a, b, name in (("train", "optcorr", "+ R_train − correction alone"),
+                           ("trackstar", "train", "TrackStar − + R_train")):
+            rows.append(("the probe", f"{name}, {probe}", [pair(world, a, b, metric)] + [None] * (len(sweeps) - 1)))
+    head = ["explanation", "paired tail-patch Δp difference"] + [f"P seed {i}" for i in range(len(sweeps))]
+    return report.md_table(head, [[what, how] + [interval("dp", d) for d in diffs] for what, how, diffs in rows])
+
+
 def sweep_tables(rec: dict) -> str:
     return sweep.markdown(rec["results"]).replace("# Sweep\n\n", "", 1).replace("\n## ", "\n#### ").rstrip()
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "table": ablation,
+    "bysplit": by_split,
     "splits": lambda rec: ablation(rec, tuple(t for t, _ in evaluate.splits([]))),
     "claims": claims,
     "verdicts": verdicts,
@@ -119,18 +192,27 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
 }
 
 
+# Views over several records (NAME is their names joined by "+", in the order the view expects).
+MULTI: dict[str, Callable[[list[dict]], str]] = {
+    "explanations": r_explanations,
+}
+
+
 # An experiment not yet recorded says so in its block, rather than keeping figures from another commit.
 NOT_RECORDED = ("*Not recorded at this commit: run the command above under `python -m tools.record {name} "
                 "RESULTS -- COMMAND`, then `make docs`.*\n")
 
 
 def render_block(name: str, view: str) -> str:
-    if view not in RENDERERS:
-        raise SystemExit(f"unknown view {view!r} for {name} (known: {', '.join(RENDERERS)})")
-    if not (RESULTS / f"{name}.json").exists():
-        return NOT_RECORDED.format(name=name)
-    rec = load(name)
-    return f"{RENDERERS[view](rec)}\n\n{provenance(rec)}\n"
+    if view not in RENDERERS and view not in MULTI:
+        raise SystemExit(f"unknown view {view!r} for {name} (known: {', '.join([*RENDERERS, *MULTI])})")
+    names = name.split("+")
+    missing = [n for n in names if not (RESULTS / f"{n}.json").exists()]
+    if missing:
+        return NOT_RECORDED.format(name=missing[0])
+    recs = [load(n) for n in names]
+    body = MULTI[view](recs) if view in MULTI else RENDERERS[view](recs[0])
+    return body + "\n\n" + "\n\n".join(dict.fromkeys(provenance(r) for r in recs)) + "\n"
 
 
 def rendered(text: str) -> str:
