@@ -1,5 +1,6 @@
 """Mutation check of the test suite: apply one plausible bug at a time to a scratch copy of the project, run
-the tests that should catch it, and report which bugs no test notices (survivors).
+the tests that should catch it, and report which bugs no test notices (survivors) and which only make the
+tests crash without an assertion failing (not counted as caught).
 
     python -m tools.mutants [--only NAME ...] [--list]
 
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 import typer
 
@@ -122,14 +124,29 @@ def scratch_copy() -> Path:
     return tmp / "repo"
 
 
+# A test kills a mutant when one of its assertions fails (pytest's own `fail`, and `raises` that saw nothing, count):
+# a mutant that only makes the code crash (an import error, a NameError in a fixture) shows the tests run the line,
+# not that they check what it computes.
+ASSERTED = ("AssertionError", "Failed", "assert ")
+
+
+def outcome(repo: Path, tests: list[str]) -> str:
+    """"passed", "killed" (an assertion failed) or "crashed" (the tests failed, but none by an assertion)."""
+    report = repo / "junit.xml"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+                        *tests], cwd=repo, capture_output=True, text=True)
+    if r.returncode == 0:
+        return "passed"
+    failures = ElementTree.parse(report).getroot().iter("failure") if report.exists() else []
+    return "killed" if any((f.get("message") or "").startswith(ASSERTED) for f in failures) else "crashed"
+
+
 def tests_fail(repo: Path, tests: list[str]) -> bool:
-    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=repo,
-                       capture_output=True, text=True)
-    return r.returncode != 0
+    return outcome(repo, tests) != "passed"
 
 
-def run_mutant(name: str) -> bool:
-    """True if the tests kill the mutant (fail with it applied)."""
+def run_mutant(name: str) -> str:
+    """What the tests do with the mutant applied: "killed", "crashed" or "passed" (it survives)."""
     file, old, new, tests = MUTANTS[name]
     repo = scratch_copy()
     try:
@@ -138,7 +155,7 @@ def run_mutant(name: str) -> bool:
         if text.count(old) != 1:
             raise SystemExit(f"mutant {name!r}: its original text is not found exactly once in {file}")
         path.write_text(text.replace(old, new))
-        return tests_fail(repo, tests)
+        return outcome(repo, tests)
     finally:
         shutil.rmtree(repo.parent, ignore_errors=True)
 
@@ -157,15 +174,17 @@ def main(only: list[str] = typer.Option(None, help="Run only these mutants (by n
             raise SystemExit(f"the tests fail on an unchanged copy ({baseline}): fix them first")
     finally:
         shutil.rmtree(repo.parent, ignore_errors=True)
-    survivors = []
+    found: dict[str, list[str]] = {"killed": [], "crashed": [], "passed": []}
     for name in names:
         t0 = time.time()
-        killed = run_mutant(name)
-        print(f"{'killed  ' if killed else 'SURVIVED'} {time.time() - t0:5.0f} s  {name}", flush=True)
-        if not killed:
-            survivors.append(name)
-    print(f"kill rate {len(names) - len(survivors)}/{len(names)}" + (f"; survivors: {survivors}" if survivors else ""))
-    raise SystemExit(1 if survivors else 0)
+        state = run_mutant(name)
+        print(f"{ {'killed': 'killed  ', 'crashed': 'CRASHED ', 'passed': 'SURVIVED'}[state]} "
+              f"{time.time() - t0:5.0f} s  {name}", flush=True)
+        found[state].append(name)
+    print(f"killed by an assertion {len(found['killed'])}/{len(names)}"
+          + (f"; only crashed: {found['crashed']}" if found["crashed"] else "")
+          + (f"; survivors: {found['passed']}" if found["passed"] else ""))
+    raise SystemExit(1 if found["crashed"] or found["passed"] else 0)
 
 
 if __name__ == "__main__":
