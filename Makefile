@@ -8,7 +8,7 @@
 #   make sweep                                 d, R_train sample size, damping and λ against MRR and tail-patch
 #   make trend                                 BM25, cosine and TrackStar at each training checkpoint
 #   make real                                  SmolLM2-135M on LAMA T-REx (docs/results.md)
-#   make test | make bench | make bench-gpu | make lint
+#   make test | make test-quick | make bench | make bench-gpu | make lint
 #
 # Stages are chained by file dependencies, so a stage reruns only when its inputs (or its code) change.
 
@@ -133,7 +133,7 @@ REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES
 # A model named by a shortcut (smollm2) is a package, not a file make can track.
 MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 
-.PHONY: all install test bench bench-gpu lint trend real clean screenshot sweep mutants seeds docs sizes
+.PHONY: all install test test-quick bench bench-gpu lint trend real clean screenshot sweep mutants seeds docs sizes
 .DELETE_ON_ERROR:
 # Indexes are products users query again (`query.py --index ... --prompt`), not intermediates to delete.
 .SECONDARY: $(foreach v,$(VARIANTS) dense,$(RUN)/index-$(v)/index.h5)
@@ -266,6 +266,9 @@ trend: $(MODEL_DEP) $(CORPUS_DEP) $(QUERIES_DEP) experiments/trend.py
 
 test: .venv/.installed
 	$(PY) -m pytest -q --durations=10
+
+test-quick: .venv/.installed
+	$(PY) -m pytest -q -m "not slow"
 
 bench: .venv/.installed
 	$(PY) -m bench.encoding
