@@ -156,11 +156,10 @@ def r_explanations(recs: list[dict]) -> str:
     fit = "R_eval fitted in-sample"
     over_seeds(fit, "TrackStar: R_eval held out − fitted on the scored queries", "reval", "other half", "TrackStar",
                "vs_in_sample")
-    over_seeds(fit, "+ R_eval (λ = 1): held out − in-sample", "reval", "other half", "+ R_eval", "vs_in_sample")
     over_seeds(fit, "+ R_eval (λ = 1), held out − correction alone", "reval", "other half", "+ R_eval")
     for lam in ("auto", "1"):
         over_seeds("the λ rule", f"TrackStar at λ = {lam} − λ = 0", "lambda", lam, "TrackStar")
-    for dim in ("256", "512", "1024", "2048"):
+    for dim in ("256", "1024", "2048"):
         over_seeds("d", f"TrackStar − correction alone at d = {dim}", "d", dim, "TrackStar")
     for damping in ("1e-3", "auto", "1"):
         over_seeds("damping", f"+ R_train − correction alone at damping {damping}", "damping", damping, "+ R_train")
@@ -212,7 +211,7 @@ def render_block(name: str, view: str) -> str:
         return NOT_RECORDED.format(name=missing[0])
     recs = [load(n) for n in names]
     body = MULTI[view](recs) if view in MULTI else RENDERERS[view](recs[0])
-    return body + "\n\n" + "\n\n".join(dict.fromkeys(provenance(r) for r in recs)) + "\n"
+    return body + "\n\n" + "\n".join(dict.fromkeys(provenance(r) for r in recs)) + "\n"
 
 
 def rendered(text: str) -> str:
