@@ -195,7 +195,8 @@ $(RUN)/proponents-dense.jsonl: $(RUN)/index-dense/index.h5 $(QUERIES_DEP) query.
 
 $(RUN)/results.json: $(foreach m,$(BASELINES) $(VARIANTS),$(RUN)/proponents-$(m).jsonl) evaluate.py
 	$(PY) evaluate.py --run $(RUN) --model $(MODEL) --corpus '$(CORPUS)' --queries '$(QUERIES)' \
-	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE) $(TAIL_OPT) $(EVALUATE_EXTRA)
+	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE) $(TAIL_OPT) --export-viewer $(RUN)/viewer \
+	    $(EVALUATE_EXTRA)
 
 $(RUN)/results.md: $(RUN)/results.json report.py
 	$(PY) report.py --run $(RUN) --corpus '$(CORPUS)' --queries '$(QUERIES)'
