@@ -2,8 +2,9 @@
 #
 #   make all                                   the embedded fact world, end to end, prints the table
 #   make all MODEL=dir CORPUS=c.jsonl          your corpus encoded and indexed (R_train), ready for questions
-#                                              (CORPUS: a .jsonl, .jsonl.gz or .parquet file, a directory of them,
-#                                              or a quoted glob pattern: CORPUS='shards/*.parquet')
+#                                              (CORPUS: a .jsonl, .jsonl.gz, .parquet or .arrow file, a directory
+#                                              of them, a Hugging Face save_to_disk folder, or a quoted glob
+#                                              pattern: CORPUS='shards/*.parquet')
 #   make all MODEL=dir CORPUS=c.jsonl QUERIES=q.jsonl [OPTIMIZER=optimizer.pt | ESTIMATE_V=512] [LR=1e-4]
 #   make sweep                                 d, R_train sample size, damping and λ against MRR and tail-patch
 #   make trend                                 BM25, cosine and TrackStar at each training checkpoint
@@ -82,7 +83,7 @@ TAIL_OPT = $(if $(filter none,$(TAIL_QUERIES)),--no-tail-patch,--tail-queries $(
 
 # What a stage reading CORPUS or QUERIES depends on. A directory: itself and its data files (a directory's own
 # time changes when a file comes or goes, not when one is rewritten). A glob pattern make expands itself.
-data_dep = $(if $(and $(1),$(wildcard $(1)/.)),$(1) $(wildcard $(addprefix $(1)/*,.jsonl .jsonl.gz .parquet)),$(1))
+data_dep = $(if $(and $(1),$(wildcard $(1)/.)),$(1) $(wildcard $(addprefix $(1)/*,.jsonl .jsonl.gz .parquet .arrow)),$(1))
 CORPUS_DEP = $(call data_dep,$(CORPUS))
 QUERIES_DEP = $(call data_dep,$(QUERIES))
 
