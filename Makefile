@@ -9,6 +9,7 @@
 #   make sweep                                 d, R_train sample size, damping and λ against MRR and tail-patch
 #   make trend                                 BM25, cosine and TrackStar at each training checkpoint
 #   make real                                  SmolLM2-135M on LAMA T-REx (docs/results.md)
+#   make view                                  report.html and the viewer exports on 127.0.0.1 (Ctrl-C stops)
 #   make test | make test-quick | make bench | make bench-gpu | make lint
 #
 # Stages are chained by file dependencies, so a stage reruns only when its inputs (or its code) change.
@@ -134,7 +135,7 @@ REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES
 # A model named by a shortcut (smollm2) is a package, not a file make can track.
 MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 
-.PHONY: all install test test-quick bench bench-gpu lint trend real clean screenshot sweep mutants seeds docs sizes
+.PHONY: all install test test-quick bench bench-gpu lint trend real clean screenshot sweep mutants seeds docs sizes view
 .DELETE_ON_ERROR:
 # Indexes are products users query again (`query.py --index ... --prompt`), not intermediates to delete.
 .SECONDARY: $(foreach v,$(VARIANTS) dense,$(RUN)/index-$(v)/index.h5)
@@ -295,6 +296,11 @@ lint: .venv/.installed
 
 clean:
 	rm -rf runs
+
+# A look in a browser: RUN's report.html and viewer/*.jsonl served on 127.0.0.1 until Ctrl-C (PORT=, and VIEWER= a
+# built copy of the paper authors' viewer, served beside them).
+view:
+	$(PY) report.py --run $(RUN) --serve $(if $(PORT),--port $(PORT)) $(if $(VIEWER),--viewer $(VIEWER))
 
 # Proof that the report renders: headless Chromium (Debian package `chromium`) screenshots it.
 screenshot: $(RUN)/results.md
