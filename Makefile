@@ -2,12 +2,14 @@
 #
 #   make all                                   the embedded fact world, end to end, prints the table
 #   make all MODEL=dir CORPUS=c.jsonl          your corpus encoded and indexed (R_train), ready for questions
-#                                              (CORPUS: a .jsonl, .jsonl.gz or .parquet file, a directory of them,
-#                                              or a quoted glob pattern: CORPUS='shards/*.parquet')
+#                                              (CORPUS: a .jsonl, .jsonl.gz, .parquet or .arrow file, a directory
+#                                              of them, a Hugging Face save_to_disk folder, or a quoted glob
+#                                              pattern: CORPUS='shards/*.parquet')
 #   make all MODEL=dir CORPUS=c.jsonl QUERIES=q.jsonl [OPTIMIZER=optimizer.pt | ESTIMATE_V=512] [LR=1e-4]
 #   make sweep                                 d, R_train sample size, damping and λ against MRR and tail-patch
 #   make trend                                 BM25, cosine and TrackStar at each training checkpoint
 #   make real                                  SmolLM2-135M on LAMA T-REx (docs/results.md)
+#   make view                                  report.html and the viewer exports on 127.0.0.1 (Ctrl-C stops)
 #   make test | make test-quick | make bench | make bench-gpu | make lint
 #
 # Stages are chained by file dependencies, so a stage reruns only when its inputs (or its code) change.
@@ -82,7 +84,7 @@ TAIL_OPT = $(if $(filter none,$(TAIL_QUERIES)),--no-tail-patch,--tail-queries $(
 
 # What a stage reading CORPUS or QUERIES depends on. A directory: itself and its data files (a directory's own
 # time changes when a file comes or goes, not when one is rewritten). A glob pattern make expands itself.
-data_dep = $(if $(and $(1),$(wildcard $(1)/.)),$(1) $(wildcard $(addprefix $(1)/*,.jsonl .jsonl.gz .parquet)),$(1))
+data_dep = $(if $(and $(1),$(wildcard $(1)/.)),$(1) $(wildcard $(addprefix $(1)/*,.jsonl .jsonl.gz .parquet .arrow)),$(1))
 CORPUS_DEP = $(call data_dep,$(CORPUS))
 QUERIES_DEP = $(call data_dep,$(QUERIES))
 
@@ -133,7 +135,7 @@ REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES
 # A model named by a shortcut (smollm2) is a package, not a file make can track.
 MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 
-.PHONY: all install test test-quick bench bench-gpu lint trend real clean screenshot sweep mutants seeds docs sizes
+.PHONY: all install test test-quick bench bench-gpu lint trend real clean screenshot sweep mutants seeds docs sizes view
 .DELETE_ON_ERROR:
 # Indexes are products users query again (`query.py --index ... --prompt`), not intermediates to delete.
 .SECONDARY: $(foreach v,$(VARIANTS) dense,$(RUN)/index-$(v)/index.h5)
@@ -195,7 +197,8 @@ $(RUN)/proponents-dense.jsonl: $(RUN)/index-dense/index.h5 $(QUERIES_DEP) query.
 
 $(RUN)/results.json: $(foreach m,$(BASELINES) $(VARIANTS),$(RUN)/proponents-$(m).jsonl) evaluate.py
 	$(PY) evaluate.py --run $(RUN) --model $(MODEL) --corpus '$(CORPUS)' --queries '$(QUERIES)' \
-	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE) $(TAIL_OPT) $(EVALUATE_EXTRA)
+	    --methods $(METHODS) $(TAIL_V) $(LR_OPT) --device $(DEVICE) $(TAIL_OPT) --export-viewer $(RUN)/viewer \
+	    $(EVALUATE_EXTRA)
 
 $(RUN)/results.md: $(RUN)/results.json report.py
 	$(PY) report.py --run $(RUN) --corpus '$(CORPUS)' --queries '$(QUERIES)'
@@ -293,6 +296,11 @@ lint: .venv/.installed
 
 clean:
 	rm -rf runs
+
+# A look in a browser: RUN's report.html and viewer/*.jsonl served on 127.0.0.1 until Ctrl-C (PORT=, and VIEWER= a
+# built copy of the paper authors' viewer, served beside them).
+view:
+	$(PY) report.py --run $(RUN) --serve $(if $(PORT),--port $(PORT)) $(if $(VIEWER),--viewer $(VIEWER))
 
 # Proof that the report renders: headless Chromium (Debian package `chromium`) screenshots it.
 screenshot: $(RUN)/results.md

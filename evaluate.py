@@ -2,11 +2,13 @@
 ablation table, and a report a person can browse.
 
     python evaluate.py --run RUN --model DIR --corpus corpus.jsonl --queries queries.jsonl \
-        [--methods bm25,dense,dot,cosine,trak,optcorr,train,eval,trackstar] [--optimizer-state F] [--lr F]
+        [--methods bm25,dense,dot,cosine,trak,optcorr,train,eval,trackstar] [--optimizer-state F] [--lr F] \
+        [--export-viewer RUN/viewer]
 
 Reads RUN/proponents-<method>.jsonl (query.py's output for each method) and writes RUN/results.json:
 every per-query value, the summaries per query split, and what the report shows. report.py renders it
-(results.md, report.html); this stage computes, the renderer only presents.
+(results.md, report.html); this stage computes, the renderer only presents. With --export-viewer it also
+writes each method's retrievals in the schema of the paper authors' viewer (docs/files.md).
 
 Ground truth is optional. Where queries carry a `fact` and documents their `facts`, MRR and
 recall@k say whether a retrieved document states the fact, and a "ground truth" row uses those
@@ -630,6 +632,42 @@ def evidence(per_query: dict, model_correct: list[bool], attributed: bool) -> di
             "claims": claims(per_query, split_masks, attributed)}
 
 
+# ----------------------------------------------------------------------------------------------
+# The paper authors' viewer (PAIR-code/pretraining-tda, demo/) reads one JSONL of retrievals per method:
+# a record per query, the proponents' texts, ids and scores as parallel lists, and `proponent_correct`
+# where there is ground truth, from which it computes recall@10, precision@10 and MRR (`mrr_first`).
+# Opponents are left out: the viewer does not show them (they stay in proponents-<method>.jsonl).
+
+
+def viewer_record(q: dict, proponents: list[dict], texts: dict[str, str], facts_of: dict[str, list[str]],
+                  scored: bool) -> dict:
+    """One query's record in the viewer's schema: `example_id` is the query id; `proponent_correct` (does each
+    proponent state the query's fact) only for a query with ground truth; `fact` and `relation` when it has them."""
+    record = {"example_id": q["id"], "inputs_plaintext": q["prompt"], "targets_plaintext": q["target"],
+              "proponents": [texts[p["id"]] for p in proponents], "proponent_ids": [p["id"] for p in proponents],
+              "proponent_scores": [float(p["score"]) for p in proponents]}
+    if scored:
+        record["proponent_correct"] = [q["fact"] in facts_of[p["id"]] for p in proponents]
+    record.update({key: q[key] for key in ("fact", "relation") if q.get(key) is not None})
+    return record
+
+
+def export_viewer(out: Path, rankings: dict, queries: list[dict], docs: list[dict], scored: list[bool],
+                  k: int) -> list[Path]:
+    """out/<method>.jsonl for every retrieval method (not the ground-truth row), each query's top k: the
+    proponents evaluate.py's MRR and recall@k were computed on."""
+    out.mkdir(parents=True, exist_ok=True)
+    texts = {d["id"]: d["text"] for d in docs}
+    facts_of = {d["id"]: d.get("facts") or [] for d in docs}
+    written = []
+    for method, ranks in rankings.items():
+        if method != "truth":
+            ts.write_jsonl(out / f"{method}.jsonl", (viewer_record(q, ranks[q["id"]][:k], texts, facts_of, s)
+                                                      for q, s in zip(queries, scored, strict=True)))
+            written.append(out / f"{method}.jsonl")
+    return written
+
+
 def jsonable(x: Any) -> Any:
     """`x` with every NaN / inf replaced by None: results.json is strict JSON, "not measured" is null."""
     if isinstance(x, dict):
@@ -664,6 +702,8 @@ def main(
                                             "that --calibrate-lr uses."),
     together: bool = typer.Option(False, "--together", help="Also tail-patch each method's top-k proponents "
                                   "together (one step on all k): a second influence measure (dp_joint, dlogp_joint)."),
+    export_viewer_dir: Path | None = typer.Option(None, "--export-viewer", help="Also write DIR/<method>.jsonl "
+                                                  "in the schema of the paper authors' viewer (docs/files.md)."),
     device: str = typer.Option("auto"),
 ) -> None:
     if calibrate_lr and lr is not None:
@@ -727,6 +767,9 @@ def main(
         **evidence(per_query, correct, any(scored)),
     })
     ts.write_json(run / "results.json", results)
+    if export_viewer_dir is not None:
+        written = export_viewer(export_viewer_dir, rankings, qs, docs, scored, k)
+        typer.echo(f"wrote {len(written)} viewer files into {export_viewer_dir}")
     typer.echo(f"wrote {run / 'results.json'}; render it with: python report.py --run {run} --corpus {corpus} "
                f"--queries {queries}")
 

@@ -6,6 +6,12 @@
     python query.py --method dense --corpus corpus.jsonl --index RUN/index-dense [--dense-model DIR]
     python query.py --method dense --index RUN/index-dense --queries queries.jsonl --out RUN/dense.jsonl
 
+From Python (a notebook), with the model and the index's settings loaded once for many questions:
+
+    import query
+    ix = query.open_index("RUN/index-trackstar")  # or RUN/index-dense, or a corpus file (BM25)
+    ix.ask("The capital of France is", " Paris", k=10)  # [{"id", "score", "text"}, ...], best first
+
 score(m, q) = Ḡ(m) · Ḡ(q): the index holds Ḡ(m); each query vector g(q) gets the same transform and
 normalisation the index recorded. The dense baseline embeds the corpus once into an index of its
 own (unit text embeddings, by default all-MiniLM-L6-v2's) and scans it the same way. A blocked scan
@@ -21,13 +27,14 @@ Output, one line per query, in the queries file's order:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import time
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -94,14 +101,23 @@ def read_query_transform(index: str | Path) -> np.ndarray | None:
 
 
 def prepare_queries(vectors: np.ndarray, index: Path, meta: dict, device: str) -> torch.Tensor:
-    """g(q) -> what the index's documents are scored against: same transform, same normalisation.
+    """g(q) -> what the index's documents are scored against: same transform, same normalisation."""
+    return transformed_queries(vectors, query_matrix(index, device), meta, device)
+
+
+def query_matrix(index: Path, device: str) -> torch.Tensor | None:
+    """The index's query transform on `device` (None: identity)."""
+    matrix = read_query_transform(index)
+    return None if matrix is None else torch.as_tensor(matrix, device=device)
+
+
+def transformed_queries(vectors: np.ndarray, matrix: torch.Tensor | None, meta: dict, device: str) -> torch.Tensor:
+    """g(q) transformed by `matrix` and normalised as the index recorded.
 
     The index stores documents divided by `scale` (a power of two, float16 range); multiplying the
     queries by it gives back the true scores exactly.
     """
     ts.check_finite(vectors, "the query vectors")
-    matrix = read_query_transform(index)
-    matrix = None if matrix is None else torch.as_tensor(matrix, device=device)
     q = ts.transform(torch.as_tensor(vectors, dtype=torch.float32, device=device), matrix, meta["unit_norm"])
     return q * meta["scale"]
 
@@ -430,15 +446,26 @@ def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device
 
 def encode_one(meta: dict, prompt: str, target: str, device: str) -> np.ndarray:
     """An ad-hoc query encoded exactly as the corpus run was: its model (checked by fingerprint), V, d, seed."""
+    return query_encoder(meta, device)(prompt, target)
+
+
+def query_encoder(meta: dict, device: str, model_path: str | None = None) -> Callable[[str, str], np.ndarray]:
+    """encode(prompt, target) -> g(q) with the corpus run's settings; the model (the run's, or the one at
+    `model_path`, which must have the run's fingerprint), V and the projections are loaded once, here."""
     corpus = meta["corpus"]
-    model, tokenizer = ts.load_model(corpus.model_path, corpus.dtype, device, corpus.model)
+    model, tokenizer = ts.load_model(model_path or corpus.model_path, corpus.dtype, device, corpus.model)
     V = ts.load_second_moment(corpus.v_file, model) if corpus.v_file else None
     enc = ts.build_encoder(model, V, corpus, also_uncorrected=meta["vector_dataset"] == "vectors_uncorrected")
-    row = {"id": "ad-hoc", "prompt": prompt, "target": target, "_line": 1, "_where": "--prompt/--target"}
-    tokenized, _ = ts.tokenize_rows(tokenizer, [row], "queries", corpus.max_length)
-    arrays = ts.encode_tokenized(enc, tokenized, corpus.token_budget)
-    ts.pin_precision("highest")  # the scan in fp32, as for a file of queries, whatever the encoding used
-    return arrays[meta["vector_dataset"]] if meta["vector_dataset"] in arrays else arrays["vectors"]
+
+    def encode(prompt: str, target: str) -> np.ndarray:
+        ts.pin_precision(corpus.matmul_precision)  # as the run encoded, even after a scan pinned fp32
+        row = {"id": "ad-hoc", "prompt": prompt, "target": target, "_line": 1, "_where": "--prompt/--target"}
+        tokenized, _ = ts.tokenize_rows(tokenizer, [row], "queries", corpus.max_length)
+        arrays = ts.encode_tokenized(enc, tokenized, corpus.token_budget)
+        ts.pin_precision("highest")  # the scan in fp32, as for a file of queries, whatever the encoding used
+        return arrays[meta["vector_dataset"]] if meta["vector_dataset"] in arrays else arrays["vectors"]
+
+    return encode
 
 
 def print_table(title: str, rows: list[dict], width: int = 72) -> None:
@@ -705,6 +732,96 @@ def dense_main(index: Path | None, corpus: Path | None, queries: Path | None, ou
     rows, result = query_dense(index, qs, dense, k, block, device)
     write_results(out, [q["id"] for q in qs], rows, result)
     typer.echo(f"wrote {out}: dense ({dense.name}), {len(qs)} queries x {len(rows)} documents")
+
+
+# ----------------------------------------------------------------------------------------------
+# From a notebook: open an index once, ask it many questions. The same checks as the command line (the
+# model's fingerprint, V's digest, the corpus's digest), the same functions, the same scores.
+#
+#     import query
+#     ix = query.open_index("runs/factworld-small-seed0/index-trackstar", device="auto")
+#     ix.ask("The capital of France is", " Paris", k=10)   # [{"id", "score", "text"}, ...], best first
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenIndex:
+    """An index opened by open_index: `top(prompt, target, k)` gives one question's (scores, corpus rows), best
+    first, with everything it needs (model, V, projections, query transform, documents) already loaded."""
+
+    path: Path
+    method: str  # "trackstar" (any gradient index), "dense" or "bm25"
+    rows: list[dict]  # the corpus documents, by row
+    top: Callable[[str, str, int], tuple[np.ndarray, np.ndarray]]
+    has_facts: bool  # whether the corpus lists ground-truth `facts`
+
+    def ask(self, prompt: str, target: str, k: int = 10, fact: str | None = None) -> list[dict]:
+        """The k best documents for `prompt` -> `target`: {"id", "score", "text"} each, and, given the
+        question's `fact` and a corpus with ground truth, "states_fact" (whether the document lists it)."""
+        if not (isinstance(prompt, str) and prompt.strip() and isinstance(target, str) and target.strip()):
+            raise ts.TrackStarError("a question needs both a prompt and a target, each with some text")
+        if k < 1:
+            raise ts.TrackStarError(f"k must be >= 1, got {k}")
+        scores, rows = self.top(prompt, target, k)
+        found = ranked(self.rows, rows, scores)
+        if fact is not None and self.has_facts:
+            for doc, i in zip(found, rows, strict=True):
+                doc["states_fact"] = fact in (self.rows[i].get("facts") or [])
+        return found
+
+
+def open_index(path: str | Path, device: str = "auto", model: str | None = None) -> OpenIndex:
+    """An index to ask questions of: a gradient index (index.py's), a dense one (query.py --method dense), or a
+    corpus (a file, folder or pattern, as --data takes) for BM25. `model`: the model directory to use instead of
+    the one the index recorded (it must be the same model: its fingerprint is checked), for a dense index the
+    embedding model (as --dense-model)."""
+    path, device = Path(path), ts.pick_device(device)
+    if not (path / "index.h5").exists():
+        if model is not None:
+            raise ts.TrackStarError(f"{path} is no index (no index.h5), so BM25 over it as a corpus: BM25 takes "
+                                    "no model")
+        return bm25_index(path)
+    with h5py.File(path / "index.h5", "r") as f:
+        dense = "dense" in ts.read_attrs(f)
+    return dense_index(path, device, model) if dense else gradient_index(path, device, model)
+
+
+def gradient_index(path: Path, device: str, model: str | None) -> OpenIndex:
+    meta = read_index_meta(path)
+    encode, matrix = query_encoder(meta, device, model), query_matrix(path, device)
+    c = meta["corpus"]
+    rows = corpus_rows_for(c.data, c.data_digest, c.n_examples)
+
+    def top(prompt: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        top_s, top_i, _, _ = search(transformed_queries(encode(prompt, target), matrix, meta, device),
+                                    meta["segments"], k, 0, device)
+        return top_s[0], top_i[0]
+
+    return OpenIndex(path, "trackstar", rows, top, any(r.get("facts") for r in rows))
+
+
+def dense_index(path: Path, device: str, model: str | None) -> OpenIndex:
+    meta = read_dense_meta(path)
+    dense = checked_dense_model(meta, path, model, device)
+    rows = corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"])
+
+    def top(prompt: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.as_tensor(embed_texts(dense, [query_text({"prompt": prompt, "target": target})]), device=device)
+        top_s, top_i, _, _ = search(q, [(path / "index.h5", 0, meta["n_rows"])], k, 0, device)
+        return top_s[0], top_i[0]
+
+    return OpenIndex(path, "dense", rows, top, any(r.get("facts") for r in rows))
+
+
+def bm25_index(corpus: Path) -> OpenIndex:
+    rows = ts.read_jsonl(corpus, "corpus")
+    bm25 = BM25Index([bm25_tokenize(d["text"]) for d in rows])
+
+    def top(prompt: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        s = bm25.scores(bm25_tokenize(query_text({"prompt": prompt, "target": target})))
+        best = exact_topk_numpy(s, k, largest=True)
+        return s[best], best
+
+    return OpenIndex(corpus, "bm25", rows, top, any(r.get("facts") for r in rows))
 
 
 @app.command(help=__doc__.replace("\n\n    ", "\n\n\b\n    "))  # \b: click keeps those lines as written

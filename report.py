@@ -4,6 +4,7 @@ metric with error bars, the R spectra, the sweep's figures, and each query's pro
 that state its fact highlighted. evaluate.py computes the numbers; this file only presents them.
 
     python report.py --run RUN --corpus corpus.jsonl --queries queries.jsonl
+    python report.py --run RUN --serve [--port 8000] [--viewer pretraining-tda/docs/demo]   # make view
 
 Reads RUN/results.json (evaluate.py's) and the proponents files, never the model; rerun it after new
 figures (a sweep) or a change to the report.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import html
+import http.server
 import io
 import itertools
 import json
@@ -667,13 +669,81 @@ def render(run: Path, results: dict, queries: list[dict], rankings: dict, oppone
         tmp.write_text(html_report(run, results, queries, rankings, opponents, facts_of), encoding="utf-8")
 
 
+# ----------------------------------------------------------------------------------------------
+# Looking at a run in a browser (`make view`): RUN served on 127.0.0.1 (report.html, and viewer/<method>.jsonl for
+# the paper authors' viewer, with the CORS header a viewer on another origin needs), optionally a built copy of
+# that viewer under /pair_viewer/, until Ctrl-C.
+
+HOSTED_VIEWER = "https://pair-code.github.io/pretraining-tda/demo"
+
+
+def run_server(run: Path, port: int = 0, viewer: Path | None = None) -> http.server.ThreadingHTTPServer:
+    """A server (not yet started) of RUN at / and `viewer` (a built viewer folder) at /pair_viewer/, on 127.0.0.1
+    only; port 0 picks a free one."""
+    if not (run / "report.html").exists():
+        raise ts.TrackStarError(f"{run / 'report.html'} is missing: render it first (make all, or report.py)")
+    if viewer is not None and not (viewer / "index.html").exists():
+        raise ts.TrackStarError(f"--viewer {viewer} holds no index.html: give the built viewer (docs/demo/ of a "
+                                "pretraining-tda checkout)")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def translate_path(self, path: str) -> str:
+            if viewer is not None and path.startswith("/pair_viewer/"):
+                return self._under(viewer, path[len("/pair_viewer"):])
+            return self._under(run, path)
+
+        def _under(self, root: Path, path: str) -> str:
+            """The file `path` names under `root` (SimpleHTTPRequestHandler's own cleaning: no way above it)."""
+            self.directory = str(root)
+            return super().translate_path(path)
+
+        def end_headers(self) -> None:
+            self.send_header("Access-Control-Allow-Origin", "*")  # the hosted viewer fetches from another origin
+            super().end_headers()
+
+        def log_message(self, *args) -> None:  # a browser's requests are no news
+            pass
+
+    return http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+
+
+def links(run: Path, base: str, viewer: bool) -> list[str]:
+    """What to open: the report, and each viewer export in the authors' viewer (local copy, or hosted)."""
+    out = [f"report:  {base}/report.html"]
+    app = f"{base}/pair_viewer/index.html" if viewer else HOSTED_VIEWER
+    for f in sorted((run / "viewer").glob("*.jsonl")):
+        out.append(f"{f.stem}:  {app}?jsonl_path={base}/viewer/{f.name}")
+    return out
+
+
+def serve(run: Path, port: int, viewer: Path | None) -> None:
+    server = run_server(run, port, viewer)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    typer.echo(f"serving {run} at {base} (Ctrl-C stops)\n" + "\n".join(links(run, base, viewer is not None)))
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo("stopped")
+    finally:
+        server.server_close()
+
+
 @app.command()
 def main(
     run: Path = typer.Option(..., help="Run directory holding results.json (evaluate.py's) and the proponents files."),
-    corpus: Path = typer.Option(..., help="The corpus the run was evaluated on."),
-    queries: Path = typer.Option(..., help="The queries the run was evaluated on."),
+    corpus: Path | None = typer.Option(None, help="The corpus the run was evaluated on."),
+    queries: Path | None = typer.Option(None, help="The queries the run was evaluated on."),
+    serve_run: bool = typer.Option(False, "--serve", help="Serve RUN (report.html, viewer/*.jsonl) on 127.0.0.1 "
+                                   "and print the links, until Ctrl-C; renders nothing."),
+    port: int = typer.Option(0, help="--serve: the port (0: a free one)."),
+    viewer: Path | None = typer.Option(None, help="--serve: a built copy of the paper authors' viewer (docs/demo/ "
+                                       "of a pretraining-tda checkout), served at /pair_viewer/."),
 ) -> None:
-    """Write RUN/results.md and RUN/report.html from RUN/results.json, without the model."""
+    """Write RUN/results.md and RUN/report.html from RUN/results.json, without the model (or, --serve, show them)."""
+    if serve_run:
+        return serve(run, port, viewer)
+    if corpus is None or queries is None:
+        raise ts.TrackStarError("give --corpus and --queries (the files the run was evaluated on), or --serve")
     docs, qs = ts.read_jsonl(corpus, "corpus"), ts.read_jsonl(queries, "queries")
     evaluate.check_inputs(run, corpus, queries)
     path = run / "results.json"

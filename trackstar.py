@@ -1192,7 +1192,7 @@ def first_line(e: BaseException, limit: int = 300) -> str:
 # records are numbered in one fixed order (files sorted by name), and that number is what an encoded row means.
 
 
-DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # what a directory or a glob pattern may hold
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".arrow")  # what a directory or a glob pattern may hold
 
 
 PARQUET_BATCH = 1024  # rows decoded from a Parquet file at a time: memory bounded by a batch, never the table
@@ -1205,6 +1205,8 @@ def data_files(path: str | Path) -> list[Path]:
     p = Path(path)
     if p.is_file():
         return [p]
+    if p.is_dir() and any((p / name).exists() for name in SAVED_DATASET):
+        return saved_dataset_files(p)
     if p.is_dir():
         files, what = sorted(f for f in p.iterdir() if not f.name.startswith((".", "_"))), f"the directory {path}"
     elif _is_pattern(path):
@@ -1218,6 +1220,37 @@ def data_files(path: str | Path) -> list[Path]:
                                  "with a glob pattern)")
     if not files:
         raise TrackStarError(f"{what} holds no {kinds} files")
+    return files
+
+
+# A Hugging Face `datasets` save_to_disk folder: state.json lists its Arrow shards (data-00000-of-00002.arrow, ...)
+# in record order, dataset_info.json describes the features. A DatasetDict's folder holds one such folder a split.
+SAVED_DATASET = ("state.json", "dataset_info.json", "dataset_dict.json")
+
+
+def saved_dataset_files(folder: Path) -> list[Path]:
+    """The Arrow shards of a save_to_disk folder, in the order its state.json lists them; a shard it lists that is
+    missing, or any other file in the folder, is refused, naming it."""
+    if (folder / "dataset_dict.json").exists():
+        splits = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        raise TrackStarError(f"{folder} is a saved DatasetDict (splits {', '.join(splits) or 'none'}): give one "
+                             f"split's folder, e.g. {folder / (splits[0] if splits else 'train')}")
+    try:
+        listed = [f["filename"] for f in json.loads((folder / "state.json").read_text(encoding="utf-8"))["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrackStarError(f"{folder / 'state.json'}: cannot read the list of Arrow files (_data_files): "
+                             f"{first_line(e)}") from None
+    files = [folder / name for name in listed]
+    for f in files:
+        if not f.is_file():
+            raise TrackStarError(f"{f}: listed in {folder / 'state.json'}, but missing")
+    known = {*listed, *SAVED_DATASET}
+    for f in sorted(folder.iterdir()):
+        if f.name not in known and not f.name.startswith((".", "_")):
+            raise TrackStarError(f"{f}: in the saved dataset {folder}, but not one of the Arrow files its state.json "
+                                 "lists (move it away)")
+    if not files:
+        raise TrackStarError(f"{folder / 'state.json'} lists no Arrow files")
     return files
 
 
@@ -1268,7 +1301,7 @@ def read_jsonl(path: str | Path, kind: str) -> list[dict]:
 def _records(path: str | Path, kind: str) -> Iterator[dict]:
     n = 0
     for f in data_files(path):
-        for where, row in _parquet_rows(f) if f.name.endswith(".parquet") else jsonl_records(f):
+        for where, row in _file_rows(f):
             if not isinstance(row, dict):
                 raise TrackStarError(f"{where}: expected a JSON object")
             _validate_row(row, kind, where)
@@ -1325,6 +1358,34 @@ def _lines(f: Any, path: str | Path) -> Iterator[bytes]:
     except (OSError, EOFError) as e:
         raise TrackStarError(f"{path}: cannot be read as {'gzip' if str(path).endswith('.gz') else 'text'} "
                              f"({e})") from None
+
+
+def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) of one data file, as its suffix says."""
+    if path.name.endswith(".parquet"):
+        return _parquet_rows(path)
+    return _arrow_rows(path) if path.name.endswith(".arrow") else jsonl_records(path)
+
+
+def _arrow_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, row as a dict) for each row of an Arrow IPC file (the stream format `datasets` writes, or the
+    random-access file format), memory-mapped and decoded PARQUET_BATCH rows at a time."""
+    import pyarrow as pa
+
+    n = 0
+    try:
+        with pa.memory_map(str(path)) as source:
+            is_file_format = source.read(6) == b"ARROW1"  # the file format's magic; a stream starts with a message
+            source.seek(0)
+            reader = pa.ipc.open_file(source) if is_file_format else pa.ipc.open_stream(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file_format else reader
+            for batch in batches:
+                for lo in range(0, batch.num_rows, PARQUET_BATCH):
+                    for row in batch.slice(lo, PARQUET_BATCH).to_pylist():
+                        yield f"{path}:row {n}", row
+                        n += 1
+    except (pa.ArrowException, OSError) as e:
+        raise TrackStarError(f"{path}: cannot be read as Arrow ({first_line(e)})") from None
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:

@@ -50,6 +50,25 @@ def test_make_all_prints_the_ablation_table(tiny_run):
 
 
 @pytest.mark.slow
+def test_make_all_exports_every_method_for_the_authors_viewer_with_evaluates_metrics(tiny_run):
+    """RUN/viewer/<method>.jsonl for every retrieval row of the CI world; the viewer's mrr_first and recall@10
+    (demo/metrics.ts) recomputed from each record's `proponent_correct` are results.json's MRR and recall@10."""
+    run, _ = tiny_run
+    results = json.loads((run / "results.json").read_text())
+    methods = [m for m in results["settings"]["methods"] if m != "truth"]
+    assert sorted(p.name for p in (run / "viewer").iterdir()) == sorted(f"{m}.jsonl" for m in methods)
+    for m in methods:
+        records = [json.loads(line) for line in (run / "viewer" / f"{m}.jsonl").read_text().splitlines()]
+        assert [r["example_id"] for r in records] == results["queries"]
+        for rec, mrr, recall in zip(records, results["per_query"][m]["mrr"], results["per_query"][m]["recall"],
+                                    strict=True):
+            correct = rec["proponent_correct"]
+            first = correct.index(True) if True in correct else -1
+            assert (1 / (1 + first) if first > -1 else 0.0) == pytest.approx(mrr, abs=1e-12), (m, rec["example_id"])
+            assert float(True in correct[:10]) == recall, (m, rec["example_id"])
+
+
+@pytest.mark.slow
 def test_tail_patch_is_a_valid_probe_on_the_ci_world(tiny_run):
     """Stepping on the documents that state a fact raises p(target), on average over all queries: the probe
     that ranks the methods must score the ground truth above zero."""

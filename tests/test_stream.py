@@ -222,7 +222,8 @@ def test_ids_that_share_a_hash_are_not_duplicates(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("make_bad, words", [
-    (lambda d: (d / "README.md").write_text("about"), ["README.md", "not a *.jsonl, *.jsonl.gz, *.parquet file"]),
+    (lambda d: (d / "README.md").write_text("about"),
+     ["README.md", "not a *.jsonl, *.jsonl.gz, *.parquet, *.arrow file"]),
     (lambda d: (d / "nested").mkdir(), ["nested", "glob pattern"]),
     (lambda d: [f.unlink() for f in d.iterdir()], ["the directory", "holds no"]),
 ])
