@@ -233,6 +233,9 @@ def stale() -> list[str]:
 # tables, and `make docs` redraws these).
 FIGURES: dict[str, tuple[str, Callable[[dict], bytes]]] = {
     "docs/figures/claims.png": ("factworld", lambda rec: report.forest_plot(rec["results"])),
+    "docs/figures/trend.png": ("trend", lambda rec: trend.figure(rec["results"]["rows"])),
+    "docs/figures/sizes.png": ("sizes", lambda rec: trend.figure(
+        rec["results"]["rows"], [r["step"] for r in rec["results"]["rows"]], "model parameters", log=True)),
 }
 
 
