@@ -26,6 +26,7 @@ import json
 import os
 import re
 import time
+import uuid
 import zipfile
 from collections.abc import Iterable, Iterator
 from enum import Enum
@@ -76,7 +77,7 @@ def read_index_meta(index: str | Path) -> dict:
         meta = ts.read_attrs(f)
         if "dense" in meta:
             raise ts.TrackStarError(f"{path} is a dense text-embedding index: query it with --method dense")
-        if ("G" not in f and "shares" not in meta) or "corpus" not in meta:
+        if ("G" not in f and "shares" not in meta) or "corpus" not in meta or "build" not in meta:
             raise ts.TrackStarError(f"{path} was written by an older version of index.py; rerun index.py")
         rows = f["G"].shape[0] if "G" in f else None
     meta["corpus"] = ts.run_settings(meta["corpus"], str(path), "rerun index.py")
@@ -87,9 +88,9 @@ def read_index_meta(index: str | Path) -> dict:
     return meta
 
 
-def read_query_transform(index: str | Path) -> np.ndarray | None:
-    """The d x d matrix query.py applies to query vectors, or None for identity."""
-    with h5py.File(Path(index) / "index.h5", "r") as f:
+def read_query_transform(index: str | Path, build: str) -> np.ndarray | None:
+    """The d x d matrix query.py applies to query vectors, or None for identity (from index build `build`)."""
+    with ts.open_index_file(Path(index) / "index.h5", build) as f:
         return f["query_transform"][:] if "query_transform" in f else None
 
 
@@ -100,7 +101,7 @@ def prepare_queries(vectors: np.ndarray, index: Path, meta: dict, device: str) -
     queries by it gives back the true scores exactly.
     """
     ts.check_finite(vectors, "the query vectors")
-    matrix = read_query_transform(index)
+    matrix = read_query_transform(index, meta["build"])
     matrix = None if matrix is None else torch.as_tensor(matrix, device=device)
     q = ts.transform(torch.as_tensor(vectors, dtype=torch.float32, device=device), matrix, meta["unit_norm"])
     return q * meta["scale"]
@@ -239,7 +240,8 @@ def mapped(path: str | Path, dataset: h5py.Dataset) -> np.ndarray | None:
 
 
 def iter_index_blocks(
-    path: str | Path, block: int, device: str = "cpu", spans: list[tuple[int, int]] | None = None
+    path: str | Path, block: int, device: str = "cpu", spans: list[tuple[int, int]] | None = None,
+    build: str | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(ids, float32 vectors) of an index file, `block` rows at a time, on `device`.
 
@@ -247,9 +249,10 @@ def iter_index_blocks(
     end of one (an index's chunk segments: a row's score then never depends on the layout). Rows are
     converted into one preallocated float32 buffer (on a GPU, after crossing the bus in their narrow
     storage dtype), so memory is about one block whatever the corpus size. The yielded tensors are
-    views of reused buffers: use them before asking for the next block.
+    views of reused buffers: use them before asking for the next block. With `build`, the file must be of
+    that index build (ts.open_index_file).
     """
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r") if build is None else ts.open_index_file(Path(path), build) as f:
         vectors, ids = f["G"], f["ids"]
         n, d = vectors.shape
         spans = [(0, n)] if spans is None else spans
@@ -312,15 +315,15 @@ def _cuda_blocks(read_rows, starts: list[tuple[int, int]], rows: int, d: int, dt
         scanned[s].record(compute)  # after the caller queued its work on this block
 
 
-def progress_blocks(segments: list[tuple[Path, int, int]], block: int, device: str, desc: str = "scan"
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def progress_blocks(segments: list[tuple[Path, int, int]], block: int, device: str, desc: str = "scan",
+                    build: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The blocks of the segments (file, first row, end row), file by file, with a progress bar."""
     spans: dict[Path, list[tuple[int, int]]] = {}
     for path, lo, hi in segments:
         spans.setdefault(path, []).append((lo, hi))
     with tqdm(total=sum(hi - lo for _, lo, hi in segments), desc=desc, unit="doc", unit_scale=True) as bar:
         for path, file_spans in spans.items():
-            for ids, vectors in iter_index_blocks(path, block, device, file_spans):
+            for ids, vectors in iter_index_blocks(path, block, device, file_spans, build):
                 yield ids, vectors
                 bar.update(len(ids))
 
@@ -342,11 +345,12 @@ def default_block(device: str, n_queries: int, dim: int = 0, free_bytes: int | N
     return 512 if n_queries < FEW_QUERIES else 4096
 
 
-def search(queries: torch.Tensor, segments: list[tuple[Path, int, int]], k: int, block: int, device: str
-           ) -> tuple | None:
+def search(queries: torch.Tensor, segments: list[tuple[Path, int, int]], k: int, block: int, device: str,
+           build: str | None = None) -> tuple | None:
     """(top_scores, top_ids, bottom_scores, bottom_ids) as numpy, each (Q, min(k, N)), over the index rows
     in `segments` (file, first row, end row). Under torchrun rank r scans segments r, r + W, ... (with W
-    index shares too, exactly share r) and only rank 0 gets the result (the others: None)."""
+    index shares too, exactly share r) and only rank 0 gets the result (the others: None). With `build` (what
+    the index's settings were read from), every file scanned must be of that build."""
     rank, world = ts.distributed()
     block = block or default_block(device, len(queries), queries.shape[1])
     if world > 1:  # one block size on every rank (a GPU's default depends on its free memory)
@@ -355,7 +359,7 @@ def search(queries: torch.Tensor, segments: list[tuple[Path, int, int]], k: int,
         block = int(size)
     desc = "scan" if world == 1 else f"scan rank {rank}/{world}"
     with torch.inference_mode():
-        top, bottom = topk_keys(queries, progress_blocks(segments[rank::world], block, device, desc), k)
+        top, bottom = topk_keys(queries, progress_blocks(segments[rank::world], block, device, desc, build), k)
         if world > 1:
             top, bottom = merged_keys(top, bottom, min(k, sum(hi - lo for _, lo, hi in segments)), len(queries),
                                       rank, world)
@@ -415,7 +419,7 @@ def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device
         corpus_rows = corpus_rows_for(c.data, c.data_digest, c.n_examples)
     q = prepare_queries(vectors[order], index, meta, device)
     t0 = time.perf_counter()
-    result = search(q, meta["segments"], k, block, device)
+    result = search(q, meta["segments"], k, block, device, meta["build"])
     dt = time.perf_counter() - t0
     if rank != 0:
         return
@@ -452,7 +456,7 @@ def print_table(title: str, rows: list[dict], width: int = 72) -> None:
 def query_adhoc(index: Path, prompt: str, target: str, k: int, block: int, device: str) -> None:
     meta = read_index_meta(index)
     q = prepare_queries(encode_one(meta, prompt, target, device), index, meta, device)
-    result = search(q, meta["segments"], k, block, device)
+    result = search(q, meta["segments"], k, block, device, meta["build"])
     if result is not None:  # rank 0 (or one process)
         c = meta["corpus"]
         print_adhoc(prompt, target, corpus_rows_for(c.data, c.data_digest, c.n_examples), result)
@@ -559,7 +563,7 @@ class DenseModel(NamedTuple):
     model: nn.Module
     tokenizer: Any
     max_length: int  # tokens per text; longer texts are truncated, as sentence-transformers does
-    fingerprint: str  # of the weights, the vocabulary and max_length
+    fingerprint: str  # of the weights, the tokenizer and max_length
     name: str  # what reloads it: `minilm`, or the absolute path of a directory or zip
 
 
@@ -607,8 +611,7 @@ def load_dense_model(name: str, device: str) -> DenseModel:
     load = _dense_from_dir if path.is_dir() else _dense_from_zip
     model, tokenizer, st = ts.loading(f"the dense model {path}", lambda: load(path))
     max_length = min(st.get("max_seq_length") or ts.context_length(model), ts.context_length(model))
-    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    fp = hashlib.sha256(f"{ts.fingerprint(model)} {vocab} {max_length}".encode()).hexdigest()[:16]
+    fp = hashlib.sha256(f"{ts.fingerprint(model, tokenizer)} {max_length}".encode()).hexdigest()[:16]
     ts.pin_precision("highest")  # fp32 on a GPU too: corpus and queries embedded alike
     return DenseModel(model.eval().to(device), tokenizer, max_length, fp,
                       name if name == "minilm" else str(path.resolve()))
@@ -649,7 +652,8 @@ def build_dense_index(index: Path, corpus: Path, dense: DenseModel) -> None:
     with ts.atomic_directory(index, ("index.h5",)) as tmp, h5py.File(tmp / "index.h5", "w") as f:
         f.create_dataset("G", data=G)  # float32, contiguous: the scan maps it in place
         f.create_dataset("ids", data=np.arange(len(docs), dtype=np.int64))
-        ts.write_attrs(f, {"dense": settings, "unit_norm": True, "scale": 1.0, "dtype": "float32"})
+        ts.write_attrs(f, {"dense": settings, "unit_norm": True, "scale": 1.0, "dtype": "float32",
+                           "kind": "dense index", "build": uuid.uuid4().hex[:16]})
     typer.echo(f"wrote {index / 'index.h5'}: {len(docs)} documents embedded by {dense.name} "
                f"(d={G.shape[1]}) in {dt:.1f} s")
 
@@ -663,7 +667,9 @@ def read_dense_meta(index: Path) -> dict:
         meta = ts.read_attrs(f)
         if "dense" not in meta:
             raise ts.TrackStarError(f"{path} is a gradient index (index.py), not a dense one: drop --method dense")
-        return {**meta["dense"], "n_rows": f["G"].shape[0]}
+        if "build" not in meta:
+            raise ts.TrackStarError(f"{path} was written by an older version of query.py; embed the corpus again")
+        return {**meta["dense"], "n_rows": f["G"].shape[0], "build": meta["build"]}
 
 
 def checked_dense_model(meta: dict, index: Path, name: str | None, device: str) -> DenseModel:
@@ -682,7 +688,7 @@ def query_dense(index: Path, queries: list[dict], dense: DenseModel, k: int, blo
     meta = read_dense_meta(index)
     rows = corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"])
     q = torch.as_tensor(embed_texts(dense, [query_text(q) for q in queries]), device=device)
-    return rows, search(q, [(index / "index.h5", 0, meta["n_rows"])], k, block, device)
+    return rows, search(q, [(index / "index.h5", 0, meta["n_rows"])], k, block, device, meta["build"])
 
 
 def dense_main(index: Path | None, corpus: Path | None, queries: Path | None, out: Path | None, prompt: str | None,

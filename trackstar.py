@@ -620,10 +620,11 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu",
                      lambda: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, **kw))
     model.eval()  # no dropout: a gradient must be a function of the example alone
     check_causal(model)
-    model.trackstar_fingerprint = fingerprint(model)  # of the weights as stored, before any cast
+    model.trackstar_fingerprint = fingerprint(model, tokenizer)  # of the weights as stored, before any cast
     if expected and model.trackstar_fingerprint != expected:
-        raise TrackStarError(f"the model at {path} has fingerprint {model.trackstar_fingerprint}, the run was "
-                             f"encoded with {expected}; refusing to mix them")
+        raise TrackStarError(f"the model at {path} (weights and tokenizer) has fingerprint "
+                             f"{model.trackstar_fingerprint}, the run was encoded with {expected}; "
+                             "refusing to mix them")
     model.trackstar_path = str(p.resolve())
     return model.to(device=device, dtype=getattr(torch, dtype)), tokenizer
 
@@ -690,11 +691,12 @@ def greedy_answers(model: nn.Module, tokenizer: Any, queries: list[dict], max_le
     return answers
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A short identity of a model's architecture and weights.
+def fingerprint(model: nn.Module, tokenizer: Any = None) -> str:
+    """A short identity of a model's architecture and weights, and (given) of its tokenizer.
 
     Per-tensor float64 statistics rounded to 10 digits, so the same weights give the same
-    fingerprint on any device, without copying an 8B model through hashlib.
+    fingerprint on any device, without copying an 8B model through hashlib. The tokenizer is part of
+    the model: the same weights fed other ids answer another question.
     """
     # The architecture, not where it was loaded from: `_name_or_path` & co. differ between a relative
     # and an absolute path to the same directory.
@@ -708,7 +710,25 @@ def fingerprint(model: nn.Module) -> str:
             ramp = torch.arange(x.numel(), device=x.device, dtype=torch.float64) % 7919
             stats = [x.sum().item(), (x * x).sum().item(), (x * ramp).sum().item()]
             h.update(f"{name}{tuple(p.shape)}{[f'{s:.10g}' for s in stats]}".encode())
+    if tokenizer is not None:
+        h.update(tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short identity of what turns text into ids, and its padding side. A fast tokenizer: its whole
+    tokenizer.json (normaliser, pre-tokenizer, vocabulary and merges, added and special tokens, and the
+    post-processor that inserts them); its truncation and padding state is left out, since a call with
+    truncation=True changes it on the object, not what the tokenizer is. A slow one: its class, vocabulary
+    and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    else:
+        spec = {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
+                "special": sorted(tokenizer.special_tokens_map.items())}
+    spec["padding_side"] = tokenizer.padding_side
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def context_length(model: nn.Module) -> int:
@@ -874,7 +894,7 @@ class RunSettings:
     n_chunks: int
     token_budget: int
     datasets: list  # "vectors" = g(z); "vectors_uncorrected" = P·∇θL(z) without V
-    model: str  # fingerprint of the weights
+    model: str  # fingerprint of the weights and the tokenizer
     model_path: str
     dtype: str
     max_length: int
@@ -1108,6 +1128,19 @@ def index_segments(index: Path, run: RunSettings, shares: dict | None) -> list[t
         if shapes != ((rows, run.dim), (rows,)):
             raise TrackStarError(f"{path} holds {shapes}, its chunks {rows} rows of d = {run.dim}; rebuild the index")
     return [(files[r], lo, hi) for r, lo, hi in segments]
+
+
+@contextlib.contextmanager
+def open_index_file(path: Path, build: str) -> Iterator[h5py.File]:
+    """An index file (index.h5 or a share) opened for reading, refused unless it carries `build`: the build
+    id index.py drew at random for the whole index. A reader opens its index several times (settings,
+    transform, rows); an index rebuilt in between would answer with parts of two builds."""
+    with h5py.File(path, "r") as f:
+        theirs = read_attrs(f).get("build")
+        if theirs != build:
+            raise TrackStarError(f"{path} is from another index build than the one being read (build {theirs!r} "
+                                 f"vs {build!r}): it was rebuilt meanwhile; run again")
+        yield f
 
 
 # ----------------------------------------------------------------------------------------------
