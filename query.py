@@ -14,9 +14,10 @@ result equals a stable sort of the full score matrix (ties: lower corpus row fir
 bounded by --block, not the corpus. Under torchrun (`torchrun --nproc_per_node W query.py --index ...`)
 each rank scans its share of the index's chunks and rank 0 merges the ranks' lists and writes them:
 the same output, bit for bit, as one process.
-Output, one line per query, in the queries file's order:
+Output, one line per query, in the queries file's order, each saying what made it (evaluate.py checks it):
 
-    {"query_id", "proponents": [{"id", "score", "text"}, ...], "opponents": [...]}
+    {"query_id", "proponents": [{"id", "score", "text"}, ...], "opponents": [...],
+     "made_by": {"kind": "proponents", "method", "k", "index_build", "queries", "queries_digest"}}
 """
 
 from __future__ import annotations
@@ -395,10 +396,18 @@ def ranked(rows: list[dict], ids: np.ndarray, scores: np.ndarray) -> list[dict]:
                                                                                             strict=True)]
 
 
-def write_results(out: Path, query_ids: list[str], corpus_rows: list[dict], result: tuple) -> None:
+def made_by(method: str, k: int, index_build: str | None, queries: Path | str, queries_digest: str) -> dict:
+    """What every output line records of what made it: a proponents file says which method, top-k, index build
+    (None for BM25) and queries (file or encoded run, and the digest of their data) it answers."""
+    return {"kind": "proponents", "method": method, "k": k, "index_build": index_build, "queries": str(queries),
+            "queries_digest": queries_digest}
+
+
+def write_results(out: Path, query_ids: list[str], corpus_rows: list[dict], result: tuple, made: dict) -> None:
     top_s, top_i, bot_s, bot_i = result
     ts.write_jsonl(out, ({"query_id": qid, "proponents": ranked(corpus_rows, top_i[j], top_s[j]),
-                          "opponents": ranked(corpus_rows, bot_i[j], bot_s[j])} for j, qid in enumerate(query_ids)))
+                          "opponents": ranked(corpus_rows, bot_i[j], bot_s[j]), "made_by": made}
+                         for j, qid in enumerate(query_ids)))
 
 
 def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device: str) -> None:
@@ -423,7 +432,8 @@ def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device
     dt = time.perf_counter() - t0
     if rank != 0:
         return
-    write_results(out, [query_rows[r]["id"] for r in rows[order]], corpus_rows, result)
+    write_results(out, [query_rows[r]["id"] for r in rows[order]], corpus_rows, result,
+                  made_by("trackstar", k, meta["build"], queries, qmeta.data_digest))
     typer.echo(f"wrote {out}: {len(rows)} queries x {meta['n_rows']} documents, top/bottom {min(k, meta['n_rows'])}"
                f" in {dt:.2f} s")
 
@@ -539,17 +549,18 @@ def query_bm25(corpus: Path, queries: Path, out: Path, k: int) -> None:
     docs = ts.read_jsonl(corpus, "corpus")
     qs = ts.read_jsonl(queries, "queries")
     bm25 = BM25Index([bm25_tokenize(d["text"]) for d in docs])
-    ts.write_jsonl(out, bm25_results(bm25, docs, qs, k))
+    made = made_by("bm25", k, None, queries, ts.data_digest(queries))
+    ts.write_jsonl(out, bm25_results(bm25, docs, qs, k, made))
     typer.echo(f"wrote {out}: BM25, {len(qs)} queries x {len(docs)} documents")
 
 
-def bm25_results(bm25: BM25Index, docs: list[dict], qs: list[dict], k: int) -> Iterator[dict]:
+def bm25_results(bm25: BM25Index, docs: list[dict], qs: list[dict], k: int, made: dict) -> Iterator[dict]:
     """Each query's output record, scored as it is written (one query's scores in memory at a time)."""
     for q in tqdm(qs, desc="bm25", unit="query"):
         s = bm25.scores(bm25_tokenize(query_text(q)))
         top, bottom = exact_topk_numpy(s, k, largest=True), exact_topk_numpy(s, k, largest=False)
         yield {"query_id": q["id"], "proponents": ranked(docs, top, s[top]),
-               "opponents": ranked(docs, bottom, s[bottom])}
+               "opponents": ranked(docs, bottom, s[bottom]), "made_by": made}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,10 +693,9 @@ def checked_dense_model(meta: dict, index: Path, name: str | None, device: str) 
     return dense
 
 
-def query_dense(index: Path, queries: list[dict], dense: DenseModel, k: int, block: int, device: str
+def query_dense(index: Path, meta: dict, queries: list[dict], dense: DenseModel, k: int, block: int, device: str
                 ) -> tuple[list[dict], tuple]:
-    """(corpus rows, search result) for queries embedded as prompt + target."""
-    meta = read_dense_meta(index)
+    """(corpus rows, search result) for queries embedded as prompt + target, from the index build `meta` read."""
     rows = corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"])
     q = torch.as_tensor(embed_texts(dense, [query_text(q) for q in queries]), device=device)
     return rows, search(q, [(index / "index.h5", 0, meta["n_rows"])], k, block, device, meta["build"])
@@ -703,13 +713,15 @@ def dense_main(index: Path | None, corpus: Path | None, queries: Path | None, ou
         build_dense_index(index, corpus, dense)
     if queries is None and prompt is None:
         return
-    dense = dense or checked_dense_model(read_dense_meta(index), index, model, device)
+    meta = read_dense_meta(index)
+    dense = dense or checked_dense_model(meta, index, model, device)
     if prompt is not None:
         row = {"prompt": prompt, "target": target}
-        return print_adhoc(prompt, target, *query_dense(index, [row], dense, k, block, device))
+        return print_adhoc(prompt, target, *query_dense(index, meta, [row], dense, k, block, device))
     qs = ts.read_jsonl(queries, "queries")
-    rows, result = query_dense(index, qs, dense, k, block, device)
-    write_results(out, [q["id"] for q in qs], rows, result)
+    rows, result = query_dense(index, meta, qs, dense, k, block, device)
+    write_results(out, [q["id"] for q in qs], rows, result,
+                  made_by("dense", k, meta["build"], queries, ts.data_digest(queries)))
     typer.echo(f"wrote {out}: dense ({dense.name}), {len(qs)} queries x {len(rows)} documents")
 
 

@@ -36,6 +36,7 @@ import re
 import shutil
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -1305,11 +1306,21 @@ def _records(path: str | Path, kind: str) -> Iterator[dict]:
             if not isinstance(row, dict):
                 raise TrackStarError(f"{where}: expected a JSON object")
             _validate_row(row, kind, where)
-            row["id"], row["_where"] = str(n if row.get("id") is None else row["id"]), where
+            row["id"], row["_where"] = nfc(str(n if row.get("id") is None else row["id"])), where
+            if row.get("facts") is not None:
+                row["facts"] = [nfc(f) for f in row["facts"]]
+            if row.get("fact") is not None:
+                row["fact"] = nfc(row["fact"])
             n += 1
             yield row
     if not n:
         raise TrackStarError(f"{path}: no records")
+
+
+def nfc(text: str) -> str:
+    """`text` in Unicode's composed form (NFC): an id or fact id typed as "é" or as "e" + combining accent is
+    one id. Every reader of ids applies it, so two files in two forms still match."""
+    return unicodedata.normalize("NFC", text)
 
 
 def _check_unique_ids(path: str | Path, kind: str, hashes: np.ndarray) -> None:
@@ -1342,13 +1353,20 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_constant=_not_json)
                 json.dumps(row, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) has no UTF-8
             except json.JSONDecodeError as e:
                 raise TrackStarError(f"{where}: not valid JSON ({e.msg})") from None
+            except ValueError as e:
+                raise TrackStarError(f"{where}: not valid JSON ({e})") from None
             except UnicodeEncodeError:
                 raise TrackStarError(f"{where}: text holds a lone UTF-16 surrogate escape, not a character") from None
             yield where, row
+
+
+def _not_json(name: str) -> None:
+    """Python's json reads NaN, Infinity and -Infinity, which JSON does not have: refused, never a float."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _lines(f: Any, path: str | Path) -> Iterator[bytes]:
@@ -1376,6 +1394,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _validate_row(row: dict, kind: str, where: str) -> None:
+    rid = row.get("id")  # a list, object or bool would become its Python repr
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int)):
+        raise TrackStarError(f"{where}: 'id' must be a string or an integer, got {rid!r:.80}")
     if kind == "corpus":
         if not isinstance(row.get("text"), str) or not row["text"].strip():
             raise TrackStarError(f"{where}: document has empty or missing 'text'")

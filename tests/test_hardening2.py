@@ -109,3 +109,92 @@ def test_an_index_swapped_between_two_opens_is_refused_naming_both_builds(two_bu
         query.query_runs(index, queries, out, 3, 0, "cpu")
     assert builds[0] in str(e.value) and builds[1] in str(e.value)
     assert not out.exists()
+
+
+# 3. A proponents file says what made it, and evaluate checks it.
+
+
+def bm25_proponents(corpus_file, queries_file, tmp_path, k: int = 3) -> Path:
+    run_dir = tmp_path / "run"
+    run("query.py", "--method", "bm25", "--corpus", corpus_file, "--queries", queries_file,
+        "--out", run_dir / "proponents-bm25.jsonl", "--k", k)
+    return run_dir
+
+
+def evaluate_bm25(run_dir, model_dir, corpus_file, queries_file, *extra):
+    return run("evaluate.py", "--run", run_dir, "--model", model_dir, "--corpus", corpus_file, "--queries",
+               queries_file, "--methods", "bm25", "--no-tail-patch", *extra, check=False)
+
+
+def test_proponents_lines_record_method_k_and_queries(corpus_file, queries_file, tmp_path):
+    path = bm25_proponents(corpus_file, queries_file, tmp_path) / "proponents-bm25.jsonl"
+    made = [json.loads(line)["made_by"] for line in path.read_text().splitlines()]
+    assert made[0] == made[1] and made[0]["kind"] == "proponents" and made[0]["method"] == "bm25"
+    assert made[0]["k"] == 3 and made[0]["queries_digest"] == ts.data_digest(queries_file)
+
+
+def _edit(path: Path, edit) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    edit(rows)
+    write_jsonl(path, rows)
+
+
+EDITS = {
+    # name: (edit of the rows, words the refusal must hold)
+    "ascending proponents": (lambda rows: rows[0]["proponents"][0].update(score=-1.0), ["descending", ":1"]),
+    "a query ranked twice": (lambda rows: rows.append(rows[0]), ["'q0'", "second time", ":3"]),
+    "one document repeated": (lambda rows: rows[1].update(proponents=[rows[1]["proponents"][0]] * 3),
+                              ["more than once", ":2"]),
+    "two outputs in one file": (lambda rows: rows[1]["made_by"].update(k=5), ["two outputs", ":2"]),
+    "no record of what made it": (lambda rows: [r.pop("made_by") for r in rows], ["made_by", ":1"]),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_a_proponents_file_edited_by_hand_is_refused_at_its_line(case, model_dir, corpus_file, queries_file,
+                                                                tmp_path):
+    run_dir = bm25_proponents(corpus_file, queries_file, tmp_path)
+    edit, words = EDITS[case]
+    _edit(run_dir / "proponents-bm25.jsonl", edit)
+    refused(evaluate_bm25(run_dir, model_dir, corpus_file, queries_file, "--k", 3), "proponents-bm25.jsonl", *words)
+    assert not (run_dir / "results.json").exists()
+
+
+def test_evaluate_refuses_a_k_larger_than_the_files(model_dir, corpus_file, queries_file, tmp_path):
+    run_dir = bm25_proponents(corpus_file, queries_file, tmp_path, k=1)
+    refused(evaluate_bm25(run_dir, model_dir, corpus_file, queries_file, "--k", 10), "--k 1", "--k 10")
+    assert evaluate_bm25(run_dir, model_dir, corpus_file, queries_file, "--k", 1).returncode == 0
+
+
+# 4. Ids and fact ids are read in one Unicode form (NFC); a fact no document states is reported.
+
+
+def test_ids_and_facts_in_nfd_match_the_nfc_corpus(model_dir, tmp_path):
+    nfc, nfd = "f-caf\u00e9", "f-cafe\u0301"
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [
+        {"id": "d\u00e9", "text": "The capital of France is Paris.", "facts": [nfc]},
+        {"id": "d1", "text": "Rome is the capital of Italy.", "facts": ["f-rome"]}])
+    queries = write_jsonl(tmp_path / "queries.jsonl", [
+        {"id": "q0", "prompt": "The capital of France is", "target": " Paris", "fact": nfd}])
+    assert ts.read_jsonl(queries, "queries")[0]["fact"] == nfc
+    assert ts.read_jsonl(write_jsonl(tmp_path / "c2.jsonl", [{"id": "de\u0301", "text": "x y z"}]),
+                         "corpus")[0]["id"] == "d\u00e9"
+    run_dir = bm25_proponents(corpus, queries, tmp_path, k=2)
+    r = evaluate_bm25(run_dir, model_dir, corpus, queries, "--k", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["per_query"]["bm25"]["mrr"] == [1.0] and results["settings"]["unstated_fact_queries"] == []
+
+
+def test_a_query_whose_fact_no_document_states_is_counted_and_said(model_dir, corpus_file, tmp_path):
+    rows = [{"id": f"d{i}", "text": t, "facts": [f"f{i}"]} for i, t in enumerate(["Paris is in France.",
+                                                                                 "Rome is in Italy."])]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", rows)
+    queries = write_jsonl(tmp_path / "queries.jsonl", [
+        {"id": "q0", "prompt": "Paris is in", "target": " France", "fact": "f0"},
+        {"id": "q1", "prompt": "Rome is in", "target": " Italy", "fact": "f-nowhere"}])
+    run_dir = bm25_proponents(corpus, queries, tmp_path, k=2)
+    r = evaluate_bm25(run_dir, model_dir, corpus, queries, "--k", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1 of 2 queries" in r.stderr and "'f-nowhere'" in r.stderr
+    assert json.loads((run_dir / "results.json").read_text())["settings"]["unstated_fact_queries"] == ["q1"]
