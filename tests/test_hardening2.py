@@ -198,3 +198,54 @@ def test_a_query_whose_fact_no_document_states_is_counted_and_said(model_dir, co
     assert r.returncode == 0, r.stderr[-2000:]
     assert "1 of 2 queries" in r.stderr and "'f-nowhere'" in r.stderr
     assert json.loads((run_dir / "results.json").read_text())["settings"]["unstated_fact_queries"] == ["q1"]
+
+
+# 7. Every compatibility key and every chunk key is guarded: two artifacts differing only in it are refused,
+# naming the key and both values.
+
+OTHER = {"tool": "trackstar 0.0.0", "kind": "queries", "loss": "target tokens", "data_digest": "other-digest",
+         "n_examples": 999, "chunk_size": 7, "n_chunks": 9, "token_budget": 1, "datasets": ["vectors", "extra"],
+         "model": "fingerprint-B", "dtype": "bfloat16", "max_length": 32, "truncated": 5, "dim": 64, "seed": 7,
+         "factors": [8, 4], "modules": "3 matrices/xyz", "params": "all", "gradient": "factored",
+         "matmul_precision": "high", "chunk_dtype": "bfloat16", "correction": "none", "v_digest": "v-2",
+         "eps": 1e-3, "lr": 0.1, "factor_v": True}
+
+
+def test_the_key_lists_hold_every_setting_that_changes_a_vector():
+    """A key dropped from a list would drop its test too: the lists are pinned here."""
+    assert set(ts.COMPATIBLE_KEYS) == {"model", "dtype", "dim", "seed", "factors", "modules", "params", "correction",
+                                       "v_digest", "eps", "matmul_precision", "chunk_dtype", "tool"}
+    assert set(ts.CHUNK_KEYS) == set(OTHER)
+
+
+@pytest.mark.parametrize("key", ts.COMPATIBLE_KEYS)
+def test_a_corpus_and_queries_differing_only_in_a_compatibility_key_are_refused(key, tmp_path):
+    import numpy as np
+    from test_index_query import META, fabricate_run
+
+    import index as index_cli
+
+    corpus = fabricate_run(tmp_path / "corpus", "corpus", {"vectors": np.ones((5, 32))})
+    width = OTHER["dim"] if key == "dim" else 32
+    queries = fabricate_run(tmp_path / "queries", "queries", {"vectors": np.ones((3, width))}, **{key: OTHER[key]})
+    with pytest.raises(ts.TrackStarError) as e:
+        index_cli.read_runs(corpus, queries, False)
+    for word in (repr(key), repr(META[key]), repr(OTHER[key])):
+        assert word in str(e.value), (word, str(e.value))
+
+
+@pytest.mark.parametrize("key", ts.CHUNK_KEYS)
+def test_a_chunk_differing_from_its_run_only_in_a_chunk_key_is_refused(key, tmp_path):
+    import numpy as np
+    from test_index_query import fabricate_run
+
+    run_dir = fabricate_run(tmp_path / "corpus", "corpus", {"vectors": np.ones((5, 32))})
+    chunk = run_dir / ts.chunk_name(0)
+    with h5py.File(chunk, "r+") as f:
+        mine = ts.read_attrs(f)[key]
+        f.attrs[key] = json.dumps(OTHER[key])
+    assert mine != OTHER[key]
+    with pytest.raises(ts.TrackStarError) as e:
+        ts.chunk_files(run_dir)
+    for word in (repr(key), repr(mine), repr(OTHER[key]), chunk.name):
+        assert word in str(e.value), (word, str(e.value))
