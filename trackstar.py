@@ -1252,7 +1252,20 @@ def data_files(path: str | Path) -> list[Path]:
                                  "with a glob pattern)")
     if not files:
         raise TrackStarError(f"{what} holds no {kinds} files")
-    return files
+    return once_each(files)
+
+
+def once_each(files: list[Path]) -> list[Path]:
+    """`files` without a second name of the same file: `**` follows symlinked folders, and a link names its
+    target again, so one file can match many times. The first name (in sorted order) of each real path stays."""
+    seen: set[str] = set()
+    kept = []
+    for f in files:
+        real = os.path.realpath(f)
+        if real not in seen:
+            seen.add(real)
+            kept.append(f)
+    return kept
 
 
 def _is_pattern(path: str | Path) -> bool:

@@ -249,3 +249,17 @@ def test_a_chunk_differing_from_its_run_only_in_a_chunk_key_is_refused(key, tmp_
         ts.chunk_files(run_dir)
     for word in (repr(key), repr(mine), repr(OTHER[key]), chunk.name):
         assert word in str(e.value), (word, str(e.value))
+
+
+# 5. A file is read once, whatever the links that name it.
+
+
+def test_a_glob_through_symlinked_folders_reads_each_file_once(tmp_path):
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    write_jsonl(data / "a" / "part.jsonl", [{"id": f"d{i}", "text": f"document {i}"} for i in range(3)])
+    (data / "b").symlink_to(data / "a")  # the same folder twice
+    (data / "c.jsonl").symlink_to(data / "a" / "part.jsonl")
+    files = ts.data_files(f"{data}/**/*.jsonl")
+    assert len(files) == 1 and files[0] == data / "a" / "part.jsonl"
+    assert [r["id"] for r in ts.read_jsonl(f"{data}/**/*.jsonl", "corpus")] == ["d0", "d1", "d2"]
