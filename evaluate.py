@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import random
 import re
@@ -339,25 +338,69 @@ def scored_queries(docs: list[dict], queries: list[dict]) -> list[bool]:
     return [q.get("fact") is not None for q in queries]
 
 
-def read_rankings(run: Path, method: str, n_queries: int) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
-    """query id -> ranked proponents, and query id -> opponents (lowest scores first), of one method."""
+def unstated_facts(queries: list[dict], scored: list[bool], facts_of: dict[str, list[str]]) -> list[str]:
+    """The scored queries whose fact no document states, said on stderr: their MRR and recall are 0 whatever a
+    method retrieves (a fact id in another form than the corpus's, or another corpus?)."""
+    stated = {f for facts in facts_of.values() for f in facts}
+    missing = [q["id"] for q, s in zip(queries, scored, strict=True) if s and q["fact"] not in stated]
+    if missing:
+        first = next(q for q in queries if q["id"] == missing[0])
+        typer.echo(f"note: {len(missing)} of {sum(scored)} queries with a fact name one no document states (first: "
+                   f"query {missing[0]!r}, fact {first['fact']!r}); they score MRR 0 and recall 0 whatever is "
+                   "retrieved", err=True)
+    return missing
+
+
+def read_rankings(run: Path, method: str, n_queries: int, k: int
+                  ) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """query id -> ranked proponents, and query id -> opponents (lowest scores first), of one method, from a
+    file checked line by line against what made it (check_ranking_line)."""
     path = run / f"proponents-{method}.jsonl"
     if not path.exists():
         raise ts.TrackStarError(f"{path} is missing: run query.py for method {method!r} first")
-    props, opps = {}, {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ts.TrackStarError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "query_id" not in row or not isinstance(row.get("proponents"), list):
-                raise ts.TrackStarError(f"{path}:{lineno}: expected {{\"query_id\", \"proponents\": [...]}}")
-            props[row["query_id"]] = row["proponents"]
-            opps[row["query_id"]] = row.get("opponents", [])
+    props, opps, first, seen = {}, {}, None, {}
+    for where, row in ts.jsonl_records(path):
+        if not isinstance(row, dict) or "query_id" not in row or not isinstance(row.get("proponents"), list):
+            raise ts.TrackStarError(f"{where}: expected {{\"query_id\", \"proponents\": [...]}}")
+        first = first or (where, row.get("made_by"))
+        check_ranking_line(where, row, first, k)
+        qid = ts.nfc(str(row["query_id"]))
+        if qid in seen:
+            raise ts.TrackStarError(f"{where}: query {qid!r} ranked a second time (first at {seen[qid]}): "
+                                    "two outputs in one file?")
+        seen[qid] = where
+        props[qid] = row["proponents"]
+        opps[qid] = row.get("opponents", [])
     if len(props) != n_queries:
         raise ts.TrackStarError(f"{path} ranks {len(props)} queries, the queries file has {n_queries}")
     return props, opps
+
+
+def check_ranking_line(where: str, row: dict, first: tuple[str, Any], k: int) -> None:
+    """A line of a proponents file must say what made it, the same as its file's first line, be written
+    with at least --k proponents; list proponents by descending score and opponents by ascending
+    score, each document once."""
+    made = row.get("made_by")
+    if not isinstance(made, dict) or made.get("kind") != "proponents":
+        raise ts.TrackStarError(f"{where}: no 'made_by' saying what wrote it (an older or hand-made file?); "
+                                "rerun query.py")
+    if made != first[1]:
+        raise ts.TrackStarError(f"{where}: made by {made}, {first[0]} by {first[1]}: two outputs in one file?")
+    if not isinstance(made.get("k"), int) or made["k"] < k:
+        raise ts.TrackStarError(f"{where}: written with --k {made.get('k')}, fewer than --k {k}; rerun query.py "
+                                f"with --k {k}, or evaluate with --k {made.get('k')}")
+    for key, sign in (("proponents", 1), ("opponents", -1)):
+        docs = row.get(key) or []
+        if not all(isinstance(p, dict) and isinstance(p.get("score"), int | float) for p in docs):
+            raise ts.TrackStarError(f"{where}: every one of its {key} needs an 'id' and a numeric 'score'")
+        scores = [sign * p["score"] for p in docs]
+        if any(a < b for a, b in zip(scores, scores[1:], strict=False)):
+            order = "descending" if sign == 1 else "ascending"
+            raise ts.TrackStarError(f"{where}: {key} are not in {order} score order ({[p['score'] for p in docs]})")
+        ids = [ts.nfc(str(p.get("id"))) for p in docs]
+        if len(set(ids)) != len(ids):
+            twice = next(i for i in ids if ids.count(i) > 1)
+            raise ts.TrackStarError(f"{where}: {key} name document {twice!r} more than once")
 
 
 def truth_rankings(corpus: list[dict], queries: list[dict], k: int) -> dict[str, list[dict]]:
@@ -377,7 +420,7 @@ def all_rankings(run: Path, methods: list[str], docs: list[dict], queries: list[
         if m == "truth":
             rankings[m], opponents[m] = truth_rankings(docs, queries, k), {}
         else:
-            rankings[m], opponents[m] = read_rankings(run, m, n_all)
+            rankings[m], opponents[m] = read_rankings(run, m, n_all, k)
             check_ids(run / f"proponents-{m}.jsonl", rankings[m], opponents[m], docs, queries)
     return rankings, opponents
 
@@ -726,6 +769,7 @@ def main(
         method_list.append("truth")
     rankings, opponents = all_rankings(run, method_list, docs, qs, n_all, k)
     facts_of = {d["id"]: d.get("facts") or [] for d in docs}
+    unstated = unstated_facts(qs, scored, facts_of)
     # with --calibrate-lr the step's lr is chosen below; the grid's first stands in until then
     step = load_step(model, optimizer_state, no_correction, LR_GRID[0] if calibrate_lr else lr, eps, device,
                      encoded.model if encoded else None)
@@ -758,6 +802,7 @@ def main(
                      "betas": list(step.betas) if step.v is not None else None,
                      "step": "lr·(1−β1)·g/sqrt(β2·v + (1−β2)·g² + eps)" if step.v is not None else "lr·g (SGD: no V)",
                      "tail_patch_queries": len(tail_qs), "attribution_queries": sum(scored),
+                     "unstated_fact_queries": unstated,
                      "lr_source": "calibrated" if calibrate_lr else "given" if lr is not None else "optimizer state"},
         "queries": [q["id"] for q in qs], "model_correct": correct, "per_query": per_query,
         "summary": {m: {key: summarize(per_query[m][key], [True] * len(qs))[0] for key in metrics_of(per_query)}

@@ -612,8 +612,11 @@ def main(
                                         not no_unit_norm, dtype, device)
             if fit.corpus_transform is not None:
                 matrix = torch.as_tensor(fit.corpus_transform, dtype=torch.float32)
+            # drawn at random for each build: every file of the index records it, and a reader that opens them
+            # one after another refuses a file of another build (ts.open_index_file)
+            attrs["build"] = uuid.uuid4().hex[:16]
             if world > 1:  # every share records the build, so index.h5 never names another build's share
-                attrs["shares"] = {"count": world, "build": uuid.uuid4().hex[:16]}
+                attrs["shares"] = {"count": world, "build": attrs["build"]}
         matrix, attrs = shared_transform(matrix, attrs, rank, world)
         matrix = None if matrix is None else matrix.to(device)
         if world == 1:
@@ -662,7 +665,7 @@ def fit_and_record(tmp: Path, corpus: Path, cmeta: ts.RunSettings, queries: Path
                    "(e.g. 0.1-1).", err=True)
     scale = storage_scale(corpus, dataset, fit, unit_norm, dtype, opts, device)
     # The corpus run's settings travel with the index, so query.py checks a queries run against them.
-    attrs = {"corpus": dataclasses.asdict(cmeta), "index": settings, "unit_norm": unit_norm,
+    attrs = {"kind": "index", "corpus": dataclasses.asdict(cmeta), "index": settings, "unit_norm": unit_norm,
              "vector_dataset": dataset, "scale": scale, "dtype": dtype, "queries_data": qmeta.data if qmeta else None}
     return fit, attrs
 

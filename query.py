@@ -20,9 +20,10 @@ result equals a stable sort of the full score matrix (ties: lower corpus row fir
 bounded by --block, not the corpus. Under torchrun (`torchrun --nproc_per_node W query.py --index ...`)
 each rank scans its share of the index's chunks and rank 0 merges the ranks' lists and writes them:
 the same output, bit for bit, as one process.
-Output, one line per query, in the queries file's order:
+Output, one line per query, in the queries file's order, each saying what made it (evaluate.py checks it):
 
-    {"query_id", "proponents": [{"id", "score", "text"}, ...], "opponents": [...]}
+    {"query_id", "proponents": [{"id", "score", "text"}, ...], "opponents": [...],
+     "made_by": {"kind": "proponents", "method", "k", "index_build", "queries", "queries_digest"}}
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import json
 import os
 import re
 import time
+import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
@@ -83,7 +85,7 @@ def read_index_meta(index: str | Path) -> dict:
         meta = ts.read_attrs(f)
         if "dense" in meta:
             raise ts.TrackStarError(f"{path} is a dense text-embedding index: query it with --method dense")
-        if ("G" not in f and "shares" not in meta) or "corpus" not in meta:
+        if ("G" not in f and "shares" not in meta) or "corpus" not in meta or "build" not in meta:
             raise ts.TrackStarError(f"{path} was written by an older version of index.py; rerun index.py")
         rows = f["G"].shape[0] if "G" in f else None
     meta["corpus"] = ts.run_settings(meta["corpus"], str(path), "rerun index.py")
@@ -94,20 +96,20 @@ def read_index_meta(index: str | Path) -> dict:
     return meta
 
 
-def read_query_transform(index: str | Path) -> np.ndarray | None:
-    """The d x d matrix query.py applies to query vectors, or None for identity."""
-    with h5py.File(Path(index) / "index.h5", "r") as f:
+def read_query_transform(index: str | Path, build: str) -> np.ndarray | None:
+    """The d x d matrix query.py applies to query vectors, or None for identity (from index build `build`)."""
+    with ts.open_index_file(Path(index) / "index.h5", build) as f:
         return f["query_transform"][:] if "query_transform" in f else None
 
 
 def prepare_queries(vectors: np.ndarray, index: Path, meta: dict, device: str) -> torch.Tensor:
     """g(q) -> what the index's documents are scored against: same transform, same normalisation."""
-    return transformed_queries(vectors, query_matrix(index, device), meta, device)
+    return transformed_queries(vectors, query_matrix(index, meta["build"], device), meta, device)
 
 
-def query_matrix(index: Path, device: str) -> torch.Tensor | None:
-    """The index's query transform on `device` (None: identity)."""
-    matrix = read_query_transform(index)
+def query_matrix(index: Path, build: str, device: str) -> torch.Tensor | None:
+    """The query transform of index build `build` on `device` (None: identity)."""
+    matrix = read_query_transform(index, build)
     return None if matrix is None else torch.as_tensor(matrix, device=device)
 
 
@@ -255,7 +257,8 @@ def mapped(path: str | Path, dataset: h5py.Dataset) -> np.ndarray | None:
 
 
 def iter_index_blocks(
-    path: str | Path, block: int, device: str = "cpu", spans: list[tuple[int, int]] | None = None
+    path: str | Path, block: int, device: str = "cpu", spans: list[tuple[int, int]] | None = None,
+    build: str | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(ids, float32 vectors) of an index file, `block` rows at a time, on `device`.
 
@@ -263,9 +266,10 @@ def iter_index_blocks(
     end of one (an index's chunk segments: a row's score then never depends on the layout). Rows are
     converted into one preallocated float32 buffer (on a GPU, after crossing the bus in their narrow
     storage dtype), so memory is about one block whatever the corpus size. The yielded tensors are
-    views of reused buffers: use them before asking for the next block.
+    views of reused buffers: use them before asking for the next block. With `build`, the file must be of
+    that index build (ts.open_index_file).
     """
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r") if build is None else ts.open_index_file(Path(path), build) as f:
         vectors, ids = f["G"], f["ids"]
         n, d = vectors.shape
         spans = [(0, n)] if spans is None else spans
@@ -328,15 +332,15 @@ def _cuda_blocks(read_rows, starts: list[tuple[int, int]], rows: int, d: int, dt
         scanned[s].record(compute)  # after the caller queued its work on this block
 
 
-def progress_blocks(segments: list[tuple[Path, int, int]], block: int, device: str, desc: str = "scan"
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def progress_blocks(segments: list[tuple[Path, int, int]], block: int, device: str, desc: str = "scan",
+                    build: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The blocks of the segments (file, first row, end row), file by file, with a progress bar."""
     spans: dict[Path, list[tuple[int, int]]] = {}
     for path, lo, hi in segments:
         spans.setdefault(path, []).append((lo, hi))
     with tqdm(total=sum(hi - lo for _, lo, hi in segments), desc=desc, unit="doc", unit_scale=True) as bar:
         for path, file_spans in spans.items():
-            for ids, vectors in iter_index_blocks(path, block, device, file_spans):
+            for ids, vectors in iter_index_blocks(path, block, device, file_spans, build):
                 yield ids, vectors
                 bar.update(len(ids))
 
@@ -358,11 +362,12 @@ def default_block(device: str, n_queries: int, dim: int = 0, free_bytes: int | N
     return 512 if n_queries < FEW_QUERIES else 4096
 
 
-def search(queries: torch.Tensor, segments: list[tuple[Path, int, int]], k: int, block: int, device: str
-           ) -> tuple | None:
+def search(queries: torch.Tensor, segments: list[tuple[Path, int, int]], k: int, block: int, device: str,
+           build: str | None = None) -> tuple | None:
     """(top_scores, top_ids, bottom_scores, bottom_ids) as numpy, each (Q, min(k, N)), over the index rows
     in `segments` (file, first row, end row). Under torchrun rank r scans segments r, r + W, ... (with W
-    index shares too, exactly share r) and only rank 0 gets the result (the others: None)."""
+    index shares too, exactly share r) and only rank 0 gets the result (the others: None). With `build` (what
+    the index's settings were read from), every file scanned must be of that build."""
     rank, world = ts.distributed()
     block = block or default_block(device, len(queries), queries.shape[1])
     if world > 1:  # one block size on every rank (a GPU's default depends on its free memory)
@@ -371,7 +376,7 @@ def search(queries: torch.Tensor, segments: list[tuple[Path, int, int]], k: int,
         block = int(size)
     desc = "scan" if world == 1 else f"scan rank {rank}/{world}"
     with torch.inference_mode():
-        top, bottom = topk_keys(queries, progress_blocks(segments[rank::world], block, device, desc), k)
+        top, bottom = topk_keys(queries, progress_blocks(segments[rank::world], block, device, desc, build), k)
         if world > 1:
             top, bottom = merged_keys(top, bottom, min(k, sum(hi - lo for _, lo, hi in segments)), len(queries),
                                       rank, world)
@@ -407,10 +412,18 @@ def ranked(rows: list[dict], ids: np.ndarray, scores: np.ndarray) -> list[dict]:
                                                                                             strict=True)]
 
 
-def write_results(out: Path, query_ids: list[str], corpus_rows: list[dict], result: tuple) -> None:
+def made_by(method: str, k: int, index_build: str | None, queries: Path | str, queries_digest: str) -> dict:
+    """What every output line records of what made it: a proponents file says which method, top-k, index build
+    (None for BM25) and queries (file or encoded run, and the digest of their data) it answers."""
+    return {"kind": "proponents", "method": method, "k": k, "index_build": index_build, "queries": str(queries),
+            "queries_digest": queries_digest}
+
+
+def write_results(out: Path, query_ids: list[str], corpus_rows: list[dict], result: tuple, made: dict) -> None:
     top_s, top_i, bot_s, bot_i = result
     ts.write_jsonl(out, ({"query_id": qid, "proponents": ranked(corpus_rows, top_i[j], top_s[j]),
-                          "opponents": ranked(corpus_rows, bot_i[j], bot_s[j])} for j, qid in enumerate(query_ids)))
+                          "opponents": ranked(corpus_rows, bot_i[j], bot_s[j]), "made_by": made}
+                         for j, qid in enumerate(query_ids)))
 
 
 def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device: str) -> None:
@@ -431,11 +444,12 @@ def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device
         corpus_rows = corpus_rows_for(c.data, c.data_digest, c.n_examples)
     q = prepare_queries(vectors[order], index, meta, device)
     t0 = time.perf_counter()
-    result = search(q, meta["segments"], k, block, device)
+    result = search(q, meta["segments"], k, block, device, meta["build"])
     dt = time.perf_counter() - t0
     if rank != 0:
         return
-    write_results(out, [query_rows[r]["id"] for r in rows[order]], corpus_rows, result)
+    write_results(out, [query_rows[r]["id"] for r in rows[order]], corpus_rows, result,
+                  made_by("trackstar", k, meta["build"], queries, qmeta.data_digest))
     typer.echo(f"wrote {out}: {len(rows)} queries x {meta['n_rows']} documents, top/bottom {min(k, meta['n_rows'])}"
                f" in {dt:.2f} s")
 
@@ -479,7 +493,7 @@ def print_table(title: str, rows: list[dict], width: int = 72) -> None:
 def query_adhoc(index: Path, prompt: str, target: str, k: int, block: int, device: str) -> None:
     meta = read_index_meta(index)
     q = prepare_queries(encode_one(meta, prompt, target, device), index, meta, device)
-    result = search(q, meta["segments"], k, block, device)
+    result = search(q, meta["segments"], k, block, device, meta["build"])
     if result is not None:  # rank 0 (or one process)
         c = meta["corpus"]
         print_adhoc(prompt, target, corpus_rows_for(c.data, c.data_digest, c.n_examples), result)
@@ -562,17 +576,18 @@ def query_bm25(corpus: Path, queries: Path, out: Path, k: int) -> None:
     docs = ts.read_jsonl(corpus, "corpus")
     qs = ts.read_jsonl(queries, "queries")
     bm25 = BM25Index([bm25_tokenize(d["text"]) for d in docs])
-    ts.write_jsonl(out, bm25_results(bm25, docs, qs, k))
+    made = made_by("bm25", k, None, queries, ts.data_digest(queries))
+    ts.write_jsonl(out, bm25_results(bm25, docs, qs, k, made))
     typer.echo(f"wrote {out}: BM25, {len(qs)} queries x {len(docs)} documents")
 
 
-def bm25_results(bm25: BM25Index, docs: list[dict], qs: list[dict], k: int) -> Iterator[dict]:
+def bm25_results(bm25: BM25Index, docs: list[dict], qs: list[dict], k: int, made: dict) -> Iterator[dict]:
     """Each query's output record, scored as it is written (one query's scores in memory at a time)."""
     for q in tqdm(qs, desc="bm25", unit="query"):
         s = bm25.scores(bm25_tokenize(query_text(q)))
         top, bottom = exact_topk_numpy(s, k, largest=True), exact_topk_numpy(s, k, largest=False)
         yield {"query_id": q["id"], "proponents": ranked(docs, top, s[top]),
-               "opponents": ranked(docs, bottom, s[bottom])}
+               "opponents": ranked(docs, bottom, s[bottom]), "made_by": made}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,7 +601,7 @@ class DenseModel(NamedTuple):
     model: nn.Module
     tokenizer: Any
     max_length: int  # tokens per text; longer texts are truncated, as sentence-transformers does
-    fingerprint: str  # of the weights, the vocabulary and max_length
+    fingerprint: str  # of the weights, the tokenizer and max_length
     name: str  # what reloads it: `minilm`, or the absolute path of a directory or zip
 
 
@@ -634,8 +649,7 @@ def load_dense_model(name: str, device: str) -> DenseModel:
     load = _dense_from_dir if path.is_dir() else _dense_from_zip
     model, tokenizer, st = ts.loading(f"the dense model {path}", lambda: load(path))
     max_length = min(st.get("max_seq_length") or ts.context_length(model), ts.context_length(model))
-    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    fp = hashlib.sha256(f"{ts.fingerprint(model)} {vocab} {max_length}".encode()).hexdigest()[:16]
+    fp = hashlib.sha256(f"{ts.fingerprint(model, tokenizer)} {max_length}".encode()).hexdigest()[:16]
     ts.pin_precision("highest")  # fp32 on a GPU too: corpus and queries embedded alike
     return DenseModel(model.eval().to(device), tokenizer, max_length, fp,
                       name if name == "minilm" else str(path.resolve()))
@@ -676,7 +690,8 @@ def build_dense_index(index: Path, corpus: Path, dense: DenseModel) -> None:
     with ts.atomic_directory(index, ("index.h5",)) as tmp, h5py.File(tmp / "index.h5", "w") as f:
         f.create_dataset("G", data=G)  # float32, contiguous: the scan maps it in place
         f.create_dataset("ids", data=np.arange(len(docs), dtype=np.int64))
-        ts.write_attrs(f, {"dense": settings, "unit_norm": True, "scale": 1.0, "dtype": "float32"})
+        ts.write_attrs(f, {"dense": settings, "unit_norm": True, "scale": 1.0, "dtype": "float32",
+                           "kind": "dense index", "build": uuid.uuid4().hex[:16]})
     typer.echo(f"wrote {index / 'index.h5'}: {len(docs)} documents embedded by {dense.name} "
                f"(d={G.shape[1]}) in {dt:.1f} s")
 
@@ -690,7 +705,9 @@ def read_dense_meta(index: Path) -> dict:
         meta = ts.read_attrs(f)
         if "dense" not in meta:
             raise ts.TrackStarError(f"{path} is a gradient index (index.py), not a dense one: drop --method dense")
-        return {**meta["dense"], "n_rows": f["G"].shape[0]}
+        if "build" not in meta:
+            raise ts.TrackStarError(f"{path} was written by an older version of query.py; embed the corpus again")
+        return {**meta["dense"], "n_rows": f["G"].shape[0], "build": meta["build"]}
 
 
 def checked_dense_model(meta: dict, index: Path, name: str | None, device: str) -> DenseModel:
@@ -703,13 +720,12 @@ def checked_dense_model(meta: dict, index: Path, name: str | None, device: str) 
     return dense
 
 
-def query_dense(index: Path, queries: list[dict], dense: DenseModel, k: int, block: int, device: str
+def query_dense(index: Path, meta: dict, queries: list[dict], dense: DenseModel, k: int, block: int, device: str
                 ) -> tuple[list[dict], tuple]:
-    """(corpus rows, search result) for queries embedded as prompt + target."""
-    meta = read_dense_meta(index)
+    """(corpus rows, search result) for queries embedded as prompt + target, from the index build `meta` read."""
     rows = corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"])
     q = torch.as_tensor(embed_texts(dense, [query_text(q) for q in queries]), device=device)
-    return rows, search(q, [(index / "index.h5", 0, meta["n_rows"])], k, block, device)
+    return rows, search(q, [(index / "index.h5", 0, meta["n_rows"])], k, block, device, meta["build"])
 
 
 def dense_main(index: Path | None, corpus: Path | None, queries: Path | None, out: Path | None, prompt: str | None,
@@ -724,13 +740,15 @@ def dense_main(index: Path | None, corpus: Path | None, queries: Path | None, ou
         build_dense_index(index, corpus, dense)
     if queries is None and prompt is None:
         return
-    dense = dense or checked_dense_model(read_dense_meta(index), index, model, device)
+    meta = read_dense_meta(index)
+    dense = dense or checked_dense_model(meta, index, model, device)
     if prompt is not None:
         row = {"prompt": prompt, "target": target}
-        return print_adhoc(prompt, target, *query_dense(index, [row], dense, k, block, device))
+        return print_adhoc(prompt, target, *query_dense(index, meta, [row], dense, k, block, device))
     qs = ts.read_jsonl(queries, "queries")
-    rows, result = query_dense(index, qs, dense, k, block, device)
-    write_results(out, [q["id"] for q in qs], rows, result)
+    rows, result = query_dense(index, meta, qs, dense, k, block, device)
+    write_results(out, [q["id"] for q in qs], rows, result,
+                  made_by("dense", k, meta["build"], queries, ts.data_digest(queries)))
     typer.echo(f"wrote {out}: dense ({dense.name}), {len(qs)} queries x {len(rows)} documents")
 
 
@@ -787,13 +805,13 @@ def open_index(path: str | Path, device: str = "auto", model: str | None = None)
 
 def gradient_index(path: Path, device: str, model: str | None) -> OpenIndex:
     meta = read_index_meta(path)
-    encode, matrix = query_encoder(meta, device, model), query_matrix(path, device)
+    encode, matrix = query_encoder(meta, device, model), query_matrix(path, meta["build"], device)
     c = meta["corpus"]
     rows = corpus_rows_for(c.data, c.data_digest, c.n_examples)
 
     def top(prompt: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         top_s, top_i, _, _ = search(transformed_queries(encode(prompt, target), matrix, meta, device),
-                                    meta["segments"], k, 0, device)
+                                    meta["segments"], k, 0, device, meta["build"])
         return top_s[0], top_i[0]
 
     return OpenIndex(path, "trackstar", rows, top, any(r.get("facts") for r in rows))
@@ -806,7 +824,7 @@ def dense_index(path: Path, device: str, model: str | None) -> OpenIndex:
 
     def top(prompt: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = torch.as_tensor(embed_texts(dense, [query_text({"prompt": prompt, "target": target})]), device=device)
-        top_s, top_i, _, _ = search(q, [(path / "index.h5", 0, meta["n_rows"])], k, 0, device)
+        top_s, top_i, _, _ = search(q, [(path / "index.h5", 0, meta["n_rows"])], k, 0, device, meta["build"])
         return top_s[0], top_i[0]
 
     return OpenIndex(path, "dense", rows, top, any(r.get("facts") for r in rows))

@@ -36,6 +36,7 @@ import re
 import shutil
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -620,10 +621,11 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu",
                      lambda: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, **kw))
     model.eval()  # no dropout: a gradient must be a function of the example alone
     check_causal(model)
-    model.trackstar_fingerprint = fingerprint(model)  # of the weights as stored, before any cast
+    model.trackstar_fingerprint = fingerprint(model, tokenizer)  # of the weights as stored, before any cast
     if expected and model.trackstar_fingerprint != expected:
-        raise TrackStarError(f"the model at {path} has fingerprint {model.trackstar_fingerprint}, the run was "
-                             f"encoded with {expected}; refusing to mix them")
+        raise TrackStarError(f"the model at {path} (weights and tokenizer) has fingerprint "
+                             f"{model.trackstar_fingerprint}, the run was encoded with {expected}; "
+                             "refusing to mix them")
     model.trackstar_path = str(p.resolve())
     return model.to(device=device, dtype=getattr(torch, dtype)), tokenizer
 
@@ -690,11 +692,12 @@ def greedy_answers(model: nn.Module, tokenizer: Any, queries: list[dict], max_le
     return answers
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A short identity of a model's architecture and weights.
+def fingerprint(model: nn.Module, tokenizer: Any = None) -> str:
+    """A short identity of a model's architecture and weights, and (given) of its tokenizer.
 
     Per-tensor float64 statistics rounded to 10 digits, so the same weights give the same
-    fingerprint on any device, without copying an 8B model through hashlib.
+    fingerprint on any device, without copying an 8B model through hashlib. The tokenizer is part of
+    the model: the same weights fed other ids answer another question.
     """
     # The architecture, not where it was loaded from: `_name_or_path` & co. differ between a relative
     # and an absolute path to the same directory.
@@ -708,7 +711,25 @@ def fingerprint(model: nn.Module) -> str:
             ramp = torch.arange(x.numel(), device=x.device, dtype=torch.float64) % 7919
             stats = [x.sum().item(), (x * x).sum().item(), (x * ramp).sum().item()]
             h.update(f"{name}{tuple(p.shape)}{[f'{s:.10g}' for s in stats]}".encode())
+    if tokenizer is not None:
+        h.update(tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short identity of what turns text into ids, and its padding side. A fast tokenizer: its whole
+    tokenizer.json (normaliser, pre-tokenizer, vocabulary and merges, added and special tokens, and the
+    post-processor that inserts them); its truncation and padding state is left out, since a call with
+    truncation=True changes it on the object, not what the tokenizer is. A slow one: its class, vocabulary
+    and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    else:
+        spec = {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
+                "special": sorted(tokenizer.special_tokens_map.items())}
+    spec["padding_side"] = tokenizer.padding_side
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def context_length(model: nn.Module) -> int:
@@ -874,7 +895,7 @@ class RunSettings:
     n_chunks: int
     token_budget: int
     datasets: list  # "vectors" = g(z); "vectors_uncorrected" = P·∇θL(z) without V
-    model: str  # fingerprint of the weights
+    model: str  # fingerprint of the weights and the tokenizer
     model_path: str
     dtype: str
     max_length: int
@@ -1110,6 +1131,19 @@ def index_segments(index: Path, run: RunSettings, shares: dict | None) -> list[t
     return [(files[r], lo, hi) for r, lo, hi in segments]
 
 
+@contextlib.contextmanager
+def open_index_file(path: Path, build: str) -> Iterator[h5py.File]:
+    """An index file (index.h5 or a share) opened for reading, refused unless it carries `build`: the build
+    id index.py drew at random for the whole index. A reader opens its index several times (settings,
+    transform, rows); an index rebuilt in between would answer with parts of two builds."""
+    with h5py.File(path, "r") as f:
+        theirs = read_attrs(f).get("build")
+        if theirs != build:
+            raise TrackStarError(f"{path} is from another index build than the one being read (build {theirs!r} "
+                                 f"vs {build!r}): it was rebuilt meanwhile; run again")
+        yield f
+
+
 # ----------------------------------------------------------------------------------------------
 # What every file records: attributes as JSON values (HDF5 files, as in the chunk store), and the
 # provenance of the process that wrote it (recorded, never compared).
@@ -1220,7 +1254,20 @@ def data_files(path: str | Path) -> list[Path]:
                                  "with a glob pattern)")
     if not files:
         raise TrackStarError(f"{what} holds no {kinds} files")
-    return files
+    return once_each(files)
+
+
+def once_each(files: list[Path]) -> list[Path]:
+    """`files` without a second name of the same file: `**` follows symlinked folders, and a link names its
+    target again, so one file can match many times. The first name (in sorted order) of each real path stays."""
+    seen: set[str] = set()
+    kept = []
+    for f in files:
+        real = os.path.realpath(f)
+        if real not in seen:
+            seen.add(real)
+            kept.append(f)
+    return kept
 
 
 # A Hugging Face `datasets` save_to_disk folder: state.json lists its Arrow shards (data-00000-of-00002.arrow, ...)
@@ -1305,11 +1352,21 @@ def _records(path: str | Path, kind: str) -> Iterator[dict]:
             if not isinstance(row, dict):
                 raise TrackStarError(f"{where}: expected a JSON object")
             _validate_row(row, kind, where)
-            row["id"], row["_where"] = str(n if row.get("id") is None else row["id"]), where
+            row["id"], row["_where"] = nfc(str(n if row.get("id") is None else row["id"])), where
+            if row.get("facts") is not None:
+                row["facts"] = [nfc(f) for f in row["facts"]]
+            if row.get("fact") is not None:
+                row["fact"] = nfc(row["fact"])
             n += 1
             yield row
     if not n:
         raise TrackStarError(f"{path}: no records")
+
+
+def nfc(text: str) -> str:
+    """`text` in Unicode's composed form (NFC): an id or fact id typed as "é" or as "e" + combining accent is
+    one id. Every reader of ids applies it, so two files in two forms still match."""
+    return unicodedata.normalize("NFC", text)
 
 
 def _check_unique_ids(path: str | Path, kind: str, hashes: np.ndarray) -> None:
@@ -1342,13 +1399,20 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_constant=_not_json)
                 json.dumps(row, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) has no UTF-8
             except json.JSONDecodeError as e:
                 raise TrackStarError(f"{where}: not valid JSON ({e.msg})") from None
+            except ValueError as e:
+                raise TrackStarError(f"{where}: not valid JSON ({e})") from None
             except UnicodeEncodeError:
                 raise TrackStarError(f"{where}: text holds a lone UTF-16 surrogate escape, not a character") from None
             yield where, row
+
+
+def _not_json(name: str) -> None:
+    """Python's json reads NaN, Infinity and -Infinity, which JSON does not have: refused, never a float."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _lines(f: Any, path: str | Path) -> Iterator[bytes]:
@@ -1404,6 +1468,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _validate_row(row: dict, kind: str, where: str) -> None:
+    rid = row.get("id")  # a list, object or bool would become its Python repr
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int)):
+        raise TrackStarError(f"{where}: 'id' must be a string or an integer, got {rid!r:.80}")
     if kind == "corpus":
         if not isinstance(row.get("text"), str) or not row["text"].strip():
             raise TrackStarError(f"{where}: document has empty or missing 'text'")

@@ -243,11 +243,11 @@ def test_fingerprint_names_the_weights_not_the_path(model_dir, tmp_path, monkeyp
 
     monkeypatch.chdir(model_dir.parent)
     rel, _ = ts.load_model(model_dir.name)
-    absolute, _ = ts.load_model(str(model_dir))
-    assert rel.trackstar_fingerprint == absolute.trackstar_fingerprint
+    absolute, tokenizer = ts.load_model(str(model_dir))
+    assert rel.trackstar_fingerprint == absolute.trackstar_fingerprint == ts.fingerprint(absolute, tokenizer)
     with torch.no_grad():
         absolute.lm_head.weight[0, 0] += 1e-3
-    assert ts.fingerprint(absolute) != rel.trackstar_fingerprint
+    assert ts.fingerprint(absolute, tokenizer) != rel.trackstar_fingerprint
 
 
 def test_token_budget_is_chosen_printed_recorded_and_kept_on_resume(model_dir, corpus_file, tmp_path):

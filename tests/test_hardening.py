@@ -383,11 +383,11 @@ CASES = {
                           ["meta.json", "corrupt"]),
     "damping nan": (lambda t, m, c: ["index.py", "--corpus", t, "--out", t / "o", "--damping", "nan"],
                     ["--damping", "nan"]),
-    "proponents without query_id": (lambda t, m, c: _evaluate_with(t, m, c, b'{"proponents": []}\n'),
+    "proponents without query_id": (lambda t, m, c: _evaluate_with(t, m, c, [{"proponents": []}]),
                                     ["proponents-bm25.jsonl:1", "query_id"]),
     "proponents naming unknown documents": (
-        lambda t, m, c: _evaluate_with(t, m, c, b'{"query_id": "q0", "proponents": [{"id": "nope"}]}\n'
-                                       b'{"query_id": "q1", "proponents": []}\n'), ["nope"]),
+        lambda t, m, c: _evaluate_with(t, m, c, [{"query_id": "q0", "proponents": [{"id": "nope", "score": 1}]},
+                                                 {"query_id": "q1", "proponents": []}]), ["nope"]),
     "max-queries -1": (lambda t, m, c: _evaluate_with(t, m, c, None, "--max-queries", "-1"), ["--max-queries"]),
     "k 0": (lambda t, m, c: ["query.py", "--method", "bm25", "--corpus", c, "--queries", c, "--out", t / "p.jsonl",
                              "--k", "0"], ["--k"]),
@@ -423,13 +423,18 @@ def _corrupt_meta(tmp: Path) -> Path:
     return run_dir
 
 
-def _evaluate_with(tmp: Path, model_dir: Path, corpus: Path, proponents: bytes | None, *extra) -> list:
+def _evaluate_with(tmp: Path, model_dir: Path, corpus: Path, proponents: list[dict] | None, *extra) -> list:
+    """evaluate.py's argv over a run whose proponents-bm25.jsonl holds `proponents` (each line saying what made
+    it, as query.py writes it; default: no proponents for either query)."""
+    import query
+
     queries = write_jsonl(tmp / "q.jsonl", [{"id": "q0", "prompt": "Paris is in", "target": " France"},
                                             {"id": "q1", "prompt": "Rome is in", "target": " Italy"}])
     run_dir = tmp / "run"
     run_dir.mkdir()
-    (run_dir / "proponents-bm25.jsonl").write_bytes(proponents or b'{"query_id": "q0", "proponents": []}\n'
-                                                    b'{"query_id": "q1", "proponents": []}\n')
+    made = query.made_by("bm25", 10, None, queries, ts.data_digest(queries))
+    lines = proponents or [{"query_id": "q0", "proponents": []}, {"query_id": "q1", "proponents": []}]
+    write_jsonl(run_dir / "proponents-bm25.jsonl", [{"made_by": made, **line} for line in lines])
     return ["evaluate.py", "--run", run_dir, "--model", model_dir, "--corpus", corpus, "--queries", queries,
             "--methods", "bm25", *extra]
 

@@ -13,6 +13,7 @@ from conftest import write_jsonl
 from typer.testing import CliRunner
 
 import evaluate
+import query
 import report
 import trackstar as ts
 
@@ -45,8 +46,10 @@ def make_inputs(tmp_path, truth: bool = True):
     run = tmp_path / "run"
     run.mkdir()
     for m, ids in METHODS.items():
+        made = query.made_by(m, 3, None, qfile, ts.data_digest(qfile))
         write_jsonl(run / f"proponents-{m}.jsonl", [
-            {"query_id": q["id"], "proponents": ranked(ids), "opponents": ranked(["d4", "d3"])} for q in QUERIES])
+            {"query_id": q["id"], "proponents": ranked(ids), "opponents": ranked(["d4", "d3"])[::-1],
+             "made_by": made} for q in QUERIES])
     return run, corpus, qfile
 
 

@@ -17,6 +17,8 @@ from conftest import SHARED, write_jsonl
 from typer.testing import CliRunner
 
 import evaluate
+import query
+import trackstar as ts
 
 # Twelve documents; f0..f2 are stated by some of them, d11 states two facts.
 DOCS = [{"id": f"d{i}", "text": f"Document {i} says something about place number {i}.",
@@ -49,8 +51,9 @@ def exported(tmp_path, model_dir):
     run = tmp_path / "run"
     run.mkdir()
     for m, order in ORDERS.items():
+        made = query.made_by(m, len(order), None, queries, ts.data_digest(queries))
         write_jsonl(run / f"proponents-{m}.jsonl", [{"query_id": q["id"], "proponents": proponents(order, j),
-                                                     "opponents": []} for j, q in enumerate(QUERIES)])
+                                                     "opponents": [], "made_by": made} for j, q in enumerate(QUERIES)])
     r = CliRunner().invoke(evaluate.app, ["--run", str(run), "--model", str(model_dir), "--corpus", str(corpus),
                                           "--queries", str(queries), "--methods", ",".join(ORDERS), "--k", "10",
                                           "--no-tail-patch", "--device", "cpu", "--export-viewer", str(run / "viewer")])

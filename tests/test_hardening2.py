@@ -1,0 +1,265 @@
+"""Nothing silently wrong under concurrency, odd paths and hand-edited files: another tokenizer, an index rebuilt
+while it is read, proponents files that do not say what made them, ids in two Unicode forms, links that name
+a file twice, outputs over inputs, and every compatibility key guarded."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import pytest
+from conftest import refused, run, write_jsonl
+
+import trackstar as ts
+
+
+def encode(kind, model_dir, data, out, *extra, check=True):
+    return run("encode.py", kind, "--model", model_dir, "--data", data, "--out", out, "--dim", 64,
+               "--chunk-size", 8, *extra, check=check)
+
+
+def model_with_other_tokenizer(model_dir: Path, tmp: Path) -> Path:
+    """The same weights and config with a tokenizer.json whose vocabulary has two ids swapped: as many
+    tokens, other ids for the same text."""
+    other = tmp / "other-tokenizer"
+    shutil.copytree(model_dir, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    return other
+
+
+# 1. The tokenizer is part of the model's identity.
+
+
+def test_the_fingerprint_covers_the_tokenizer_not_only_the_weights(model_dir, tmp_path):
+    other = model_with_other_tokenizer(model_dir, tmp_path)
+    mine, tok = ts.load_model(str(model_dir))
+    theirs, other_tok = ts.load_model(str(other))
+    assert ts.fingerprint(mine) == ts.fingerprint(theirs), "the weights are the same"
+    assert len(tok) == len(other_tok) and tok.get_vocab() != other_tok.get_vocab()
+    assert mine.trackstar_fingerprint != theirs.trackstar_fingerprint
+    tok("Rome is in Italy.", truncation=True, max_length=3)  # call state is not identity
+    assert ts.fingerprint(mine, tok) == mine.trackstar_fingerprint
+
+
+def test_queries_encoded_with_another_tokenizer_are_refused_by_index_and_query(model_dir, corpus_file,
+                                                                               queries_file, tmp_path):
+    other = model_with_other_tokenizer(model_dir, tmp_path)
+    corpus, queries, index = tmp_path / "corpus", tmp_path / "queries", tmp_path / "index"
+    encode("corpus", model_dir, corpus_file, corpus)
+    encode("queries", other, queries_file, queries)
+    fps = [json.loads((d / "meta.json").read_text())["model"] for d in (corpus, queries)]
+    assert fps[0] != fps[1]
+    r = run("index.py", "--corpus", corpus, "--queries", queries, "--out", index, "--hessian", "none", check=False)
+    refused(r, "'model'", *fps)
+    assert not index.exists()
+    run("index.py", "--corpus", corpus, "--out", index, "--hessian", "none")
+    r = run("query.py", "--index", index, "--queries", queries, "--out", tmp_path / "p.jsonl", check=False)
+    refused(r, "'model'", *fps)
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+# 2. A reader sees one build: an index rebuilt between two of its opens is refused.
+
+
+def build_of(index: Path) -> str:
+    with h5py.File(index / "index.h5", "r") as f:
+        return ts.read_attrs(f)["build"]
+
+
+@pytest.fixture()
+def two_builds(model_dir, corpus_file, queries_file, tmp_path) -> tuple[Path, Path, Path]:
+    """(index, another build of an index over the same corpus, the queries run)."""
+    corpus, queries = tmp_path / "corpus", tmp_path / "queries"
+    encode("corpus", model_dir, corpus_file, corpus)
+    encode("queries", model_dir, queries_file, queries)
+    run("index.py", "--corpus", corpus, "--queries", queries, "--out", tmp_path / "index", "--hessian", "none")
+    run("index.py", "--corpus", corpus, "--queries", queries, "--out", tmp_path / "rebuilt", "--hessian", "train",
+        "--damping", "0.5")
+    return tmp_path / "index", tmp_path / "rebuilt", queries
+
+
+@pytest.mark.parametrize("after", ["read_index_meta", "prepare_queries"])
+def test_an_index_swapped_between_two_opens_is_refused_naming_both_builds(two_builds, tmp_path, monkeypatch,
+                                                                         after):
+    """The rebuild lands after the settings were read (before the query transform is) or after the queries were
+    transformed (before the rows are scanned): either way no answer mixes two builds."""
+    import query
+
+    index, rebuilt, queries = two_builds
+    builds = [build_of(d) for d in (index, rebuilt)]
+    assert builds[0] != builds[1]
+    original = getattr(query, after)
+
+    def then_swap(*args, **kwargs):
+        got = original(*args, **kwargs)
+        os.replace(index, tmp_path / "old")
+        os.replace(rebuilt, index)
+        return got
+
+    monkeypatch.setattr(query, after, then_swap)
+    out = tmp_path / "p.jsonl"
+    with pytest.raises(ts.TrackStarError, match="another index build") as e:
+        query.query_runs(index, queries, out, 3, 0, "cpu")
+    assert builds[0] in str(e.value) and builds[1] in str(e.value)
+    assert not out.exists()
+
+
+# 3. A proponents file says what made it, and evaluate checks it.
+
+
+def bm25_proponents(corpus_file, queries_file, tmp_path, k: int = 3) -> Path:
+    run_dir = tmp_path / "run"
+    run("query.py", "--method", "bm25", "--corpus", corpus_file, "--queries", queries_file,
+        "--out", run_dir / "proponents-bm25.jsonl", "--k", k)
+    return run_dir
+
+
+def evaluate_bm25(run_dir, model_dir, corpus_file, queries_file, *extra):
+    return run("evaluate.py", "--run", run_dir, "--model", model_dir, "--corpus", corpus_file, "--queries",
+               queries_file, "--methods", "bm25", "--no-tail-patch", *extra, check=False)
+
+
+def test_proponents_lines_record_method_k_and_queries(corpus_file, queries_file, tmp_path):
+    path = bm25_proponents(corpus_file, queries_file, tmp_path) / "proponents-bm25.jsonl"
+    made = [json.loads(line)["made_by"] for line in path.read_text().splitlines()]
+    assert made[0] == made[1] and made[0]["kind"] == "proponents" and made[0]["method"] == "bm25"
+    assert made[0]["k"] == 3 and made[0]["queries_digest"] == ts.data_digest(queries_file)
+
+
+def _edit(path: Path, edit) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    edit(rows)
+    write_jsonl(path, rows)
+
+
+EDITS = {
+    # name: (edit of the rows, words the refusal must hold)
+    "ascending proponents": (lambda rows: rows[0]["proponents"][0].update(score=-1.0), ["descending", ":1"]),
+    "a query ranked twice": (lambda rows: rows.append(rows[0]), ["'q0'", "second time", ":3"]),
+    "one document repeated": (lambda rows: rows[1].update(proponents=[rows[1]["proponents"][0]] * 3),
+                              ["more than once", ":2"]),
+    "two outputs in one file": (lambda rows: rows[1]["made_by"].update(k=5), ["two outputs", ":2"]),
+    "no record of what made it": (lambda rows: [r.pop("made_by") for r in rows], ["made_by", ":1"]),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_a_proponents_file_edited_by_hand_is_refused_at_its_line(case, model_dir, corpus_file, queries_file,
+                                                                tmp_path):
+    run_dir = bm25_proponents(corpus_file, queries_file, tmp_path)
+    edit, words = EDITS[case]
+    _edit(run_dir / "proponents-bm25.jsonl", edit)
+    refused(evaluate_bm25(run_dir, model_dir, corpus_file, queries_file, "--k", 3), "proponents-bm25.jsonl", *words)
+    assert not (run_dir / "results.json").exists()
+
+
+def test_evaluate_refuses_a_k_larger_than_the_files(model_dir, corpus_file, queries_file, tmp_path):
+    run_dir = bm25_proponents(corpus_file, queries_file, tmp_path, k=1)
+    refused(evaluate_bm25(run_dir, model_dir, corpus_file, queries_file, "--k", 10), "--k 1", "--k 10")
+    assert evaluate_bm25(run_dir, model_dir, corpus_file, queries_file, "--k", 1).returncode == 0
+
+
+# 4. Ids and fact ids are read in one Unicode form (NFC); a fact no document states is reported.
+
+
+def test_ids_and_facts_in_nfd_match_the_nfc_corpus(model_dir, tmp_path):
+    nfc, nfd = "f-caf\u00e9", "f-cafe\u0301"
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [
+        {"id": "d\u00e9", "text": "The capital of France is Paris.", "facts": [nfc]},
+        {"id": "d1", "text": "Rome is the capital of Italy.", "facts": ["f-rome"]}])
+    queries = write_jsonl(tmp_path / "queries.jsonl", [
+        {"id": "q0", "prompt": "The capital of France is", "target": " Paris", "fact": nfd}])
+    assert ts.read_jsonl(queries, "queries")[0]["fact"] == nfc
+    assert ts.read_jsonl(write_jsonl(tmp_path / "c2.jsonl", [{"id": "de\u0301", "text": "x y z"}]),
+                         "corpus")[0]["id"] == "d\u00e9"
+    run_dir = bm25_proponents(corpus, queries, tmp_path, k=2)
+    r = evaluate_bm25(run_dir, model_dir, corpus, queries, "--k", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["per_query"]["bm25"]["mrr"] == [1.0] and results["settings"]["unstated_fact_queries"] == []
+
+
+def test_a_query_whose_fact_no_document_states_is_counted_and_said(model_dir, corpus_file, tmp_path):
+    rows = [{"id": f"d{i}", "text": t, "facts": [f"f{i}"]} for i, t in enumerate(["Paris is in France.",
+                                                                                 "Rome is in Italy."])]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", rows)
+    queries = write_jsonl(tmp_path / "queries.jsonl", [
+        {"id": "q0", "prompt": "Paris is in", "target": " France", "fact": "f0"},
+        {"id": "q1", "prompt": "Rome is in", "target": " Italy", "fact": "f-nowhere"}])
+    run_dir = bm25_proponents(corpus, queries, tmp_path, k=2)
+    r = evaluate_bm25(run_dir, model_dir, corpus, queries, "--k", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1 of 2 queries" in r.stderr and "'f-nowhere'" in r.stderr
+    assert json.loads((run_dir / "results.json").read_text())["settings"]["unstated_fact_queries"] == ["q1"]
+
+
+# 7. Every compatibility key and every chunk key is guarded: two artifacts differing only in it are refused,
+# naming the key and both values.
+
+OTHER = {"tool": "trackstar 0.0.0", "kind": "queries", "loss": "target tokens", "data_digest": "other-digest",
+         "n_examples": 999, "chunk_size": 7, "n_chunks": 9, "token_budget": 1, "datasets": ["vectors", "extra"],
+         "model": "fingerprint-B", "dtype": "bfloat16", "max_length": 32, "truncated": 5, "dim": 64, "seed": 7,
+         "factors": [8, 4], "modules": "3 matrices/xyz", "params": "all", "gradient": "factored",
+         "matmul_precision": "high", "chunk_dtype": "bfloat16", "correction": "none", "v_digest": "v-2",
+         "eps": 1e-3, "lr": 0.1, "factor_v": True}
+
+
+def test_the_key_lists_hold_every_setting_that_changes_a_vector():
+    """A key dropped from a list would drop its test too: the lists are pinned here."""
+    assert set(ts.COMPATIBLE_KEYS) == {"model", "dtype", "dim", "seed", "factors", "modules", "params", "correction",
+                                       "v_digest", "eps", "matmul_precision", "chunk_dtype", "tool"}
+    assert set(ts.CHUNK_KEYS) == set(OTHER)
+
+
+@pytest.mark.parametrize("key", ts.COMPATIBLE_KEYS)
+def test_a_corpus_and_queries_differing_only_in_a_compatibility_key_are_refused(key, tmp_path):
+    import numpy as np
+    from test_index_query import META, fabricate_run
+
+    import index as index_cli
+
+    corpus = fabricate_run(tmp_path / "corpus", "corpus", {"vectors": np.ones((5, 32))})
+    width = OTHER["dim"] if key == "dim" else 32
+    queries = fabricate_run(tmp_path / "queries", "queries", {"vectors": np.ones((3, width))}, **{key: OTHER[key]})
+    with pytest.raises(ts.TrackStarError) as e:
+        index_cli.read_runs(corpus, queries, False)
+    for word in (repr(key), repr(META[key]), repr(OTHER[key])):
+        assert word in str(e.value), (word, str(e.value))
+
+
+@pytest.mark.parametrize("key", ts.CHUNK_KEYS)
+def test_a_chunk_differing_from_its_run_only_in_a_chunk_key_is_refused(key, tmp_path):
+    import numpy as np
+    from test_index_query import fabricate_run
+
+    run_dir = fabricate_run(tmp_path / "corpus", "corpus", {"vectors": np.ones((5, 32))})
+    chunk = run_dir / ts.chunk_name(0)
+    with h5py.File(chunk, "r+") as f:
+        mine = ts.read_attrs(f)[key]
+        f.attrs[key] = json.dumps(OTHER[key])
+    assert mine != OTHER[key]
+    with pytest.raises(ts.TrackStarError) as e:
+        ts.chunk_files(run_dir)
+    for word in (repr(key), repr(mine), repr(OTHER[key]), chunk.name):
+        assert word in str(e.value), (word, str(e.value))
+
+
+# 5. A file is read once, whatever the links that name it.
+
+
+def test_a_glob_through_symlinked_folders_reads_each_file_once(tmp_path):
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    write_jsonl(data / "a" / "part.jsonl", [{"id": f"d{i}", "text": f"document {i}"} for i in range(3)])
+    (data / "b").symlink_to(data / "a")  # the same folder twice
+    (data / "c.jsonl").symlink_to(data / "a" / "part.jsonl")
+    files = ts.data_files(f"{data}/**/*.jsonl")
+    assert len(files) == 1 and files[0] == data / "a" / "part.jsonl"
+    assert [r["id"] for r in ts.read_jsonl(f"{data}/**/*.jsonl", "corpus")] == ["d0", "d1", "d2"]
