@@ -26,6 +26,7 @@ ENC, IDX, EVAL, CONV = "tests/test_encode.py", "tests/test_index_query.py", "tes
     "tests/test_conventions.py"
 DENSE = "tests/test_dense.py"
 STREAM = "tests/test_stream.py"
+HARD2 = "tests/test_hardening2.py"
 DIST_SAME = "tests/test_distributed.py::test_torchrun_index_and_query_equal_one_process_bit_for_bit"
 DIST_REFUSED = "tests/test_distributed.py::test_a_share_not_of_this_build_or_place_is_refused_naming_both"
 
@@ -111,6 +112,18 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     "a directory's digest ignores its shards' contents": (
         "trackstar.py", 'h.update(f"{Path(os.path.relpath(f, root)).as_posix()}\\t{file_digest(f)}\\n".encode())',
         'h.update(f"{Path(os.path.relpath(f, root)).as_posix()}\\n".encode())', [STREAM]),
+    "the tokenizer dropped from the fingerprint": (
+        "trackstar.py", "        h.update(tokenizer_fingerprint(tokenizer).encode())", "        pass",
+        [HARD2 + "::test_the_fingerprint_covers_the_tokenizer_not_only_the_weights"]),
+    "an index file of another build is read": (
+        "trackstar.py", "        if theirs != build:", "        if False:",
+        [HARD2 + "::test_an_index_swapped_between_two_opens_is_refused_naming_both_builds"]),
+    "proponents out of score order accepted": (
+        "evaluate.py", "        if any(a < b for a, b in zip(scores, scores[1:], strict=False)):", "        if False:",
+        [HARD2 + "::test_a_proponents_file_edited_by_hand_is_refused_at_its_line"]),
+    "ids read without NFC": (
+        "trackstar.py", 'return unicodedata.normalize("NFC", text)', "return text",
+        [HARD2 + "::test_ids_and_facts_in_nfd_match_the_nfc_corpus"]),
     "R's eigenvectors by divide and conquer (2·d² workspace)": (
         "index.py", 'driver="evr")', 'driver="evd")', [IDX]),
 }
