@@ -842,6 +842,18 @@ def bm25_index(corpus: Path) -> OpenIndex:
     return OpenIndex(corpus, "bm25", rows, top, any(r.get("facts") for r in rows))
 
 
+# The options each method reads: one given to a method that ignores it would answer another question than asked.
+USED = {Method.trackstar: {"--index", "--prompt", "--target"}, Method.bm25: {"--corpus"},
+        Method.dense: {"--index", "--prompt", "--target", "--corpus", "--dense-model"}}
+
+
+def refuse_unused(method: Method, given: dict[str, Any]) -> None:
+    """Refuse an option (of those in `given`, None when absent) that `method` does not read, naming both."""
+    for option, value in given.items():
+        if value is not None and option not in USED[method]:
+            raise ts.TrackStarError(f"{option} is not read by --method {method.value}; leave it out")
+
+
 @app.command(help=__doc__.replace("\n\n    ", "\n\n\b\n    "))  # \b: click keeps those lines as written
 def main(
     index: Path | None = typer.Option(None, help="Index directory written by index.py (dense: its own index)."),
@@ -865,8 +877,8 @@ def main(
         raise ts.TrackStarError(f"--k must be >= 1 and --block >= 0, got --k {k} --block {block}")
     if out is not None and out.is_dir():
         raise ts.TrackStarError(f"--out {out} is a directory; give the JSONL file to write")
-    if dense_model is not None and method != Method.dense:
-        raise ts.TrackStarError("--dense-model applies to --method dense only")
+    refuse_unused(method, {"--index": index, "--prompt": prompt, "--target": target, "--corpus": corpus,
+                           "--dense-model": dense_model})
     if method != Method.trackstar and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ts.TrackStarError(f"--method {method.value} runs in one process; torchrun shares out gradient "
                                 "indexes only")

@@ -263,3 +263,22 @@ def test_a_glob_through_symlinked_folders_reads_each_file_once(tmp_path):
     files = ts.data_files(f"{data}/**/*.jsonl")
     assert len(files) == 1 and files[0] == data / "a" / "part.jsonl"
     assert [r["id"] for r in ts.read_jsonl(f"{data}/**/*.jsonl", "corpus")] == ["d0", "d1", "d2"]
+
+
+# 9. An option the method does not read is refused, not ignored: the answer would be to another question.
+
+
+@pytest.mark.parametrize("method, option", [("trackstar", "--corpus"), ("bm25", "--index"), ("bm25", "--prompt"),
+                                            ("bm25", "--target"), ("trackstar", "--dense-model")])
+def test_an_option_the_method_does_not_read_is_refused_naming_both(method, option, corpus_file, queries_file,
+                                                                   tmp_path):
+    value = {"--corpus": corpus_file, "--index": tmp_path, "--prompt": "The capital of France is",
+             "--target": " Paris", "--dense-model": "minilm"}[option]
+    needed = {"trackstar": ["--index", tmp_path], "bm25": ["--corpus", corpus_file]}[method]
+    if option in needed:
+        needed = []
+    out = tmp_path / "p.jsonl"
+    r = run("query.py", "--method", method, *needed, "--queries", queries_file, "--out", out, option, value,
+            check=False)
+    refused(r, option, f"--method {method}")
+    assert not out.exists()
