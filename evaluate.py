@@ -756,6 +756,9 @@ def main(
     if max_queries < 0 or tail_queries < 0 or k < 1:
         raise ts.TrackStarError(f"--k must be >= 1 and --max-queries, --tail-queries >= 0 (got {k}, {max_queries}, "
                                 f"{tail_queries})")
+    if not [m for m in methods.split(",") if m.strip()]:  # before anything is read or an earlier table replaced
+        raise ts.TrackStarError(f"--methods {methods!r} names no method; give a comma-separated list such as "
+                                "bm25,cosine,trackstar")
     docs = ts.read_jsonl(corpus, "corpus")
     qs = ts.read_jsonl(queries, "queries")
     encoded = check_inputs(run, corpus, queries)

@@ -282,3 +282,19 @@ def test_an_option_the_method_does_not_read_is_refused_naming_both(method, optio
             check=False)
     refused(r, option, f"--method {method}")
     assert not out.exists()
+
+
+# 12. A --methods that names no method is refused before an earlier table is replaced.
+
+
+def test_methods_naming_nothing_is_refused_and_the_earlier_results_kept(model_dir, corpus_file, queries_file,
+                                                                        tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    earlier = {name: f"earlier {name}" for name in ("results.json", "results.md")}
+    for name, text in earlier.items():
+        (run_dir / name).write_text(text)
+    r = run("evaluate.py", "--run", run_dir, "--model", model_dir, "--corpus", corpus_file, "--queries",
+            queries_file, "--methods", ",", "--no-tail-patch", "--device", "cpu", check=False)
+    refused(r, "--methods ','", "names no method")
+    assert {name: (run_dir / name).read_text() for name in earlier} == earlier
