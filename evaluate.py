@@ -756,7 +756,8 @@ def main(
     if max_queries < 0 or tail_queries < 0 or k < 1:
         raise ts.TrackStarError(f"--k must be >= 1 and --max-queries, --tail-queries >= 0 (got {k}, {max_queries}, "
                                 f"{tail_queries})")
-    if not [m for m in methods.split(",") if m.strip()]:  # before anything is read or an earlier table replaced
+    named = [m for m in methods.split(",") if m.strip()]
+    if not named:  # before anything is read or an earlier table replaced
         raise ts.TrackStarError(f"--methods {methods!r} names no method; give a comma-separated list such as "
                                 "bm25,cosine,trackstar")
     docs = ts.read_jsonl(corpus, "corpus")
@@ -767,7 +768,7 @@ def main(
     if max_queries and max_queries < len(qs):
         qs = [qs[i] for i in sorted(random.Random(0).sample(range(len(qs)), max_queries))]  # in file order
     scored = scored_queries(docs, qs)
-    method_list = [m for m in methods.split(",") if m and m != "truth"]
+    method_list = [m for m in named if m != "truth"]
     if any(scored):  # the documents stating each fact: an upper reference for tail-patch
         method_list.append("truth")
     rankings, opponents = all_rankings(run, method_list, docs, qs, n_all, k)
