@@ -40,7 +40,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import uuid
 from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
@@ -614,7 +613,7 @@ def main(
                 matrix = torch.as_tensor(fit.corpus_transform, dtype=torch.float32)
             # drawn at random for each build: every file of the index records it, and a reader that opens them
             # one after another refuses a file of another build (ts.open_index_file)
-            attrs["build"] = uuid.uuid4().hex[:16]
+            attrs["build"] = ts.new_build_id()
             if world > 1:  # every share records the build, so index.h5 never names another build's share
                 attrs["shares"] = {"count": world, "build": attrs["build"]}
         matrix, attrs = shared_transform(matrix, attrs, rank, world)

@@ -34,7 +34,6 @@ import json
 import os
 import re
 import time
-import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
@@ -691,7 +690,7 @@ def build_dense_index(index: Path, corpus: Path, dense: DenseModel) -> None:
         f.create_dataset("G", data=G)  # float32, contiguous: the scan maps it in place
         f.create_dataset("ids", data=np.arange(len(docs), dtype=np.int64))
         ts.write_attrs(f, {"dense": settings, "unit_norm": True, "scale": 1.0, "dtype": "float32",
-                           "kind": "dense index", "build": uuid.uuid4().hex[:16]})
+                           "kind": "dense index", "build": ts.new_build_id()})
     typer.echo(f"wrote {index / 'index.h5'}: {len(docs)} documents embedded by {dense.name} "
                f"(d={G.shape[1]}) in {dt:.1f} s")
 

@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -1129,6 +1130,11 @@ def index_segments(index: Path, run: RunSettings, shares: dict | None) -> list[t
         if shapes != ((rows, run.dim), (rows,)):
             raise TrackStarError(f"{path} holds {shapes}, its chunks {rows} rows of d = {run.dim}; rebuild the index")
     return [(files[r], lo, hi) for r, lo, hi in segments]
+
+
+def new_build_id() -> str:
+    """A random id for one build of an index, written into each of its files (open_index_file checks it)."""
+    return uuid.uuid4().hex[:16]
 
 
 @contextlib.contextmanager
