@@ -43,6 +43,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 LOSS = {"corpus": "all tokens", "queries": "target tokens given the prompt"}
 FIELDS = {"corpus": '{"id", "text", "facts": [fact ids] (optional)}',
           "queries": '{"id", "prompt", "target", "fact" (optional)}'}
+# What a run folder holds before meta.json says what it is (a run killed after its V estimate).
+OWN = ("meta.json", "second_moment.pt", "chunk-*.h5", "chunk-*.h5.damaged")
 PARAMS = ("matrices", "all")  # what `--params` traces: the weight matrices, or those and the embedding lookups
 
 
@@ -97,8 +99,6 @@ def check_options(o: Options) -> None:
         raise ts.TrackStarError(f"--chunk-dtype must be one of {list(ts.CHUNK_DTYPES)}, got {o.chunk_dtype!r}")
     if o.params not in PARAMS:
         raise ts.TrackStarError(f"--params must be one of {PARAMS}, got {o.params!r}")
-    if o.out.exists() and not o.out.is_dir():
-        raise ts.TrackStarError(f"--out {o.out} exists and is not a directory")
     if sum([o.optimizer_state is not None, o.estimate_v > 0, o.no_correction]) > 1:
         raise ts.TrackStarError("give only one of --optimizer-state, --estimate-v, --no-correction")
 
@@ -149,6 +149,8 @@ def plan(o: Options) -> Plan:
     device = ts.pick_device(o.device)
     ts.pin_precision(o.matmul_precision)
     ts.data_files(o.data)  # a missing input, or a folder holding other files, is named before the model loads
+    state_file = o.optimizer_state if o.optimizer_state and Path(o.optimizer_state).is_file() else None
+    o = dataclasses.replace(o, out=ts.check_output(o.out, f"{o.kind} run", [o.model, o.data, state_file], own=OWN))
     model, tokenizer = ts.load_model(o.model, o.dtype, device)
     max_length = min(o.max_length or ts.context_length(model), ts.context_length(model))
     n_rows, truncated, shown = survey(o.data, o.kind, tokenizer, max_length, model, o.chunk_size)

@@ -760,6 +760,10 @@ def main(
     if not named:  # before anything is read or an earlier table replaced
         raise ts.TrackStarError(f"--methods {methods!r} names no method; give a comma-separated list such as "
                                 "bm25,cosine,trackstar")
+    ts.check_writable(run / "results.json", "--run")  # before minutes of tail-patch steps, not after
+    ts.remove_stale_temporaries(run)
+    if export_viewer_dir is not None:
+        ts.check_writable(export_viewer_dir / "trackstar.jsonl", "--export-viewer")
     docs = ts.read_jsonl(corpus, "corpus")
     qs = ts.read_jsonl(queries, "queries")
     encoded = check_inputs(run, corpus, queries)

@@ -600,6 +600,7 @@ def main(
         hessian_kind = "train"  # the task-specific mix needs queries; without them the paper whitens by R_train alone
         if rank == 0:
             typer.echo("no --queries: R = R_train (no task-specific R_eval); refit with --queries once you have them")
+    out = ts.check_output(out, "index", [corpus, queries])
     cmeta, qmeta, dataset = read_runs(corpus, queries, uncorrected)
     device = ts.pick_device(device)
     opts = HessianOptions(hessian_kind, lam, trak, damping, train_sample, sample_seed)

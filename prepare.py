@@ -68,14 +68,6 @@ OWN = ("corpus.jsonl", "queries.jsonl", "model", *MARKERS)  # all that either co
 OUT_HELP = "output directory, written atomically (replaces an earlier prepare.py output, nothing else)"
 
 
-def check_out(out: Path) -> None:
-    """Refuse a directory this script did not write, even one holding only names it writes (a user's own
-    corpus.jsonl): ts.atomic_directory, which swaps the output in, refuses any other name."""
-    if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in MARKERS):
-        raise ts.TrackStarError(f"--out {out} exists and was not written by prepare.py; "
-                                "remove it or choose another path")
-
-
 # -----------------------------------------------------------------------------
 # the fact world: entities, relations, templates
 
@@ -598,7 +590,7 @@ def factworld(
     if checkpoints < 0:
         raise ts.TrackStarError(f"--checkpoints must be >= 0, got {checkpoints}")
     t0 = time.time()
-    check_out(out)
+    out = ts.check_output(out, "prepared data")  # a folder of other files, or another artifact, refused
     with ts.atomic_directory(out, OWN) as tmp:  # refused before minutes of work, swapped in when whole
         write_factworld(tmp, seed, size, steps, checkpoints, no_train, model_size)
     print(f"wrote {out} in {time.time() - t0:.0f} s (trained on {TRAIN_THREADS} thread)")
@@ -834,7 +826,7 @@ def lama(
         raise ts.TrackStarError("--queries, --docs and --max-evidence must be >= 1")
     if not trex.is_dir():
         raise ts.TrackStarError(f"--trex {trex} is not a directory")
-    check_out(out)
+    out = ts.check_output(out, "prepared data", [trex, pararel, model])
     with ts.atomic_directory(out, OWN) as tmp:
         write_lama(tmp, trex, pararel, relations, queries, docs, max_evidence, seed, model)
     print(f"wrote {out}")

@@ -735,6 +735,7 @@ def dense_main(index: Path | None, corpus: Path | None, queries: Path | None, ou
                                 "--out, or --prompt with --target (ask the index)")
     dense = None
     if corpus is not None:
+        index = ts.check_output(index, "dense index", [corpus, queries], option="--index")
         dense = load_dense_model(model or "minilm", device)
         build_dense_index(index, corpus, dense)
     if queries is None and prompt is None:
@@ -874,13 +875,13 @@ def main(
 ) -> None:
     if k < 1 or block < 0:
         raise ts.TrackStarError(f"--k must be >= 1 and --block >= 0, got --k {k} --block {block}")
-    if out is not None and out.is_dir():
-        raise ts.TrackStarError(f"--out {out} is a directory; give the JSONL file to write")
     refuse_unused(method, {"--index": index, "--prompt": prompt, "--target": target, "--corpus": corpus,
                            "--dense-model": dense_model})
     if method != Method.trackstar and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ts.TrackStarError(f"--method {method.value} runs in one process; torchrun shares out gradient "
                                 "indexes only")
+    if out is not None:  # checked before any model loads: an input, another artifact, a read-only folder
+        out = ts.check_output(out, "proponents", [index, queries, corpus])
     if method == Method.bm25:
         if corpus is None or queries is None or out is None:
             raise ts.TrackStarError("--method bm25 needs --corpus, --queries (JSONL files) and --out")

@@ -36,6 +36,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -1212,12 +1213,23 @@ def run_cli(app: Callable[[], Any]) -> None:
     """Run a Typer app; user errors print one clear line and exit 2 (no traceback; TRACKSTAR_DEBUG=1
     shows it)."""
     try:
+        refuse_empty_values(sys.argv[1:])
         app()
     except TrackStarError as e:
         if os.environ.get("TRACKSTAR_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def refuse_empty_values(argv: list[str]) -> None:
+    """An option given as '' (an unset shell variable, quoted) names no path and no value: the command line
+    parser would read it as ".", the current directory, so it is refused before anything is read."""
+    for i, arg in enumerate(argv):
+        option = arg.split("=", 1)[0] if arg.startswith("--") and "=" in arg else argv[i - 1] if i else ""
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        if value == "" and option.startswith("--"):
+            raise TrackStarError(f"{option} is given as '' (empty): give it a value, or leave it out")
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
@@ -1679,6 +1691,150 @@ def atomic_directory(out: Path, own: tuple[str, ...]) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs: checked before the work, so a mistake costs one line, never minutes of work or an input.
+
+
+FILE_KINDS = ("proponents",)  # the artifacts that are one file; the others are folders
+# Folders whose files belong to them alone: another artifact is never written inside one.
+SEALED_KINDS = ("corpus run", "queries run", "index", "dense index", "prepared data", "model")
+
+
+def check_output(out: str | Path, kind: str, inputs: Iterable[str | Path | None] = (), option: str = "--out",
+                 own: tuple[str, ...] = ()) -> Path:
+    """The path a stage may write its `kind` of artifact to ("corpus run", "index", "proponents", ...), or a
+    one-line refusal naming it: a dangling link; an output that is, holds or lies inside one of the command's
+    `inputs`; an existing artifact of another kind, a file or folder the toolkit did not write, or a path inside
+    another artifact; a place that cannot be written. A link is followed: its target is replaced and the link
+    stays. Temporary files that killed runs left there are removed. `own`: names (shell patterns) a folder of
+    this kind may hold before it records its kind (a run killed before its meta.json).
+    """
+    out = Path(out)
+    if out.is_symlink():
+        target = Path(os.path.realpath(out))
+        if not target.parent.is_dir():  # a link to a path not written yet is followed, into a folder that exists
+            raise TrackStarError(f"{option} {out} is a link to {target}, whose folder does not exist")
+        out = target
+    _check_not_an_input(out, inputs, option)
+    holder = artifact_kind(out.parent)
+    if holder in SEALED_KINDS:
+        raise TrackStarError(f"{option} {out} lies inside the {holder} {out.parent}: give a path of its own")
+    found, is_file = artifact_kind(out), kind in FILE_KINDS
+    if found is not None and found != kind:
+        raise TrackStarError(f"{option} {out} is {_article(found)}, not {_article(kind)}: give a path of its own")
+    if out.exists() and out.is_dir() == is_file:
+        raise TrackStarError(f"{option} {out} is a directory; give the JSONL file to write" if is_file else
+                             f"{option} {out} exists and is not a directory")
+    if found is None and out.exists():
+        if is_file and out.stat().st_size:
+            raise TrackStarError(f"{option} {out} exists and was not written by this toolkit: give a path of its own")
+        names = [] if is_file else sorted(p.name for p in out.iterdir() if not p.name.startswith(".")
+                                          and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in own))
+        if names:
+            raise TrackStarError(f"{option} {out} holds {names[:3]}, which this toolkit did not write: give a "
+                                 "directory of its own")
+    check_writable(out, option)
+    for folder in (out.parent, out):
+        remove_stale_temporaries(folder)
+    return out
+
+
+def artifact_kind(path: Path) -> str | None:
+    """What an existing path is, by the files only the toolkit writes: "corpus run" or "queries run" (meta.json),
+    "index" or "dense index" (index.h5's kind), "prepared data" (world.json or lama.json), "model" (config.json),
+    "evaluated run" (results.json), "proponents" (a JSONL whose first line says so); None for anything else."""
+    if path.is_dir():
+        if (path / "meta.json").is_file():
+            return f"{_json_field(path / 'meta.json', 'kind') or 'an encoded'} run"
+        if (path / "index.h5").is_file():
+            try:
+                with h5py.File(path / "index.h5", "r") as h:
+                    return str(read_attrs(h).get("kind", "index"))
+            except OSError:
+                return "index"
+        for name, what in (("world.json", "prepared data"), ("lama.json", "prepared data"), ("config.json", "model"),
+                           ("results.json", "evaluated run")):
+            if (path / name).is_file():
+                return what
+        return None
+    if path.is_file() and path.name.endswith(".jsonl"):
+        try:
+            with open(path, "rb") as f:
+                first = json.loads(f.readline() or b"{}")
+        except (OSError, ValueError):
+            return None
+        made = first.get("made_by") if isinstance(first, dict) else None
+        return made.get("kind") if isinstance(made, dict) else None
+    return None
+
+
+def _json_field(path: Path, key: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _article(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _check_not_an_input(out: Path, inputs: Iterable[str | Path | None], option: str) -> None:
+    """An output is never an input of the same command, a folder holding one, or a path inside an input folder
+    (encoding into the model's folder or into a folder of data files changes what they hold)."""
+    mine = Path(os.path.realpath(out))
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        fixed = Path(*itertools.takewhile(lambda part: not _is_pattern(part), Path(given).parts))  # a glob's folder
+        real = Path(os.path.realpath(fixed))
+        if mine == real:
+            raise TrackStarError(f"{option} {out} is an input of this command ({given}): give a path of its own")
+        if real in mine.parents:
+            raise TrackStarError(f"{option} {out} lies inside the input {given}: give a path outside it")
+        if mine in real.parents:
+            raise TrackStarError(f"{option} {out} holds the input {given}: give a path of its own")
+
+
+def check_writable(out: Path, option: str = "--out") -> None:
+    """Write and remove a probe file where the output will go (the folder itself when it exists, and the folder
+    it is swapped into): a read-only or missing place is named now, not after the work."""
+    places = [out] if out.is_dir() else []
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the folders in between are created when the output is written
+    if not parent.is_dir():
+        raise TrackStarError(f"{option} {out}: {parent} is not a directory")
+    for place in [*places, parent]:
+        try:
+            fd, probe = tempfile.mkstemp(dir=place, prefix=".probe-")
+        except OSError as e:
+            raise TrackStarError(f"{option} {out}: cannot write in {place} ({e.strerror or first_line(e)})") from None
+        os.close(fd)
+        os.unlink(probe)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files and folders (`.NAME.tmp-PID`, atomic_path's and atomic_directory's) that a
+    killed process on this machine left in `folder`; a live process's are kept."""
+    if not folder.is_dir():
+        return
+    for tmp in folder.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: str | Path, obj: Any) -> None:

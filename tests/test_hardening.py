@@ -393,7 +393,75 @@ CASES = {
                              "--k", "0"], ["--k"]),
     "blank ad-hoc target": (lambda t, m, c: ["query.py", "--index", t, "--prompt", "Paris is in", "--target", "   "],
                             ["--target"]),
+    # Outputs, checked before the work (ts.check_output): never an input, another artifact or a file of one.
+    "out is bm25's own queries file": (lambda t, m, c: ["query.py", "--method", "bm25", "--corpus", c, "--queries",
+                                                        _queries(t), "--out", t / "q.jsonl"], ["q.jsonl", "input"]),
+    "out is the corpus file": (lambda t, m, c: ["query.py", "--method", "bm25", "--corpus", c, "--queries",
+                                                _queries(t), "--out", c], ["corpus.jsonl", "input"]),
+    "encode into the model's folder": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data", c, "--out",
+                                                        m / "run"], ["inside the input", "gpt2-tiny"]),
+    "encode into its own data folder": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data",
+                                                         _data_folder(t, c), "--out", t / "data" / "run"],
+                                        ["inside the input", "data"]),
+    "out is a run's meta.json": (lambda t, m, c: ["query.py", "--method", "bm25", "--corpus", c, "--queries",
+                                                  _queries(t), "--out", _fake_run(t) / "meta.json"],
+                                 ["meta.json", "inside the corpus run"]),
+    "out is an index's index.h5": (lambda t, m, c: ["query.py", "--method", "bm25", "--corpus", c, "--queries",
+                                                    _queries(t), "--out", _fake_index(t, "index") / "index.h5"],
+                                   ["index.h5", "inside the index"]),
+    "index over a dense index": (lambda t, m, c: ["index.py", "--corpus", _fake_run(t), "--out",
+                                                  _fake_index(t, "dense index"), "--hessian", "none"],
+                                 ["is a dense index, not an index"]),
+    "queries encoded over a corpus run": (lambda t, m, c: ["encode.py", "queries", "--model", m, "--data",
+                                                           _queries(t), "--out", _fake_run(t)],
+                                          ["is a corpus run, not a queries run"]),
+    "out over a user's file": (lambda t, m, c: ["query.py", "--method", "bm25", "--corpus", c, "--queries",
+                                                _queries(t), "--out", _bytes(t, b"my notes\n", "notes.jsonl")],
+                               ["notes.jsonl", "not written by this toolkit"]),
+    "out is a dangling link": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data", c, "--out",
+                                                _dangling(t)], ["is a link to", "gone", "does not exist"]),
+    "out is ''": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data", c, "--out", ""],
+                  ["--out", "empty"]),
+    "data is ''": (lambda t, m, c: ["encode.py", "corpus", "--model", m, "--data", "", "--out", t / "o"],
+                   ["--data", "empty"]),
+    "out under a file": (lambda t, m, c: ["query.py", "--method", "bm25", "--corpus", c, "--queries", _queries(t),
+                                          "--out", _bytes(t, b"x", "f.txt") / "p.jsonl"], ["f.txt", "not a directory"]),
+    "out where nothing can be written": (lambda t, m, c: ["query.py", "--method", "bm25", "--corpus", c, "--queries",
+                                                          _queries(t), "--out", "/proc/trackstar/p.jsonl"],
+                                         ["/proc", "cannot write"]),
+    "evaluate where nothing can be written": (lambda t, m, c: ["evaluate.py", "--run", "/proc/self", "--model", m,
+                                                               "--corpus", c, "--queries", _queries(t), "--methods",
+                                                               "bm25"], ["--run", "cannot write"]),
 }
+
+
+def _queries(tmp: Path) -> Path:
+    return write_jsonl(tmp / "q.jsonl", [{"id": "q0", "prompt": "Paris is in", "target": " France"}])
+
+
+def _data_folder(tmp: Path, corpus: Path) -> Path:
+    (tmp / "data").mkdir()
+    shutil.copy(corpus, tmp / "data" / "corpus.jsonl")
+    return tmp / "data"
+
+
+def _fake_run(tmp: Path) -> Path:
+    """A folder that says it is an encoded corpus run (its meta.json's kind): what a check of the output reads."""
+    (tmp / "run").mkdir()
+    (tmp / "run" / "meta.json").write_text(json.dumps({"kind": "corpus"}))
+    return tmp / "run"
+
+
+def _fake_index(tmp: Path, kind: str) -> Path:
+    (tmp / "ix").mkdir()
+    with h5py.File(tmp / "ix" / "index.h5", "w") as f:
+        ts.write_attrs(f, {"kind": kind})
+    return tmp / "ix"
+
+
+def _dangling(tmp: Path) -> Path:
+    (tmp / "link").symlink_to(tmp / "gone" / "run")
+    return tmp / "link"
 
 
 def _bad_config(tmp: Path, model_dir: Path) -> Path:
@@ -453,3 +521,46 @@ def test_bad_input_is_one_line_naming_the_culprit(case, model_dir, corpus_file, 
     assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert after == before, "a refused run must leave nothing behind"
+
+
+def test_an_output_link_is_followed_its_target_replaced_and_the_link_kept(corpus_file, tmp_path):
+    queries = _queries(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    target, link = tmp_path / "elsewhere" / "p.jsonl", tmp_path / "p.jsonl"
+    link.symlink_to(target)
+    run("query.py", "--method", "bm25", "--corpus", corpus_file, "--queries", queries, "--out", link, "--k", 2)
+    run("query.py", "--method", "bm25", "--corpus", corpus_file, "--queries", queries, "--out", link, "--k", 3)
+    assert link.is_symlink() and os.readlink(link) == str(target), "the link stays a link to the same target"
+    assert len(json.loads(target.read_text().splitlines()[0])["proponents"]) == 3, "its target holds the rerun"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "elsewhere", "p.jsonl", "q.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["p.jsonl"], "no .old or .tmp left"
+
+
+def test_temporary_files_of_killed_runs_are_removed_and_a_live_runs_kept(tmp_path):
+    dead = 2 ** 22 + 12345  # above the default pid_max: no process has it
+    assert not ts._alive(dead) and ts._alive(os.getpid())
+    run_dir = tmp_path / "corpus"
+    run_dir.mkdir()
+    (run_dir / "meta.json").write_text(json.dumps({"kind": "corpus"}))
+    killed_chunk, live_chunk = run_dir / f".chunk-000001.h5.tmp-{dead}", run_dir / f".chunk-000002.h5.tmp-{os.getpid()}"
+    killed_dir = tmp_path / f".corpus.tmp-{dead}"
+    for f in (killed_chunk, live_chunk):
+        f.write_bytes(b"half a chunk")
+    killed_dir.mkdir()
+    (killed_dir / "index.h5").write_bytes(b"half an index")
+    assert ts.check_output(run_dir, "corpus run") == run_dir
+    assert not killed_chunk.exists() and not killed_dir.exists(), "a killed run's temporaries are removed"
+    assert live_chunk.exists(), "a live process's temporary file is its own"
+
+
+def test_every_artifact_says_what_it_is(model_dir, corpus_file, tmp_path):
+    """The kind each stage writes is what ts.artifact_kind reads back, so one kind is never taken for another."""
+    queries = _queries(tmp_path)
+    run("encode.py", "corpus", "--model", model_dir, "--data", corpus_file, "--out", tmp_path / "c", "--dim", 16)
+    run("index.py", "--corpus", tmp_path / "c", "--out", tmp_path / "ix", "--hessian", "none")
+    run("query.py", "--method", "bm25", "--corpus", corpus_file, "--queries", queries, "--out", tmp_path / "p.jsonl")
+    assert ts.artifact_kind(tmp_path / "c") == "corpus run"
+    assert ts.artifact_kind(tmp_path / "ix") == "index"
+    assert ts.artifact_kind(tmp_path / "p.jsonl") == "proponents"
+    assert ts.artifact_kind(model_dir) == "model"
+    assert ts.artifact_kind(queries) is None, "a user's JSONL is no artifact"
