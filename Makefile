@@ -13,6 +13,8 @@
 #   make test | make test-quick | make bench | make bench-gpu | make lint
 #
 # Stages are chained by file dependencies, so a stage reruns only when its inputs (or its code) change.
+# An encoded run whose data or settings changed is refused, naming what differs and what to remove; a rerun
+# after that encodes it anew and redoes the stages after it.
 
 PY      ?= .venv/bin/python
 TORCH   ?= torch==2.13.0

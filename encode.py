@@ -372,9 +372,14 @@ def encode(p: Plan) -> None:
 
 
 def check_resume(out: Path, run: ts.RunSettings) -> None:
-    """A rerun into an existing directory must have exactly the same settings."""
+    """A rerun into an existing directory must have exactly the same settings; when the data or a setting
+    changed, the refusal says what to run (a run is never replaced without being asked)."""
     if (out / "meta.json").exists():
-        ts.check_same(ts.read_meta(out), run, ts.CHUNK_KEYS, f"existing run {out}", "this run")
+        try:
+            ts.check_same(ts.read_meta(out), run, ts.CHUNK_KEYS, f"existing run {out}", "this run")
+        except ts.TrackStarError as e:
+            raise ts.TrackStarError(f"{e}. To encode it anew: rm -r {out}, then rerun (make reruns every "
+                                    "stage after it), or give another --out") from None
 
 
 def finished(out: Path, run: ts.RunSettings, i: int) -> bool:

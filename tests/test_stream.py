@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -179,7 +180,10 @@ def test_a_changed_shard_is_refused_on_resume_and_by_query(model_dir, tmp_path):
     rows = rows_of_corpus()
     rows[20]["text"] += " Changed."
     write(data / "part-2.jsonl", rows[18:])
-    refused(encode(data, out, model_dir, check=False), "'data_digest'", meta.data_digest)
+    refused(encode(data, out, model_dir, check=False), "'data_digest'", meta.data_digest, f"rm -r {out}")
+    shutil.rmtree(out)  # what the refusal says to run: then the changed data encodes anew
+    encode(data, out, model_dir)
+    assert ts.read_meta(out).data_digest == ts.data_digest(data) != meta.data_digest
     with pytest.raises(ts.TrackStarError, match="has changed since it was encoded"):
         query.read_checked_jsonl(meta.data, "corpus", meta.data_digest)
 
