@@ -43,7 +43,9 @@ def test_serve_prints_its_links_serves_the_run_and_the_viewer_and_stops_on_ctrl_
     run, viewer = run_dir
     p = subprocess.Popen([sys.executable, str(ROOT / "report.py"), "--run", str(run), "--serve", "--viewer",
                           str(viewer)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         # a shell's background job inherits SIGINT ignored; a user's terminal delivers it
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = p.stdout.readline()
         base = re.search(r"at (http://127\.0\.0\.1:\d+) ", first).group(1)
