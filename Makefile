@@ -10,6 +10,7 @@
 #   make trend                                 BM25, cosine and TrackStar at each training checkpoint
 #   make real                                  SmolLM2-135M on LAMA T-REx (docs/results.md)
 #   make view                                  report.html and the viewer exports on 127.0.0.1 (Ctrl-C stops)
+#   make plan [MODEL=dir CORPUS=c.jsonl]       the bill (FLOPs, bytes, memory, hours) before the run; plan-paper: the paper's
 #   make test | make test-quick | make bench | make bench-gpu | make lint
 #
 # Stages are chained by file dependencies, so a stage reruns only when its inputs (or its code) change.
@@ -137,7 +138,8 @@ REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES
 # A model named by a shortcut (smollm2) is a package, not a file make can track.
 MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 
-.PHONY: all install test test-quick bench bench-gpu lint trend real clean screenshot sweep mutants seeds docs sizes view
+.PHONY: all install test test-quick bench bench-gpu lint trend real clean screenshot sweep mutants seeds docs sizes view \
+        plan plan-paper
 .DELETE_ON_ERROR:
 # Indexes are products users query again (`query.py --index ... --prompt`), not intermediates to delete.
 .SECONDARY: $(foreach v,$(VARIANTS) dense,$(RUN)/index-$(v)/index.h5)
@@ -303,6 +305,14 @@ clean:
 # built copy of the paper authors' viewer, served beside them).
 view:
 	$(PY) report.py --run $(RUN) --serve $(if $(PORT),--port $(PORT)) $(if $(VIEWER),--viewer $(VIEWER))
+
+# The bill before the run: FLOPs, bytes, peak memory and hours of every stage, from the model's shape and the corpus's
+# token count (encode.py --plan; nothing is encoded). plan-paper: the paper's setting (8B Llama shape, no weights).
+plan: $(CORPUS_DEP) $(MODEL_DEP) .venv/.installed
+	$(PY) encode.py corpus --plan --data '$(CORPUS)' --out $(RUN)/corpus $(ENCODE_OPTS) $(CORPUS_V)
+
+plan-paper: .venv/.installed
+	$(PY) -c "import encode; encode.print_bill(encode.paper_bill(), 'cpu')"
 
 # Proof that the report renders: headless Chromium (Debian package `chromium`) screenshots it.
 screenshot: $(RUN)/results.md

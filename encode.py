@@ -75,6 +75,7 @@ class Options:
     device: str
     shard: int | None
     num_shards: int | None
+    plan_only: bool
 
 
 def check_options(o: Options) -> None:
@@ -153,13 +154,18 @@ def plan(o: Options) -> Plan:
     o = dataclasses.replace(o, out=ts.check_output(o.out, f"{o.kind} run", [o.model, o.data, state_file], own=OWN))
     model, tokenizer = ts.load_model(o.model, o.dtype, device)
     max_length = min(o.max_length or ts.context_length(model), ts.context_length(model))
-    n_rows, truncated, shown = survey(o.data, o.kind, tokenizer, max_length, model, o.chunk_size)
+    n_rows, truncated, shown, n_tokens = survey(o.data, o.kind, tokenizer, max_length, model, o.chunk_size)
     if truncated:
         typer.echo(f"truncated {truncated} documents to {max_length} tokens ({', '.join(shown)}...)")
     token_budget = o.token_budget or recorded_budget(o.out) or auto_token_budget(model, device)
     typer.echo(f"token budget: {token_budget} padded tokens a batch")
     modules = ts.weight_modules(model)
     lookups = ts.lookup_modules(model) if o.params == "all" else []
+    if o.plan_only:  # the bill, from the survey alone: nothing is estimated or written
+        datasets = 2 if o.also_uncorrected and not o.no_correction else 1
+        print_bill(bill(model, modules, lookups, n_rows, n_tokens, o.dim, o.chunk_dtype, datasets, token_budget),
+                   device)
+        raise typer.Exit(0)
     p = Plan(o, model, tokenizer, device, rank, world, max_length, n_rows, truncated, token_budget,
              ts.data_digest(o.data), modules, lookups)
     V, v_file = second_moment(p)
@@ -167,17 +173,19 @@ def plan(o: Options) -> Plan:
 
 
 def survey(data: Path, kind: str, tokenizer, max_length: int, model: nn.Module, chunk_size: int
-           ) -> tuple[int, int, list[str]]:
+           ) -> tuple[int, int, list[str], int]:
     """The first pass: every record read, validated and tokenized, then dropped, before anything is written.
-    Returns how many records there are, how many documents are truncated, and where the first ten of those are."""
-    n, n_truncated, shown = 0, 0, []
+    Returns how many records there are, how many documents are truncated, where the first ten of those are, and
+    how many tokens the records hold (after truncation)."""
+    n, n_truncated, shown, tokens = 0, 0, [], 0
     with tqdm(desc=f"check {kind}", unit="ex") as bar:
         for window in windows(ts.iter_records(data, kind), chunk_size):
             tokenized, truncated = ts.tokenize_rows(tokenizer, window, kind, max_length)
             check_vocabulary(tokenized, window, model)
             n, n_truncated, shown = n + len(window), n_truncated + len(truncated), (shown + truncated)[:10]
+            tokens += sum(len(ids) for ids, _ in tokenized)
             bar.update(len(window))
-    return n, n_truncated, shown
+    return n, n_truncated, shown, tokens
 
 
 def windows(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -208,12 +216,7 @@ def auto_token_budget(model: nn.Module, device: str, total_bytes: int | None = N
     the model and V, between 256 and 65,536 tokens (8,192 on a CPU, where larger batches buy no speed).
     Total, not free, memory: every rank and every resumed run on one machine type picks the same budget
     (it is recorded; a resume keeps its own)."""
-    cfg = model.config
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 768)
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
-    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
-    width = next(model.parameters()).element_size()
-    per_token = 3 * width * layers * (16 * hidden + 3 * inner)
+    per_token = activation_bytes(model)
     gpu = torch.device(device).type == "cuda"
     if total_bytes is None:
         if gpu:
@@ -225,6 +228,96 @@ def auto_token_budget(model: nn.Module, device: str, total_bytes: int | None = N
     fits = max(0, usable - 2 * model_bytes) // per_token  # the model, and V or its scales
     cap = 65536 if gpu else 8192
     return int(min(cap, max(256, 1 << max(fits, 1).bit_length() - 1)))
+
+
+def activation_bytes(model: nn.Module) -> int:
+    """Bytes a token's activations take while kept for the backward pass: 3x a rough per-token count, a margin
+    that covers the fact world's model and SmolLM2 as measured."""
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 768)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    return 3 * next(model.parameters()).element_size() * layers * (16 * hidden + 3 * inner)
+
+
+# ----------------------------------------------------------------------------------------------
+# The bill (--plan, `make plan`): what each stage will cost, from the model's shape and the survey's counts.
+# FLOPs count 2 per multiply-add. Encode, factored path, per token: forward 2N + activation-gradient backward 2N
+# (frozen weights: no weight-gradient GEMMs), and per traced matrix (out, in) the projections 2(out·s_out +
+# in·s_in) and the outer product 2d; the exact path adds the weight gradient 2N a token and, per example and
+# matrix, P_out·(∇W/sqrt(V+eps))·P_in: 2·out·in·s_in + 2·out·s_in·s_out. Lookups (--params all) add their
+# projections, not 4N (a lookup is a gather). R: the sample Gram 2·n·d² and a d³ eigendecomposition (float64);
+# the index transform 2·n·d²; a scan 2·n·d per query.
+
+GPU_RATE = 0.4 * 989e12  # an H100's bf16 dense rate at an assumed 40% utilisation, FLOP/s
+INDEX_BYTES = 2  # float16 index rows (index.py --dtype float16, the default)
+
+
+def bill(model: nn.Module, modules: list, lookups: list, n_docs: int, n_tokens: int, dim: int, chunk_dtype: str,
+         datasets: int, token_budget: int) -> dict:
+    """FLOPs, bytes and peak memory of each stage for n_docs examples of n_tokens tokens in all, at d = dim, with
+    `datasets` vectors a row (2 with --also-uncorrected) stored as chunk_dtype."""
+    s_out, s_in = ts.factor_dims(dim)
+    shapes = [tuple(m.weight.shape[::-1] if t else m.weight.shape) for _, m, _, t in modules]  # (out, in)
+    shapes += [tuple(m.weight.shape) for _, m, _ in lookups]  # (rows, h): ∇E is a (rows, h) matrix
+    n_matrix = sum(out * inp for out, inp in shapes[: len(modules)])
+    projections = sum(2 * (out * s_out + inp * s_in) + 2 * dim for out, inp in shapes)
+    factored = n_tokens * (4 * n_matrix + projections)
+    exact = factored + 2 * n_matrix * n_tokens + n_docs * sum(2 * out * inp * s_in + 2 * out * s_in * s_out
+                                                              for out, inp in shapes)
+    itemsize = np.dtype(ts.CHUNK_DTYPES[chunk_dtype]).itemsize
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    sample = min(n_docs, 100000)  # index.py --train-sample's default
+    return {
+        "documents": n_docs, "tokens": n_tokens, "traced parameters": n_matrix, "dim": dim,
+        "encode FLOPs (factored)": factored, "encode FLOPs (exact)": exact,
+        "chunk bytes": n_docs * (dim * itemsize * datasets + 8),  # vectors (+ uncorrected) and int64 ids
+        "encode peak bytes": 2 * model_bytes + token_budget * activation_bytes(model),  # model, V (or scales)
+        "R FLOPs": 2 * sample * dim ** 2 + dim ** 3, "R peak bytes": 3 * dim ** 2 * 8,
+        "index FLOPs": 2 * n_docs * dim ** 2, "index bytes": n_docs * (dim * INDEX_BYTES + 8),
+        "scan FLOPs per query": 2 * n_docs * dim,
+    }
+
+
+def paper_bill() -> dict:
+    """The paper's setting: an 8B Llama shape (built without weights), 365M documents of 160B tokens, d = 2^16,
+    float32 chunks of the corrected vectors only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    return bill(model, ts.weight_modules(model), [], 365_000_000, 160_000_000_000, 65536, "float32", 1, 4096)
+
+
+def measured_rate(device: str, n: int = 1024, seconds: float = 0.5) -> float:
+    """This machine's float32 matmul rate (FLOP/s), measured on an n x n product for about `seconds`."""
+    a = torch.randn(n, n, device=device)
+    (a @ a).sum().item()  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        (a @ a).sum().item()
+        reps += 1
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def print_bill(b: dict, device: str) -> None:
+    rate = measured_rate(device)
+    hours = lambda flops, r: f"{flops / r / 3600:.3g} h"  # noqa: E731
+    typer.echo(f"the bill: {b['documents']:,} examples, {b['tokens']:,} tokens, {b['traced parameters']:,} traced "
+               f"parameters, d = {b['dim']}; hours at this machine's measured {rate / 1e9:.0f} GFLOP/s float32 "
+               f"matmul rate (an upper bound on speed) and at {GPU_RATE / 1e12:.0f} TFLOP/s (an H100 at 40% of bf16)")
+    rows = [("encode (factored)", b["encode FLOPs (factored)"], b["chunk bytes"], b["encode peak bytes"]),
+            ("encode (exact)", b["encode FLOPs (exact)"], b["chunk bytes"], b["encode peak bytes"]),
+            ("R (index.py)", b["R FLOPs"], None, b["R peak bytes"]),
+            ("index transform", b["index FLOPs"], b["index bytes"], None),
+            ("scan, per query", b["scan FLOPs per query"], None, None)]
+    typer.echo(f"{'stage':<18} {'FLOPs':>10} {'written':>10} {'peak memory':>12} {'measured':>10} {'H100':>10}")
+    for name, flops, written, peak in rows:
+        size = lambda x: "-" if x is None else f"{x / 2**30:.3g} GiB"  # noqa: E731
+        typer.echo(f"{name:<18} {flops:>10.3g} {size(written):>10} {size(peak):>12} {hours(flops, rate):>10} "
+                   f"{hours(flops, GPU_RATE):>10}")
 
 
 def second_moment(p: Plan) -> tuple[ts.SecondMoment | None, str | None]:
@@ -515,6 +608,8 @@ def main(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     shard: int | None = typer.Option(None, help="This process's shard index."),
     num_shards: int | None = typer.Option(None, help="Number of shards (default: torchrun WORLD_SIZE or 1)."),
+    plan_only: bool = typer.Option(False, "--plan", help="Print the bill (FLOPs, bytes, memory, hours of every stage) "
+                              "from the model's shape and the data's token count, and stop: nothing is encoded."),
 ) -> None:
     """Encode a corpus or a query set into g(z) = P · ∇θL(z) / sqrt(V + eps), one HDF5 chunk at a time."""
     encode(plan(Options(**locals())))  # every option above, as given
