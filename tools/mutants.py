@@ -124,7 +124,13 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     "ids read without NFC": (
         "trackstar.py", 'return unicodedata.normalize("NFC", text)', "return text",
         [HARD2 + "::test_ids_and_facts_in_nfd_match_the_nfc_corpus"]),
-    "R's eigenvectors by divide and conquer (2·d² workspace)": (
+    "an output may lie inside an input folder": (
+        "trackstar.py", "        if real in mine.parents:\n", "        if False:\n",
+        ["tests/test_hardening.py::test_bad_input_is_one_line_naming_the_culprit[encode into the model's folder]"]),
+    "killed runs' temporaries kept": (
+        "trackstar.py", "        if pid.isdigit() and not _alive(int(pid)):", "        if False:",
+        ["tests/test_hardening.py::test_temporary_files_of_killed_runs_are_removed_and_a_live_runs_kept"]),
+        "R's eigenvectors by divide and conquer (2·d² workspace)": (
         "index.py", 'driver="evr")', 'driver="evd")', [IDX]),
 }
 
