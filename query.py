@@ -482,11 +482,12 @@ def query_encoder(meta: dict, device: str, model_path: str | None = None) -> Cal
 
 
 def print_table(title: str, rows: list[dict], width: int = 72) -> None:
+    """Ranked documents as a table; ids and texts with their control characters escaped (ts.terminal_text)."""
     typer.echo(f"\n{title}\n{'rank':>4}  {'score':>10}  {'id':<12}  text")
     for r, row in enumerate(rows, 1):
-        text = " ".join(row["text"].split())
+        text = ts.terminal_text(" ".join(row["text"].split()))
         text = text if len(text) <= width else text[: width - 1] + "…"
-        typer.echo(f"{r:>4}  {row['score']:>10.4g}  {row['id']:<12}  {text}")
+        typer.echo(f"{r:>4}  {row['score']:>10.4g}  {ts.terminal_text(row['id']):<12}  {text}")
 
 
 def query_adhoc(index: Path, prompt: str, target: str, k: int, block: int, device: str) -> None:

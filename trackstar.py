@@ -1226,6 +1226,17 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     return text.splitlines()[0][:limit] if text else type(e).__name__
 
 
+# Terminal control characters (C0, DEL and C1): each shown as its Python escape, so a document's id or text cannot
+# move the cursor, recolour or clear a terminal, or ring its bell when a table prints it.
+_CONTROL = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def terminal_text(text: str) -> str:
+    """`text` as a terminal may print it: every control character ("\\x1b", "\\r", "\\x07", ...) written as its
+    escape, the rest as it is. For what is printed only: files keep the text as written."""
+    return text.translate(_CONTROL)
+
+
 # ----------------------------------------------------------------------------------------------
 # Inputs: a corpus or a query set, streamed record by record and validated, every problem named by file and
 # line. The data is one file (JSONL, .jsonl.gz or Parquet), a directory of such files or a glob pattern; its

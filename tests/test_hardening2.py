@@ -298,3 +298,24 @@ def test_methods_naming_nothing_is_refused_and_the_earlier_results_kept(model_di
             queries_file, "--methods", ",", "--no-tail-patch", "--device", "cpu", check=False)
     refused(r, "--methods ','", "names no method")
     assert {name: (run_dir / name).read_text() for name in earlier} == earlier
+
+
+# A printed table escapes terminal control characters in ids and texts; the files keep them as written.
+
+
+def test_an_adhoc_table_escapes_control_characters_that_the_proponents_file_keeps(model_dir, queries_file,
+                                                                                  tmp_path):
+    doc_id, text = "d\r\x1b[31mred", "The capital of France is Paris.\x07\x1b[2J\x9b"
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": doc_id, "text": text},
+                                                     {"id": "d1", "text": "Rome is the capital of Italy."}])
+    encode("corpus", model_dir, corpus, tmp_path / "corpus-run")
+    run("index.py", "--corpus", tmp_path / "corpus-run", "--out", tmp_path / "index", "--hessian", "none")
+    shown = run("query.py", "--index", tmp_path / "index", "--prompt", "The capital of France is", "--target",
+                " Paris", "--k", 2, "--device", "cpu").stdout
+    assert not set(shown) & {"\r", "\x1b", "\x07", "\x9b"}, repr(shown)
+    assert "d\\r\\x1b[31mred" in shown and "Paris.\\x07\\x1b[2J\\x9b" in shown
+    out = tmp_path / "p.jsonl"
+    run("query.py", "--method", "bm25", "--corpus", corpus, "--queries", queries_file, "--out", out, "--k", 2)
+    kept = {p["id"]: p["text"] for line in out.read_text(encoding="utf-8").splitlines()
+            for p in json.loads(line)["proponents"]}
+    assert kept[doc_id] == text
