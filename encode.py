@@ -42,7 +42,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 
 LOSS = {"corpus": "all tokens", "queries": "target tokens given the prompt"}
 FIELDS = {"corpus": '{"id", "text", "facts": [fact ids] (optional)}',
-          "queries": '{"id", "prompt", "target", "fact" (optional)}'}
+          "queries": '{"id", "prompt", "target", "fact" (optional)}, the target being the words after the prompt: '
+                     'a space is put before a target that has none when the prompt does not end with one (" Paris", '
+                     'never "Paris", after "The capital of France is"), for every method alike'}
 PARAMS = ("matrices", "all")  # what `--params` traces: the weight matrices, or those and the embedding lookups
 
 
@@ -168,13 +170,17 @@ def survey(data: Path, kind: str, tokenizer, max_length: int, model: nn.Module, 
            ) -> tuple[int, int, list[str]]:
     """The first pass: every record read, validated and tokenized, then dropped, before anything is written.
     Returns how many records there are, how many documents are truncated, and where the first ten of those are."""
-    n, n_truncated, shown = 0, 0, []
+    n, n_truncated, shown, unspaced = 0, 0, [], (0, None)
     with tqdm(desc=f"check {kind}", unit="ex") as bar:
         for window in windows(ts.iter_records(data, kind), chunk_size):
             tokenized, truncated = ts.tokenize_rows(tokenizer, window, kind, max_length)
             check_vocabulary(tokenized, window, model)
             n, n_truncated, shown = n + len(window), n_truncated + len(truncated), (shown + truncated)[:10]
+            if kind == "queries":
+                unspaced = ts.unspaced_targets(window, *unspaced)
             bar.update(len(window))
+    if warning := ts.unspaced_target_warning(*unspaced):
+        typer.echo(warning, err=True)
     return n, n_truncated, shown
 
 

@@ -510,10 +510,15 @@ def print_adhoc(prompt: str, target: str, rows: list[dict], result: tuple) -> No
 # The text baselines (BM25, dense) see the whole fact: query text = prompt + target.
 
 
+def warn_unspaced(queries: list[dict]) -> None:
+    """One line on stderr when targets lack the leading space every method reads them with (ts.spaced_target)."""
+    if warning := ts.unspaced_target_warning(*ts.unspaced_targets(queries)):
+        typer.echo(warning, err=True)
+
+
 def query_text(q: dict) -> str:
-    """Prompt and target as one text; a space between them unless one of them already has it."""
-    joint = q["target"][:1].isspace() or q["prompt"][-1:].isspace()
-    return q["prompt"] + ("" if joint else " ") + q["target"]
+    """Prompt and target as one text, the target as every method reads it (ts.spaced_target)."""
+    return q["prompt"] + ts.spaced_target(q["prompt"], q["target"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,6 +580,7 @@ def exact_topk_numpy(scores: np.ndarray, k: int, largest: bool = True) -> np.nda
 def query_bm25(corpus: Path, queries: Path, out: Path, k: int) -> None:
     docs = ts.read_jsonl(corpus, "corpus")
     qs = ts.read_jsonl(queries, "queries")
+    warn_unspaced(qs)
     bm25 = BM25Index([bm25_tokenize(d["text"]) for d in docs])
     made = made_by("bm25", k, None, queries, ts.data_digest(queries))
     ts.write_jsonl(out, bm25_results(bm25, docs, qs, k, made))
@@ -746,6 +752,7 @@ def dense_main(index: Path | None, corpus: Path | None, queries: Path | None, ou
         row = {"prompt": prompt, "target": target}
         return print_adhoc(prompt, target, *query_dense(index, meta, [row], dense, k, block, device))
     qs = ts.read_jsonl(queries, "queries")
+    warn_unspaced(qs)
     rows, result = query_dense(index, meta, qs, dense, k, block, device)
     write_results(out, [q["id"] for q in qs], rows, result,
                   made_by("dense", k, meta["build"], queries, ts.data_digest(queries)))
@@ -779,6 +786,7 @@ class OpenIndex:
             raise ts.TrackStarError("a question needs both a prompt and a target, each with some text")
         if k < 1:
             raise ts.TrackStarError(f"k must be >= 1, got {k}")
+        warn_unspaced([{"prompt": prompt, "target": target, "_where": "the question"}])
         scores, rows = self.top(prompt, target, k)
         found = ranked(self.rows, rows, scores)
         if fact is not None and self.has_facts:
@@ -861,7 +869,10 @@ def main(
     out: Path | None = typer.Option(None, help="Output JSONL of proponents and opponents per query."),
     k: int = typer.Option(10, help="Proponents (and opponents) per query."),
     prompt: str | None = typer.Option(None, help="Ad-hoc query prompt (with --target): prints a table."),
-    target: str | None = typer.Option(None, help="Ad-hoc query target; its tokens carry the loss."),
+    target: str | None = typer.Option(None, help="Ad-hoc query target; its tokens carry the loss. It is the words "
+                                      "after the prompt: a space is put before a target that has none when the "
+                                      "prompt does not end with one ('Paris' is read as ' Paris'), for every method "
+                                      "alike (ts.spaced_target)."),
     method: Method = typer.Option(Method.trackstar, help="trackstar (gradient index), or a text baseline: bm25, "
                                   "dense (text embeddings)."),
     corpus: Path | None = typer.Option(None, help="Corpus JSONL (bm25; dense: embedded into --index)."),
@@ -889,6 +900,8 @@ def main(
     adhoc = prompt is not None or target is not None
     if adhoc and not (prompt and prompt.strip() and target and target.strip()):
         raise ts.TrackStarError("an ad-hoc query needs both --prompt and --target, each with some text")
+    if adhoc:
+        warn_unspaced([{"prompt": prompt, "target": target, "_where": "--target"}])
     if method == Method.dense:
         return dense_main(index, corpus, queries, out, prompt, target, k, block, ts.pick_device(device), dense_model)
     if index is None:

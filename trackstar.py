@@ -125,13 +125,40 @@ def tokenize_document(tokenizer: Any, text: str, max_length: int) -> tuple[list[
     return ids, list(ids), truncated
 
 
+def spaced_target(prompt: str, target: str) -> str:
+    """The target as every method reads it (the gradient's loss, BM25's and the dense model's text): the words
+    that follow the prompt, so a space is put before it when neither it starts with one nor the prompt ends with
+    one ("Paris" after "... is" is " Paris"). Well-formed queries (prepare.py's: a target starting with a space,
+    a prompt ending without one) are read as written."""
+    return target if target[:1].isspace() or prompt[-1:].isspace() else " " + target
+
+
+def unspaced_targets(rows: Iterable[dict], n: int = 0, first: dict | None = None) -> tuple[int, dict | None]:
+    """(how many queries of `rows` have a target lacking the space spaced_target puts before it, the first of
+    them), added to a count so far: a streamed query set is counted window by window."""
+    for row in rows:
+        if spaced_target(row["prompt"], row["target"]) != row["target"]:
+            n, first = n + 1, first or row
+    return n, first
+
+
+def unspaced_target_warning(n: int, first: dict | None) -> str | None:
+    """The one line for stderr when n targets (the first: `first`) lack their leading space; None when none does."""
+    if not n or first is None:
+        return None
+    return (f"warning: {n} target(s) lack a leading space (first: {first.get('_where', 'the query')}, "
+            f"{first['target']!r}); every method reads a target as the words after its prompt, here "
+            f"{spaced_target(first['prompt'], first['target'])!r}")
+
+
 def tokenize_query(tokenizer: Any, prompt: str, target: str, max_length: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for a query: prompt tokens carry no loss, target tokens do.
 
-    Prompt and target are tokenized apart so the loss falls exactly on the target's tokens.
+    Prompt and target are tokenized apart so the loss falls exactly on the target's tokens; the target as
+    spaced_target reads it.
     """
     p = tokenizer(prompt).input_ids
-    t = tokenizer(target, add_special_tokens=False).input_ids
+    t = tokenizer(spaced_target(prompt, target), add_special_tokens=False).input_ids
     if not t:
         raise TrackStarError(f"target {target!r} tokenizes to nothing")
     if len(p) + len(t) > max_length:

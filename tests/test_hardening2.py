@@ -319,3 +319,35 @@ def test_an_adhoc_table_escapes_control_characters_that_the_proponents_file_keep
     kept = {p["id"]: p["text"] for line in out.read_text(encoding="utf-8").splitlines()
             for p in json.loads(line)["proponents"]}
     assert kept[doc_id] == text
+
+
+# A target is the words after its prompt, for every method alike: one without its leading space is read with it,
+# and said once on stderr.
+
+
+def test_a_target_lacking_its_leading_space_is_read_with_it_by_every_method_and_said(model_dir, corpus_file,
+                                                                                     tmp_path):
+    import numpy as np
+
+    import query
+
+    prompt = "The capital of France is"
+    spaced, bare = (write_jsonl(tmp_path / f"{name}.jsonl", [{"id": "q0", "prompt": prompt, "target": target}])
+                    for name, target in (("spaced", " Paris"), ("bare", "Paris")))
+    _, tok = ts.load_model(str(model_dir))
+    assert ts.tokenize_query(tok, prompt, "Paris", 64) == ts.tokenize_query(tok, prompt, " Paris", 64)
+    assert query.query_text({"prompt": prompt, "target": "Paris"}) == prompt + " Paris"
+    vectors = {}
+    for name, data in (("spaced", spaced), ("bare", bare)):
+        r = encode("queries", model_dir, data, tmp_path / f"run-{name}")
+        assert ("lack a leading space" in r.stderr) == (name == "bare"), r.stderr[-2000:]
+        vectors[name] = ts.read_vectors(tmp_path / f"run-{name}")[1]
+    assert np.array_equal(vectors["spaced"], vectors["bare"])
+    found = {}
+    for name, data in (("spaced", spaced), ("bare", bare)):
+        out = tmp_path / f"bm25-{name}.jsonl"
+        r = run("query.py", "--method", "bm25", "--corpus", corpus_file, "--queries", data, "--out", out)
+        assert ("lack a leading space" in r.stderr) == (name == "bare"), r.stderr[-2000:]
+        found[name] = [json.loads(line)["proponents"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert found["spaced"] == found["bare"]
+    assert "bare.jsonl:1" in r.stderr and "' Paris'" in r.stderr
