@@ -88,6 +88,9 @@ def check_options(o: Options) -> None:
                         ("--chunk-size", o.chunk_size)):
         if value is not None and value < 1:
             raise ts.TrackStarError(f"{name} must be >= 1, got {value}")
+    if o.max_length is not None and o.max_length < 2:  # one token to predict from, one to predict
+        raise ts.TrackStarError(f"--max-length {o.max_length} leaves no token to carry a loss: every example needs "
+                                "at least 2 tokens")
     if o.estimate_v < 0:
         raise ts.TrackStarError(f"--estimate-v must be >= 0, got {o.estimate_v}")
     if o.dtype == "float16":  # without loss scaling, δ underflows in the lower layers

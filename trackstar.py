@@ -162,7 +162,8 @@ def tokenize_query(tokenizer: Any, prompt: str, target: str, max_length: int) ->
     if not t:
         raise TrackStarError(f"target {target!r} tokenizes to nothing")
     if len(p) + len(t) > max_length:
-        raise TrackStarError(f"prompt + target is {len(p) + len(t)} tokens, over the max length {max_length}")
+        raise TrackStarError(f"prompt + target is {len(p) + len(t)} tokens, over the max length {max_length} "
+                             f"(encode.py --max-length {max_length}): raise it, or shorten the query")
     return p + t, [IGNORE] * len(p) + t
 
 

@@ -351,3 +351,15 @@ def test_a_target_lacking_its_leading_space_is_read_with_it_by_every_method_and_
         found[name] = [json.loads(line)["proponents"] for line in out.read_text(encoding="utf-8").splitlines()]
     assert found["spaced"] == found["bare"]
     assert "bare.jsonl:1" in r.stderr and "' Paris'" in r.stderr
+
+
+# A --max-length no example fits in is blamed on the option, naming its value, not on the first example.
+
+
+def test_a_max_length_no_example_fits_names_the_option_and_its_value(model_dir, corpus_file, queries_file, tmp_path):
+    r = encode("corpus", model_dir, corpus_file, tmp_path / "corpus", "--max-length", 1, check=False)
+    refused(r, "--max-length 1")
+    assert "corpus.jsonl:1" not in r.stderr
+    r = encode("queries", model_dir, queries_file, tmp_path / "queries", "--max-length", 3, check=False)
+    refused(r, "--max-length 3", "queries.jsonl:1", "prompt + target")
+    assert not (tmp_path / "corpus").exists() and not (tmp_path / "queries").exists()
