@@ -257,7 +257,7 @@ sizes: experiments/sizes.py
 # and tail-patch on the same TREND_TAIL_QUERIES queries at the final model's learning rate; then one figure.
 TREND_VARIANTS ?= cosine trackstar
 TREND_TAIL_QUERIES ?= 40
-TREND_LR = $(shell $(PY) -c "import json; print(json.load(open('$(MODEL)/checkpoint.json'))['lr'])")
+TREND_LR = $(shell $(PY) -c "import json; print(json.load(open('$(MODEL)/checkpoint.json', encoding='utf-8'))['lr'])")
 trend: $(MODEL_DEP) $(CORPUS_DEP) $(QUERIES_DEP) experiments/trend.py
 	@test -d $(MODEL)/checkpoints || { echo "$(MODEL) has no checkpoints/: prepare.py factworld saves them" >&2; exit 2; }
 	for c in $(MODEL)/checkpoints/step-* $(MODEL); do \

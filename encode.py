@@ -405,7 +405,7 @@ def write_meta(out: Path, run: ts.RunSettings) -> None:
     another shard keeps the provenance recorded (it is never compared), so only a run's settings decide
     whether a rerun may add to it."""
     path = out / "meta.json"
-    recorded = json.loads(path.read_text()).get("provenance") if path.exists() else None
+    recorded = json.loads(path.read_text(encoding="utf-8")).get("provenance") if path.exists() else None
     ts.write_json(path, {**dataclasses.asdict(run), "provenance": recorded or ts.provenance()})
 
 

@@ -644,7 +644,7 @@ def _dense_from_dir(path: Path) -> tuple[nn.Module, Any, dict]:
     model = AutoModel.from_pretrained(str(path), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     st = path / "sentence_bert_config.json"
-    return model, tokenizer, json.loads(st.read_text()) if st.exists() else {}
+    return model, tokenizer, json.loads(st.read_text(encoding="utf-8")) if st.exists() else {}
 
 
 def load_dense_model(name: str, device: str) -> DenseModel:

@@ -19,6 +19,7 @@ locks and atomic files.
 from __future__ import annotations
 
 import array
+import codecs
 import contextlib
 import dataclasses
 import datetime
@@ -952,7 +953,7 @@ def read_meta(run: str | Path) -> RunSettings:
     if not p.exists():
         raise TrackStarError(f"{run} is not an encoded run (no meta.json)")
     try:
-        stored = json.loads(p.read_text())
+        stored = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TrackStarError(f"{p} is corrupt ({e}); re-encode into a fresh --out") from None
     return run_settings(stored, str(p))
@@ -1208,7 +1209,7 @@ def checkout_commit() -> str | None:
     None outside a git checkout, or where git is missing or fails."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "--no-optional-locks", *args], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+                              capture_output=True, encoding="utf-8", timeout=60, check=True).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -1238,14 +1239,39 @@ class DamagedChunk(TrackStarError):
 
 def run_cli(app: Callable[[], Any]) -> None:
     """Run a Typer app; user errors print one clear line and exit 2 (no traceback; TRACKSTAR_DEBUG=1
-    shows it)."""
+    shows it). The command line is read as the UTF-8 text it was typed as, whatever the locale (utf8_command_line)."""
     try:
+        utf8_command_line()
         app()
     except TrackStarError as e:
         if os.environ.get("TRACKSTAR_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def utf8_command_line() -> None:
+    """Every command-line argument as the UTF-8 text it was typed as, or a refusal naming the one that is not.
+
+    Under an ASCII locale (LC_ALL=C or POSIX with Python's UTF-8 mode turned off) sys.argv holds each non-ASCII
+    byte as a surrogate escape ('\\udcc3'), and file names, open() and the standard streams can hold no other
+    character: a prompt "Zürich" could not be tokenized, nor a path "runs/café" written into a report. So the
+    process starts again in Python's UTF-8 mode (`python -X utf8`, the same command line), where every argument
+    is os.fsencode(arg).decode("utf-8") and a file name still reaches the file system as the bytes it was given.
+    """
+    for n, arg in enumerate(sys.argv[1:], 1):
+        try:
+            arg.encode("utf-8")  # only a surrogate escape fails: a byte the locale could not decode
+        except UnicodeEncodeError:
+            try:
+                os.fsencode(arg).decode("utf-8", "strict")
+            except UnicodeDecodeError as e:
+                raise TrackStarError(f"command-line argument {n} ({arg!r}) is not UTF-8 text ({e.reason} at "
+                                     f"byte {e.start}); give it in UTF-8") from None
+    if not sys.flags.utf8_mode and codecs.lookup(sys.getfilesystemencoding()).name == "ascii":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-X", "utf8", *sys.orig_argv[1:]])
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -363,3 +364,66 @@ def test_a_max_length_no_example_fits_names_the_option_and_its_value(model_dir, 
     r = encode("queries", model_dir, queries_file, tmp_path / "queries", "--max-length", 3, check=False)
     refused(r, "--max-length 3", "queries.jsonl:1", "prompt + target")
     assert not (tmp_path / "corpus").exists() and not (tmp_path / "queries").exists()
+
+
+# Under an ASCII locale (LC_ALL=C, Python's UTF-8 mode off) every stage reads its arguments as the UTF-8 text they
+# were typed as, reads and writes its files in UTF-8, and refuses an argument that is not UTF-8.
+
+
+def c_locale_run(script: str, *args, c_locale: bool = True) -> subprocess.CompletedProcess:
+    """One of the scripts under LC_ALL=C with PYTHONUTF8=0 and no LANG (c_locale=False: under C.UTF-8), arguments
+    given as bytes passed as they are, its output read back as UTF-8."""
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONUTF8", "PYTHONIOENCODING"))}
+    env.update(LC_ALL="C" if c_locale else "C.UTF-8", PYTHONUTF8="0", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(ROOT / script), *(a if isinstance(a, bytes) else str(a) for a in args)],
+                       cwd=ROOT, capture_output=True, env=env)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode("utf-8", "replace"),
+                                       r.stderr.decode("utf-8", "replace"))
+
+
+NON_ASCII_DOCS = [{"id": "d-zürich", "text": "Zürich is a city in Switzerland, known for its café culture."},
+                  {"id": "d1", "text": "Rome is the capital of Italy."},
+                  {"id": "d2", "text": "The capital of France is Paris."}]
+
+
+def test_under_a_c_locale_evaluate_and_report_write_every_file_of_a_non_ascii_run(model_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", NON_ASCII_DOCS)
+    queries = write_jsonl(tmp_path / "queries.jsonl", [
+        {"id": "q-zürich", "prompt": "Zürich is a city in", "target": " Switzerland"}])
+    run_dir = tmp_path / "runs" / "café"
+    r = c_locale_run("query.py", "--method", "bm25", "--corpus", corpus, "--queries", queries, "--out",
+                     run_dir / "proponents-bm25.jsonl", "--k", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = c_locale_run("evaluate.py", "--run", run_dir, "--model", model_dir, "--corpus", corpus, "--queries", queries,
+                     "--methods", "bm25", "--k", 2, "--no-tail-patch", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = c_locale_run("report.py", "--run", run_dir, "--corpus", corpus, "--queries", queries)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"results.json", "results.md", "report.html"} <= {p.name for p in run_dir.iterdir()}
+    assert "café" in (run_dir / "results.md").read_text(encoding="utf-8")
+    assert "Zürich" in (run_dir / "report.html").read_text(encoding="utf-8")
+
+
+def test_under_a_c_locale_a_non_ascii_prompt_is_asked_as_its_text(model_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", NON_ASCII_DOCS)
+    encode("corpus", model_dir, corpus, tmp_path / "corpus-run")
+    run("index.py", "--corpus", tmp_path / "corpus-run", "--out", tmp_path / "index", "--hessian", "none")
+    ask = ("query.py", "--index", tmp_path / "index", "--prompt", "Zürich is a city in", "--target", " Switzerland",
+           "--k", 2, "--device", "cpu")
+    r = c_locale_run(*ask)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "'Zürich is a city in'" in r.stdout and "d-zürich" in r.stdout
+    assert r.stdout == run(*ask).stdout  # the same table as under a UTF-8 locale
+
+
+def test_a_command_line_argument_that_is_not_utf8_is_refused_in_one_line(corpus_file, queries_file, tmp_path):
+    out = tmp_path / "p.jsonl"
+    for c_locale in (True, False):
+        r = c_locale_run("query.py", "--method", "bm25", "--corpus", corpus_file, "--queries", queries_file, "--out",
+                         out, "--k", b"caf\xe9", c_locale=c_locale)
+        refused(r, "argument 10", "not UTF-8")
+        assert not out.exists()
