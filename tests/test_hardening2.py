@@ -427,3 +427,47 @@ def test_a_command_line_argument_that_is_not_utf8_is_refused_in_one_line(corpus_
                          out, "--k", b"caf\xe9", c_locale=c_locale)
         refused(r, "argument 10", "not UTF-8")
         assert not out.exists()
+
+
+# prepare.py lama reads a T-REx folder as LAMA's data.zip ships it (P*.jsonl), or gzipped (P*.jsonl.gz).
+
+
+def tiny_trex(folder: Path) -> Path:
+    """Two relations of LAMA T-REx, written by hand: P20 as plain JSONL, P19 gzipped."""
+    import gzip
+
+    folder.mkdir()
+    write_jsonl(folder / "relations.jsonl", [{"relation": "P19", "template": "[X] was born in [Y] ."},
+                                             {"relation": "P20", "template": "[X] died in [Y] ."}])
+    facts = {"P19": [("Ada Lovelace", "London"), ("Alan Turing", "Maida Vale")],
+             "P20": [("Marie Curie", "Passy"), ("Niels Bohr", "Copenhagen")]}
+    for rel, pairs in facts.items():
+        verb = "was born in" if rel == "P19" else "died in"
+        lines = "".join(json.dumps({"uuid": f"{rel}-{i}", "sub_label": sub, "obj_label": obj, "evidences": [
+            {"masked_sentence": f"{sub} {verb} [MASK] long ago.", "obj_surface": obj}]}) + "\n"
+            for i, (sub, obj) in enumerate(pairs))
+        if rel == "P19":
+            with gzip.open(folder / f"{rel}.jsonl.gz", "wt", encoding="utf-8") as f:
+                f.write(lines)
+        else:
+            (folder / f"{rel}.jsonl").write_text(lines, encoding="utf-8")
+    return folder
+
+
+def test_prepare_lama_reads_plain_and_gzipped_relation_files(tmp_path):
+    from typer.testing import CliRunner
+
+    import prepare
+
+    trex = tiny_trex(tmp_path / "TREx")
+    args = ["lama", "--trex", str(trex), "--pararel", str(tmp_path / "no-pararel"), "--queries", "4", "--docs", "4"]
+    result = CliRunner().invoke(prepare.app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, (result.output, result.exception)
+    queries = [json.loads(line) for line in (tmp_path / "out" / "queries.jsonl").read_text().splitlines()]
+    assert {q["relation"] for q in queries} == {"P19", "P20"} and len(queries) == 4
+    texts = {json.loads(line)["text"] for line in (tmp_path / "out" / "corpus.jsonl").read_text().splitlines()}
+    assert "Niels Bohr died in Copenhagen long ago." in texts and "Ada Lovelace was born in London long ago." in texts
+    (trex / "P20.jsonl.gz").write_bytes((trex / "P19.jsonl.gz").read_bytes())  # P20 twice: which one holds it?
+    result = CliRunner().invoke(prepare.app, [*args, "--out", str(tmp_path / "again")])
+    assert isinstance(result.exception, ts.TrackStarError), result.output
+    assert "P20.jsonl and P20.jsonl.gz" in str(result.exception) and not (tmp_path / "again").exists()
