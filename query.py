@@ -398,9 +398,20 @@ def read_checked_jsonl(path: str, kind: str, digest: str | None) -> list[dict]:
     return ts.read_jsonl(path, kind)
 
 
-def corpus_rows_for(data: str, digest: str, n: int) -> list[dict]:
-    """The documents an index was built from: the same file (digest), as many rows."""
-    rows = read_checked_jsonl(data, "corpus", digest)
+def corpus_rows_for(data: str, digest: str, n: int, corpus: Path | None = None) -> list[dict]:
+    """The documents an index was built from (as many rows), read from the one place this decides: `corpus` when
+    given (--corpus: the data moved, with or without its run), else the path the index recorded, `data`. Either
+    must be the data the index was built from: its digest is `digest`."""
+    if corpus is not None:
+        if (given := ts.data_digest(corpus)) != digest:
+            raise ts.TrackStarError(f"--corpus {corpus} (digest {given}) is not the corpus the index was built from "
+                                    f"({data}, digest {digest})")
+        data, rows = str(corpus), ts.read_jsonl(corpus, "corpus")
+    elif not Path(data).exists() and not any(c in data for c in "*?["):
+        raise ts.TrackStarError(f"{data}, the corpus the index was built from, is not there (moved?): give its new "
+                                "place with --corpus")
+    else:
+        rows = read_checked_jsonl(data, "corpus", digest)
     if len(rows) != n:
         raise ts.TrackStarError(f"{data} has {len(rows)} documents, the index {n}")
     return rows
@@ -425,9 +436,11 @@ def write_results(out: Path, query_ids: list[str], corpus_rows: list[dict], resu
                          for j, qid in enumerate(query_ids)))
 
 
-def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device: str) -> None:
-    """Every query of an encoded run against the index. Under torchrun every rank prepares the (few) queries
-    alike and scans its share; rank 0 reads the texts and writes the results."""
+def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device: str,
+               corpus: Path | None = None) -> None:
+    """Every query of an encoded run against the index (the corpus read at `corpus` when given: corpus_rows_for).
+    Under torchrun every rank prepares the (few) queries alike and scans its share; rank 0 reads the texts and
+    writes the results."""
     rank, _ = ts.distributed()
     meta, qmeta = read_index_meta(index), ts.read_meta(queries)
     if qmeta.kind != "queries":
@@ -440,7 +453,7 @@ def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device
     if rank == 0:
         query_rows = read_checked_jsonl(qmeta.data, "queries", qmeta.data_digest)
         c = meta["corpus"]
-        corpus_rows = corpus_rows_for(c.data, c.data_digest, c.n_examples)
+        corpus_rows = corpus_rows_for(c.data, c.data_digest, c.n_examples, corpus)
     q = prepare_queries(vectors[order], index, meta, device)
     t0 = time.perf_counter()
     result = search(q, meta["segments"], k, block, device, meta["build"])
@@ -490,13 +503,14 @@ def print_table(title: str, rows: list[dict], width: int = 72) -> None:
         typer.echo(f"{r:>4}  {row['score']:>10.4g}  {ts.terminal_text(row['id']):<12}  {text}")
 
 
-def query_adhoc(index: Path, prompt: str, target: str, k: int, block: int, device: str) -> None:
+def query_adhoc(index: Path, prompt: str, target: str, k: int, block: int, device: str,
+                corpus: Path | None = None) -> None:
     meta = read_index_meta(index)
     q = prepare_queries(encode_one(meta, prompt, target, device), index, meta, device)
     result = search(q, meta["segments"], k, block, device, meta["build"])
     if result is not None:  # rank 0 (or one process)
         c = meta["corpus"]
-        print_adhoc(prompt, target, corpus_rows_for(c.data, c.data_digest, c.n_examples), result)
+        print_adhoc(prompt, target, corpus_rows_for(c.data, c.data_digest, c.n_examples, corpus), result)
 
 
 def print_adhoc(prompt: str, target: str, rows: list[dict], result: tuple) -> None:
@@ -795,27 +809,30 @@ class OpenIndex:
         return found
 
 
-def open_index(path: str | Path, device: str = "auto", model: str | None = None) -> OpenIndex:
+def open_index(path: str | Path, device: str = "auto", model: str | None = None,
+               corpus: str | Path | None = None) -> OpenIndex:
     """An index to ask questions of: a gradient index (index.py's), a dense one (query.py --method dense), or a
     corpus (a file, folder or pattern, as --data takes) for BM25. `model`: the model directory to use instead of
     the one the index recorded (it must be the same model: its fingerprint is checked), for a dense index the
-    embedding model (as --dense-model)."""
+    embedding model (as --dense-model). `corpus`: where the documents are now, instead of the path the index
+    recorded (it must be the same data: its digest is checked)."""
     path, device = Path(path), ts.pick_device(device)
+    corpus = None if corpus is None else Path(corpus)
     if not (path / "index.h5").exists():
-        if model is not None:
+        if model is not None or corpus is not None:
             raise ts.TrackStarError(f"{path} is no index (no index.h5), so BM25 over it as a corpus: BM25 takes "
-                                    "no model")
+                                    "no model and no other corpus")
         return bm25_index(path)
     with h5py.File(path / "index.h5", "r") as f:
         dense = "dense" in ts.read_attrs(f)
-    return dense_index(path, device, model) if dense else gradient_index(path, device, model)
+    return dense_index(path, device, model, corpus) if dense else gradient_index(path, device, model, corpus)
 
 
-def gradient_index(path: Path, device: str, model: str | None) -> OpenIndex:
+def gradient_index(path: Path, device: str, model: str | None, corpus: Path | None = None) -> OpenIndex:
     meta = read_index_meta(path)
     encode, matrix = query_encoder(meta, device, model), query_matrix(path, meta["build"], device)
     c = meta["corpus"]
-    rows = corpus_rows_for(c.data, c.data_digest, c.n_examples)
+    rows = corpus_rows_for(c.data, c.data_digest, c.n_examples, corpus)
 
     def top(prompt: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         top_s, top_i, _, _ = search(transformed_queries(encode(prompt, target), matrix, meta, device),
@@ -825,10 +842,10 @@ def gradient_index(path: Path, device: str, model: str | None) -> OpenIndex:
     return OpenIndex(path, "trackstar", rows, top, any(r.get("facts") for r in rows))
 
 
-def dense_index(path: Path, device: str, model: str | None) -> OpenIndex:
+def dense_index(path: Path, device: str, model: str | None, corpus: Path | None = None) -> OpenIndex:
     meta = read_dense_meta(path)
     dense = checked_dense_model(meta, path, model, device)
-    rows = corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"])
+    rows = corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"], corpus)
 
     def top(prompt: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = torch.as_tensor(embed_texts(dense, [query_text({"prompt": prompt, "target": target})]), device=device)
@@ -851,7 +868,7 @@ def bm25_index(corpus: Path) -> OpenIndex:
 
 
 # The options each method reads: one given to a method that ignores it would answer another question than asked.
-USED = {Method.trackstar: {"--index", "--prompt", "--target"}, Method.bm25: {"--corpus"},
+USED = {Method.trackstar: {"--index", "--prompt", "--target", "--corpus"}, Method.bm25: {"--corpus"},
         Method.dense: {"--index", "--prompt", "--target", "--corpus", "--dense-model"}}
 
 
@@ -875,7 +892,10 @@ def main(
                                       "alike (ts.spaced_target)."),
     method: Method = typer.Option(Method.trackstar, help="trackstar (gradient index), or a text baseline: bm25, "
                                   "dense (text embeddings)."),
-    corpus: Path | None = typer.Option(None, help="Corpus JSONL (bm25; dense: embedded into --index)."),
+    corpus: Path | None = typer.Option(None, help="Corpus JSONL (bm25; dense: embedded into --index; trackstar: "
+                                       "where the documents the index was built from are now, read instead of the "
+                                       "path it recorded, e.g. after moving the run and its data; checked by "
+                                       "digest)."),
     dense_model: str | None = typer.Option(None, help="dense: the embedding model, minilm (all-MiniLM-L6-v2, "
                                            "the default) or a Hugging Face model directory (or a zip of one); "
                                            "asking an index, the one it was embedded with (checked)."),
@@ -908,10 +928,10 @@ def main(
         raise ts.TrackStarError("give --index (or --method bm25)")
     device = ts.pick_device(device)
     if adhoc:
-        return query_adhoc(index, prompt, target, k, block, device)
+        return query_adhoc(index, prompt, target, k, block, device, corpus)
     if queries is None or out is None:
         raise ts.TrackStarError("give --queries RUN/queries and --out FILE (or --prompt and --target)")
-    query_runs(index, queries, out, k, block, device)
+    query_runs(index, queries, out, k, block, device, corpus)
 
 
 if __name__ == "__main__":

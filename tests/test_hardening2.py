@@ -269,7 +269,7 @@ def test_a_glob_through_symlinked_folders_reads_each_file_once(tmp_path):
 # 9. An option the method does not read is refused, not ignored: the answer would be to another question.
 
 
-@pytest.mark.parametrize("method, option", [("trackstar", "--corpus"), ("bm25", "--index"), ("bm25", "--prompt"),
+@pytest.mark.parametrize("method, option", [("bm25", "--dense-model"), ("bm25", "--index"), ("bm25", "--prompt"),
                                             ("bm25", "--target"), ("trackstar", "--dense-model")])
 def test_an_option_the_method_does_not_read_is_refused_naming_both(method, option, corpus_file, queries_file,
                                                                    tmp_path):
@@ -471,3 +471,32 @@ def test_prepare_lama_reads_plain_and_gzipped_relation_files(tmp_path):
     result = CliRunner().invoke(prepare.app, [*args, "--out", str(tmp_path / "again")])
     assert isinstance(result.exception, ts.TrackStarError), result.output
     assert "P20.jsonl and P20.jsonl.gz" in str(result.exception) and not (tmp_path / "again").exists()
+
+
+# A run moved together with its corpus is asked with --corpus, the new place, checked against the recorded digest.
+
+
+def test_a_run_moved_with_its_corpus_is_asked_with_corpus_checked_by_digest(model_dir, corpus_file, queries_file,
+                                                                            tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    corpus = home / "corpus.jsonl"
+    shutil.copy(corpus_file, corpus)
+    encode("corpus", model_dir, corpus, home / "run" / "corpus")
+    encode("queries", model_dir, queries_file, home / "run" / "queries")  # the queries file stays where it is
+    run("index.py", "--corpus", home / "run" / "corpus", "--out", home / "run" / "index", "--hessian", "none")
+    moved = tmp_path / "moved"
+    os.replace(home, moved)
+    ask = ("query.py", "--index", moved / "run" / "index", "--prompt", "The capital of France is", "--target",
+           " Paris", "--k", 3, "--device", "cpu")
+    refused(run(*ask, check=False), str(corpus), "--corpus")
+    shown = run(*ask, "--corpus", moved / "corpus.jsonl").stdout
+    assert "proponents" in shown and "Number" in shown
+    out = tmp_path / "p.jsonl"
+    run("query.py", "--index", moved / "run" / "index", "--queries", moved / "run" / "queries", "--out", out,
+        "--corpus", moved / "corpus.jsonl", "--device", "cpu")
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+    other = write_jsonl(tmp_path / "other.jsonl", [json.loads(line) for line in
+                                                   corpus_file.read_text().splitlines()][::-1])
+    r = run(*ask, "--corpus", other, check=False)
+    refused(r, "--corpus", ts.data_digest(other), ts.data_digest(corpus_file))
