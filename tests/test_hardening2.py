@@ -500,3 +500,22 @@ def test_a_run_moved_with_its_corpus_is_asked_with_corpus_checked_by_digest(mode
                                                    corpus_file.read_text().splitlines()][::-1])
     r = run(*ask, "--corpus", other, check=False)
     refused(r, "--corpus", ts.data_digest(other), ts.data_digest(corpus_file))
+
+
+# make refuses a path it cannot name (a space, a quote) before anything runs, naming the variable and its value.
+
+
+@pytest.mark.parametrize("variable, value, others", [
+    ("RUN", "a b", []), ("DATA", "my data", []), ("MODEL", "my model", ["CORPUS=c.jsonl"]),
+    ("CORPUS", "it's.jsonl", ["MODEL=m"]), ("QUERIES", 'q".jsonl', ["MODEL=m", "CORPUS=c.jsonl"]),
+    ("OPTIMIZER", "opt 1.pt", []), ("LAMA", "la ma", []), ("REAL_RUN", "runs/it's", []),
+    ("REAL_DATA", "data/it's", [])])
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
+def test_make_refuses_a_path_it_cannot_name_naming_the_variable(variable, value, others):
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    r = subprocess.run(["make", "-n", "all", f"{variable}={value}", *others], cwd=ROOT, capture_output=True,
+                       text=True, env=env)
+    assert r.returncode != 0 and r.stdout == "", (r.returncode, r.stdout[-2000:])
+    assert f"{variable}={value} holds a space or a quote" in r.stderr and "symlink" in r.stderr, r.stderr
