@@ -1,6 +1,7 @@
 """Nothing silently wrong under concurrency, odd paths and hand-edited files: another tokenizer, an index rebuilt
 while it is read, proponents files that do not say what made them, ids in two Unicode forms, links that name
-a file twice, outputs over inputs, and every compatibility key guarded."""
+a file twice, outputs over inputs, and every compatibility key guarded; terminals, locales, targets without their
+space, moved runs and paths make cannot name."""
 
 from __future__ import annotations
 
