@@ -138,6 +138,15 @@ REAL_RUN      ?= runs/real-$(subst $(comma),_,$(REAL_RELATIONS))-q$(REAL_QUERIES
 # A model named by a shortcut (smollm2) is a package, not a file make can track.
 MODEL_DEP := $(if $(filter smollm2,$(MODEL)),.venv/.installed,$(MODEL))
 
+# Paths make cannot name: it splits words at spaces (RUN='a b' would be two targets) and the recipes quote paths
+# with '...'. Such a value is refused before anything runs, naming its variable; a symlink names the same place.
+quote := '
+dquote := "
+unnameable = $(or $(word 2,$(1)),$(findstring $(quote),$(1)),$(findstring $(dquote),$(1)))
+$(foreach v,DATA RUN MODEL CORPUS QUERIES OPTIMIZER LAMA REAL_DATA REAL_RUN,$(if $(call unnameable,$($(v))),\
+  $(error $(v)=$($(v)) holds a space or a quote$(comma) which make cannot name in a path: give it through a \
+  symlink without them (ln -s PATH NAME$(comma) then $(v)=NAME))))
+
 .PHONY: all install test test-quick bench bench-gpu lint trend real clean screenshot sweep mutants seeds docs sizes view \
         plan plan-paper
 .DELETE_ON_ERROR:
@@ -261,7 +270,7 @@ sizes: experiments/sizes.py
 # and tail-patch on the same TREND_TAIL_QUERIES queries at the final model's learning rate; then one figure.
 TREND_VARIANTS ?= cosine trackstar
 TREND_TAIL_QUERIES ?= 40
-TREND_LR = $(shell $(PY) -c "import json; print(json.load(open('$(MODEL)/checkpoint.json'))['lr'])")
+TREND_LR = $(shell $(PY) -c "import json; print(json.load(open('$(MODEL)/checkpoint.json', encoding='utf-8'))['lr'])")
 trend: $(MODEL_DEP) $(CORPUS_DEP) $(QUERIES_DEP) experiments/trend.py
 	@test -d $(MODEL)/checkpoints || { echo "$(MODEL) has no checkpoints/: prepare.py factworld saves them" >&2; exit 2; }
 	for c in $(MODEL)/checkpoints/step-* $(MODEL); do \

@@ -42,7 +42,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 
 LOSS = {"corpus": "all tokens", "queries": "target tokens given the prompt"}
 FIELDS = {"corpus": '{"id", "text", "facts": [fact ids] (optional)}',
-          "queries": '{"id", "prompt", "target", "fact" (optional)}'}
+          "queries": '{"id", "prompt", "target", "fact" (optional)}, the target being the words after the prompt: '
+                     'a space is put before a target that has none when the prompt does not end with one (" Paris", '
+                     'never "Paris", after "The capital of France is"), for every method alike'}
 # What a run folder holds before meta.json says what it is (a run killed after its V estimate).
 OWN = ("meta.json", "second_moment.pt", "chunk-*.h5", "chunk-*.h5.damaged")
 PARAMS = ("matrices", "all")  # what `--params` traces: the weight matrices, or those and the embedding lookups
@@ -89,6 +91,9 @@ def check_options(o: Options) -> None:
                         ("--chunk-size", o.chunk_size)):
         if value is not None and value < 1:
             raise ts.TrackStarError(f"{name} must be >= 1, got {value}")
+    if o.max_length is not None and o.max_length < 2:  # one token to predict from, one to predict
+        raise ts.TrackStarError(f"--max-length {o.max_length} leaves no token to carry a loss: every example needs "
+                                "at least 2 tokens")
     if o.estimate_v < 0:
         raise ts.TrackStarError(f"--estimate-v must be >= 0, got {o.estimate_v}")
     if o.dtype == "float16":  # without loss scaling, δ underflows in the lower layers
@@ -177,14 +182,18 @@ def survey(data: Path, kind: str, tokenizer, max_length: int, model: nn.Module, 
     """The first pass: every record read, validated and tokenized, then dropped, before anything is written.
     Returns how many records there are, how many documents are truncated, where the first ten of those are, and
     how many tokens the records hold (after truncation)."""
-    n, n_truncated, shown, tokens = 0, 0, [], 0
+    n, n_truncated, shown, tokens, unspaced = 0, 0, [], 0, (0, None)
     with tqdm(desc=f"check {kind}", unit="ex") as bar:
         for window in windows(ts.iter_records(data, kind), chunk_size):
             tokenized, truncated = ts.tokenize_rows(tokenizer, window, kind, max_length)
             check_vocabulary(tokenized, window, model)
             n, n_truncated, shown = n + len(window), n_truncated + len(truncated), (shown + truncated)[:10]
             tokens += sum(len(ids) for ids, _ in tokenized)
+            if kind == "queries":
+                unspaced = ts.unspaced_targets(window, *unspaced)
             bar.update(len(window))
+    if warning := ts.unspaced_target_warning(*unspaced):
+        typer.echo(warning, err=True)
     return n, n_truncated, shown, tokens
 
 
@@ -496,7 +505,7 @@ def write_meta(out: Path, run: ts.RunSettings) -> None:
     another shard keeps the provenance recorded (it is never compared), so only a run's settings decide
     whether a rerun may add to it."""
     path = out / "meta.json"
-    recorded = json.loads(path.read_text()).get("provenance") if path.exists() else None
+    recorded = json.loads(path.read_text(encoding="utf-8")).get("provenance") if path.exists() else None
     ts.write_json(path, {**dataclasses.asdict(run), "provenance": recorded or ts.provenance()})
 
 

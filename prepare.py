@@ -735,8 +735,22 @@ def load_facts(path: Path, relation: str) -> list[LamaFact]:
     return facts
 
 
+def relation_files(trex: Path) -> dict[str, Path]:
+    """relation -> its facts file in the T-REx folder: P20.jsonl as LAMA's data.zip ships it, or P20.jsonl.gz; a
+    relation with both is refused (which one holds the facts?)."""
+    files: dict[str, Path] = {}
+    for path in sorted(trex.glob("P*.jsonl")) + sorted(trex.glob("P*.jsonl.gz")):
+        rel = path.name.split(".")[0]
+        if rel in files:
+            raise ts.TrackStarError(f"{trex} holds {files[rel].name} and {path.name}: keep one of them")
+        files[rel] = path
+    return files
+
+
 def select_relations(spec: str, trex: Path, pararel: Path, templates: dict[str, str]) -> list[str]:
-    available = sorted(p.name.split(".")[0] for p in trex.glob("P*.jsonl.gz"))
+    available = sorted(relation_files(trex))
+    if not available:
+        raise ts.TrackStarError(f"{trex} holds no P*.jsonl or P*.jsonl.gz files (the TREx folder of LAMA's data.zip)")
     wanted = available if spec == "all" else [r.strip() for r in spec.split(",") if r.strip()]
     missing = [r for r in wanted if r not in available]
     if missing:
@@ -810,7 +824,7 @@ def sample_by_answer(candidates: list[LamaFact], n: int, model_dir: str, templat
 @app.command()
 def lama(
     out: Path = typer.Option(..., help=OUT_HELP),
-    trex: Path = typer.Option(TREX, help="LAMA T-REx folder: P*.jsonl.gz and relations.jsonl"),
+    trex: Path = typer.Option(TREX, help="LAMA T-REx folder: P*.jsonl (or P*.jsonl.gz) and relations.jsonl"),
     pararel: Path = typer.Option(PARAREL, help="ParaRel patterns folder: P*.jsonl"),
     relations: str = typer.Option("all", help="comma-separated relation ids (e.g. P20,P108), or 'all'"),
     queries: int = typer.Option(300, help="number of facts sampled as queries"),
@@ -840,9 +854,10 @@ def write_lama(tmp: Path, trex: Path, pararel: Path, relations: str, queries: in
     wordings = load_templates(trex, pararel)
     templates = prompt_templates(wordings)
     rels = select_relations(relations, trex, pararel, templates)
+    files = relation_files(trex)
     facts: list[LamaFact] = []
     for rel in tqdm(rels, desc="read", unit="relation"):
-        facts += load_facts(trex / f"{rel}.jsonl.gz", rel)
+        facts += load_facts(files[rel], rel)
     rng = random.Random(seed)
     candidates = [f for f in facts if f.sentences]
     if model is None:

@@ -398,9 +398,20 @@ def read_checked_jsonl(path: str, kind: str, digest: str | None) -> list[dict]:
     return ts.read_jsonl(path, kind)
 
 
-def corpus_rows_for(data: str, digest: str, n: int) -> list[dict]:
-    """The documents an index was built from: the same file (digest), as many rows."""
-    rows = read_checked_jsonl(data, "corpus", digest)
+def corpus_rows_for(data: str, digest: str, n: int, corpus: Path | None = None) -> list[dict]:
+    """The documents an index was built from (as many rows), read from the one place this decides: `corpus` when
+    given (--corpus: the data moved, with or without its run), else the path the index recorded, `data`. Either
+    must be the data the index was built from: its digest is `digest`."""
+    if corpus is not None:
+        if (given := ts.data_digest(corpus)) != digest:
+            raise ts.TrackStarError(f"--corpus {corpus} (digest {given}) is not the corpus the index was built from "
+                                    f"({data}, digest {digest})")
+        data, rows = str(corpus), ts.read_jsonl(corpus, "corpus")
+    elif not Path(data).exists() and not any(c in data for c in "*?["):
+        raise ts.TrackStarError(f"{data}, the corpus the index was built from, is not there (moved?): give its new "
+                                "place with --corpus")
+    else:
+        rows = read_checked_jsonl(data, "corpus", digest)
     if len(rows) != n:
         raise ts.TrackStarError(f"{data} has {len(rows)} documents, the index {n}")
     return rows
@@ -425,9 +436,11 @@ def write_results(out: Path, query_ids: list[str], corpus_rows: list[dict], resu
                          for j, qid in enumerate(query_ids)))
 
 
-def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device: str) -> None:
-    """Every query of an encoded run against the index. Under torchrun every rank prepares the (few) queries
-    alike and scans its share; rank 0 reads the texts and writes the results."""
+def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device: str,
+               corpus: Path | None = None) -> None:
+    """Every query of an encoded run against the index (the corpus read at `corpus` when given: corpus_rows_for).
+    Under torchrun every rank prepares the (few) queries alike and scans its share; rank 0 reads the texts and
+    writes the results."""
     rank, _ = ts.distributed()
     meta, qmeta = read_index_meta(index), ts.read_meta(queries)
     if qmeta.kind != "queries":
@@ -440,7 +453,7 @@ def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device
     if rank == 0:
         query_rows = read_checked_jsonl(qmeta.data, "queries", qmeta.data_digest)
         c = meta["corpus"]
-        corpus_rows = corpus_rows_for(c.data, c.data_digest, c.n_examples)
+        corpus_rows = corpus_rows_for(c.data, c.data_digest, c.n_examples, corpus)
     q = prepare_queries(vectors[order], index, meta, device)
     t0 = time.perf_counter()
     result = search(q, meta["segments"], k, block, device, meta["build"])
@@ -482,20 +495,22 @@ def query_encoder(meta: dict, device: str, model_path: str | None = None) -> Cal
 
 
 def print_table(title: str, rows: list[dict], width: int = 72) -> None:
+    """Ranked documents as a table; ids and texts with their control characters escaped (ts.terminal_text)."""
     typer.echo(f"\n{title}\n{'rank':>4}  {'score':>10}  {'id':<12}  text")
     for r, row in enumerate(rows, 1):
-        text = " ".join(row["text"].split())
+        text = ts.terminal_text(" ".join(row["text"].split()))
         text = text if len(text) <= width else text[: width - 1] + "…"
-        typer.echo(f"{r:>4}  {row['score']:>10.4g}  {row['id']:<12}  {text}")
+        typer.echo(f"{r:>4}  {row['score']:>10.4g}  {ts.terminal_text(row['id']):<12}  {text}")
 
 
-def query_adhoc(index: Path, prompt: str, target: str, k: int, block: int, device: str) -> None:
+def query_adhoc(index: Path, prompt: str, target: str, k: int, block: int, device: str,
+                corpus: Path | None = None) -> None:
     meta = read_index_meta(index)
     q = prepare_queries(encode_one(meta, prompt, target, device), index, meta, device)
     result = search(q, meta["segments"], k, block, device, meta["build"])
     if result is not None:  # rank 0 (or one process)
         c = meta["corpus"]
-        print_adhoc(prompt, target, corpus_rows_for(c.data, c.data_digest, c.n_examples), result)
+        print_adhoc(prompt, target, corpus_rows_for(c.data, c.data_digest, c.n_examples, corpus), result)
 
 
 def print_adhoc(prompt: str, target: str, rows: list[dict], result: tuple) -> None:
@@ -509,10 +524,15 @@ def print_adhoc(prompt: str, target: str, rows: list[dict], result: tuple) -> No
 # The text baselines (BM25, dense) see the whole fact: query text = prompt + target.
 
 
+def warn_unspaced(queries: list[dict]) -> None:
+    """One line on stderr when targets lack the leading space every method reads them with (ts.spaced_target)."""
+    if warning := ts.unspaced_target_warning(*ts.unspaced_targets(queries)):
+        typer.echo(warning, err=True)
+
+
 def query_text(q: dict) -> str:
-    """Prompt and target as one text; a space between them unless one of them already has it."""
-    joint = q["target"][:1].isspace() or q["prompt"][-1:].isspace()
-    return q["prompt"] + ("" if joint else " ") + q["target"]
+    """Prompt and target as one text, the target as every method reads it (ts.spaced_target)."""
+    return q["prompt"] + ts.spaced_target(q["prompt"], q["target"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,6 +594,7 @@ def exact_topk_numpy(scores: np.ndarray, k: int, largest: bool = True) -> np.nda
 def query_bm25(corpus: Path, queries: Path, out: Path, k: int) -> None:
     docs = ts.read_jsonl(corpus, "corpus")
     qs = ts.read_jsonl(queries, "queries")
+    warn_unspaced(qs)
     bm25 = BM25Index([bm25_tokenize(d["text"]) for d in docs])
     made = made_by("bm25", k, None, queries, ts.data_digest(queries))
     ts.write_jsonl(out, bm25_results(bm25, docs, qs, k, made))
@@ -637,7 +658,7 @@ def _dense_from_dir(path: Path) -> tuple[nn.Module, Any, dict]:
     model = AutoModel.from_pretrained(str(path), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     st = path / "sentence_bert_config.json"
-    return model, tokenizer, json.loads(st.read_text()) if st.exists() else {}
+    return model, tokenizer, json.loads(st.read_text(encoding="utf-8")) if st.exists() else {}
 
 
 def load_dense_model(name: str, device: str) -> DenseModel:
@@ -746,6 +767,7 @@ def dense_main(index: Path | None, corpus: Path | None, queries: Path | None, ou
         row = {"prompt": prompt, "target": target}
         return print_adhoc(prompt, target, *query_dense(index, meta, [row], dense, k, block, device))
     qs = ts.read_jsonl(queries, "queries")
+    warn_unspaced(qs)
     rows, result = query_dense(index, meta, qs, dense, k, block, device)
     write_results(out, [q["id"] for q in qs], rows, result,
                   made_by("dense", k, meta["build"], queries, ts.data_digest(queries)))
@@ -779,6 +801,7 @@ class OpenIndex:
             raise ts.TrackStarError("a question needs both a prompt and a target, each with some text")
         if k < 1:
             raise ts.TrackStarError(f"k must be >= 1, got {k}")
+        warn_unspaced([{"prompt": prompt, "target": target, "_where": "the question"}])
         scores, rows = self.top(prompt, target, k)
         found = ranked(self.rows, rows, scores)
         if fact is not None and self.has_facts:
@@ -787,27 +810,30 @@ class OpenIndex:
         return found
 
 
-def open_index(path: str | Path, device: str = "auto", model: str | None = None) -> OpenIndex:
+def open_index(path: str | Path, device: str = "auto", model: str | None = None,
+               corpus: str | Path | None = None) -> OpenIndex:
     """An index to ask questions of: a gradient index (index.py's), a dense one (query.py --method dense), or a
     corpus (a file, folder or pattern, as --data takes) for BM25. `model`: the model directory to use instead of
     the one the index recorded (it must be the same model: its fingerprint is checked), for a dense index the
-    embedding model (as --dense-model)."""
+    embedding model (as --dense-model). `corpus`: where the documents are now, instead of the path the index
+    recorded (it must be the same data: its digest is checked)."""
     path, device = Path(path), ts.pick_device(device)
+    corpus = None if corpus is None else Path(corpus)
     if not (path / "index.h5").exists():
-        if model is not None:
+        if model is not None or corpus is not None:
             raise ts.TrackStarError(f"{path} is no index (no index.h5), so BM25 over it as a corpus: BM25 takes "
-                                    "no model")
+                                    "no model and no other corpus")
         return bm25_index(path)
     with h5py.File(path / "index.h5", "r") as f:
         dense = "dense" in ts.read_attrs(f)
-    return dense_index(path, device, model) if dense else gradient_index(path, device, model)
+    return dense_index(path, device, model, corpus) if dense else gradient_index(path, device, model, corpus)
 
 
-def gradient_index(path: Path, device: str, model: str | None) -> OpenIndex:
+def gradient_index(path: Path, device: str, model: str | None, corpus: Path | None = None) -> OpenIndex:
     meta = read_index_meta(path)
     encode, matrix = query_encoder(meta, device, model), query_matrix(path, meta["build"], device)
     c = meta["corpus"]
-    rows = corpus_rows_for(c.data, c.data_digest, c.n_examples)
+    rows = corpus_rows_for(c.data, c.data_digest, c.n_examples, corpus)
 
     def top(prompt: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         top_s, top_i, _, _ = search(transformed_queries(encode(prompt, target), matrix, meta, device),
@@ -817,10 +843,10 @@ def gradient_index(path: Path, device: str, model: str | None) -> OpenIndex:
     return OpenIndex(path, "trackstar", rows, top, any(r.get("facts") for r in rows))
 
 
-def dense_index(path: Path, device: str, model: str | None) -> OpenIndex:
+def dense_index(path: Path, device: str, model: str | None, corpus: Path | None = None) -> OpenIndex:
     meta = read_dense_meta(path)
     dense = checked_dense_model(meta, path, model, device)
-    rows = corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"])
+    rows = corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"], corpus)
 
     def top(prompt: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = torch.as_tensor(embed_texts(dense, [query_text({"prompt": prompt, "target": target})]), device=device)
@@ -843,7 +869,7 @@ def bm25_index(corpus: Path) -> OpenIndex:
 
 
 # The options each method reads: one given to a method that ignores it would answer another question than asked.
-USED = {Method.trackstar: {"--index", "--prompt", "--target"}, Method.bm25: {"--corpus"},
+USED = {Method.trackstar: {"--index", "--prompt", "--target", "--corpus"}, Method.bm25: {"--corpus"},
         Method.dense: {"--index", "--prompt", "--target", "--corpus", "--dense-model"}}
 
 
@@ -861,10 +887,16 @@ def main(
     out: Path | None = typer.Option(None, help="Output JSONL of proponents and opponents per query."),
     k: int = typer.Option(10, help="Proponents (and opponents) per query."),
     prompt: str | None = typer.Option(None, help="Ad-hoc query prompt (with --target): prints a table."),
-    target: str | None = typer.Option(None, help="Ad-hoc query target; its tokens carry the loss."),
+    target: str | None = typer.Option(None, help="Ad-hoc query target; its tokens carry the loss. It is the words "
+                                      "after the prompt: a space is put before a target that has none when the "
+                                      "prompt does not end with one ('Paris' is read as ' Paris'), for every method "
+                                      "alike (ts.spaced_target)."),
     method: Method = typer.Option(Method.trackstar, help="trackstar (gradient index), or a text baseline: bm25, "
                                   "dense (text embeddings)."),
-    corpus: Path | None = typer.Option(None, help="Corpus JSONL (bm25; dense: embedded into --index)."),
+    corpus: Path | None = typer.Option(None, help="Corpus JSONL (bm25; dense: embedded into --index; trackstar: "
+                                       "where the documents the index was built from are now, read instead of the "
+                                       "path it recorded, e.g. after moving the run and its data; checked by "
+                                       "digest)."),
     dense_model: str | None = typer.Option(None, help="dense: the embedding model, minilm (all-MiniLM-L6-v2, "
                                            "the default) or a Hugging Face model directory (or a zip of one); "
                                            "asking an index, the one it was embedded with (checked)."),
@@ -889,16 +921,18 @@ def main(
     adhoc = prompt is not None or target is not None
     if adhoc and not (prompt and prompt.strip() and target and target.strip()):
         raise ts.TrackStarError("an ad-hoc query needs both --prompt and --target, each with some text")
+    if adhoc:
+        warn_unspaced([{"prompt": prompt, "target": target, "_where": "--target"}])
     if method == Method.dense:
         return dense_main(index, corpus, queries, out, prompt, target, k, block, ts.pick_device(device), dense_model)
     if index is None:
         raise ts.TrackStarError("give --index (or --method bm25)")
     device = ts.pick_device(device)
     if adhoc:
-        return query_adhoc(index, prompt, target, k, block, device)
+        return query_adhoc(index, prompt, target, k, block, device, corpus)
     if queries is None or out is None:
         raise ts.TrackStarError("give --queries RUN/queries and --out FILE (or --prompt and --target)")
-    query_runs(index, queries, out, k, block, device)
+    query_runs(index, queries, out, k, block, device, corpus)
 
 
 if __name__ == "__main__":

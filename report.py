@@ -749,7 +749,7 @@ def main(
     path = run / "results.json"
     if not path.exists():
         raise ts.TrackStarError(f"{path} is missing: run evaluate.py first")
-    results = json.loads(path.read_text())
+    results = json.loads(path.read_text(encoding="utf-8"))
     by_id = {q["id"]: q for q in qs}
     missing = [qid for qid in results["queries"] if qid not in by_id]
     if missing:

@@ -19,6 +19,7 @@ locks and atomic files.
 from __future__ import annotations
 
 import array
+import codecs
 import contextlib
 import dataclasses
 import datetime
@@ -126,17 +127,45 @@ def tokenize_document(tokenizer: Any, text: str, max_length: int) -> tuple[list[
     return ids, list(ids), truncated
 
 
+def spaced_target(prompt: str, target: str) -> str:
+    """The target as every method reads it (the gradient's loss, BM25's and the dense model's text): the words
+    that follow the prompt, so a space is put before it when neither it starts with one nor the prompt ends with
+    one ("Paris" after "... is" is " Paris"). Well-formed queries (prepare.py's: a target starting with a space,
+    a prompt ending without one) are read as written."""
+    return target if target[:1].isspace() or prompt[-1:].isspace() else " " + target
+
+
+def unspaced_targets(rows: Iterable[dict], n: int = 0, first: dict | None = None) -> tuple[int, dict | None]:
+    """(how many queries of `rows` have a target lacking the space spaced_target puts before it, the first of
+    them), added to a count so far: a streamed query set is counted window by window."""
+    for row in rows:
+        if spaced_target(row["prompt"], row["target"]) != row["target"]:
+            n, first = n + 1, first or row
+    return n, first
+
+
+def unspaced_target_warning(n: int, first: dict | None) -> str | None:
+    """The one line for stderr when n targets (the first: `first`) lack their leading space; None when none does."""
+    if not n or first is None:
+        return None
+    return (f"warning: {n} target(s) lack a leading space (first: {first.get('_where', 'the query')}, "
+            f"{first['target']!r}); every method reads a target as the words after its prompt, here "
+            f"{spaced_target(first['prompt'], first['target'])!r}")
+
+
 def tokenize_query(tokenizer: Any, prompt: str, target: str, max_length: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for a query: prompt tokens carry no loss, target tokens do.
 
-    Prompt and target are tokenized apart so the loss falls exactly on the target's tokens.
+    Prompt and target are tokenized apart so the loss falls exactly on the target's tokens; the target as
+    spaced_target reads it.
     """
     p = tokenizer(prompt).input_ids
-    t = tokenizer(target, add_special_tokens=False).input_ids
+    t = tokenizer(spaced_target(prompt, target), add_special_tokens=False).input_ids
     if not t:
         raise TrackStarError(f"target {target!r} tokenizes to nothing")
     if len(p) + len(t) > max_length:
-        raise TrackStarError(f"prompt + target is {len(p) + len(t)} tokens, over the max length {max_length}")
+        raise TrackStarError(f"prompt + target is {len(p) + len(t)} tokens, over the max length {max_length} "
+                             f"(encode.py --max-length {max_length}): raise it, or shorten the query")
     return p + t, [IGNORE] * len(p) + t
 
 
@@ -925,7 +954,7 @@ def read_meta(run: str | Path) -> RunSettings:
     if not p.exists():
         raise TrackStarError(f"{run} is not an encoded run (no meta.json)")
     try:
-        stored = json.loads(p.read_text())
+        stored = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TrackStarError(f"{p} is corrupt ({e}); re-encode into a fresh --out") from None
     return run_settings(stored, str(p))
@@ -1181,7 +1210,7 @@ def checkout_commit() -> str | None:
     None outside a git checkout, or where git is missing or fails."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "--no-optional-locks", *args], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+                              capture_output=True, encoding="utf-8", timeout=60, check=True).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -1211,8 +1240,9 @@ class DamagedChunk(TrackStarError):
 
 def run_cli(app: Callable[[], Any]) -> None:
     """Run a Typer app; user errors print one clear line and exit 2 (no traceback; TRACKSTAR_DEBUG=1
-    shows it)."""
+    shows it). The command line is read as the UTF-8 text it was typed as, whatever the locale (utf8_command_line)."""
     try:
+        utf8_command_line()
         refuse_empty_values(sys.argv[1:])
         app()
     except TrackStarError as e:
@@ -1232,10 +1262,45 @@ def refuse_empty_values(argv: list[str]) -> None:
             raise TrackStarError(f"{option} is given as '' (empty): give it a value, or leave it out")
 
 
+def utf8_command_line() -> None:
+    """Every command-line argument as the UTF-8 text it was typed as, or a refusal naming the one that is not.
+
+    Under an ASCII locale (LC_ALL=C or POSIX with Python's UTF-8 mode turned off) sys.argv holds each non-ASCII
+    byte as a surrogate escape ('\\udcc3'), and file names, open() and the standard streams can hold no other
+    character: a prompt "Zürich" could not be tokenized, nor a path "runs/café" written into a report. So the
+    process starts again in Python's UTF-8 mode (`python -X utf8`, the same command line), where every argument
+    is os.fsencode(arg).decode("utf-8") and a file name still reaches the file system as the bytes it was given.
+    """
+    for n, arg in enumerate(sys.argv[1:], 1):
+        try:
+            arg.encode("utf-8")  # only a surrogate escape fails: a byte the locale could not decode
+        except UnicodeEncodeError:
+            try:
+                os.fsencode(arg).decode("utf-8", "strict")
+            except UnicodeDecodeError as e:
+                raise TrackStarError(f"command-line argument {n} ({arg!r}) is not UTF-8 text ({e.reason} at "
+                                     f"byte {e.start}); give it in UTF-8") from None
+    if not sys.flags.utf8_mode and codecs.lookup(sys.getfilesystemencoding()).name == "ascii":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-X", "utf8", *sys.orig_argv[1:]])
+
+
 def first_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message in one line, for errors that quote a library's reason."""
     text = str(e).strip()
     return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+# Terminal control characters (C0, DEL and C1): each shown as its Python escape, so a document's id or text cannot
+# move the cursor, recolour or clear a terminal, or ring its bell when a table prints it.
+_CONTROL = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def terminal_text(text: str) -> str:
+    """`text` as a terminal may print it: every control character ("\\x1b", "\\r", "\\x07", ...) written as its
+    escape, the rest as it is. For what is printed only: files keep the text as written."""
+    return text.translate(_CONTROL)
 
 
 # ----------------------------------------------------------------------------------------------

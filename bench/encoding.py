@@ -55,7 +55,7 @@ def memory_now(device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         return torch.cuda.memory_allocated() / 2**20
-    with open("/proc/self/statm") as f:
+    with open("/proc/self/statm", encoding="utf-8") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
@@ -145,7 +145,7 @@ def main(
     for m in MODES:
         cmd = [sys.executable, "-m", "bench.encoding", "--mode", m, "--dim", str(dim), "--arch", arch, "--dtype", dtype,
                "--device", device, "--n", str(n), "--batch", str(batch), "--length", str(length)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+        out = subprocess.run(cmd, capture_output=True, encoding="utf-8", check=True, cwd=ROOT)
         results[m] = json.loads(out.stdout.strip().splitlines()[-1])
     flops = flop_model(arch, dim, length)
     train = results["train"]

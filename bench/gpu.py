@@ -239,10 +239,10 @@ def main(
         free(device)
         result["seconds"] = time.perf_counter() - t0
         with ts.atomic_path(out) as tmp:
-            tmp.write_text(json.dumps(result, indent=1))
+            tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
     md = markdown(result)
     with ts.atomic_path(out.with_suffix(".md")) as tmp:
-        tmp.write_text(md + "\n")
+        tmp.write_text(md + "\n", encoding="utf-8")
     print(md)
     print(f"({result['seconds']:.0f} s; {out} and {out.with_suffix('.md')})")
     if failed:

@@ -151,7 +151,7 @@ def r_part_memory(dim: int) -> dict[str, float]:
     """Peak memory of index.py's R part at dimension `dim`, in a fresh process: ru_maxrss is the peak of the
     whole process (torch's allocations included, which tracemalloc cannot see), so each d gets its own."""
     code = f"from bench import indexing; import json; print(json.dumps(indexing.r_part_child({dim})))"
-    r = subprocess.run([sys.executable, "-c", code], cwd=bench_encode.ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=bench_encode.ROOT, capture_output=True, encoding="utf-8")
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
     return json.loads(r.stdout.splitlines()[-1])
@@ -220,7 +220,7 @@ def rank_scans(segments: list, n_queries: int, dim: int, ranks: int, repeat: int
     code = f"from bench import indexing; indexing.scan_child({listed!r}, {n_queries}, {dim}, {repeat})"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "--no-python",
            sys.executable, "-c", code]
-    r = subprocess.run(cmd, cwd=bench_encode.ROOT, capture_output=True, text=True,
+    r = subprocess.run(cmd, cwd=bench_encode.ROOT, capture_output=True, encoding="utf-8",
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])

@@ -46,7 +46,7 @@ def write_corpus(folder: Path, n: int) -> None:
     rng = np.random.default_rng(0)
     for k, rows in enumerate(np.array_split(np.arange(n), SHARDS)):
         lengths, words = rng.integers(4, 13, len(rows)), rng.integers(0, len(WORDS), (len(rows), 12))
-        with open(folder / f"part-{k:02d}.jsonl", "w") as f:
+        with open(folder / f"part-{k:02d}.jsonl", "w", encoding="utf-8") as f:
             for i, length, w in zip(rows, lengths, words, strict=True):
                 text = " ".join(WORDS[j] for j in w[:length])
                 f.write(json.dumps({"id": f"d{i}", "text": text.capitalize() + "."}) + "\n")
@@ -115,7 +115,7 @@ def main(
         for m in wanted:
             shutil.rmtree(OUT / "run", ignore_errors=True)
             cmd = [sys.executable, "-m", "bench.streaming", "--mode", m, "--data", str(data.resolve())]
-            r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            r = subprocess.run(cmd, capture_output=True, encoding="utf-8", cwd=ROOT)
             if r.returncode:
                 raise SystemExit(f"{m} on {n} documents failed:\n{r.stderr[-3000:]}")
             results[m, n] = json.loads(r.stdout.strip().splitlines()[-1])

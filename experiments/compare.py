@@ -28,7 +28,7 @@ def read_run(run: Path) -> dict:
     path = run / "results.json"
     if not path.exists():
         raise ts.TrackStarError(f"{path} is missing: run evaluate.py on {run} first")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def top_ids(run: Path, method: str, k: int) -> dict[str, list[str]]:

@@ -33,7 +33,8 @@ def read_seed_run(run: Path) -> dict:
     path = run / "results.json"
     if not path.exists():
         raise ts.TrackStarError(f"{path} is missing: run `make seeds`")
-    return {"run": str(run), "seed": ts.read_meta(run / "corpus").seed, "results": json.loads(path.read_text())}
+    return {"run": str(run), "seed": ts.read_meta(run / "corpus").seed,
+            "results": json.loads(path.read_text(encoding="utf-8"))}
 
 
 def check_comparable(points: list[dict]) -> None:

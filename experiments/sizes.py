@@ -29,9 +29,9 @@ def read_size(run: Path, size: str) -> dict:
     path = run / "sizes" / size / "results.json"
     if not path.exists():
         raise ts.TrackStarError(f"{path} is missing: run `make sizes`")
-    results = json.loads(path.read_text())
+    results = json.loads(path.read_text(encoding="utf-8"))
     world = Path(results["settings"]["model"]).parent / "world.json"
-    info = json.loads(world.read_text())
+    info = json.loads(world.read_text(encoding="utf-8"))
     if info["model"].get("size", "default") != size:
         raise ts.TrackStarError(f"{path} was evaluated with a {info['model'].get('size')} model ({world}), not {size}")
     params = info["model"]["parameters"]

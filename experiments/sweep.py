@@ -309,7 +309,7 @@ def main(
             if axis != "reval":  # two categories, not a scale: its table says it all
                 plot(out_dir / f"sweep-{axis}.png", axis, points)
         ts.write_json(out_dir / "sweep.json", evaluate.jsonable(results))
-        (out_dir / "sweep.md").write_text(markdown(results))
+        (out_dir / "sweep.md").write_text(markdown(results), encoding="utf-8")
     typer.echo(f"wrote {run / 'sweep'}: {total} settings, {len(stepped)} documents stepped for tail-patch")
 
 

@@ -48,7 +48,8 @@ def read_point(model: Path, results_dir: Path) -> dict:
     for p in (info_path, results_path):
         if not p.exists():
             raise ts.TrackStarError(f"{p} is missing" + (": run `make trend`" if p == results_path else ""))
-    info, results = json.loads(info_path.read_text()), json.loads(results_path.read_text())
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    results = json.loads(results_path.read_text(encoding="utf-8"))
     used = Path(results["settings"]["model"]).resolve()
     if used != model.resolve():
         raise ts.TrackStarError(f"{results_path} was evaluated with the model {used}, not the checkpoint {model}")

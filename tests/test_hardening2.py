@@ -1,12 +1,14 @@
 """Nothing silently wrong under concurrency, odd paths and hand-edited files: another tokenizer, an index rebuilt
 while it is read, proponents files that do not say what made them, ids in two Unicode forms, links that name
-a file twice, outputs over inputs, and every compatibility key guarded."""
+a file twice, outputs over inputs, and every compatibility key guarded; terminals, locales, targets without their
+space, moved runs and paths make cannot name."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -268,7 +270,7 @@ def test_a_glob_through_symlinked_folders_reads_each_file_once(tmp_path):
 # 9. An option the method does not read is refused, not ignored: the answer would be to another question.
 
 
-@pytest.mark.parametrize("method, option", [("trackstar", "--corpus"), ("bm25", "--index"), ("bm25", "--prompt"),
+@pytest.mark.parametrize("method, option", [("bm25", "--dense-model"), ("bm25", "--index"), ("bm25", "--prompt"),
                                             ("bm25", "--target"), ("trackstar", "--dense-model")])
 def test_an_option_the_method_does_not_read_is_refused_naming_both(method, option, corpus_file, queries_file,
                                                                    tmp_path):
@@ -298,3 +300,223 @@ def test_methods_naming_nothing_is_refused_and_the_earlier_results_kept(model_di
             queries_file, "--methods", ",", "--no-tail-patch", "--device", "cpu", check=False)
     refused(r, "--methods ','", "names no method")
     assert {name: (run_dir / name).read_text() for name in earlier} == earlier
+
+
+# A printed table escapes terminal control characters in ids and texts; the files keep them as written.
+
+
+def test_an_adhoc_table_escapes_control_characters_that_the_proponents_file_keeps(model_dir, queries_file,
+                                                                                  tmp_path):
+    doc_id, text = "d\r\x1b[31mred", "The capital of France is Paris.\x07\x1b[2J\x9b"
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": doc_id, "text": text},
+                                                     {"id": "d1", "text": "Rome is the capital of Italy."}])
+    encode("corpus", model_dir, corpus, tmp_path / "corpus-run")
+    run("index.py", "--corpus", tmp_path / "corpus-run", "--out", tmp_path / "index", "--hessian", "none")
+    shown = run("query.py", "--index", tmp_path / "index", "--prompt", "The capital of France is", "--target",
+                " Paris", "--k", 2, "--device", "cpu").stdout
+    assert not set(shown) & {"\r", "\x1b", "\x07", "\x9b"}, repr(shown)
+    assert "d\\r\\x1b[31mred" in shown and "Paris.\\x07\\x1b[2J\\x9b" in shown
+    out = tmp_path / "p.jsonl"
+    run("query.py", "--method", "bm25", "--corpus", corpus, "--queries", queries_file, "--out", out, "--k", 2)
+    kept = {p["id"]: p["text"] for line in out.read_text(encoding="utf-8").splitlines()
+            for p in json.loads(line)["proponents"]}
+    assert kept[doc_id] == text
+
+
+# A target is the words after its prompt, for every method alike: one without its leading space is read with it,
+# and said once on stderr.
+
+
+def test_a_target_lacking_its_leading_space_is_read_with_it_by_every_method_and_said(model_dir, corpus_file,
+                                                                                     tmp_path):
+    import numpy as np
+
+    import query
+
+    prompt = "The capital of France is"
+    spaced, bare = (write_jsonl(tmp_path / f"{name}.jsonl", [{"id": "q0", "prompt": prompt, "target": target}])
+                    for name, target in (("spaced", " Paris"), ("bare", "Paris")))
+    _, tok = ts.load_model(str(model_dir))
+    assert ts.tokenize_query(tok, prompt, "Paris", 64) == ts.tokenize_query(tok, prompt, " Paris", 64)
+    assert query.query_text({"prompt": prompt, "target": "Paris"}) == prompt + " Paris"
+    vectors = {}
+    for name, data in (("spaced", spaced), ("bare", bare)):
+        r = encode("queries", model_dir, data, tmp_path / f"run-{name}")
+        assert ("lack a leading space" in r.stderr) == (name == "bare"), r.stderr[-2000:]
+        vectors[name] = ts.read_vectors(tmp_path / f"run-{name}")[1]
+    assert np.array_equal(vectors["spaced"], vectors["bare"])
+    found = {}
+    for name, data in (("spaced", spaced), ("bare", bare)):
+        out = tmp_path / f"bm25-{name}.jsonl"
+        r = run("query.py", "--method", "bm25", "--corpus", corpus_file, "--queries", data, "--out", out)
+        assert ("lack a leading space" in r.stderr) == (name == "bare"), r.stderr[-2000:]
+        found[name] = [json.loads(line)["proponents"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert found["spaced"] == found["bare"]
+    assert "bare.jsonl:1" in r.stderr and "' Paris'" in r.stderr
+
+
+# A --max-length no example fits in is blamed on the option, naming its value, not on the first example.
+
+
+def test_a_max_length_no_example_fits_names_the_option_and_its_value(model_dir, corpus_file, queries_file, tmp_path):
+    r = encode("corpus", model_dir, corpus_file, tmp_path / "corpus", "--max-length", 1, check=False)
+    refused(r, "--max-length 1")
+    assert "corpus.jsonl:1" not in r.stderr
+    r = encode("queries", model_dir, queries_file, tmp_path / "queries", "--max-length", 3, check=False)
+    refused(r, "--max-length 3", "queries.jsonl:1", "prompt + target")
+    assert not (tmp_path / "corpus").exists() and not (tmp_path / "queries").exists()
+
+
+# Under an ASCII locale (LC_ALL=C, Python's UTF-8 mode off) every stage reads its arguments as the UTF-8 text they
+# were typed as, reads and writes its files in UTF-8, and refuses an argument that is not UTF-8.
+
+
+def c_locale_run(script: str, *args, c_locale: bool = True) -> subprocess.CompletedProcess:
+    """One of the scripts under LC_ALL=C with PYTHONUTF8=0 and no LANG (c_locale=False: under C.UTF-8), arguments
+    given as bytes passed as they are, its output read back as UTF-8."""
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONUTF8", "PYTHONIOENCODING"))}
+    env.update(LC_ALL="C" if c_locale else "C.UTF-8", PYTHONUTF8="0", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(ROOT / script), *(a if isinstance(a, bytes) else str(a) for a in args)],
+                       cwd=ROOT, capture_output=True, env=env)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode("utf-8", "replace"),
+                                       r.stderr.decode("utf-8", "replace"))
+
+
+NON_ASCII_DOCS = [{"id": "d-zürich", "text": "Zürich is a city in Switzerland, known for its café culture."},
+                  {"id": "d1", "text": "Rome is the capital of Italy."},
+                  {"id": "d2", "text": "The capital of France is Paris."}]
+
+
+def test_under_a_c_locale_evaluate_and_report_write_every_file_of_a_non_ascii_run(model_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", NON_ASCII_DOCS)
+    queries = write_jsonl(tmp_path / "queries.jsonl", [
+        {"id": "q-zürich", "prompt": "Zürich is a city in", "target": " Switzerland"}])
+    run_dir = tmp_path / "runs" / "café"
+    r = c_locale_run("query.py", "--method", "bm25", "--corpus", corpus, "--queries", queries, "--out",
+                     run_dir / "proponents-bm25.jsonl", "--k", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = c_locale_run("evaluate.py", "--run", run_dir, "--model", model_dir, "--corpus", corpus, "--queries", queries,
+                     "--methods", "bm25", "--k", 2, "--no-tail-patch", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = c_locale_run("report.py", "--run", run_dir, "--corpus", corpus, "--queries", queries)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"results.json", "results.md", "report.html"} <= {p.name for p in run_dir.iterdir()}
+    assert "café" in (run_dir / "results.md").read_text(encoding="utf-8")
+    assert "Zürich" in (run_dir / "report.html").read_text(encoding="utf-8")
+
+
+def test_under_a_c_locale_a_non_ascii_prompt_is_asked_as_its_text(model_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", NON_ASCII_DOCS)
+    encode("corpus", model_dir, corpus, tmp_path / "corpus-run")
+    run("index.py", "--corpus", tmp_path / "corpus-run", "--out", tmp_path / "index", "--hessian", "none")
+    ask = ("query.py", "--index", tmp_path / "index", "--prompt", "Zürich is a city in", "--target", " Switzerland",
+           "--k", 2, "--device", "cpu")
+    r = c_locale_run(*ask)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "'Zürich is a city in'" in r.stdout and "d-zürich" in r.stdout
+    assert r.stdout == run(*ask).stdout  # the same table as under a UTF-8 locale
+
+
+def test_a_command_line_argument_that_is_not_utf8_is_refused_in_one_line(corpus_file, queries_file, tmp_path):
+    out = tmp_path / "p.jsonl"
+    for c_locale in (True, False):
+        r = c_locale_run("query.py", "--method", "bm25", "--corpus", corpus_file, "--queries", queries_file, "--out",
+                         out, "--k", b"caf\xe9", c_locale=c_locale)
+        refused(r, "argument 10", "not UTF-8")
+        assert not out.exists()
+
+
+# prepare.py lama reads a T-REx folder as LAMA's data.zip ships it (P*.jsonl), or gzipped (P*.jsonl.gz).
+
+
+def tiny_trex(folder: Path) -> Path:
+    """Two relations of LAMA T-REx, written by hand: P20 as plain JSONL, P19 gzipped."""
+    import gzip
+
+    folder.mkdir()
+    write_jsonl(folder / "relations.jsonl", [{"relation": "P19", "template": "[X] was born in [Y] ."},
+                                             {"relation": "P20", "template": "[X] died in [Y] ."}])
+    facts = {"P19": [("Ada Lovelace", "London"), ("Alan Turing", "Maida Vale")],
+             "P20": [("Marie Curie", "Passy"), ("Niels Bohr", "Copenhagen")]}
+    for rel, pairs in facts.items():
+        verb = "was born in" if rel == "P19" else "died in"
+        lines = "".join(json.dumps({"uuid": f"{rel}-{i}", "sub_label": sub, "obj_label": obj, "evidences": [
+            {"masked_sentence": f"{sub} {verb} [MASK] long ago.", "obj_surface": obj}]}) + "\n"
+            for i, (sub, obj) in enumerate(pairs))
+        if rel == "P19":
+            with gzip.open(folder / f"{rel}.jsonl.gz", "wt", encoding="utf-8") as f:
+                f.write(lines)
+        else:
+            (folder / f"{rel}.jsonl").write_text(lines, encoding="utf-8")
+    return folder
+
+
+def test_prepare_lama_reads_plain_and_gzipped_relation_files(tmp_path):
+    from typer.testing import CliRunner
+
+    import prepare
+
+    trex = tiny_trex(tmp_path / "TREx")
+    args = ["lama", "--trex", str(trex), "--pararel", str(tmp_path / "no-pararel"), "--queries", "4", "--docs", "4"]
+    result = CliRunner().invoke(prepare.app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, (result.output, result.exception)
+    queries = [json.loads(line) for line in (tmp_path / "out" / "queries.jsonl").read_text().splitlines()]
+    assert {q["relation"] for q in queries} == {"P19", "P20"} and len(queries) == 4
+    texts = {json.loads(line)["text"] for line in (tmp_path / "out" / "corpus.jsonl").read_text().splitlines()}
+    assert "Niels Bohr died in Copenhagen long ago." in texts and "Ada Lovelace was born in London long ago." in texts
+    (trex / "P20.jsonl.gz").write_bytes((trex / "P19.jsonl.gz").read_bytes())  # P20 twice: which one holds it?
+    result = CliRunner().invoke(prepare.app, [*args, "--out", str(tmp_path / "again")])
+    assert isinstance(result.exception, ts.TrackStarError), result.output
+    assert "P20.jsonl and P20.jsonl.gz" in str(result.exception) and not (tmp_path / "again").exists()
+
+
+# A run moved together with its corpus is asked with --corpus, the new place, checked against the recorded digest.
+
+
+def test_a_run_moved_with_its_corpus_is_asked_with_corpus_checked_by_digest(model_dir, corpus_file, queries_file,
+                                                                            tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    corpus = home / "corpus.jsonl"
+    shutil.copy(corpus_file, corpus)
+    encode("corpus", model_dir, corpus, home / "run" / "corpus")
+    encode("queries", model_dir, queries_file, home / "run" / "queries")  # the queries file stays where it is
+    run("index.py", "--corpus", home / "run" / "corpus", "--out", home / "run" / "index", "--hessian", "none")
+    moved = tmp_path / "moved"
+    os.replace(home, moved)
+    ask = ("query.py", "--index", moved / "run" / "index", "--prompt", "The capital of France is", "--target",
+           " Paris", "--k", 3, "--device", "cpu")
+    refused(run(*ask, check=False), str(corpus), "--corpus")
+    shown = run(*ask, "--corpus", moved / "corpus.jsonl").stdout
+    assert "proponents" in shown and "Number" in shown
+    out = tmp_path / "p.jsonl"
+    run("query.py", "--index", moved / "run" / "index", "--queries", moved / "run" / "queries", "--out", out,
+        "--corpus", moved / "corpus.jsonl", "--device", "cpu")
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+    other = write_jsonl(tmp_path / "other.jsonl", [json.loads(line) for line in
+                                                   corpus_file.read_text().splitlines()][::-1])
+    r = run(*ask, "--corpus", other, check=False)
+    refused(r, "--corpus", ts.data_digest(other), ts.data_digest(corpus_file))
+
+
+# make refuses a path it cannot name (a space, a quote) before anything runs, naming the variable and its value.
+
+
+@pytest.mark.parametrize("variable, value, others", [
+    ("RUN", "a b", []), ("DATA", "my data", []), ("MODEL", "my model", ["CORPUS=c.jsonl"]),
+    ("CORPUS", "it's.jsonl", ["MODEL=m"]), ("QUERIES", 'q".jsonl', ["MODEL=m", "CORPUS=c.jsonl"]),
+    ("OPTIMIZER", "opt 1.pt", []), ("LAMA", "la ma", []), ("REAL_RUN", "runs/it's", []),
+    ("REAL_DATA", "data/it's", [])])
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
+def test_make_refuses_a_path_it_cannot_name_naming_the_variable(variable, value, others):
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    r = subprocess.run(["make", "-n", "all", f"{variable}={value}", *others], cwd=ROOT, capture_output=True,
+                       text=True, env=env)
+    assert r.returncode != 0 and r.stdout == "", (r.returncode, r.stdout[-2000:])
+    assert f"{variable}={value} holds a space or a quote" in r.stderr and "symlink" in r.stderr, r.stderr

@@ -37,7 +37,7 @@ def load(name: str) -> dict:
     path = RESULTS / f"{name}.json"
     if not path.exists():
         raise SystemExit(f"{path.relative_to(ROOT)} is missing: record it with tools/record.py")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def duration(seconds: float) -> str:

@@ -153,7 +153,7 @@ def outcome(repo: Path, tests: list[str]) -> str:
     """"passed", "killed" (an assertion failed) or "crashed" (the tests failed, but none by an assertion)."""
     report = repo / "junit.xml"
     r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                        *tests], cwd=repo, capture_output=True, text=True)
+                        *tests], cwd=repo, capture_output=True, encoding="utf-8")
     if r.returncode == 0:
         return "passed"
     failures = ElementTree.parse(report).getroot().iter("failure") if report.exists() else []
@@ -170,10 +170,10 @@ def run_mutant(name: str) -> str:
     repo = scratch_copy()
     try:
         path = repo / file
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         if text.count(old) != 1:
             raise SystemExit(f"mutant {name!r}: its original text is not found exactly once in {file}")
-        path.write_text(text.replace(old, new))
+        path.write_text(text.replace(old, new), encoding="utf-8")
         return outcome(repo, tests)
     finally:
         shutil.rmtree(repo.parent, ignore_errors=True)

@@ -34,10 +34,10 @@ def machine() -> dict:
     """What the figures were measured on."""
     cpu, flags, mem_kib = platform.processor() or platform.machine(), "", 0
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
         cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
         flags = next(line for line in info.splitlines() if line.startswith("flags"))
-        mem_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+        mem_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines()
                            if line.startswith("MemTotal")))
     except (OSError, StopIteration):
         pass
@@ -48,9 +48,9 @@ def machine() -> dict:
 def commit() -> str | None:
     """The checkout's commit, "+dirty" when tracked files differ from it; None outside a git checkout."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, encoding="utf-8", check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+                               capture_output=True, encoding="utf-8", check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "")
@@ -90,11 +90,12 @@ def main(ctx: typer.Context, name: str = typer.Argument(..., help="docs/results/
     record = {"name": name, "command": " ".join(command), "commit": commit(), "machine": machine(),
               "python": sys.version.split()[0], "date": started, "wall_seconds": round(wall, 1),
               "peak_rss_mib": round(peak_mib), "results_file": str(results),
-              "results": kept(json.loads((ROOT / results).read_text()))}
+              "results": kept(json.loads((ROOT / results).read_text(encoding="utf-8")))}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n")
+    tmp.write_text(json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n",
+                   encoding="utf-8")
     os.replace(tmp, path)
     print(f"recorded {path.relative_to(ROOT)}: {record['command']} in {wall / 60:.1f} min")
 
