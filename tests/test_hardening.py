@@ -239,7 +239,7 @@ def test_index_refuses_an_out_directory_holding_other_files(model_dir, corpus_fi
     out = tmp_path / "run"
     encode("corpus", model_dir, corpus_file, out / "corpus")
     r = run("index.py", "--corpus", out / "corpus", "--out", out, "--hessian", "none", check=False)
-    refused(r, "corpus", "did not write")
+    refused(r, "corpus", "holds the input")
     assert (out / "corpus" / "meta.json").exists()
     (tmp_path / "index").mkdir()
     (tmp_path / "index" / "notes.txt").write_text("mine")
