@@ -270,7 +270,7 @@ def test_out_replaces_an_earlier_output_but_not_a_foreign_directory(tmp_path):
     assert (tmp_path / "w").stat().st_mode & 0o777 == 0o777 & ~umask
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    assert "not written by prepare.py" in run_fails("factworld", "--out", tmp_path / "mine", "--no-train")
+    assert "this toolkit did not write" in run_fails("factworld", "--out", tmp_path / "mine", "--no-train")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (tmp_path / "w" / "notes.txt").write_text("keep me too")
     assert "notes.txt" in run_fails("factworld", "--out", tmp_path / "w", "--no-train")
