@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import random
+import runpy
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,10 +122,39 @@ CORPUS = [
 
 
 def run(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    """One of the scripts as a user runs it (one thread), its output captured."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, env=env)
+    """One of the scripts as a user runs it (`python SCRIPT ARGS` from the checkout, one thread), its output
+    and exit status captured. It runs in this process, as __main__, since a fresh Python spends seconds importing
+    torch and transformers; what a script may change (the working directory, the environment, torch's threads,
+    matmul precision and random state) is put back afterwards. A test that needs a process of its own (signals,
+    torchrun, a locale) starts one."""
+    argv = [str(ROOT / script), *map(str, args)]
+    out, err = io.StringIO(), io.StringIO()
+    saved = (sys.argv, os.getcwd(), dict(os.environ), torch.get_num_threads(), torch.get_float32_matmul_precision(),
+             torch.get_rng_state(), np.random.get_state(), random.getstate())
+    sys.argv, code = argv, 0
+    os.chdir(ROOT)
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else (print(e.code, file=sys.stderr)
+                                                                                       or 1)
+            except BaseException:  # what an uncaught exception prints, and its status
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        os.environ.clear()
+        os.environ.update(saved[2])
+        torch.set_num_threads(saved[3])
+        torch.set_float32_matmul_precision(saved[4])
+        torch.set_rng_state(saved[5])
+        np.random.set_state(saved[6])
+        random.setstate(saved[7])
+    r = subprocess.CompletedProcess([sys.executable, *argv], code, out.getvalue(), err.getvalue())
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
