@@ -283,7 +283,10 @@ def bill(model: nn.Module, modules: list, lookups: list, n_docs: int, n_tokens: 
         "chunk bytes": n_docs * (dim * itemsize * datasets + 8),  # vectors (+ uncorrected) and int64 ids
         "encode peak bytes": 2 * model_bytes + token_budget * activation_bytes(model),  # model, V (or scales)
         "R FLOPs": 2 * sample * dim ** 2 + dim ** 3, "R peak bytes": 3 * dim ** 2 * 8,
-        "index FLOPs": 2 * n_docs * dim ** 2, "index bytes": n_docs * (dim * INDEX_BYTES + 8),
+        # a Hessian-corrected index (TrackStar's): index.h5 holds the rows, their ids and the d x d float32 query
+        # transform; hessian.h5 R^(-1/2) (float32) and three spectra (float64)
+        "index FLOPs": 2 * n_docs * dim ** 2, "index bytes": n_docs * (dim * INDEX_BYTES + 8) + 4 * dim ** 2,
+        "hessian bytes": 4 * dim ** 2 + 3 * 8 * dim,
         "scan FLOPs per query": 2 * n_docs * dim,
     }
 
@@ -320,7 +323,7 @@ def print_bill(b: dict, device: str) -> None:
     rows = [("encode (factored)", b["encode FLOPs (factored)"], b["chunk bytes"], b["encode peak bytes"]),
             ("encode (exact)", b["encode FLOPs (exact)"], b["chunk bytes"], b["encode peak bytes"]),
             ("R (index.py)", b["R FLOPs"], None, b["R peak bytes"]),
-            ("index transform", b["index FLOPs"], b["index bytes"], None),
+            ("index transform", b["index FLOPs"], b["index bytes"] + b["hessian bytes"], None),
             ("scan, per query", b["scan FLOPs per query"], None, None)]
     typer.echo(f"{'stage':<18} {'FLOPs':>10} {'written':>10} {'peak memory':>12} {'measured':>10} {'H100':>10}")
     for name, flops, written, peak in rows:

@@ -36,11 +36,12 @@ def test_the_plans_bytes_are_what_encode_and_index_write_and_it_writes_nothing(m
     assert rows["encode (factored)"][0] == f"{b['encode FLOPs (factored)']:.3g}"
     run("encode.py", "corpus", "--model", model_dir, "--data", corpus, "--out", tmp_path / "run", "--dim", DIM,
         "--also-uncorrected")
-    run("index.py", "--corpus", tmp_path / "run", "--out", tmp_path / "ix", "--hessian", "none")
+    run("index.py", "--corpus", tmp_path / "run", "--out", tmp_path / "ix", "--hessian", "train")
     written = sum(f.stat().st_size for f in (tmp_path / "run").glob("chunk-*.h5"))
     assert abs(written / b["chunk bytes"] - 1) < 0.01, (written, b["chunk bytes"])
-    index = (tmp_path / "ix" / "index.h5").stat().st_size
-    assert abs(index / b["index bytes"] - 1) < 0.01, (index, b["index bytes"])
+    for name, key in (("index.h5", "index bytes"), ("hessian.h5", "hessian bytes")):
+        size = (tmp_path / "ix" / name).stat().st_size
+        assert abs(size / b[key] - 1) < 0.01, (name, size, b[key])
 
 
 def test_the_plans_flops_follow_the_stated_formula(model_dir):
