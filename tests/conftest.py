@@ -128,6 +128,11 @@ def run(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
     matmul precision and random state) is put back afterwards. A test that needs a process of its own (signals,
     torchrun, a locale) starts one."""
     argv = [str(ROOT / script), *map(str, args)]
+    if sys.getfilesystemencoding().lower() == "ascii" and not sys.flags.utf8_mode:  # run_cli would restart itself
+        r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0 or not check, r.stderr[-3000:]
+        return r
     out, err = io.StringIO(), io.StringIO()
     saved = (sys.argv, os.getcwd(), dict(os.environ), torch.get_num_threads(), torch.get_float32_matmul_precision(),
              torch.get_rng_state(), np.random.get_state(), random.getstate())
