@@ -317,6 +317,7 @@ def measured_rate(device: str, n: int = 1024, seconds: float = 0.5) -> float:
 def print_bill(b: dict, device: str) -> None:
     rate = measured_rate(device)
     hours = lambda flops, r: f"{flops / r / 3600:.3g} h"  # noqa: E731
+    size = lambda x: "-" if x is None else f"{x / 2**30:.3g} GiB"  # noqa: E731
     typer.echo(f"the bill: {b['documents']:,} examples, {b['tokens']:,} tokens, {b['traced parameters']:,} traced "
                f"parameters, d = {b['dim']}; hours at this machine's measured {rate / 1e9:.0f} GFLOP/s float32 "
                f"matmul rate (an upper bound on speed) and at {GPU_RATE / 1e12:.0f} TFLOP/s (an H100 at 40% of bf16)")
@@ -327,7 +328,6 @@ def print_bill(b: dict, device: str) -> None:
             ("scan, per query", b["scan FLOPs per query"], None, None)]
     typer.echo(f"{'stage':<18} {'FLOPs':>10} {'written':>10} {'peak memory':>12} {'measured':>10} {'H100':>10}")
     for name, flops, written, peak in rows:
-        size = lambda x: "-" if x is None else f"{x / 2**30:.3g} GiB"  # noqa: E731
         typer.echo(f"{name:<18} {flops:>10.3g} {size(written):>10} {size(peak):>12} {hours(flops, rate):>10} "
                    f"{hours(flops, GPU_RATE):>10}")
 

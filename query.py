@@ -407,7 +407,7 @@ def corpus_rows_for(data: str, digest: str, n: int, corpus: Path | None = None) 
             raise ts.TrackStarError(f"--corpus {corpus} (digest {given}) is not the corpus the index was built from "
                                     f"({data}, digest {digest})")
         data, rows = str(corpus), ts.read_jsonl(corpus, "corpus")
-    elif not Path(data).exists() and not any(c in data for c in "*?["):
+    elif not Path(data).exists() and not ts.is_pattern(data):
         raise ts.TrackStarError(f"{data}, the corpus the index was built from, is not there (moved?): give its new "
                                 "place with --corpus")
     else:

@@ -1326,7 +1326,7 @@ def data_files(path: str | Path) -> list[Path]:
         return saved_dataset_files(p)
     if p.is_dir():
         files, what = sorted(f for f in p.iterdir() if not f.name.startswith((".", "_"))), f"the directory {path}"
-    elif _is_pattern(path):
+    elif is_pattern(path):
         files, what = sorted(Path(f) for f in glob.glob(str(path), recursive=True)), f"the pattern {path}"
     else:
         raise TrackStarError(f"{path}: no such file or directory")
@@ -1384,8 +1384,14 @@ def saved_dataset_files(folder: Path) -> list[Path]:
     return files
 
 
-def _is_pattern(path: str | Path) -> bool:
+def is_pattern(path: str | Path) -> bool:
+    """Whether `path` is a glob pattern (holds *, ? or [)."""
     return any(c in str(path) for c in "*?[")
+
+
+def fixed_part(path: str | Path) -> Path:
+    """A glob pattern's folders before its first wildcard (a plain path as it is)."""
+    return Path(*itertools.takewhile(lambda part: not is_pattern(part), Path(path).parts))
 
 
 def data_digest(path: str | Path) -> str:
@@ -1395,8 +1401,7 @@ def data_digest(path: str | Path) -> str:
     files = data_files(path)
     if Path(path).is_file():
         return file_digest(path)
-    root = Path(path) if Path(path).is_dir() else Path(*itertools.takewhile(
-        lambda part: not _is_pattern(part), Path(path).parts))
+    root = Path(path) if Path(path).is_dir() else fixed_part(path)
     h = hashlib.sha256()
     for f in files:
         h.update(f"{Path(os.path.relpath(f, root)).as_posix()}\t{file_digest(f)}\n".encode())
@@ -1853,8 +1858,7 @@ def _check_not_an_input(out: Path, inputs: Iterable[str | Path | None], option: 
     for given in inputs:
         if given is None or str(given) == "":
             continue
-        fixed = Path(*itertools.takewhile(lambda part: not _is_pattern(part), Path(given).parts))  # a glob's folder
-        real = Path(os.path.realpath(fixed))
+        real = Path(os.path.realpath(fixed_part(given)))
         if mine == real:
             raise TrackStarError(f"{option} {out} is an input of this command ({given}): give a path of its own")
         if real in mine.parents:
@@ -1904,7 +1908,7 @@ def _alive(pid: int) -> bool:
 
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
