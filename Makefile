@@ -280,11 +280,13 @@ trend: $(MODEL_DEP) $(CORPUS_DEP) $(QUERIES_DEP) experiments/trend.py
 	done
 	$(PY) -m experiments.trend --run $(RUN) --model $(MODEL)
 
+# One pytest-xdist worker a core; a module's tests stay on one worker (tests/conftest.py groups them).
+XDIST = -n auto --dist loadgroup --no-loadscope-reorder
 test: .venv/.installed
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q --durations=10 $(XDIST)
 
 test-quick: .venv/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(XDIST)
 
 bench: .venv/.installed
 	$(PY) -m bench.encoding

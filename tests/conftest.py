@@ -13,13 +13,50 @@ import sys
 import traceback
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# Under pytest-xdist (`make test` runs one worker a core) each worker, and every process it starts, gets its share
+# of the cores: threads spinning against another worker's threads would make both several times slower.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                     // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+import numpy as np  # noqa: E402  (after the thread count, which torch reads when it loads)
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
+
+# The tests that need the most time first, so that under pytest-xdist they start at once on separate workers.
+HEAVY_FIRST = ("tiny_run", "test_real", "test_custom", "test_encode_cli")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--summary-json", default=None, help="Write the outcome counts and the worker count here "
+                                                         "(for tools/record.py: docs/testing.md's figures).")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    path = config.getoption("--summary-json")
+    if path and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller sees every worker's outcomes
+        counts = {k: len(terminalreporter.stats.get(k, [])) for k in ("passed", "failed", "error", "skipped")}
+        workers = getattr(config.option, "numprocesses", None)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"counts": counts, "exit_status": int(exitstatus),
+                                          "workers": os.cpu_count() if workers == "auto" else workers or 1}) + "\n",
+                              encoding="utf-8")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One xdist group a module (`--dist loadgroup`), so a module's fixture is built once, and one for every test
+    that reads the CI world's run (`tiny_run`, a session fixture) wherever it lives; the heavy groups first."""
+    def group(item: pytest.Item) -> str:
+        return "tiny_run" if "tiny_run" in getattr(item, "fixturenames", ()) else item.module.__name__
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: HEAVY_FIRST.index(group(item)) if group(item) in HEAVY_FIRST else len(HEAVY_FIRST))
 
 
 def tiny_model(arch: str, vocab: int = 96, seed: int = 0) -> torch.nn.Module:
@@ -108,6 +145,23 @@ def model_dir(tmp_path_factory) -> Path:
     torch.save(opt.state_dict(), d / "optimizer.pt")
     model.save_pretrained(d)  # the weights after the steps, matching the optimizer state
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, str]:
+    """`make all SIZE=tiny DIM=1024` into a temporary directory (prepare → encode → index → query → evaluate),
+    built once for every test that reads the CI world, its trained model or its run: (run directory, stdout)."""
+    tmp = tmp_path_factory.mktemp("make-all")
+    cmd = ["make", "-C", str(ROOT), "all", "SIZE=tiny", f"DATA={tmp}/data", f"RUN={tmp}/run", f"PY={sys.executable}",
+           "DIM=1024"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return tmp / "run", r.stdout
+
+
+def tiny_world(run: Path) -> Path:
+    """The fact world `tiny_run` trained (its corpus, queries and model/)."""
+    return run.parent / "data" / "factworld-tiny-seed0"
 
 
 CORPUS = [

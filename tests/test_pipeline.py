@@ -8,18 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, tiny_world, write_jsonl
 
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """`make all SIZE=tiny` into a temporary directory (prepare → encode → index → query → evaluate)."""
-    tmp = tmp_path_factory.mktemp("make-all")
-    cmd = ["make", "-C", str(ROOT), "all", "SIZE=tiny", f"DATA={tmp}/data", f"RUN={tmp}/run", f"PY={sys.executable}",
-           "DIM=1024"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return tmp / "run", r.stdout
+import trackstar as ts
 
 
 def make_on(run, target: str, *extra: str) -> None:
@@ -127,11 +118,19 @@ def test_make_trend_evaluates_every_checkpoint_and_refuses_to_mix_them(tiny_run)
     checkpoint in training order with more tokens each, the figure drawn; and a checkpoint's corpus
     encodings refuse to be indexed with another checkpoint's queries, naming both fingerprints."""
     run, _ = tiny_run
-    make_on(run, "trend", "TREND_TAIL_QUERIES=4")
+    # on a share of the world's corpus (every document stating a query's fact, and 300 others): the checkpoints are
+    # what is under test, and each is encoded whole
+    world = tiny_world(run)
+    facts = {q["fact"] for q in ts.read_jsonl(world / "queries.jsonl", "queries")}
+    docs = ts.read_jsonl(world / "corpus.jsonl", "corpus")
+    stating = [d for d in docs if facts & set(d.get("facts", []))]
+    corpus = write_jsonl(run.parent / "trend-corpus.jsonl", stating + [d for d in docs if d not in stating][:300])
+    make_on(run, "trend", "TREND_TAIL_QUERIES=4", f"MODEL={world}/model", f"CORPUS={corpus}",
+            f"QUERIES={world}/queries.jsonl")
     trend_json = json.loads((run / "trend" / "trend.json").read_text())
     points = trend_json["rows"]
     assert {c["state"] for c in trend_json["across"]} <= {"holds", "contradicted", "not established"}
-    steps = sorted(p.name for p in (run.parent / "data" / "factworld-tiny-seed0" / "model" / "checkpoints").iterdir())
+    steps = sorted(p.name for p in (tiny_world(run) / "model" / "checkpoints").iterdir())
     assert [p["run"].rsplit("/", 1)[1] for p in points] == [*steps, "final"]
     assert all(a["tokens"] < b["tokens"] for a, b in zip(points, points[1:], strict=False))
     assert all(0 <= p["trackstar_mrr"] <= 1 and p["bm25_mrr"] > 0.5 for p in points)

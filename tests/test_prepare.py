@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_world
 from typer.testing import CliRunner
 
 import evaluate
@@ -242,11 +243,12 @@ def test_model_and_tokenizer_load_offline_and_split_at_the_target(trained):
         assert whole[0] == tok.bos_token_id and tok.eos_token_id not in whole
 
 
-@pytest.mark.slow  # ~30 s on 2 idle cores, several times that on busy ones
-def test_tiny_world_model_learns_its_frequent_facts(tmp_path):
-    out = run("factworld", "--out", tmp_path / "w", "--size", "tiny")
-    assert "docs stating the fact" in out  # the accuracy table is printed
-    info = json.loads((tmp_path / "w" / "world.json").read_text())
+@pytest.mark.slow
+def test_tiny_world_model_learns_its_frequent_facts(tiny_run):
+    """The world `make all` trained: facts stated often are answered, rare ones less; the table is printed."""
+    run, stdout = tiny_run
+    assert "docs stating the fact" in stdout
+    info = json.loads((tiny_world(run) / "world.json").read_text())
     acc = {row["bucket"]: row["accuracy"] for row in info["accuracy_by_bucket"]}
     assert acc["8+"] >= 0.8 and acc["8+"] > acc["1"]
     assert info["final_loss"] < 3.5  # ln(vocab) = 7.3 at the start; generic text keeps it well above 0

@@ -175,6 +175,25 @@ def sweep_tables(rec: dict) -> str:
     return sweep.markdown(rec["results"]).replace("# Sweep\n\n", "", 1).replace("\n## ", "\n#### ").rstrip()
 
 
+def suite(rec: dict) -> str:
+    """`make test`'s outcome: counts, wall time and workers."""
+    r = rec["results"]
+    c = r["counts"]
+    rest = "".join(f", {c[k]} {k}" for k in ("failed", "error", "skipped") if c[k])
+    return (f"`make test`: {c['passed']} passed{rest} in {duration(rec['wall_seconds'])} "
+            f"on {r['workers']} pytest-xdist worker{'s' if r['workers'] != 1 else ''}.")
+
+
+def mutants(rec: dict) -> str:
+    """`make mutants`' outcome: how many were killed by a failing assertion, and any that were not."""
+    r = rec["results"]
+    text = f"`make mutants`: {len(r['killed'])} of {r['mutants']} mutants killed by a failing assertion"
+    for state, label in (("crashed", "only crashed"), ("passed", "survived")):
+        if r[state]:
+            text += f"; {label}: {', '.join(r[state])}"
+    return text + "."
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "table": ablation,
     "bysplit": by_split,
@@ -188,6 +207,8 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "sizes": lambda rec: points_table(rec, "model"),
     "sweep": sweep_tables,
     "compare": lambda rec: compare.markdown(rec["results"]),
+    "suite": suite,
+    "mutants": mutants,
 }
 
 

@@ -21,6 +21,8 @@ from xml.etree import ElementTree
 
 import typer
 
+import trackstar as ts
+
 ROOT = Path(__file__).resolve().parents[1]
 ENC, IDX, EVAL, CONV = "tests/test_encode.py", "tests/test_index_query.py", "tests/test_evaluate.py", \
     "tests/test_conventions.py"
@@ -75,7 +77,8 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "        (lambda *a: None)(ts.read_meta(out), run,",
         ["tests/test_encode_cli.py"]),
     "prepare: facts stated once fewer": (
-        "prepare.py", "remaining[i] -= 1", "remaining[i] -= 2", ["tests/test_prepare.py"]),
+        "prepare.py", "remaining[i] -= 1", "remaining[i] -= 2",
+        ["tests/test_prepare.py::test_each_fact_is_stated_in_exactly_its_drawn_number_of_documents"]),
     "dense: mean pooled over padding too": (
         "query.py", "ts.unit_normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))",
         "ts.unit_normalize(hidden.mean(1))", [DENSE]),
@@ -200,6 +203,8 @@ def main(only: list[str] = typer.Option(None, help="Run only these mutants (by n
         print(f"{ {'killed': 'killed  ', 'crashed': 'CRASHED ', 'passed': 'SURVIVED'}[state]} "
               f"{time.time() - t0:5.0f} s  {name}", flush=True)
         found[state].append(name)
+    (ROOT / "runs").mkdir(exist_ok=True)
+    ts.write_json(ROOT / "runs" / "mutants.json", {"mutants": len(names), **found})  # for tools/record.py
     print(f"killed by an assertion {len(found['killed'])}/{len(names)}"
           + (f"; only crashed: {found['crashed']}" if found["crashed"] else "")
           + (f"; survivors: {found['passed']}" if found["passed"] else ""))
