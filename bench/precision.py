@@ -1,0 +1,137 @@
+"""bfloat16 against float32 encodings, on the inputs users encode: which inputs drift, and which step costs it.
+
+    python -m bench.precision --corpus data/lama-.../corpus.jsonl [--model smollm2] [--world DIR] [--out F.json]
+
+For each input set, the cosine of every example's encoding to its float32 encoding (matmul precision
+"highest"), on each gradient path with an Adam-like V (the same V for every variant; the factored path with
+its rank-one factors) and without correction, under two variants:
+
+* weights: the float32 model with its weights rounded to bfloat16, computed in float32. What storing the
+  weights in bfloat16 costs on its own.
+* bf16: the model in bfloat16, as `encode.py --dtype bfloat16` runs it: forward activations, the backward's
+  δ and the logits' inputs in bfloat16; the loss, the projections, the V scaling and the vectors in float32
+  (the float32 islands `tests/test_precision.py` checks).
+
+The part of bf16's drift that `weights` does not show is the activations' and δ's rounding.
+
+Input sets: the corpus's texts (real text), the same number of sequences of uniformly random tokens of the
+same lengths, long documents (the texts concatenated to --long tokens), and the texts with a third of their
+tokens replaced by ids from the last tenth of the vocabulary (rare tokens: BPE's late merges); with
+--world, the fact world's model on its own corpus. Figures are ratios of one run: cosines, not speeds.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import typer
+from tqdm import tqdm
+
+import trackstar as ts
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+
+def adam_like_v(model: torch.nn.Module, seed: int = 0) -> ts.SecondMoment:
+    """A full V for every parameter, uniform in [0.1, 1.1): the same for every variant of a model."""
+    g = torch.Generator().manual_seed(seed)
+    v = {n: torch.rand(p.shape, generator=g) + 0.1 for n, p in model.named_parameters()}
+    return ts.SecondMoment(v, "file", None, None, 0.0, "bench")
+
+
+def input_sets(texts: list[str], tokenizer, vocab: int, n: int, long: int, max_length: int, seed: int = 0
+               ) -> dict[str, list[list[int]]]:
+    """Token id sequences for each input set (every token a target, as for a corpus document)."""
+    g = torch.Generator().manual_seed(seed)
+    real = [ids for ids, _ in ts.tokenize_rows(tokenizer, [{"text": t} for t in texts], "corpus", max_length)[0]]
+    real = real[:n]
+    flat = [t for ids in real for t in ids]
+    per_doc = max(1, len(flat) // long) if flat else 1
+    longs = [flat[i * long:(i + 1) * long] for i in range(min(per_doc, max(1, n // 4)))]
+    rare = []
+    for ids in real:
+        ids = list(ids)
+        where = torch.randperm(len(ids), generator=g)[: len(ids) // 3].tolist()
+        for i in where:
+            ids[i] = int(torch.randint(vocab - vocab // 10, vocab, (1,), generator=g))
+        rare.append(ids)
+    random = [torch.randint(0, vocab, (len(ids),), generator=g).tolist() for ids in real]
+    return {"real text": real, "random tokens": random, "long documents": longs, "rare tokens": rare}
+
+
+def encodings(model: torch.nn.Module, V: ts.SecondMoment | None, gradient: str, dim: int,
+              seqs: list[list[int]], batch: int) -> torch.Tensor:
+    """(n, d) float64 corrected encodings (float32 as computed) of `seqs`, `batch` at a time."""
+    modules = ts.weight_modules(model)
+    scales = ts.correction_scales(model, V, 1e-8, modules) if V is not None else {}
+    enc = ts.make_encoder(model, dim, 0, scales, gradient)
+    out = []
+    for lo in range(0, len(seqs), batch):
+        b = ts.collate([(ids, ids) for ids in seqs[lo:lo + batch]], "cpu")
+        out.append(ts.encode_batch(enc, b)["vectors"].double())
+    return torch.cat(out)
+
+
+def compare(model32: torch.nn.Module, seqs: list[list[int]], dim: int, batch: int) -> list[dict]:
+    """Cosine of each variant's encodings to float32's, per gradient path."""
+    weights = copy.deepcopy(model32)
+    with torch.no_grad():
+        for p in weights.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    bf16 = copy.deepcopy(model32).to(torch.bfloat16)
+    V = adam_like_v(model32)
+    rows = []
+    for path, v, gradient in (("factored, rank-one V", ts.factor_second_moment(V, 1e-8), "factored"),
+                              ("exact, full V", V, "exact"), ("no correction", None, "factored")):
+        ref = encodings(model32, v, gradient, dim, seqs, batch)
+        for name, m in (("weights", weights), ("bf16", bf16)):
+            cos = torch.nn.functional.cosine_similarity(encodings(m, v, gradient, dim, seqs, batch), ref, dim=1)
+            rows.append({"path": path, "variant": name, "mean_cosine": float(cos.mean()),
+                         "min_cosine": float(cos.min()), "n": len(seqs)})
+    return rows
+
+
+def markdown(results: dict) -> str:
+    lines = ["| model | inputs | path | weights rounded: mean / min | bf16: mean / min |",
+             "| --- | --- | --- | ---: | ---: |"]
+    for s in results["sets"]:
+        by = {(r["path"], r["variant"]): r for r in s["rows"]}
+        for path in dict.fromkeys(r["path"] for r in s["rows"]):
+            w, b = by[(path, "weights")], by[(path, "bf16")]
+            lines.append(f"| {s['model']} | {s['inputs']} ({s['n']}) | {path} | {w['mean_cosine']:.5f} / "
+                         f"{w['min_cosine']:.5f} | {b['mean_cosine']:.5f} / {b['min_cosine']:.5f} |")
+    return "\n".join(lines)
+
+
+@app.command()
+def main(corpus: Path = typer.Option(..., help="Corpus JSONL whose texts are the real-text inputs."),
+         model: str = typer.Option("smollm2", help="The model (a directory, or smollm2)."),
+         world: Path | None = typer.Option(None, help="A fact world (prepare.py factworld): its model on its corpus."),
+         n: int = typer.Option(24, help="Sequences per input set."),
+         dim: int = typer.Option(4096), batch: int = typer.Option(8), long: int = typer.Option(512),
+         out: Path | None = typer.Option(None, help="Write the figures here (JSON).")) -> None:
+    ts.pin_precision("highest")
+    texts = [d["text"] for d in ts.read_jsonl(corpus, "corpus")]
+    jobs = [(model, texts, None)]  # (model, its texts, the input sets to measure: None for all)
+    if world is not None:
+        jobs.append((str(world / "model"), [d["text"] for d in ts.read_jsonl(world / "corpus.jsonl", "corpus")],
+                     {"real text"}))
+    sets = []
+    for name, docs, wanted in jobs:
+        m, tok = ts.load_model(name, "float32", "cpu")
+        todo = {k: v for k, v in input_sets(docs, tok, m.config.vocab_size, n, long, ts.context_length(m)).items()
+                if wanted is None or k in wanted}
+        label = "SmolLM2-135M" if name == "smollm2" else "fact world" if wanted else Path(name).name
+        for inputs, seqs in tqdm(todo.items(), desc=f"precision {label}", unit="set"):
+            sets.append({"model": label, "inputs": inputs, "n": len(seqs), "tokens": sum(map(len, seqs)),
+                         "rows": compare(m, seqs, dim, batch)})
+    results = {"dim": dim, "sets": sets}
+    print(markdown(results))
+    if out is not None:
+        ts.write_json(out, results)
+
+
+if __name__ == "__main__":
+    ts.run_cli(app)
