@@ -25,6 +25,7 @@ from pathlib import Path
 
 import evaluate
 import report
+from bench import precision
 from experiments import compare, seeds, sweep, trend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,6 +208,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "sizes": lambda rec: points_table(rec, "model"),
     "sweep": sweep_tables,
     "compare": lambda rec: compare.markdown(rec["results"]),
+    "precision": lambda rec: precision.markdown(rec["results"]),
     "suite": suite,
     "mutants": mutants,
 }
