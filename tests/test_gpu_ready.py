@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, tiny_model
+from test_notebook import QUESTIONS, data, gradient_index  # noqa: F401 (fixtures)
 
 import index
 import trackstar as ts
@@ -332,3 +333,21 @@ def test_an_index_is_made_resident_only_when_it_fits_with_the_margin(tmp_path, m
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev, free=free: (free, total))
         assert query.resident_if_it_fits(segments, "cuda:0", None) == want
     assert query.resident_if_it_fits(segments, "cpu", None) is None and len(loaded) == 1
+
+
+def test_open_index_keeps_a_resident_index_for_every_question(gradient_index, monkeypatch):  # noqa: F811
+    """Where the index fits on the GPU (the CPU standing in), open_index loads it once and each question scans
+    it there: no index file is read after the open, and the answers are the streamed scan's, bit for bit."""
+    import query
+
+    index, _ = gradient_index
+    monkeypatch.setattr(query, "resident_if_it_fits", query.load_resident)
+    ix = query.open_index(index, device="cpu")
+    reads = []
+    real = query.iter_index_blocks
+    monkeypatch.setattr(query, "iter_index_blocks", lambda *a, **kw: reads.append(a) or real(*a, **kw))
+    answers = [ix.ask(p, t, k=5) for p, t, _ in QUESTIONS]
+    assert reads == []
+    monkeypatch.undo()
+    streamed = query.open_index(index, device="cpu")
+    assert answers == [streamed.ask(p, t, k=5) for p, t, _ in QUESTIONS]
