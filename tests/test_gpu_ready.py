@@ -189,11 +189,13 @@ def test_gpu_scan_block_is_sized_from_free_memory_and_d():
 
 
 def test_bench_gpu_script_runs_end_to_end_on_the_cpu(model_dir, tmp_path):
-    """The GPU script (every section: encode ratios, precision cosines, the scan, tail-patch) runs with
-    --device cpu as a smoke test, and its figures are sane: on one device TF32 is a no-op and the CPU's own
-    encodings agree exactly; a bfloat16 model still points the same way; the scan finds the CPU's top-10."""
+    """The GPU script (every section: encode ratios and MFU, precision cosines, the host buffers' fill rate, the
+    scan streamed and resident, tail-patch) runs with --device cpu as a smoke test, and its figures are sane: on
+    one device TF32 is a no-op and the CPU's own encodings agree exactly; a bfloat16 model still points the same
+    way; every scan finds the CPU's top-10."""
     from typer.testing import CliRunner
 
+    import query
     from bench import gpu as bench_gpu
 
     out = tmp_path / "bench.json"
@@ -208,7 +210,13 @@ def test_bench_gpu_script_runs_end_to_end_on_the_cpu(model_dir, tmp_path):
         assert cos[(mode, "tf32")] == pytest.approx(1, abs=1e-12)
         assert cos[(mode, "cpu float32")] == pytest.approx(1, abs=1e-12)
         assert 0.9 < cos[(mode, "bfloat16")] < 1
-    assert [s["top10_same_as_cpu"] for s in res["scan"]["scans"]] == [1.0, 1.0]
+    assert all(e["mfu"] > 0 and e["matmul_gflop_s"] > 0 for e in res["encode"])
+    assert [(s["queries"], s["source"]) for s in res["scan"]["scans"]] == [
+        (q, source) for q in (1, 1024) for source in ("host", "host, one chunk a block", "resident")]
+    assert [s["top10_same_as_cpu"] for s in res["scan"]["scans"]] == [1.0] * 6
+    assert [s["block"] for s in res["scan"]["scans"]][3:5] == [4096, 1024]  # 1,024 queries: 4,096 rows a block
+    assert [f["threads"] for f in res["fill"]["fills"]] == sorted({1, 2, query.FILL_THREADS})
+    assert all(f["gb_s"] > 0 for f in res["fill"]["fills"]) and res["fill"]["fills"][0]["vs_one_thread"] == 1
     assert res["tail_patch"]["seconds_per_doc"] > 0
     assert (tmp_path / "bench.md").read_text().startswith("device: cpu")
 
