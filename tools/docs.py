@@ -25,6 +25,8 @@ from pathlib import Path
 
 import evaluate
 import report
+from bench import encoding as bench_encode
+from bench import gpu as bench_gpu
 from experiments import compare, seeds, sweep, trend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +190,8 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "sizes": lambda rec: points_table(rec, "model"),
     "sweep": sweep_tables,
     "compare": lambda rec: compare.markdown(rec["results"]),
+    "mfu": lambda rec: bench_encode.markdown(rec["results"]),
+    "fill": lambda rec: "\n".join(bench_gpu.fill_table(rec["results"]["fill"])),
 }
 
 
