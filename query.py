@@ -259,8 +259,9 @@ def mapped(path: str | Path, dataset: h5py.Dataset) -> np.ndarray | None:
     return np.memmap(path, dtype=dataset.dtype, mode="c", offset=offset, shape=dataset.shape)
 
 
-# Threads that fill a pinned host buffer. One thread's copy out of the page cache runs at one core's share of
-# memory bandwidth, a fraction of a host-to-device bus (docs/benchmarks.md, bench.gpu's fill section).
+# Threads that fill a pinned host buffer. Fed by one thread, a scan from host memory reached 0.14 of an H200's
+# pinned host-to-device bandwidth, the copy out of the page cache the likely limit (docs/benchmarks.md; the
+# fill section of bench.gpu measures it): a few threads share each block.
 FILL_THREADS = min(4, os.cpu_count() or 1)
 
 
@@ -273,13 +274,15 @@ class RowReader:
     def __init__(self, path: str | Path, vectors: h5py.Dataset, rows: int, threads: int = 1) -> None:
         self.vectors, self.map = vectors, mapped(path, vectors)
         self.threads = max(1, threads) if self.map is not None else 1
-        self.staging = np.empty((rows, vectors.shape[1]), vectors.dtype) if self.map is None else None
+        self.rows, self.staging = rows, None
         self.pool: ThreadPoolExecutor | None = None
 
     def view(self, lo: int, m: int) -> np.ndarray:
         """Rows [lo, lo+m): a mapped file's rows in place, else read into one reused staging buffer."""
         if self.map is not None:
             return self.map[lo : lo + m]
+        if self.staging is None:
+            self.staging = np.empty((self.rows, self.vectors.shape[1]), self.vectors.dtype)
         self.vectors.read_direct(self.staging, np.s_[lo : lo + m], np.s_[:m])
         return self.staging[:m]
 
@@ -429,8 +432,8 @@ class ResidentIndex:
         (the rows sit in the order of their spans, as the blocks tile them)."""
         for spans, ids, rows in self.files:
             size, starts = block_starts(spans, block)
-            wide = torch.empty((size, rows.shape[1]), dtype=torch.float32, device=self.device) \
-                if rows.dtype != torch.float32 else None
+            wide = (None if rows.dtype == torch.float32
+                    else torch.empty((size, rows.shape[1]), dtype=torch.float32, device=self.device))
             at = 0
             for _, m in starts:
                 yield ids[at : at + m], rows[at : at + m] if wide is None else wide[:m].copy_(rows[at : at + m])
