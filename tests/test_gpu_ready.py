@@ -1,5 +1,6 @@
 """GPU-path properties that can be observed on the CPU: device per rank, one V estimate for all shards,
-pinned and recorded matmul precision, P identical across CPU kernels, batched R_train updates."""
+pinned and recorded matmul precision, P identical across CPU kernels, batched R_train updates, and the GPU
+scan's streamed (threaded fill, ping-pong) and device-resident paths equal to the CPU scan bit for bit."""
 
 from __future__ import annotations
 
