@@ -360,3 +360,21 @@ def test_open_index_keeps_a_resident_index_for_every_question(gradient_index, mo
     monkeypatch.undo()
     streamed = query.open_index(index, device="cpu")
     assert answers == [streamed.ask(p, t, k=5) for p, t, _ in QUESTIONS]
+
+
+def test_mfu_counts_six_n_per_token_of_the_traced_matrices_against_the_measured_peak():
+    """MFU, as bench.encoding and bench.gpu print it: tokens/s x 6N ÷ the matmul peak for every mode, N the
+    traced weight matrices (LM head in, embeddings out); memory ÷ the model's parameter bytes."""
+    from bench import encoding as bench_encode
+
+    model = tiny_model("llama")
+    matrices = sum(m.weight.numel() for _, m, _, _ in ts.weight_modules(model))
+    assert matrices < sum(p.numel() for p in model.parameters())  # the embedding is left out
+    results = {"train": {"tokens_per_s": 1000.0, "peak_mib": 3.0}, "exact": {"tokens_per_s": 250.0, "peak_mib": 6.0}}
+    s = bench_encode.summarize(results, model, 64, 32, peak=2.0)
+    model_mib = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    train, exact = s["modes"]
+    assert s["matrix_params"] == matrices
+    assert train["mfu"] == pytest.approx(1000 * 6 * matrices / 2e9) == train["work_vs_peak"]
+    assert exact["mfu"] == pytest.approx(train["mfu"] / 4) and exact["speed_vs_train"] == 0.25
+    assert exact["memory_vs_model"] == pytest.approx(6 / model_mib) and exact["memory_vs_train"] == 2
