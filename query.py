@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager
 from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -239,7 +242,8 @@ def merged_keys(top: torch.Tensor | None, bottom: torch.Tensor | None, k: int, n
 
 # ----------------------------------------------------------------------------------------------
 # Search: the index read `block` rows at a time (memory-mapped where its layout allows; on a GPU, each
-# block crosses the bus while the one before it is scored) through the running top-k.
+# block filled into a pinned host buffer by a few threads and crossing the bus while the one before it is
+# scored), or scanned from device memory where open_index loaded it once, through the running top-k.
 
 
 def mapped(path: str | Path, dataset: h5py.Dataset) -> np.ndarray | None:
@@ -255,9 +259,63 @@ def mapped(path: str | Path, dataset: h5py.Dataset) -> np.ndarray | None:
     return np.memmap(path, dtype=dataset.dtype, mode="c", offset=offset, shape=dataset.shape)
 
 
+# Threads that fill a pinned host buffer. Fed by one thread, a scan from host memory reached 0.14 of an H200's
+# pinned host-to-device bandwidth, the copy out of the page cache the likely limit (docs/benchmarks.md; the
+# fill section of bench.gpu measures it): a few threads share each block.
+FILL_THREADS = min(4, os.cpu_count() or 1)
+
+
+class RowReader:
+    """The rows of an index file's `G`: in place where it is memory-mapped (a CPU scan), or copied into a
+    caller's buffer by `threads` threads in the background (filling a GPU's pinned host buffers). numpy's
+    copy releases the GIL, so the threads copy in parallel; h5py serialises every call behind one lock, so a
+    chunked or compressed `G` is read by one thread whatever `threads` says."""
+
+    def __init__(self, path: str | Path, vectors: h5py.Dataset, rows: int, threads: int = 1) -> None:
+        self.vectors, self.map = vectors, mapped(path, vectors)
+        self.threads = max(1, threads) if self.map is not None else 1
+        self.rows, self.staging = rows, None
+        self.pool: ThreadPoolExecutor | None = None
+
+    def view(self, lo: int, m: int) -> np.ndarray:
+        """Rows [lo, lo+m): a mapped file's rows in place, else read into one reused staging buffer."""
+        if self.map is not None:
+            return self.map[lo : lo + m]
+        if self.staging is None:
+            self.staging = np.empty((self.rows, self.vectors.shape[1]), self.vectors.dtype)
+        self.vectors.read_direct(self.staging, np.s_[lo : lo + m], np.s_[:m])
+        return self.staging[:m]
+
+    def fill(self, lo: int, m: int, into: np.ndarray) -> list[Future]:
+        """Start copying rows [lo, lo+m) into into[:m], split among the threads; wait on what it returns."""
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="index-fill")
+        if self.map is None:
+            return [self.pool.submit(self.vectors.read_direct, into, np.s_[lo : lo + m], np.s_[:m])]
+        cuts = [m * t // self.threads for t in range(self.threads + 1)]
+        return [self.pool.submit(np.copyto, into[a:b], self.map[lo + a : lo + b])
+                for a, b in itertools.pairwise(cuts) if b > a]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def block_starts(spans: list[tuple[int, int]], block: int) -> tuple[int, list[tuple[int, int]]]:
+    """(rows of the largest block, (first row, rows) of each block): `block` rows at a time, no block crossing
+    the end of a span. Whatever `block`, the blocks tile the spans in order."""
+    rows = max(1, min(block, max((hi - lo for lo, hi in spans), default=1)))
+    return rows, [(lo, min(rows, hi - lo)) for first, hi in spans for lo in range(first, hi, rows)]
+
+
+def open_rows(path: str | Path, build: str | None) -> AbstractContextManager[h5py.File]:
+    """An index file opened for reading; with `build`, refused unless of that index build (ts.open_index_file)."""
+    return h5py.File(path, "r") if build is None else ts.open_index_file(Path(path), build)
+
+
 def iter_index_blocks(
-    path: str | Path, block: int, device: str = "cpu", spans: list[tuple[int, int]] | None = None,
-    build: str | None = None,
+    path: str | Path, block: int, device: str | torch.device = "cpu", spans: list[tuple[int, int]] | None = None,
+    build: str | None = None, streamed: bool | None = None, fill_threads: int | None = None, widen: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(ids, float32 vectors) of an index file, `block` rows at a time, on `device`.
 
@@ -266,80 +324,190 @@ def iter_index_blocks(
     converted into one preallocated float32 buffer (on a GPU, after crossing the bus in their narrow
     storage dtype), so memory is about one block whatever the corpus size. The yielded tensors are
     views of reused buffers: use them before asking for the next block. With `build`, the file must be of
-    that index build (ts.open_index_file).
+    that index build (ts.open_index_file). `streamed` (default: on a GPU) fills two host buffers in turn
+    with `fill_threads` threads (default FILL_THREADS) and copies each to `device`, as for a GPU (on the CPU
+    the same code, for testing it); `widen=False` yields the rows in their stored dtype instead.
     """
-    with h5py.File(path, "r") if build is None else ts.open_index_file(Path(path), build) as f:
+    device = torch.device(device)
+    with open_rows(path, build) as f:
         vectors, ids = f["G"], f["ids"]
         n, d = vectors.shape
-        spans = [(0, n)] if spans is None else spans
-        rows = max(1, min(block, max((hi - lo for lo, hi in spans), default=1)))
-        starts = [(lo, min(rows, hi - lo)) for first, hi in spans for lo in range(first, hi, rows)]
-        vectors_map, ids_map = mapped(path, vectors), mapped(path, ids)
+        rows, starts = block_starts([(0, n)] if spans is None else spans, block)
+        ids_map = mapped(path, ids)
         all_ids = ids[:] if ids_map is None else ids_map  # 8 bytes a document: small beside the vectors
         if n and (all_ids.min() < 0 or all_ids.max() >= _LOW):
             raise ts.TrackStarError(f"{path}: document ids must lie in [0, 2^32) for exact tie-breaking")
-
-        staging = np.empty((rows, d), vectors.dtype) if vectors_map is None else None
-
-        def read_rows(lo: int, m: int, into: np.ndarray | None = None) -> np.ndarray:
-            """Rows [lo, lo+m), copied into `into` if given, else a mapped file's rows in place."""
-            if vectors_map is not None and into is None:
-                return vectors_map[lo : lo + m]
-            into = staging if into is None else into
-            if vectors_map is not None:
-                np.copyto(into[:m], vectors_map[lo : lo + m])
-            else:
-                vectors.read_direct(into, np.s_[lo : lo + m], np.s_[:m])
-            return into[:m]
-
-        blocks = _cuda_blocks if torch.device(device).type == "cuda" else _cpu_blocks
-        for lo, block_vectors in blocks(read_rows, starts, rows, d, vectors.dtype, device):
-            yield torch.from_numpy(np.asarray(all_ids[lo : lo + len(block_vectors)])).to(device), block_vectors
+        streamed = device.type == "cuda" if streamed is None else streamed
+        reader = RowReader(path, vectors, rows, FILL_THREADS if fill_threads is None else fill_threads)
+        blocks = (_streamed_blocks(reader, starts, rows, d, device, widen) if streamed
+                  else _cpu_blocks(reader, starts, rows, d, widen))
+        try:
+            for lo, block_vectors in blocks:
+                yield torch.from_numpy(np.asarray(all_ids[lo : lo + len(block_vectors)])).to(device), block_vectors
+        finally:
+            blocks.close()  # its fills done before the file closes
+            reader.close()
 
 
-def _cpu_blocks(read_rows, starts: list[tuple[int, int]], rows: int, d: int, dtype: np.dtype, device: str):
+def _cpu_blocks(reader: RowReader, starts: list[tuple[int, int]], rows: int, d: int, widen: bool
+                ) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, float32 block) for each (first row, rows) of `starts`, on the CPU: a float32 index is
     scored where it lies, anything else is converted once into a reused buffer."""
     wide = torch.empty((rows, d), dtype=torch.float32)
     for lo, m in starts:
-        raw = torch.from_numpy(read_rows(lo, m))
-        yield lo, raw if raw.dtype == torch.float32 else wide[:m].copy_(raw)
+        raw = torch.from_numpy(reader.view(lo, m))
+        yield lo, raw if raw.dtype == torch.float32 or not widen else wide[:m].copy_(raw)
 
 
-def _cuda_blocks(read_rows, starts: list[tuple[int, int]], rows: int, d: int, dtype: np.dtype, device: str):
-    """(first row, float32 block) on a GPU, ping-pong: block i+1 is read into one of two pinned host
-    buffers and crosses the bus on a side stream while block i is scored, so neither the disk/page
-    cache read nor the copy leaves the GPU idle. Events order each buffer's reuse: the host refills
-    pinned[s] only after its last copy landed; the copy into narrow[s] waits until the scan of the
-    block that used it is done."""
-    dev, torch_dtype = torch.device(device), torch.from_numpy(np.empty(0, dtype)).dtype
-    compute, side = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
-    pinned = [torch.empty((rows, d), dtype=torch_dtype, pin_memory=True) for _ in range(2)]
-    narrow = [torch.empty((rows, d), dtype=torch_dtype, device=dev) for _ in range(2)]
-    wide = torch.empty((rows, d), dtype=torch.float32, device=dev)
-    landed, scanned = [torch.cuda.Event() for _ in range(2)], [torch.cuda.Event() for _ in range(2)]
-    for i, (lo, m) in enumerate(starts):
+def _streamed_blocks(reader: RowReader, starts: list[tuple[int, int]], rows: int, d: int, device: torch.device,
+                     widen: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, float32 block) on `device`, ping-pong: while block i crosses to the device and is scored,
+    the reader's threads fill block i+1 into the other of two host buffers (pinned on a GPU), so neither the
+    page-cache read nor the copy leaves the device idle. On a GPU the copy runs on a side stream and events
+    order each buffer's reuse: the host refills host[s] only after its last copy landed; the copy into
+    narrow[s] waits until the scan of the block that used it is done. On the CPU (a stand-in for testing)
+    each copy is done when it returns."""
+    cuda = device.type == "cuda"
+    stored = torch.from_numpy(np.empty(0, reader.vectors.dtype)).dtype
+    host = [torch.empty((rows, d), dtype=stored, pin_memory=cuda) for _ in range(2)]
+    narrow = [torch.empty((rows, d), dtype=stored, device=device) for _ in range(2)]
+    wide = torch.empty((rows, d), dtype=torch.float32, device=device) if widen and stored != torch.float32 else None
+    if cuda:
+        compute, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+        landed, scanned = [torch.cuda.Event() for _ in range(2)], [torch.cuda.Event() for _ in range(2)]
+    filling: list[list[Future]] = [[], []]
+
+    def fill(i: int) -> None:
         s = i % 2
-        landed[s].synchronize()  # returns at once before the event's first record
-        read_rows(lo, m, pinned[s].numpy())
-        with torch.cuda.stream(side):
-            side.wait_event(scanned[s])  # no-op before its first record
-            narrow[s][:m].copy_(pinned[s][:m], non_blocking=True)
-            landed[s].record(side)
-        compute.wait_event(landed[s])
-        yield lo, narrow[s][:m] if torch_dtype == torch.float32 else wide[:m].copy_(narrow[s][:m])
-        scanned[s].record(compute)  # after the caller queued its work on this block
+        if cuda:
+            landed[s].synchronize()  # returns at once before the event's first record
+        filling[s] = reader.fill(*starts[i], host[s].numpy())
+
+    try:
+        if starts:
+            fill(0)
+        for i, (lo, m) in enumerate(starts):
+            s = i % 2
+            for done in filling[s]:
+                done.result()  # a failed read raises here
+            if cuda:
+                with torch.cuda.stream(side):
+                    side.wait_event(scanned[s])  # no-op before its first record
+                    narrow[s][:m].copy_(host[s][:m], non_blocking=True)
+                    landed[s].record(side)
+                compute.wait_event(landed[s])
+            else:
+                narrow[s][:m].copy_(host[s][:m])
+            if i + 1 < len(starts):
+                fill(i + 1)  # overlaps the copy and the scan of block i
+            yield lo, narrow[s][:m] if wide is None else wide[:m].copy_(narrow[s][:m])
+            if cuda:
+                scanned[s].record(compute)  # after the caller queued its work on this block
+    finally:
+        wait([f for pending in filling for f in pending])  # no thread writes into a buffer once it is freed
 
 
-def progress_blocks(segments: list[tuple[Path, int, int]], block: int, device: str, desc: str = "scan",
-                    build: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The blocks of the segments (file, first row, end row), file by file, with a progress bar."""
+# ----------------------------------------------------------------------------------------------
+# A device-resident index: when an index fits in a GPU's free memory with room to spare, open_index loads its
+# rows there once, in their stored dtype, and every question scans them without reading the file or crossing
+# the bus. The blocks are the file scan's own (block_starts over the same spans), so the scores are too.
+
+
+# The share of a GPU's memory left free after loading an index: the scan's blocks, the encoder's activations.
+RESIDENT_MARGIN = 0.2
+# Host rows per block while loading: large blocks cross the bus at its full rate; spans do not bound them.
+LOAD_BYTES = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidentIndex:
+    """The rows of `segments` (file, first row, end row) held on `device`: per file its spans, ids and rows."""
+
+    segments: list[tuple[Path, int, int]]
+    device: torch.device
+    files: list[tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]]
+
+    def blocks(self, block: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(ids, float32 vectors) `block` rows at a time, the same blocks as iter_index_blocks over the spans
+        (the rows sit in the order of their spans, as the blocks tile them)."""
+        for spans, ids, rows in self.files:
+            size, starts = block_starts(spans, block)
+            wide = (None if rows.dtype == torch.float32
+                    else torch.empty((size, rows.shape[1]), dtype=torch.float32, device=self.device))
+            at = 0
+            for _, m in starts:
+                yield ids[at : at + m], rows[at : at + m] if wide is None else wide[:m].copy_(rows[at : at + m])
+                at += m
+
+
+def file_spans(segments: list[tuple[Path, int, int]]) -> dict[Path, list[tuple[int, int]]]:
+    """The segments' spans, file by file, in order."""
     spans: dict[Path, list[tuple[int, int]]] = {}
     for path, lo, hi in segments:
         spans.setdefault(path, []).append((lo, hi))
+    return spans
+
+
+def resident_bytes(segments: list[tuple[Path, int, int]]) -> int:
+    """Device bytes of the segments' rows and ids."""
+    total = 0
+    for path, spans in file_spans(segments).items():
+        with h5py.File(path, "r") as f:
+            row = f["G"].shape[1] * f["G"].dtype.itemsize + 8
+        total += row * sum(hi - lo for lo, hi in spans)
+    return total
+
+
+def load_resident(segments: list[tuple[Path, int, int]], device: str | torch.device, build: str | None = None,
+                  fill_threads: int | None = None) -> ResidentIndex:
+    """The segments' rows read once onto `device` (streamed as a GPU scan reads them, adjacent spans
+    merged into large blocks), with the scan's checks: the build, the ids' range."""
+    device, files = torch.device(device), []
+    for path, spans in file_spans(segments).items():
+        merged: list[tuple[int, int]] = []
+        for lo, hi in spans:
+            if merged and merged[-1][1] == lo:
+                merged[-1] = (merged[-1][0], hi)
+            else:
+                merged.append((lo, hi))
+        with open_rows(path, build) as f:
+            d, width = f["G"].shape[1], f["G"].dtype.itemsize
+        n, at = sum(hi - lo for lo, hi in spans), 0
+        ids = torch.empty(n, dtype=torch.int64, device=device)
+        rows = None
+        for block_ids, vectors in iter_index_blocks(path, max(1, LOAD_BYTES // (d * width)), device, merged, build,
+                                                    streamed=True, fill_threads=fill_threads, widen=False):
+            rows = torch.empty((n, d), dtype=vectors.dtype, device=device) if rows is None else rows
+            rows[at : at + len(block_ids)].copy_(vectors)
+            ids[at : at + len(block_ids)].copy_(block_ids)
+            at += len(block_ids)
+        if rows is not None:
+            files.append((spans, ids, rows))
+    return ResidentIndex(segments, device, files)
+
+
+def resident_if_it_fits(segments: list[tuple[Path, int, int]], device: str, build: str | None) -> ResidentIndex | None:
+    """The segments loaded onto a GPU when they fit in its free memory, RESIDENT_MARGIN of it left free; else None
+    (a CPU scans the page cache in place: nothing to load)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(dev)
+    return load_resident(segments, dev, build) if resident_bytes(segments) <= free - RESIDENT_MARGIN * total else None
+
+
+def progress_blocks(segments: list[tuple[Path, int, int]], block: int, device: str, desc: str = "scan",
+                    build: str | None = None, resident: ResidentIndex | None = None
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The blocks of the segments (file, first row, end row), file by file (from `resident` when given), with
+    a progress bar."""
+    if resident is not None:
+        sources: Iterable[Iterator] = [resident.blocks(block)]
+    else:
+        sources = (iter_index_blocks(path, block, device, spans, build) for path, spans in file_spans(segments).items())
     with tqdm(total=sum(hi - lo for _, lo, hi in segments), desc=desc, unit="doc", unit_scale=True) as bar:
-        for path, file_spans in spans.items():
-            for ids, vectors in iter_index_blocks(path, block, device, file_spans, build):
+        for source in sources:
+            for ids, vectors in source:
                 yield ids, vectors
                 bar.update(len(ids))
 
@@ -362,12 +530,15 @@ def default_block(device: str, n_queries: int, dim: int = 0, free_bytes: int | N
 
 
 def search(queries: torch.Tensor, segments: list[tuple[Path, int, int]], k: int, block: int, device: str,
-           build: str | None = None) -> tuple | None:
+           build: str | None = None, resident: ResidentIndex | None = None) -> tuple | None:
     """(top_scores, top_ids, bottom_scores, bottom_ids) as numpy, each (Q, min(k, N)), over the index rows
     in `segments` (file, first row, end row). Under torchrun rank r scans segments r, r + W, ... (with W
     index shares too, exactly share r) and only rank 0 gets the result (the others: None). With `build` (what
-    the index's settings were read from), every file scanned must be of that build."""
+    the index's settings were read from), every file scanned must be of that build. `resident`: those rows
+    already on the device (load_resident), scanned there instead of read from the files."""
     rank, world = ts.distributed()
+    if resident is not None and resident.segments != segments[rank::world]:
+        raise ValueError("the resident rows are not the segments this process scans")
     block = block or default_block(device, len(queries), queries.shape[1])
     if world > 1:  # one block size on every rank (a GPU's default depends on its free memory)
         size = torch.tensor([block])
@@ -375,7 +546,8 @@ def search(queries: torch.Tensor, segments: list[tuple[Path, int, int]], k: int,
         block = int(size)
     desc = "scan" if world == 1 else f"scan rank {rank}/{world}"
     with torch.inference_mode():
-        top, bottom = topk_keys(queries, progress_blocks(segments[rank::world], block, device, desc, build), k)
+        blocks = progress_blocks(segments[rank::world], block, device, desc, build, resident)
+        top, bottom = topk_keys(queries, blocks, k)
         if world > 1:
             top, bottom = merged_keys(top, bottom, min(k, sum(hi - lo for _, lo, hi in segments)), len(queries),
                                       rank, world)
@@ -776,7 +948,9 @@ def dense_main(index: Path | None, corpus: Path | None, queries: Path | None, ou
 
 # ----------------------------------------------------------------------------------------------
 # From a notebook: open an index once, ask it many questions. The same checks as the command line (the
-# model's fingerprint, V's digest, the corpus's digest), the same functions, the same scores.
+# model's fingerprint, V's digest, the corpus's digest), the same functions, the same scores. On a GPU an
+# index that fits in its free memory is loaded there once (resident_if_it_fits) and each question scans it
+# from device memory.
 #
 #     import query
 #     ix = query.open_index("runs/factworld-small-seed0/index-trackstar", device="auto")
@@ -834,10 +1008,11 @@ def gradient_index(path: Path, device: str, model: str | None, corpus: Path | No
     encode, matrix = query_encoder(meta, device, model), query_matrix(path, meta["build"], device)
     c = meta["corpus"]
     rows = corpus_rows_for(c.data, c.data_digest, c.n_examples, corpus)
+    resident = resident_if_it_fits(meta["segments"], device, meta["build"])  # after the model: what is left
 
     def top(prompt: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         top_s, top_i, _, _ = search(transformed_queries(encode(prompt, target), matrix, meta, device),
-                                    meta["segments"], k, 0, device, meta["build"])
+                                    meta["segments"], k, 0, device, meta["build"], resident)
         return top_s[0], top_i[0]
 
     return OpenIndex(path, "trackstar", rows, top, any(r.get("facts") for r in rows))
@@ -847,10 +1022,12 @@ def dense_index(path: Path, device: str, model: str | None, corpus: Path | None 
     meta = read_dense_meta(path)
     dense = checked_dense_model(meta, path, model, device)
     rows = corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"], corpus)
+    segments = [(path / "index.h5", 0, meta["n_rows"])]
+    resident = resident_if_it_fits(segments, device, meta["build"])
 
     def top(prompt: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = torch.as_tensor(embed_texts(dense, [query_text({"prompt": prompt, "target": target})]), device=device)
-        top_s, top_i, _, _ = search(q, [(path / "index.h5", 0, meta["n_rows"])], k, 0, device, meta["build"])
+        top_s, top_i, _, _ = search(q, segments, k, 0, device, meta["build"], resident)
         return top_s[0], top_i[0]
 
     return OpenIndex(path, "dense", rows, top, any(r.get("facts") for r in rows))

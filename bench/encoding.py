@@ -1,11 +1,13 @@
-"""Encode benchmark: encode throughput and peak memory as ratios to a plain training step.
+"""Encode benchmark: encode throughput and peak memory as ratios to a plain training step and MFU.
 
-    python -m bench.encoding [--dim 65536] [--device auto]      (from the repository root)
+    python -m bench.encoding [--dim 65536] [--device auto] [--out FILE.json]      (from the repository root)
 
 Each mode runs in its own process on the same batches of a small GPT-2-like model, so peak memory
 (CPU: max RSS above the process's baseline; GPU: torch.cuda.max_memory_allocated above baseline)
-is the mode's own. Ratios, not absolute figures, are the result: these machines are shared.
-Targets: factored >= 0.8x, exact >= 0.4x a training step's tokens/s; memory <= 1.5x.
+is the mode's own. Ratios, not absolute figures, are the result: these machines are shared. MFU
+divides each mode's tokens/s x 6N by the device's matmul peak, measured in the same run (an
+n x n x n matmul in the model's dtype, before and after the modes). Targets: factored >= 0.8x,
+exact >= 0.4x a training step's tokens/s; memory <= 1.5x.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import typer
 
 import trackstar as ts
+from bench.limits import matmul_rate, sync
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,11 +120,6 @@ def train_step(model):
     return step
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 # Encoder modes: gradient path, and "+emb" for --params all (the embedding lookups too).
 MODES = ("train", "factored", "exact", "factored+emb", "exact+emb")
 
@@ -135,37 +133,74 @@ def main(
     n: int = typer.Option(6, help="Timed batches per mode."),
     batch: int = typer.Option(8),
     length: int = typer.Option(128),
+    out: Path | None = typer.Option(None, help="Also write the figures as JSON (what tools/record.py keeps)."),
     mode: str = typer.Option("", hidden=True, help="Internal: run one mode and print JSON."),
 ) -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if mode:
         print(json.dumps(run_mode(mode, arch, dtype, device, dim, n, batch, length)))
         return
+    # The peak before and after the modes, the best of both: neighbours on a shared machine come and go.
+    peak = matmul_rate(device, dtype)
     results = {}
     for m in MODES:
         cmd = [sys.executable, "-m", "bench.encoding", "--mode", m, "--dim", str(dim), "--arch", arch, "--dtype", dtype,
                "--device", device, "--n", str(n), "--batch", str(batch), "--length", str(length)]
-        out = subprocess.run(cmd, capture_output=True, encoding="utf-8", check=True, cwd=ROOT)
-        results[m] = json.loads(out.stdout.strip().splitlines()[-1])
-    flops = flop_model(arch, dim, length)
+        run = subprocess.run(cmd, capture_output=True, encoding="utf-8", check=True, cwd=ROOT)
+        results[m] = json.loads(run.stdout.strip().splitlines()[-1])
+    peak = max(peak, matmul_rate(device, dtype))
+    summary = summarize(results, build(arch, dtype, "cpu"), dim, length, peak)
+    summary.update(arch=arch, dtype=dtype, device=device, dim=dim, batch=batch, length=length, batches=n)
+    print(markdown(summary))
+    if out is not None:
+        ts.write_json(out, summary)
+
+
+def summarize(results: dict[str, dict], model: torch.nn.Module, dim: int, length: int, peak: float) -> dict:
+    """Each mode's figures (`results`: "train" and the encode modes, in order) as ratios: to the training step,
+    to the device's measured matmul peak (`peak`, GFLOP/s) and to the model's bytes.
+
+    MFU = tokens/s x 6N ÷ the peak for every mode, N the traced weight-matrix parameters (ts.weight_modules:
+    attention, MLP and the LM head; embeddings, norms and biases left out, as is attention's own T² work): the
+    share of the device a training step's useful work would use at that speed. `work ÷ peak` counts each mode's
+    own FLOP model instead (docs/scale.md). Peak memory is above the process's baseline (model and batches
+    loaded), ÷ the model's parameter bytes."""
+    flops = flop_model(model, dim, length)
+    matrices = flops["train"] / 6
+    model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     train = results["train"]
-    print(f"\nencode benchmark: {arch} {dtype} on {device}, d={dim}, batch={batch} x <= {length} tokens (padded)")
-    print(f"{'mode':12} {'tokens/s':>10} {'÷ train':>8} {'peak MiB':>9} {'÷ train':>8} {'model GFLOP/s':>14}  target")
-    targets = {"factored": ">= 0.8x speed", "exact": ">= 0.4x speed", "factored+emb": "vs factored: --params all",
-               "exact+emb": "vs exact: --params all"}
-    for m in MODES:
-        r, target = results[m], targets.get(m, "")
-        print(f"{m:12} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / train['tokens_per_s']:8.2f} "
-              f"{r['peak_mib']:9.0f} {r['peak_mib'] / max(train['peak_mib'], 1e-9):8.2f} "
-              f"{r['tokens_per_s'] * flops[m] / 1e9:14.1f}  {target}")
-    print("model GFLOP/s: tokens/s x the FLOP model of docs/scale.md (train 6N; factored 4N + projections;\n"
-          "exact 6N + per-example projections), N = traced weight-matrix parameters. Compare with the\n"
-          "machine's matmul rate (bench/indexing.py prints it) to see what fraction of peak each mode reaches.")
+    rows = []
+    for m, r in results.items():
+        rows.append({"mode": m, "tokens_per_s": r["tokens_per_s"], "peak_mib": r["peak_mib"],
+                     "speed_vs_train": r["tokens_per_s"] / train["tokens_per_s"],
+                     "memory_vs_train": r["peak_mib"] / max(train["peak_mib"], 1e-9),
+                     "gflop_s": r["tokens_per_s"] * flops[m] / 1e9,
+                     "mfu": r["tokens_per_s"] * 6 * matrices / (peak * 1e9),
+                     "work_vs_peak": r["tokens_per_s"] * flops[m] / (peak * 1e9),
+                     "memory_vs_model": r["peak_mib"] / model_mib})
+    return {"matmul_gflop_s": peak, "matrix_params": matrices, "model_mib": model_mib, "modes": rows}
 
 
-def flop_model(arch: str, dim: int, length: int) -> dict[str, float]:
+TARGETS = {"factored": "≥ 0.8× speed", "exact": "≥ 0.4× speed", "factored+emb": "vs factored: --params all",
+           "exact+emb": "vs exact: --params all"}
+
+
+def markdown(s: dict) -> str:
+    """The figures as a table, under a line saying what ran and the measured peak."""
+    head = (f"{s['arch']} in {s['dtype']} on {s['device']}, d = {s['dim']:,}, batches of {s['batch']} × "
+            f"≤ {s['length']} tokens; N = {s['matrix_params'] / 1e6:.1f}M traced matrix parameters, model "
+            f"{s['model_mib']:.0f} MiB; "
+            f"measured {s['dtype']} matmul peak {s['matmul_gflop_s']:.0f} GFLOP/s.\n\n"
+            "| mode | tokens/s | ÷ train | peak MiB | ÷ train | ÷ model | GFLOP/s | work ÷ peak | MFU (6N) | target |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    return "\n".join([head] + [
+        f"| {r['mode']} | {r['tokens_per_s']:.0f} | {r['speed_vs_train']:.2f} | {r['peak_mib']:.0f} | "
+        f"{r['memory_vs_train']:.2f} | {r['memory_vs_model']:.2f} | {r['gflop_s']:.1f} | {r['work_vs_peak']:.3f} | "
+        f"{r['mfu']:.3f} | {TARGETS.get(r['mode'], '')} |" for r in s["modes"]])
+
+
+def flop_model(model: torch.nn.Module, dim: int, length: int) -> dict[str, float]:
     """FLOPs per token of each mode, from the traced matrices' shapes (docs/scale.md)."""
-    model = build(arch, "float32", "cpu")
     s_out, s_in = ts.factor_dims(dim)
     shapes = [(m.weight.shape[::-1] if t else m.weight.shape) for _, m, _, t in ts.weight_modules(model)]
     n = sum(o * i for o, i in shapes)

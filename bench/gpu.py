@@ -1,19 +1,27 @@
 """GPU checks and ratios in one run (a few minutes on one GPU): what a CPU cannot show.
 
-    python -m bench.gpu [--model smollm2] [--device cuda] [--out bench-gpu.json]
+    python -m bench.gpu [--model smollm2] [--device cuda] [--out bench-gpu.json] [--sections fill,scan]
     python -m bench.gpu --device cpu --model DIR --small      # the smoke test the suite runs
+    python -m bench.gpu --device cpu --sections fill          # the host buffers' fill rate on a CPU alone
 
 1. encode: tokens/s and peak memory of each gradient path (factored with a rank-one V, exact with a
-   full V) in float32 and bfloat16, as ratios to a plain training step on the same batches and dtype.
-   The batches fill the default token budget, so peak memory includes the chunked logits.
+   full V) in float32 and bfloat16, as ratios to a plain training step on the same batches and dtype,
+   to the model's bytes, and MFU: tokens/s x 6N ÷ the device's matmul peak in that dtype, measured
+   in the same run (bench.encoding.summarize). The batches fill the default token budget, so peak
+   memory includes the chunked logits.
 2. precision: cosine of each encoding to the float32 one (matmul precision "highest") on this device:
    TF32 ("high"), a bfloat16 model; and of this device's float32 encoding to the CPU's (P is drawn the
    same on every device, so they must agree to float tolerance).
-3. scan: query.py's exact blocked scan of a float16 index in host memory (page cache), streamed
-   through the pinned ping-pong buffers: GB/s ÷ the measured host-to-device bandwidth (the binding
-   limit for an index that lives on the host) and ÷ device memory bandwidth; top-10 agreement with a
+3. fill: the streamed scan's host side alone, GB/s of filling 1,024-row host buffers (pinned on a
+   GPU) from the page cache with 1, 2 (and query.FILL_THREADS) threads, ÷ the page cache's memcpy
+   rate: with the host-to-device bandwidth of 4, what the scan from host memory can reach.
+4. scan: query.py's exact blocked scan of a float16 index, streamed from host memory (the page cache,
+   through the pinned ping-pong buffers) in the default blocks and in blocks of one 1,024-row chunk,
+   and resident in device memory (as open_index keeps it): GB/s ÷ the measured host-to-device
+   bandwidth (the binding limit for an index that lives on the host) and ÷ device memory bandwidth
+   (for a resident one), FLOP/s ÷ the float32 matmul peak (many queries); top-10 agreement with a
    CPU scan of the same index.
-4. tail-patch: seconds per document and peak device memory ÷ the model's own size.
+5. tail-patch: seconds per document and peak device memory ÷ the model's own size.
 
 Ratios, not absolute figures, are the result: they survive a shared, noisy machine.
 """
@@ -25,9 +33,9 @@ import json
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import typer
@@ -37,44 +45,26 @@ import query
 import trackstar as ts
 from bench import encoding as bench_encode
 from bench import indexing as bench_index
+from bench import limits
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
-def device_bandwidth(device: str, gib: float) -> tuple[float, float]:
-    """(host-to-device GB/s from pinned memory, device memory GB/s of a copy: read + write)."""
-    n = int(gib * 2**30) // 4
-    host = torch.ones(n, pin_memory=device.startswith("cuda"))
-    a, b = torch.ones(n, device=device), torch.empty(n, device=device)
-    h2d = host.nbytes / best_of(lambda: a.copy_(host, non_blocking=True), device)
-    mem = 2 * a.nbytes / best_of(lambda: b.copy_(a), device)
-    return h2d / 1e9, mem / 1e9
-
-
-def best_of(f: Callable[[], object], device: str, repeat: int = 3) -> float:
-    """Fastest wall time of `repeat` runs, the device synchronised around each."""
-    def once() -> None:
-        f()
-        bench_encode.sync(device)
-    once()  # warm-up
-    return bench_index.best_of(once, repeat)
-
-
 def encode_section(model_path: str, device: str, dim: int, n: int, batch: int, length: int) -> list[dict]:
-    """Speed and memory per (dtype, mode), as ratios to a training step in the same dtype."""
+    """Speed and memory per (dtype, mode), as ratios to a training step in the same dtype, to the device's matmul
+    peak in that dtype measured here (MFU, bench_encode.summarize) and to the model's bytes."""
     rows = []
     for dtype in ("float32", "bfloat16"):
         model, _ = ts.load_model(model_path, dtype, device)
         data = bench_encode.batches(model.config.vocab_size, n + 1, batch, length, device)
-        train = bench_encode.timed(bench_encode.mode_step("train", model, dim), data, device)
-        if not device.startswith("cuda"):  # in-process peak RSS means nothing: bench_encode.py measures the CPU
-            train["peak_mib"] = float("nan")
-        rows.append({"dtype": dtype, "mode": "train", **train})
-        for mode in ("factored", "exact"):
-            r = bench_encode.timed(bench_encode.mode_step(mode, model, dim), data, device)
-            r["peak_mib"] = r["peak_mib"] if device.startswith("cuda") else float("nan")
-            rows.append({"dtype": dtype, "mode": mode, **r, "speed_vs_train": r["tokens_per_s"] / train["tokens_per_s"],
-                         "memory_vs_train": r["peak_mib"] / max(train["peak_mib"], 1e-9)})
+        results = {}
+        for mode in ("train", "factored", "exact"):
+            results[mode] = bench_encode.timed(bench_encode.mode_step(mode, model, dim), data, device)
+            if not device.startswith("cuda"):  # in-process peak RSS means nothing: bench_encode.py measures the CPU
+                results[mode]["peak_mib"] = float("nan")
+        peak = limits.matmul_rate(device, dtype)
+        summary = bench_encode.summarize(results, model, dim, length, peak)
+        rows += [{"dtype": dtype, "matmul_gflop_s": peak, **r} for r in summary["modes"]]
         del model, data
         free(device)
     return rows
@@ -109,33 +99,88 @@ def precision_section(model_path: str, device: str, dim: int, batch: int, length
     return rows
 
 
+def fill_section(device: str, gib: float, dim: int = 4096, block: int = 1024) -> dict:
+    """The streamed scan's host side alone: GB/s of filling one host buffer of `block` rows (pinned on a GPU)
+    from a float16 index in the page cache, block after block, by query.RowReader with 1, 2 (and
+    query.FILL_THREADS) threads, ÷ the page cache's memcpy rate: one numpy copy of the whole index out of a
+    fresh memory map (the file read once first). Each pass maps the file afresh, as each scan does."""
+    rows = max(block, int(gib * 1e9) // (dim * 2))
+    cuda = device.startswith("cuda")
+    host = torch.empty((block, dim), dtype=torch.float16, pin_memory=cuda)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "index.h5"
+        bench_index.make_index(path, rows, dim)
+        bench_index.warm(path)
+        whole = np.empty((rows, dim), dtype=np.float16)
+
+        def memcpy() -> None:
+            with h5py.File(path, "r") as f:
+                np.copyto(whole, query.mapped(path, f["G"]))
+
+        def fill(threads: int) -> None:
+            with h5py.File(path, "r") as f:
+                reader = query.RowReader(path, f["G"], block, threads)
+                try:
+                    for lo, m in query.block_starts([(0, rows)], block)[1]:
+                        for done in reader.fill(lo, m, host.numpy()):
+                            done.result()
+                finally:
+                    reader.close()
+
+        gb = rows * dim * 2 / 1e9
+        base = gb / limits.best_of(memcpy)
+        fills = {t: gb / limits.best_of(lambda t=t: fill(t)) for t in sorted({1, 2, query.FILL_THREADS})}
+        base = max(base, gb / limits.best_of(memcpy))  # again after the fills: neighbours come and go
+    return {"rows": rows, "dim": dim, "gb": gb, "block_rows": block, "pinned": cuda, "memcpy_gb_s": base,
+            "fills": [{"threads": t, "gb_s": x, "vs_memcpy": x / base, "vs_one_thread": x / fills[1]}
+                      for t, x in fills.items()]}
+
+
 def scan_section(device: str, rows: int, dim: int, queries: tuple[int, ...], gib: float) -> dict:
-    """The exact scan from host memory on `device`: GB/s against the bus and the device's memory, and
-    whether its top-10 agrees with the CPU's."""
-    h2d, mem = device_bandwidth(device, gib)
-    out = {"h2d_gb_s": h2d, "device_memory_gb_s": mem, "rows": rows, "dim": dim, "scans": []}
+    """query.py's exact scan of a float16 index on `device`, from three places: streamed from host memory (the
+    page cache, through the pinned ping-pong buffers) in blocks as large as the default allows, streamed in
+    blocks of one 1,024-row chunk (what an encoded index's chunks cap a block at), and resident in device memory
+    (query.load_resident, as open_index keeps it). GB/s of index scanned ÷ the measured host-to-device bandwidth
+    and ÷ device memory's; FLOP/s ÷ the device's float32 matmul peak (the scan's matmul is float32 at
+    "highest"); whether the top-10 agrees with a CPU scan's."""
+    h2d, mem = limits.device_bandwidth(device, gib)
+    peak = limits.matmul_rate(device, "float32")
+    out = {"h2d_gb_s": h2d, "device_memory_gb_s": mem, "matmul_gflop_s": peak, "rows": rows, "dim": dim,
+           "scans": []}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "index.h5"
         bench_index.make_index(path, rows, dim)
         bench_index.warm(path)
         gb = rows * dim * 2 / 1e9
+        chunks = [(lo, min(lo + 1024, rows)) for lo in range(0, rows, 1024)]
+        spans = {"host": [(0, rows)], "host, one chunk a block": chunks, "resident": [(0, rows)]}
+        t0 = time.perf_counter()
+        resident = query.load_resident([(path, 0, rows)], device)
+        limits.sync(device)
+        out["resident_load_gb_s"] = gb / (time.perf_counter() - t0)
         for n_queries in queries:
             q = torch.nn.functional.normalize(torch.randn(n_queries, dim, generator=torch.Generator().manual_seed(1)),
                                               dim=1)
             block = query.default_block(device, n_queries, dim)
-
-            def scan(q=q.to(device), block=block) -> tuple:
-                with torch.inference_mode():
-                    return query.blocked_topk(q, query.iter_index_blocks(path, block, device), 10)
-
-            seconds = best_of(scan, device, 2)
-            top = scan()[1]
             with torch.inference_mode():
                 top_cpu = query.blocked_topk(q, query.iter_index_blocks(path, 4096, "cpu"), 10)[1]
-            agree = float(np.mean([set(a.tolist()) == set(b.tolist()) for a, b in zip(top, top_cpu, strict=True)]))
-            out["scans"].append({"queries": n_queries, "block": block, "gb_s": gb / seconds,
-                                 "vs_h2d": gb / seconds / h2d, "vs_device_memory": gb / seconds / mem,
-                                 "top10_same_as_cpu": agree})
+            for source in ("host", "host, one chunk a block", "resident"):
+
+                def scan(q=q.to(device), block=block, source=source) -> tuple:
+                    blocks = (resident.blocks(block) if source == "resident"
+                              else query.iter_index_blocks(path, block, device, spans[source], streamed=True))
+                    with torch.inference_mode():
+                        return query.blocked_topk(q, blocks, 10)
+
+                seconds = limits.best_of(scan, 2, device)
+                top = scan()[1]
+                agree = float(np.mean([set(a.tolist()) == set(b.tolist()) for a, b in zip(top, top_cpu, strict=True)]))
+                out["scans"].append({"queries": n_queries, "source": source,
+                                     "block": query.block_starts(spans[source], block)[0],
+                                     "gb_s": gb / seconds, "vs_h2d": gb / seconds / h2d,
+                                     "vs_device_memory": gb / seconds / mem,
+                                     "mfu": 2 * n_queries * rows * dim / seconds / (peak * 1e9),
+                                     "top10_same_as_cpu": agree})
     return out
 
 
@@ -156,7 +201,7 @@ def tail_patch_section(model_path: str, device: str, n_docs: int, length: int) -
     t0 = time.perf_counter()
     for doc in docs[1:]:
         evaluate.tail_patch(step, (doc, doc), queries, base)
-    bench_encode.sync(device)
+    limits.sync(device)
     seconds = (time.perf_counter() - t0) / n_docs
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else float("nan")
     return {"seconds_per_doc": seconds, "doc_tokens": length, "peak_vs_model": peak / model_bytes,
@@ -169,21 +214,23 @@ def free(device: str) -> None:
 
 
 def markdown(r: dict) -> str:
-    """The figures as README-ready tables (a failed section as its error)."""
+    """The figures as README-ready tables (a failed section as its error; a section not asked for left out)."""
     lines = [f"device: {r['device']}; model: {r['model']}; d = {r['dim']}; torch {r['torch']}, CUDA {r['cuda']}"]
-    for name, table in (("encode", encode_table), ("precision", precision_table), ("scan", scan_table),
-                        ("tail_patch", tail_patch_table)):
-        part = r.get(name, {"error": "not run"})
-        lines += [""] + ([f"{name}: FAILED: {part['error']}"] if isinstance(part, dict) and "error" in part
-                         else table(part))
+    for name, table in (("encode", encode_table), ("precision", precision_table), ("fill", fill_table),
+                        ("scan", scan_table), ("tail_patch", tail_patch_table)):
+        if name in r:
+            part = r[name]
+            lines += [""] + ([f"{name}: FAILED: {part['error']}"] if isinstance(part, dict) and "error" in part
+                             else table(part))
     return "\n".join(lines)
 
 
 def encode_table(rows: list[dict]) -> list[str]:
-    return ["| dtype | mode | tokens/s | ÷ train | peak MiB | ÷ train |",
-            "| --- | --- | ---: | ---: | ---: | ---: |"] + [
-        f"| {e['dtype']} | {e['mode']} | {e['tokens_per_s']:.0f} | {e.get('speed_vs_train', 1):.2f} | "
-        f"{e['peak_mib']:.0f} | {e.get('memory_vs_train', 1):.2f} |" for e in rows]
+    return ["| dtype | mode | tokens/s | ÷ train | peak MiB | ÷ train | ÷ model | matmul peak GFLOP/s | MFU (6N) |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"] + [
+        f"| {e['dtype']} | {e['mode']} | {e['tokens_per_s']:.0f} | {e['speed_vs_train']:.2f} | {e['peak_mib']:.0f} | "
+        f"{e['memory_vs_train']:.2f} | {e['memory_vs_model']:.2f} | {e['matmul_gflop_s']:.0f} | {e['mfu']:.3f} |"
+        for e in rows]
 
 
 def precision_table(rows: list[dict]) -> list[str]:
@@ -191,18 +238,30 @@ def precision_table(rows: list[dict]) -> list[str]:
         f"| {p['mode']} | {p['vs_float32']} | {p['min_cosine']:.6f} | {p['mean_cosine']:.6f} |" for p in rows]
 
 
+def fill_table(f: dict) -> list[str]:
+    return [f"fill of {f['block_rows']:,}-row {'pinned ' if f['pinned'] else ''}host buffers from a "
+            f"{f['rows']:,} × {f['dim']:,} float16 index in the page cache ({f['gb']:.2f} GB); the page cache's "
+            f"memcpy rate (one numpy copy of the whole index from a fresh memory map): {f['memcpy_gb_s']:.1f} GB/s",
+            "", "| threads | GB/s | ÷ memcpy | ÷ one thread |", "| ---: | ---: | ---: | ---: |"] + [
+        f"| {x['threads']} | {x['gb_s']:.1f} | {x['vs_memcpy']:.2f} | {x['vs_one_thread']:.2f} |" for x in f["fills"]]
+
+
 def scan_table(s: dict) -> list[str]:
-    return [f"scan of {s['rows']} x {s['dim']} float16 from host memory; host-to-device {s['h2d_gb_s']:.1f} GB/s, "
-            f"device memory {s['device_memory_gb_s']:.1f} GB/s", "",
-            "| queries | block | GB/s | ÷ host-to-device | ÷ device memory | top-10 = CPU's |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |"] + [
-        f"| {x['queries']} | {x['block']} | {x['gb_s']:.1f} | {x['vs_h2d']:.2f} | {x['vs_device_memory']:.3f} | "
-        f"{x['top10_same_as_cpu']:.2f} |" for x in s["scans"]]
+    return [f"scan of {s['rows']:,} × {s['dim']:,} float16; host-to-device {s['h2d_gb_s']:.1f} GB/s, device memory "
+            f"{s['device_memory_gb_s']:.1f} GB/s, float32 matmul {s['matmul_gflop_s']:.0f} GFLOP/s; the resident "
+            f"index loaded at {s['resident_load_gb_s']:.1f} GB/s", "",
+            "| queries | index | block | GB/s | ÷ host-to-device | ÷ device memory | ÷ matmul peak | top-10 = CPU's |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"] + [
+        f"| {x['queries']} | {x['source']} | {x['block']} | {x['gb_s']:.1f} | {x['vs_h2d']:.2f} | "
+        f"{x['vs_device_memory']:.3f} | {x['mfu']:.3f} | {x['top10_same_as_cpu']:.2f} |" for x in s["scans"]]
 
 
 def tail_patch_table(t: dict) -> list[str]:
     return [f"tail-patch: {t['seconds_per_doc']:.3f} s per {t['doc_tokens']}-token document; peak memory "
             f"{t['peak_vs_model']:.2f}x the model ({t['model_gib']:.2f} GiB)"]
+
+
+SECTIONS = ("encode", "precision", "fill", "scan", "tail_patch")
 
 
 @app.command(help=__doc__)
@@ -212,22 +271,30 @@ def main(
     dim: int = typer.Option(65536, help="Projection dimension d."),
     small: bool = typer.Option(False, help="Tiny sizes throughout: a smoke test of the script itself."),
     out: Path = typer.Option(Path("bench-gpu.json"), help="Where the figures are written (JSON; .md beside)."),
+    sections: str = typer.Option(",".join(SECTIONS), help="Which sections to run, comma-separated."),
+    fill_gib: float = typer.Option(1.0, help="GB of index the fill section copies (the page cache holds it)."),
 ) -> None:
     device = ts.pick_device(device)
     ts.pin_precision("highest")
+    unknown = set(sections.split(",")) - set(SECTIONS)
+    if unknown:
+        raise ts.TrackStarError(f"--sections: no section {', '.join(sorted(unknown))} (known: {', '.join(SECTIONS)})")
     if small:
         dim, n, batch, length, scan_rows, scan_dim, gib, docs = 256, 2, 4, 32, 4096, 256, 0.01, 2
+        fill_gib = min(fill_gib, 0.01)
     else:  # 16 x 512 = 8,192 tokens a batch: the default token budget
         n, batch, length, scan_rows, scan_dim, gib, docs = 5, 16, 512, 524_288, 4096, 1.0, 8
     t0 = time.perf_counter()
     result = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "model": model,
               "dim": dim, "torch": torch.__version__, "cuda": torch.version.cuda}
-    sections = {"encode": lambda: encode_section(model, device, dim, n, batch, length),
-                "precision": lambda: precision_section(model, device, dim, min(batch, 4), length),
-                "scan": lambda: scan_section(device, scan_rows, scan_dim, (1, 1024), gib),
-                "tail_patch": lambda: tail_patch_section(model, device, docs, length)}
+    run = {"encode": lambda: encode_section(model, device, dim, n, batch, length),
+           "precision": lambda: precision_section(model, device, dim, min(batch, 4), length),
+           "fill": lambda: fill_section(device, fill_gib, min(scan_dim, 4096)),
+           "scan": lambda: scan_section(device, scan_rows, scan_dim, (1, 1024), gib),
+           "tail_patch": lambda: tail_patch_section(model, device, docs, length)}
     failed = []
-    for name, section in sections.items():
+    for name in (s for s in SECTIONS if s in sections.split(",")):
+        section = run[name]
         # GPU time is scarce: a section that fails is recorded and the others still run; what is done so
         # far is on disk after each section, so a run cut short keeps its figures.
         try:

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -40,31 +39,9 @@ import index
 import query
 import trackstar as ts
 from bench import encoding as bench_encode
+from bench.limits import best_of, matmul_rate, memory_bandwidth
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
-
-
-def best_of(f: Callable[[], object], repeat: int = 3) -> float:
-    """Fastest wall time of `repeat` runs: the machine's capability, least disturbed by neighbours."""
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def memory_bandwidth(gib: float = 1.0) -> float:
-    """GB/s of one streaming read (a sum over an array far larger than the caches)."""
-    a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
-    return a.nbytes / best_of(lambda: a.sum()) / 1e9
-
-
-def matmul_rate(n: int = 4096) -> float:
-    """float32 GFLOP/s of an n x n x n matmul (sgemm)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm up the BLAS threads
-    return 2 * n**3 / best_of(lambda: a @ b) / 1e9
 
 
 def make_index(path: Path, rows: int, dim: int) -> None:

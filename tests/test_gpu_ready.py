@@ -1,5 +1,6 @@
 """GPU-path properties that can be observed on the CPU: device per rank, one V estimate for all shards,
-pinned and recorded matmul precision, P identical across CPU kernels, batched R_train updates."""
+pinned and recorded matmul precision, P identical across CPU kernels, batched R_train updates, and the GPU
+scan's streamed (threaded fill, ping-pong) and device-resident paths equal to the CPU scan bit for bit."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT, tiny_model
+from test_notebook import QUESTIONS, data, gradient_index  # noqa: F401 (fixtures)
 
 import index
 import trackstar as ts
@@ -187,11 +190,13 @@ def test_gpu_scan_block_is_sized_from_free_memory_and_d():
 
 
 def test_bench_gpu_script_runs_end_to_end_on_the_cpu(model_dir, tmp_path):
-    """The GPU script (every section: encode ratios, precision cosines, the scan, tail-patch) runs with
-    --device cpu as a smoke test, and its figures are sane: on one device TF32 is a no-op and the CPU's own
-    encodings agree exactly; a bfloat16 model still points the same way; the scan finds the CPU's top-10."""
+    """The GPU script (every section: encode ratios and MFU, precision cosines, the host buffers' fill rate, the
+    scan streamed and resident, tail-patch) runs with --device cpu as a smoke test, and its figures are sane: on
+    one device TF32 is a no-op and the CPU's own encodings agree exactly; a bfloat16 model still points the same
+    way; every scan finds the CPU's top-10."""
     from typer.testing import CliRunner
 
+    import query
     from bench import gpu as bench_gpu
 
     out = tmp_path / "bench.json"
@@ -206,6 +211,170 @@ def test_bench_gpu_script_runs_end_to_end_on_the_cpu(model_dir, tmp_path):
         assert cos[(mode, "tf32")] == pytest.approx(1, abs=1e-12)
         assert cos[(mode, "cpu float32")] == pytest.approx(1, abs=1e-12)
         assert 0.9 < cos[(mode, "bfloat16")] < 1
-    assert [s["top10_same_as_cpu"] for s in res["scan"]["scans"]] == [1.0, 1.0]
+    assert all(e["mfu"] > 0 and e["matmul_gflop_s"] > 0 for e in res["encode"])
+    assert [(s["queries"], s["source"]) for s in res["scan"]["scans"]] == [
+        (q, source) for q in (1, 1024) for source in ("host", "host, one chunk a block", "resident")]
+    assert [s["top10_same_as_cpu"] for s in res["scan"]["scans"]] == [1.0] * 6
+    assert [s["block"] for s in res["scan"]["scans"]][3:5] == [4096, 1024]  # 1,024 queries: 4,096 rows a block
+    assert [f["threads"] for f in res["fill"]["fills"]] == sorted({1, 2, query.FILL_THREADS})
+    assert all(f["gb_s"] > 0 for f in res["fill"]["fills"]) and res["fill"]["fills"][0]["vs_one_thread"] == 1
     assert res["tail_patch"]["seconds_per_doc"] > 0
     assert (tmp_path / "bench.md").read_text().startswith("device: cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU scan's two host-side paths, run on the CPU standing in for the device: rows streamed through two
+# host buffers filled by a thread pool, and rows resident in device memory. Both must give the CPU scan's
+# top-k, scores and ids, bit for bit.
+
+
+def fabricated_index(tmp_path, dtype: str, chunked: bool = False):
+    """An index of 301 rows (not a multiple of any block below) with planted ties (duplicated and zero rows,
+    ids out of row order), two chunk-like spans, and queries both small-integer (exact ties) and Gaussian (sums
+    whose rounding depends on how each block is scored)."""
+    from test_index_query import planted_ties, write_index_file
+
+    q, x, ids = planted_ties()
+    gauss = np.random.default_rng(1).standard_normal((4, q.shape[1])).astype(np.float32)
+    path = write_index_file(tmp_path / "index.h5", x, ids, dtype, chunked)
+    return path, [(path, 0, 128), (path, 128, len(x))], torch.from_numpy(np.concatenate([q, gauss]))
+
+
+def scan(queries, segments, k=20, block=48, **how):
+    import query
+
+    with torch.inference_mode():
+        return query.search(queries, segments, k, block, "cpu", **how)
+
+
+def test_the_cpu_scan_has_ties_in_its_top_k(tmp_path):
+    """The fabricated index tests tie-breaking: its top-20 lists hold equal scores (ordered by id)."""
+    path, segments, q = fabricated_index(tmp_path, "float16")
+    top_s, top_i, _, _ = scan(q, segments)
+    tied = (top_s[:, 1:] == top_s[:, :-1])
+    assert tied.any() and (top_i[:, 1:][tied] > top_i[:, :-1][tied]).all()
+
+
+@pytest.mark.parametrize("dtype,chunked", [("float16", False), ("float32", False), ("float16", True)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_streamed_scan_equals_the_cpu_scan_bit_for_bit_and_fills_ahead(tmp_path, monkeypatch, dtype, chunked,
+                                                                       threads):
+    """The GPU's host-streamed path (two host buffers in turn, each block's rows split among `threads` fill
+    threads, block i+1 filled while block i is copied and scored) returns the CPU scan's proponents and
+    opponents, scores and ids bit for bit. A memory-mapped index is filled by `threads` copies a block, on the
+    pool's threads (HDF5-read, chunked, by one); block i+1's fill starts before block i is scored."""
+    import query
+
+    path, segments, q = fabricated_index(tmp_path, dtype, chunked)
+    want = scan(q, segments)
+    events, copies = [], []
+    real_fill, real_copyto, real_score = query.RowReader.fill, np.copyto, query.score_block
+
+    def fill(self, lo, m, into):
+        events.append(("fill", lo))
+        return real_fill(self, lo, m, into)
+
+    def copyto(dst, src, *a, **kw):
+        copies.append((threading.current_thread().name, len(src)))
+        return real_copyto(dst, src, *a, **kw)
+
+    monkeypatch.setattr(query.RowReader, "fill", fill)
+    monkeypatch.setattr(np, "copyto", copyto)
+    monkeypatch.setattr(query, "score_block", lambda qs, v: events.append(("score", len(v))) or real_score(qs, v))
+    with torch.inference_mode():
+        got = query.blocked_topk(q, query.iter_index_blocks(path, 48, "cpu", [(0, 128), (128, 301)],
+                                                            streamed=True, fill_threads=threads), 20)
+    for a, b in zip(want, got, strict=True):
+        assert np.array_equal(a, b.numpy())
+    starts = query.block_starts([(0, 128), (128, 301)], 48)[1]
+    assert [lo for e, lo in events if e == "fill"] == [lo for lo, _ in starts]
+    for i in range(len(starts) - 1):  # before the i-th score: fills 0..i+1 already started
+        before = events[: [j for j, e in enumerate(events) if e[0] == "score"][i]]
+        assert sum(e == "fill" for e, _ in before) == i + 2
+    if chunked:
+        assert copies == []
+    else:
+        assert all(name.startswith("index-fill") for name, _ in copies)
+        assert len(copies) == threads * len(starts) and sum(m for _, m in copies) == 301
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_resident_scan_equals_the_cpu_scan_bit_for_bit_and_reads_no_file(tmp_path, monkeypatch, dtype, threads):
+    """The device-resident index (loaded once through the streamed path, in its stored dtype) is scanned in the
+    file scan's own blocks and returns its proponents and opponents, scores and ids bit for bit, at any block
+    size; scanning it opens no file: the index file can be gone."""
+    import query
+
+    path, segments, q = fabricated_index(tmp_path, dtype)
+    shapes = []
+    real_score = query.score_block
+    monkeypatch.setattr(query, "score_block", lambda qs, v: shapes.append(tuple(v.shape)) or real_score(qs, v))
+    blocks = (48, 301, 1000)
+    want = {}
+    for block in blocks:
+        want[block] = scan(q, segments, block=block), shapes[:]
+        shapes.clear()
+    resident = query.load_resident(segments, "cpu", fill_threads=threads)
+    assert [rows.dtype for _, _, rows in resident.files] == [getattr(torch, dtype)]  # compact: as stored
+    path.unlink()
+    monkeypatch.setattr(query.h5py, "File", lambda *a, **kw: pytest.fail("a resident scan opened a file"))
+    for block in blocks:
+        got = scan(q, segments, block=block, resident=resident)
+        assert shapes == want[block][1]
+        shapes.clear()
+        for a, b in zip(want[block][0], got, strict=True):
+            assert np.array_equal(a, b)
+
+
+def test_an_index_is_made_resident_only_when_it_fits_with_the_margin(tmp_path, monkeypatch):
+    """On a GPU, the index goes to device memory when its bytes leave RESIDENT_MARGIN of the device free; on the
+    CPU (the page cache read in place) never."""
+    import query
+
+    path, segments, _ = fabricated_index(tmp_path, "float16")
+    need = query.resident_bytes(segments)
+    assert need == 301 * (24 * 2 + 8)
+    loaded = []
+    monkeypatch.setattr(query, "load_resident", lambda segs, dev, build: loaded.append(dev) or "resident")
+    total = 10 * need
+    for free, want in ((need + 2 * need, "resident"), (need + 2 * need - 1, None)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev, free=free: (free, total))
+        assert query.resident_if_it_fits(segments, "cuda:0", None) == want
+    assert query.resident_if_it_fits(segments, "cpu", None) is None and len(loaded) == 1
+
+
+def test_open_index_keeps_a_resident_index_for_every_question(gradient_index, monkeypatch):  # noqa: F811
+    """Where the index fits on the GPU (the CPU standing in), open_index loads it once and each question scans
+    it there: no index file is read after the open, and the answers are the streamed scan's, bit for bit."""
+    import query
+
+    index, _ = gradient_index
+    monkeypatch.setattr(query, "resident_if_it_fits", query.load_resident)
+    ix = query.open_index(index, device="cpu")
+    reads = []
+    real = query.iter_index_blocks
+    monkeypatch.setattr(query, "iter_index_blocks", lambda *a, **kw: reads.append(a) or real(*a, **kw))
+    answers = [ix.ask(p, t, k=5) for p, t, _ in QUESTIONS]
+    assert reads == []
+    monkeypatch.undo()
+    streamed = query.open_index(index, device="cpu")
+    assert answers == [streamed.ask(p, t, k=5) for p, t, _ in QUESTIONS]
+
+
+def test_mfu_counts_six_n_per_token_of_the_traced_matrices_against_the_measured_peak():
+    """MFU, as bench.encoding and bench.gpu print it: tokens/s x 6N ÷ the matmul peak for every mode, N the
+    traced weight matrices (LM head in, embeddings out); memory ÷ the model's parameter bytes."""
+    from bench import encoding as bench_encode
+
+    model = tiny_model("llama")
+    matrices = sum(m.weight.numel() for _, m, _, _ in ts.weight_modules(model))
+    assert matrices < sum(p.numel() for p in model.parameters())  # the embedding is left out
+    results = {"train": {"tokens_per_s": 1000.0, "peak_mib": 3.0}, "exact": {"tokens_per_s": 250.0, "peak_mib": 6.0}}
+    s = bench_encode.summarize(results, model, 64, 32, peak=2.0)
+    model_mib = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    train, exact = s["modes"]
+    assert s["matrix_params"] == matrices
+    assert train["mfu"] == pytest.approx(1000 * 6 * matrices / 2e9) == train["work_vs_peak"]
+    assert exact["mfu"] == pytest.approx(train["mfu"] / 4) and exact["speed_vs_train"] == 0.25
+    assert exact["memory_vs_model"] == pytest.approx(6 / model_mib) and exact["memory_vs_train"] == 2

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import evaluate
 import report
+from bench import encoding as bench_encode
+from bench import gpu as bench_gpu
 from bench import precision
 from experiments import compare, seeds, sweep, trend
 
@@ -211,6 +213,8 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "precision": lambda rec: precision.markdown(rec["results"]),
     "suite": suite,
     "mutants": mutants,
+    "mfu": lambda rec: bench_encode.markdown(rec["results"]),
+    "fill": lambda rec: "\n".join(bench_gpu.fill_table(rec["results"]["fill"])),
 }
 
 
