@@ -61,7 +61,7 @@ def test_a_bf16_model_forms_its_loss_delta_and_vectors_in_float32(gradient, monk
 
 
 # The stated bound: on these models and this batch the lowest cosine over the three architectures, both paths
-# and both vectors measured 0.99992 (2-core AMD EPYC, torch 2.13; `python -m bench.precision` measures real
+# and both vectors measured 0.99992 (a 2-core Intel Xeon, torch 2.13; `python -m bench.precision` measures real
 # models). Rounding δ alone to bf16 would cost far less than this bound (relative noise 2^-9 moves a cosine by
 # ~1e-6), which is why the islands have their own test above.
 BF16_COSINE = 0.9995
