@@ -22,7 +22,7 @@ interpreter given. Every arm is a fresh process on the same saved model folder a
   module where TrackStar stores d in all. A second bergson arm at p = 16 (its own TrackStar pipeline's
   default) stores a vector of about TrackStar's size instead.
 
-Arms, run in turn --repeats times (A B C ... A B C ...) so that load on a shared machine falls on all:
+Arms, run in turn for --repeats rounds (A B C ... A B C ...) so that load on a shared machine falls on all:
 `trackstar` is encode.py's corpus stage as a user runs it (encode.plan, then encode.encode: the factored path,
 no optimizer correction, every nn.Linear including the LM head); `trackstar-nohead` the same with the LM head
 left out, the modules bergson traces (it hooks the base model, not the head); `bergson-p64` and
@@ -32,9 +32,9 @@ left out, the modules bergson traces (it hooks the base model, not the head); `b
 Each arm's tokens/s is the documents' tokens ÷ the wall time of its gradient build alone: from the model and
 data loaded (TrackStar: after encode.plan; bergson: the call of its collect_gradients) to the index written,
 projection matrices drawn and writes included. Peak memory is the child's peak RSS (os.wait4), and that peak
-above the RSS when its build began. Best of the repeats is reported (load only slows a run) with every
-repeat's figure beside it. The wall time of the whole process (imports and model load too) is reported as
-well.
+above the RSS when its build began. Best of the rounds is reported (load only slows a run), with every
+round's figure beside it and each round's own ratio to bergson (runs of one round share the load of the
+moment). The wall time of the whole process (imports and model load too) is reported as well.
 """
 
 from __future__ import annotations
@@ -342,15 +342,21 @@ def markdown(results: dict) -> str:
     arms, s = results["arms"], results["settings"]
     base = arms.get("bergson-p64")
     train = arms.get("train")
-    head = ["arm", "tokens/s (each repeat)", "÷ bergson p=64", "÷ training step", "process s", "peak RSS MiB",
-            "above start MiB", "÷ bergson p=64", "index KiB/doc"]
+    head = ["arm", "tokens/s (each round)", "÷ bergson p=64", "each round", "÷ training step", "process s",
+            "peak RSS MiB", "above start MiB", "÷ bergson p=64", "index KiB/doc"]
+    runs = results.get("runs", {})
     rows = []
-    for name, a in arms.items():
+    # in the order they ran (a recorded file keeps its keys sorted)
+    for name, a in ((n, arms[n]) for n in s.get("arms", arms) if n in arms):
         def ratio(k: str, a: dict = a) -> str:
             return f"{a[k] / base[k]:.2f}" if base else "–"
 
+        # the same round's runs ran minutes apart at most, so their ratio shares the machine's load of the moment
+        paired = [f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}"
+                  for r, b in zip(runs.get(name, []), runs.get("bergson-p64", []), strict=False)]
         rows.append([name, f"{a['tokens_per_s']:,.0f} ({', '.join(f'{x:,}' for x in a['tokens_per_s_each'])})",
-                     ratio("tokens_per_s"), f"{a['tokens_per_s'] / train['tokens_per_s']:.2f}" if train else "–",
+                     ratio("tokens_per_s"), ", ".join(paired) or "–",
+                     f"{a['tokens_per_s'] / train['tokens_per_s']:.2f}" if train else "–",
                      f"{a['wall_s']:.1f}", f"{a['peak_rss_mib']:,.0f}", f"{a['peak_above_start_mib']:,.0f}",
                      ratio("peak_rss_mib"), f"{a['index_kib_per_doc']:.0f}" if a["index_kib_per_doc"] else "–"])
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
@@ -388,7 +394,7 @@ def main(
     max_tokens: int = typer.Option(128, help="Longest speech kept (tokens): no document is truncated."),
     dim: int = typer.Option(4096, help="TrackStar's d (a power of four, so that bergson's p = sqrt(d))."),
     token_budget: int = typer.Option(2048, help="Padded tokens a batch, on both sides."),
-    repeats: int = typer.Option(2, help="Times each arm runs, in turn."),
+    repeats: int = typer.Option(3, help="Rounds: each arm runs once a round, in turn."),
     threads: int = typer.Option(1, help="Torch threads a process (OMP_NUM_THREADS)."),
     arms: str = typer.Option(",".join(ARMS), help="Arms to run, comma-separated."),
     out: Path = typer.Option(Path("bench-out/peer.json"), help="JSON of the figures (a Markdown table beside it)."),
