@@ -25,6 +25,7 @@ from pathlib import Path
 
 import evaluate
 import report
+from bench import peer
 from experiments import compare, seeds, sweep, trend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,6 +210,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "compare": lambda rec: compare.markdown(rec["results"]),
     "suite": suite,
     "mutants": mutants,
+    "peer": lambda rec: peer.markdown(rec["results"]),
 }
 
 
