@@ -27,7 +27,7 @@ import evaluate
 import report
 from bench import encoding as bench_encode
 from bench import gpu as bench_gpu
-from bench import precision
+from bench import peer, precision
 from experiments import compare, seeds, sweep, trend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,6 +215,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "mutants": mutants,
     "mfu": lambda rec: bench_encode.markdown(rec["results"]),
     "fill": lambda rec: "\n".join(bench_gpu.fill_table(rec["results"]["fill"])),
+    "peer": lambda rec: peer.markdown(rec["results"]),
 }
 
 
