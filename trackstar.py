@@ -230,7 +230,9 @@ def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
 
     A chunk of positions at a time, each recomputed in backward (checkpoint): the float32 copy and
     log-softmax of all B·T·vocab logits (~4 GB each at 8,192 tokens and a 128k vocabulary) never exist
-    at once. Token losses are the same numbers either way, and are summed in the same order.
+    at once. A batch whose logits fit in one chunk (at most LOSS_CHUNK entries) keeps them for backward
+    instead, since recomputing costs time and saves nothing. Token losses are the same numbers either way,
+    and are summed in the same order.
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     labels = batch["labels"][:, 1:]
@@ -239,7 +241,7 @@ def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     parts = []
     for lo in range(0, T, step):
         chunk = (logits[:, lo : lo + step], labels[:, lo : lo + step])
-        if torch.is_grad_enabled() and logits.requires_grad:
+        if torch.is_grad_enabled() and logits.requires_grad and step < T:
             parts.append(checkpoint(_token_losses, *chunk, use_reentrant=False))
         else:
             parts.append(_token_losses(*chunk))

@@ -141,10 +141,11 @@ def test_chunked_loss_gives_the_same_losses_and_gradients(monkeypatch):
         loss.sum().backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    one_pass = run()
     calls = []
     original = ts.checkpoint
     monkeypatch.setattr(ts, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    one_pass = run()
+    assert calls == [], "logits that fit in one chunk are kept for backward, not recomputed"
     monkeypatch.setattr(ts, "LOSS_CHUNK", 96 * 2)  # one position per chunk
     chunked = run()
     assert len(calls) == 5, "one checkpointed chunk per position (T - 1 = 5)"
