@@ -153,6 +153,8 @@ def plan(o: Options) -> Plan:
     check_options(o)
     rank, world = resolve_shard(o.shard, o.num_shards)
     device = ts.pick_device(o.device)
+    if o.dtype == "bfloat16":
+        ts.check_bf16_attention(device)
     ts.pin_precision(o.matmul_precision)
     ts.data_files(o.data)  # a missing input, or a folder holding other files, is named before the model loads
     state_file = o.optimizer_state if o.optimizer_state and Path(o.optimizer_state).is_file() else None

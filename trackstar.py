@@ -1634,6 +1634,23 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def check_bf16_attention(device: str) -> None:
+    """Refuse --dtype bfloat16 where this process's PyTorch cannot run bf16 attention: its CPU kernels pinned
+    below AVX-512 (ATEN_CPU_CAPABILITY=avx2, as `make` sets for the fact world, or a CPU without AVX-512) fail
+    on sequences past ~64 tokens ("pack_vnni2 is only supported when avx512 is supported"), mid-run."""
+    if device != "cpu":
+        return
+    q = torch.ones(1, 1, 128, 64, dtype=torch.bfloat16, requires_grad=True)
+    try:
+        nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    except RuntimeError as e:
+        why = str(e).splitlines()[0]
+        raise TrackStarError(f"--dtype bfloat16: this CPU's PyTorch kernels (capability "
+                             f"{torch.backends.cpu.get_cpu_capability()}) cannot run bfloat16 attention ({why}); use "
+                             "--dtype float32, or unset ATEN_CPU_CAPABILITY (make sets it to avx2 for the fact world: "
+                             "ATEN_CPU_CAPABILITY=avx512 make ... on an AVX-512 machine)") from None
+
+
 PRECISIONS = ("highest", "high")  # float32 matmuls: true fp32, or TF32 on GPUs that have it (~1e-3 relative)
 
 

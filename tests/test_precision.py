@@ -4,10 +4,13 @@ encodings stay within a stated cosine of float32's on the tiny models of every a
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import ROOT, refused, tiny_model
 
 import trackstar as ts
 
@@ -76,3 +79,22 @@ def test_a_bf16_encoding_stays_within_the_stated_cosine_of_float32(arch, gradien
     for key in ("vectors", "vectors_uncorrected"):
         cos = torch.nn.functional.cosine_similarity(low[key].double(), ref[key].double(), dim=1)
         assert cos.min() > BF16_COSINE, (key, cos.tolist())
+
+
+PROBE = ("import torch; q = torch.ones(1, 1, 128, 64, dtype=torch.bfloat16, requires_grad=True); "
+         "torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()")
+
+
+def test_bf16_that_the_cpu_kernels_cannot_run_is_refused_in_one_line_before_any_work(model_dir, corpus_file,
+                                                                                      tmp_path):
+    """Under ATEN_CPU_CAPABILITY=avx2 (make's pin for the fact world, or a CPU without AVX-512) PyTorch's bf16
+    attention fails on sequences past ~64 tokens, mid-run with a traceback; encode refuses at the start, naming
+    the capability and the way out, and writes nothing."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    if subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True).returncode == 0:
+        pytest.skip("this PyTorch runs bf16 attention on its AVX2 kernels")
+    r = subprocess.run([sys.executable, str(ROOT / "encode.py"), "corpus", "--model", str(model_dir), "--data",
+                        str(corpus_file), "--out", str(tmp_path / "run"), "--dim", "16", "--dtype", "bfloat16",
+                        "--no-correction"], cwd=ROOT, env=env, capture_output=True, text=True)
+    refused(r, "--dtype bfloat16", "AVX2", "ATEN_CPU_CAPABILITY")
+    assert not (tmp_path / "run").exists()
