@@ -283,7 +283,7 @@ trend: $(MODEL_DEP) $(CORPUS_DEP) $(QUERIES_DEP) experiments/trend.py
 # One pytest-xdist worker a core; a module's tests stay on one worker (tests/conftest.py groups them).
 XDIST = -n auto --dist loadgroup --no-loadscope-reorder
 test: .venv/.installed
-	$(PY) -m pytest -q --durations=10 $(XDIST)
+	$(PY) -m pytest -q --durations=10 $(XDIST) --summary-json runs/suite.json
 
 test-quick: .venv/.installed
 	$(PY) -m pytest -q -m "not slow" $(XDIST)
