@@ -280,8 +280,8 @@ trend: $(MODEL_DEP) $(CORPUS_DEP) $(QUERIES_DEP) experiments/trend.py
 	done
 	$(PY) -m experiments.trend --run $(RUN) --model $(MODEL)
 
-# One pytest-xdist worker a core; a module's tests stay on one worker (tests/conftest.py groups them).
-XDIST = -n auto --dist loadgroup --no-loadscope-reorder
+# One pytest-xdist worker a core; a module's tests stay on one worker, the heaviest modules first (tests/conftest.py).
+XDIST = -n auto --dist loadscope --no-loadscope-reorder
 test: .venv/.installed
 	$(PY) -m pytest -q --durations=10 $(XDIST) --summary-json runs/suite.json
 

@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-# The tests that need the most time first, so that under pytest-xdist they start at once on separate workers.
-HEAVY_FIRST = ("tiny_run", "test_real", "test_custom", "test_encode_cli")
+# The modules that need the most time first: under pytest-xdist (`--dist loadscope`, a module's tests on one
+# worker, so its fixtures are built once) they start at once on separate workers.
+HEAVY_FIRST = ("test_pipeline", "test_real", "test_custom", "test_encode_cli")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -47,16 +48,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
                               encoding="utf-8")
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """One xdist group a module (`--dist loadgroup`), so a module's fixture is built once, and one for every test
-    that reads the CI world's run (`tiny_run`, a session fixture) wherever it lives; the heavy groups first."""
-    def group(item: pytest.Item) -> str:
-        return "tiny_run" if "tiny_run" in getattr(item, "fixturenames", ()) else item.module.__name__
+    def rank(item: pytest.Item) -> int:
+        name = getattr(getattr(item, "module", None), "__name__", "")
+        return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-    items.sort(key=lambda item: HEAVY_FIRST.index(group(item)) if group(item) in HEAVY_FIRST else len(HEAVY_FIRST))
+    items.sort(key=rank)  # stable: every module keeps its own order
 
 
 def tiny_model(arch: str, vocab: int = 96, seed: int = 0) -> torch.nn.Module:
@@ -150,7 +147,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> tuple[Path, str]:
     """`make all SIZE=tiny DIM=1024` into a temporary directory (prepare → encode → index → query → evaluate),
-    built once for every test that reads the CI world, its trained model or its run: (run directory, stdout)."""
+    built once for the tests of the CI world, its trained model and its run: (run directory, stdout)."""
     tmp = tmp_path_factory.mktemp("make-all")
     cmd = ["make", "-C", str(ROOT), "all", "SIZE=tiny", f"DATA={tmp}/data", f"RUN={tmp}/run", f"PY={sys.executable}",
            "DIM=1024"]

@@ -1,8 +1,10 @@
-"""The whole pipeline as users run it: `make all` on a reduced fact world, and the report renders."""
+"""The whole pipeline as users run it: `make all` on a reduced fact world (the same world on every machine,
+its model trained well enough), and the report renders."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -141,3 +143,43 @@ def test_make_trend_evaluates_every_checkpoint_and_refuses_to_mix_them(tiny_run)
                             "--hessian", "none"], capture_output=True, text=True, cwd=ROOT)
     assert mixed.returncode != 0 and "differ in 'model'" in mixed.stderr, mixed.stderr[-2000:]  # the fingerprints
     assert not (run / "mixed").exists()
+
+
+# -----------------------------------------------------------------------------
+# the world `make all` trained: one world on every machine, and a model that learned its facts
+
+SAME_FILES = ("corpus.jsonl", "queries.jsonl", "model/model.safetensors", "model/optimizer.pt",
+              "model/tokenizer.json", "model/config.json", "model/checkpoint.json")
+
+
+@pytest.mark.slow
+def test_the_tiny_world_is_byte_identical_whatever_the_thread_count_with_or_without_checkpoints(tiny_run, tmp_path):
+    """Weights, optimizer state, tokenizer and data: the same bytes trained under another OMP_NUM_THREADS (1 or
+    2) and without intermediate checkpoints as `make all` trained them (with three checkpoints saved on the way),
+    since training pins its own thread count and records it and saving touches no random state. So every
+    machine's `make all` starts from the same model, and a trend's final point is `make all`'s."""
+    made = tiny_world(tiny_run[0])
+    threads = "2" if os.environ.get("OMP_NUM_THREADS") == "1" else "1"  # not the count `make all` ran with
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",  # the CPU kernels `make all` pins, unless set
+           **os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    one = tmp_path / "one"
+    r = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "factworld", "--out", str(one), "--size", "tiny",
+                        "--checkpoints", "0"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (made / "model" / "checkpoints").is_dir() and not (one / "model" / "checkpoints").exists()
+    for name in SAME_FILES:
+        assert (one / name).read_bytes() == (made / name).read_bytes(), name
+    for info in (json.loads((w / "world.json").read_text()) for w in (one, made)):
+        assert info["training"]["threads"] == 1
+
+
+@pytest.mark.slow
+def test_tiny_world_model_learns_its_frequent_facts(tiny_run):
+    """The world `make all` trained: facts stated often are answered, rare ones less; the table is printed."""
+    run, stdout = tiny_run
+    assert "docs stating the fact" in stdout
+    info = json.loads((tiny_world(run) / "world.json").read_text())
+    acc = {row["bucket"]: row["accuracy"] for row in info["accuracy_by_bucket"]}
+    assert acc["8+"] >= 0.8 and acc["8+"] > acc["1"]
+    assert info["final_loss"] < 3.5  # ln(vocab) = 7.3 at the start; generic text keeps it well above 0
+    assert info["tokenizer"]["split_mismatches"] == 0

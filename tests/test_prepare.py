@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_world
 from typer.testing import CliRunner
 
 import evaluate
@@ -241,18 +240,6 @@ def test_model_and_tokenizer_load_offline_and_split_at_the_target(trained):
         whole = tok(q["prompt"] + q["target"]).input_ids
         assert tok(q["prompt"]).input_ids + tok(q["target"], add_special_tokens=False).input_ids == whole
         assert whole[0] == tok.bos_token_id and tok.eos_token_id not in whole
-
-
-@pytest.mark.slow
-def test_tiny_world_model_learns_its_frequent_facts(tiny_run):
-    """The world `make all` trained: facts stated often are answered, rare ones less; the table is printed."""
-    run, stdout = tiny_run
-    assert "docs stating the fact" in stdout
-    info = json.loads((tiny_world(run) / "world.json").read_text())
-    acc = {row["bucket"]: row["accuracy"] for row in info["accuracy_by_bucket"]}
-    assert acc["8+"] >= 0.8 and acc["8+"] > acc["1"]
-    assert info["final_loss"] < 3.5  # ln(vocab) = 7.3 at the start; generic text keeps it well above 0
-    assert info["tokenizer"]["split_mismatches"] == 0
 
 
 # -----------------------------------------------------------------------------
