@@ -283,7 +283,7 @@ trend: $(MODEL_DEP) $(CORPUS_DEP) $(QUERIES_DEP) experiments/trend.py
 # One pytest-xdist worker a core; a module's tests stay on one worker, the heaviest modules first (tests/conftest.py).
 XDIST = -n auto --dist loadscope --no-loadscope-reorder
 test: .venv/.installed
-	$(PY) -m pytest -q --durations=10 $(XDIST) --summary-json runs/suite.json
+	$(PY) -m pytest tests -q --durations=10 $(XDIST) --summary-json runs/suite.json
 
 test-quick: .venv/.installed
 	$(PY) -m pytest -q -m "not slow" $(XDIST)
