@@ -89,7 +89,7 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "query.py", 'model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])',
         'model(input_ids=batch["input_ids"])', [DENSE]),
     "dense: queries embedded without their target": (
-        "query.py", 'return q["prompt"] + ("" if joint else " ") + q["target"]', 'return q["prompt"]', [DENSE]),
+        "query.py", 'return q["prompt"] + ts.spaced_target(q["prompt"], q["target"])', 'return q["prompt"]', [DENSE]),
     "dense: index asked with another model": (
         "query.py", 'if dense.fingerprint != meta["model"]:', "if False:", [DENSE]),
     "dense: evaluate skips the dense index's corpus": (
@@ -109,8 +109,9 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "trackstar.py", '"matmul_precision", "chunk_dtype", "tool"]', '"matmul_precision", "tool"]',
         ["tests/test_chunk_dtype.py"]),
     "scan blocks cross chunks": (
-        "query.py", "starts = [(lo, min(rows, hi - lo)) for first, hi in spans for lo in range(first, hi, rows)]",
-        "starts = [(lo, min(rows, n - lo)) for lo in range(0, n, rows)]", [DIST_SAME]),
+        "query.py", "return rows, [(lo, min(rows, hi - lo)) for first, hi in spans for lo in range(first, hi, rows)]",
+        "return rows, [(lo, min(rows, spans[-1][1] - lo)) for lo in range(spans[0][0], spans[-1][1], rows)]",
+        [DIST_SAME]),
     "torchrun merge keeps rank 0's keys only": (
         "query.py", "torch.cat(parts, dim=1)", "torch.cat(parts[:1], dim=1)", [DIST_SAME]),
     "a share of another index build is read": (
