@@ -289,6 +289,9 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_retried_never_lost(monkeyp
         return real(enc, batch)
 
     monkeypatch.setattr(ts, "encode_batch", tight)
+    split = ts.encode_fitting(enc, examples, torch.device("cpu"))
+    assert split["vectors"].shape[0] == len(examples), "a split batch returns every example, not one half"
+    sizes.clear()
     got = ts.encode_tokenized(enc, examples, 10**6)["vectors"]
     assert sizes == [5, 2, 3, 1, 2]  # 5 -> 2 + 3, and 3 -> 1 + 2
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
