@@ -1,16 +1,19 @@
 """bfloat16 against float32 encodings, on the inputs users encode: which inputs drift, and which step costs it.
 
-    python -m bench.precision --corpus data/lama-.../corpus.jsonl [--model smollm2] [--world DIR] [--out F.json]
+    python -m bench.precision --corpus data/lama-.../corpus.jsonl [--model smollm2] [--world DIR] [--device cuda]
+                              [--out F.json]
 
 For each input set, the cosine of every example's encoding to its float32 encoding (matmul precision
 "highest"), on each gradient path with an Adam-like V (the same V for every variant; the factored path with
-its rank-one factors) and without correction, under two variants:
+its rank-one factors) and without correction, under these variants:
 
 * weights: the float32 model with its weights rounded to bfloat16, computed in float32. What storing the
   weights in bfloat16 costs on its own.
 * bf16: the model in bfloat16, as `encode.py --dtype bfloat16` runs it: forward activations, the backward's
   δ and the logits' inputs in bfloat16; the loss, the projections, the V scaling and the vectors in float32
   (the float32 islands `tests/test_precision.py` checks).
+* tf32 (--device cuda only; a no-op on a CPU): the float32 model with float32 matmuls on TF32 tensor cores
+  (`--matmul-precision high`).
 
 The part of bf16's drift that `weights` does not show is the activations' and δ's rounding.
 
@@ -62,20 +65,24 @@ def input_sets(texts: list[str], tokenizer, vocab: int, n: int, long: int, max_l
 
 
 def encodings(model: torch.nn.Module, V: ts.SecondMoment | None, gradient: str, dim: int,
-              seqs: list[list[int]], batch: int) -> torch.Tensor:
-    """(n, d) float64 corrected encodings (float32 as computed) of `seqs`, `batch` at a time."""
+              seqs: list[list[int]], batch: int, precision: str = "highest") -> torch.Tensor:
+    """(n, d) float64 corrected encodings (float32 as computed) of `seqs`, `batch` at a time, on the CPU;
+    float32 matmuls at `precision` ("high": TF32 on a GPU that has it)."""
+    ts.pin_precision(precision)
+    dev = next(model.parameters()).device
     modules = ts.weight_modules(model)
     scales = ts.correction_scales(model, V, 1e-8, modules) if V is not None else {}
     enc = ts.make_encoder(model, dim, 0, scales, gradient)
     out = []
     for lo in range(0, len(seqs), batch):
-        b = ts.collate([(ids, ids) for ids in seqs[lo:lo + batch]], "cpu")
-        out.append(ts.encode_batch(enc, b)["vectors"].double())
+        b = ts.collate([(ids, ids) for ids in seqs[lo:lo + batch]], dev)
+        out.append(ts.encode_batch(enc, b)["vectors"].double().cpu())
+    ts.pin_precision("highest")
     return torch.cat(out)
 
 
 def compare(model32: torch.nn.Module, seqs: list[list[int]], dim: int, batch: int) -> list[dict]:
-    """Cosine of each variant's encodings to float32's, per gradient path."""
+    """Cosine of each variant's encodings to float32's, per gradient path (and TF32's on a GPU)."""
     weights = copy.deepcopy(model32)
     with torch.no_grad():
         for p in weights.parameters():
@@ -86,22 +93,27 @@ def compare(model32: torch.nn.Module, seqs: list[list[int]], dim: int, batch: in
     for path, v, gradient in (("factored, rank-one V", ts.factor_second_moment(V, 1e-8), "factored"),
                               ("exact, full V", V, "exact"), ("no correction", None, "factored")):
         ref = encodings(model32, v, gradient, dim, seqs, batch)
-        for name, m in (("weights", weights), ("bf16", bf16)):
-            cos = torch.nn.functional.cosine_similarity(encodings(m, v, gradient, dim, seqs, batch), ref, dim=1)
+        variants = [("weights", weights, "highest"), ("bf16", bf16, "highest")]
+        if next(model32.parameters()).is_cuda:
+            variants.append(("tf32", model32, "high"))
+        for name, m, precision in variants:
+            x = encodings(m, v, gradient, dim, seqs, batch, precision)
+            cos = torch.nn.functional.cosine_similarity(x, ref, dim=1)
             rows.append({"path": path, "variant": name, "mean_cosine": float(cos.mean()),
                          "min_cosine": float(cos.min()), "n": len(seqs)})
     return rows
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model | inputs | path | weights rounded: mean / min | bf16: mean / min |",
-             "| --- | --- | --- | ---: | ---: |"]
+    names = {"weights": "weights rounded", "bf16": "bf16", "tf32": "TF32"}
+    shown = [v for v in names if any(r["variant"] == v for s in results["sets"] for r in s["rows"])]
+    lines = ["| model | inputs | path | " + " | ".join(f"{names[v]}: mean / min" for v in shown) + " |",
+             "| --- | --- | --- | " + " | ".join("---:" for _ in shown) + " |"]
     for s in results["sets"]:
         by = {(r["path"], r["variant"]): r for r in s["rows"]}
         for path in dict.fromkeys(r["path"] for r in s["rows"]):
-            w, b = by[(path, "weights")], by[(path, "bf16")]
-            lines.append(f"| {s['model']} | {s['inputs']} ({s['n']}) | {path} | {w['mean_cosine']:.5f} / "
-                         f"{w['min_cosine']:.5f} | {b['mean_cosine']:.5f} / {b['min_cosine']:.5f} |")
+            cells = [f"{by[(path, v)]['mean_cosine']:.5f} / {by[(path, v)]['min_cosine']:.5f}" for v in shown]
+            lines.append(f"| {s['model']} | {s['inputs']} ({s['n']}) | {path} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -111,8 +123,9 @@ def main(corpus: Path = typer.Option(..., help="Corpus JSONL whose texts are the
          world: Path | None = typer.Option(None, help="A fact world (prepare.py factworld): its model on its corpus."),
          n: int = typer.Option(24, help="Sequences per input set."),
          dim: int = typer.Option(4096), batch: int = typer.Option(8), long: int = typer.Option(512),
+         device: str = typer.Option("cpu", help="cpu, or cuda (adds TF32 matmuls as a variant)."),
          out: Path | None = typer.Option(None, help="Write the figures here (JSON).")) -> None:
-    ts.pin_precision("highest")
+    device = ts.pick_device(device)
     texts = [d["text"] for d in ts.read_jsonl(corpus, "corpus")]
     jobs = [(model, texts, None)]  # (model, its texts, the input sets to measure: None for all)
     if world is not None:
@@ -120,7 +133,7 @@ def main(corpus: Path = typer.Option(..., help="Corpus JSONL whose texts are the
                      {"real text"}))
     sets = []
     for name, docs, wanted in jobs:
-        m, tok = ts.load_model(name, "float32", "cpu")
+        m, tok = ts.load_model(name, "float32", device)
         todo = {k: v for k, v in input_sets(docs, tok, m.config.vocab_size, n, long, ts.context_length(m)).items()
                 if wanted is None or k in wanted}
         label = "SmolLM2-135M" if name == "smollm2" else "fact world" if wanted else Path(name).name

@@ -98,3 +98,20 @@ def test_bf16_that_the_cpu_kernels_cannot_run_is_refused_in_one_line_before_any_
                         "--no-correction"], cwd=ROOT, env=env, capture_output=True, text=True)
     refused(r, "--dtype bfloat16", "AVX2", "ATEN_CPU_CAPABILITY")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_precision_bench_compares_each_variant_on_each_path_and_tabulates_tf32_only_where_measured():
+    """bench.precision on a tiny Llama: every path has a weights-rounded and a bf16 row (no TF32 on a CPU, where
+    it is a no-op), each a cosine to float32 of the same examples; the table gains a TF32 column only when a
+    GPU run measured one."""
+    from bench import precision
+
+    seqs = [[5, 9, 3, 7, 11, 2, 8], [4, 8, 1], [6, 1, 6, 2]]
+    rows = precision.compare(tiny_model("llama"), seqs, 64, 2)
+    assert [(r["path"], r["variant"]) for r in rows] == [(p, v) for p in ("factored, rank-one V", "exact, full V",
+                                                                          "no correction") for v in ("weights", "bf16")]
+    assert all(r["n"] == 3 and 0.999 < r["min_cosine"] <= r["mean_cosine"] <= 1 + 1e-9 for r in rows)
+    sets = [{"model": "m", "inputs": "real text", "n": 3, "rows": rows}]
+    assert "TF32" not in precision.markdown({"sets": sets})
+    sets[0]["rows"] = rows + [{**r, "variant": "tf32"} for r in rows if r["variant"] == "bf16"]
+    assert "| TF32: mean / min |" in precision.markdown({"sets": sets})
