@@ -75,6 +75,13 @@ def run_mode(mode: str, arch: str, dtype: str, device: str, dim: int, n: int, ba
     return {"mode": mode, **timed(mode_step(mode, model, dim), data, device)}
 
 
+def adam_like_v(model: torch.nn.Module, seed: int = 0) -> ts.SecondMoment:
+    """A full V for every parameter, uniform in [0.1, 1.1), seeded: the same for every mode and dtype of a model."""
+    g = torch.Generator().manual_seed(seed)
+    v = {n: torch.rand(p.shape, generator=g) + 0.1 for n, p in model.named_parameters()}
+    return ts.SecondMoment(v, "file", None, None, 0.0, "bench")
+
+
 def mode_step(mode: str, model: torch.nn.Module, dim: int) -> Callable[[dict], object]:
     """What one batch costs in `mode`: a training step, or encoding on a gradient path ("factored" with a
     rank-one V, as --factor-v gives; "exact" with a full V), "+emb" tracing the embedding lookups too."""
@@ -83,9 +90,7 @@ def mode_step(mode: str, model: torch.nn.Module, dim: int) -> Callable[[dict], o
     gradient, params = mode.split("+")[0], "all" if mode.endswith("+emb") else "matrices"
     modules = ts.weight_modules(model)
     lookups = ts.lookup_modules(model) if params == "all" else []
-    g = torch.Generator().manual_seed(0)  # an Adam-like V for every parameter
-    v = {p: torch.rand(prm.shape, generator=g) + 0.1 for p, prm in model.named_parameters()}
-    V = ts.SecondMoment(v, "file", None, None, 0.0, "bench")
+    V = adam_like_v(model)
     V = ts.factor_second_moment(V, 1e-8) if gradient == "factored" else V
     enc = ts.make_encoder(model, dim, 0, ts.correction_scales(model, V, 1e-8, modules, lookups), gradient,
                           params=params)

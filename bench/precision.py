@@ -33,15 +33,9 @@ import typer
 from tqdm import tqdm
 
 import trackstar as ts
+from bench.encoding import adam_like_v
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
-
-
-def adam_like_v(model: torch.nn.Module, seed: int = 0) -> ts.SecondMoment:
-    """A full V for every parameter, uniform in [0.1, 1.1): the same for every variant of a model."""
-    g = torch.Generator().manual_seed(seed)
-    v = {n: torch.rand(p.shape, generator=g) + 0.1 for n, p in model.named_parameters()}
-    return ts.SecondMoment(v, "file", None, None, 0.0, "bench")
 
 
 def input_sets(texts: list[str], tokenizer, vocab: int, n: int, long: int, max_length: int, seed: int = 0

@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, refused, tiny_model
 
 import trackstar as ts
+from bench.encoding import adam_like_v
 
 
 def batch(vocab: int = 96) -> dict[str, torch.Tensor]:
@@ -22,14 +23,8 @@ def batch(vocab: int = 96) -> dict[str, torch.Tensor]:
     return ts.collate([(s, s) for s in seqs], "cpu")
 
 
-def adam_like(model: torch.nn.Module) -> ts.SecondMoment:
-    g = torch.Generator().manual_seed(0)
-    return ts.SecondMoment({n: torch.rand(p.shape, generator=g) + 0.1 for n, p in model.named_parameters()},
-                           "file", None, None, 0.0, "test")
-
-
 def encode(model: torch.nn.Module, gradient: str, dim: int = 64) -> torch.Tensor:
-    V = adam_like(model)
+    V = adam_like_v(model)
     V = ts.factor_second_moment(V, 1e-8) if gradient == "factored" else V
     enc = ts.make_encoder(model, dim, 0, ts.correction_scales(model, V, 1e-8, ts.weight_modules(model)), gradient,
                           also_uncorrected=True)
@@ -81,8 +76,7 @@ def test_a_bf16_encoding_stays_within_the_stated_cosine_of_float32(arch, gradien
         assert cos.min() > BF16_COSINE, (key, cos.tolist())
 
 
-PROBE = ("import torch; q = torch.ones(1, 1, 128, 64, dtype=torch.bfloat16, requires_grad=True); "
-         "torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()")
+PROBE = "import trackstar as ts; ts.check_bf16_attention('cpu')"  # the check encode runs, alone
 
 
 def test_bf16_that_the_cpu_kernels_cannot_run_is_refused_in_one_line_before_any_work(model_dir, corpus_file,
@@ -91,7 +85,7 @@ def test_bf16_that_the_cpu_kernels_cannot_run_is_refused_in_one_line_before_any_
     attention fails on sequences past ~64 tokens, mid-run with a traceback; encode refuses at the start, naming
     the capability and the way out, and writes nothing."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
-    if subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True).returncode == 0:
+    if subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True).returncode == 0:
         pytest.skip("this PyTorch runs bf16 attention on its AVX2 kernels")
     r = subprocess.run([sys.executable, str(ROOT / "encode.py"), "corpus", "--model", str(model_dir), "--data",
                         str(corpus_file), "--out", str(tmp_path / "run"), "--dim", "16", "--dtype", "bfloat16",
