@@ -224,6 +224,13 @@ def collate(examples: list[tuple[list[int], list[int]]], device: str | torch.dev
 
 LOSS_CHUNK = 1 << 24  # logits entries per cross-entropy chunk: 64 MB of float32 at a time
 
+# The float32 islands of a bfloat16 (or float16) model: the loss reads its logits in LOSS_DTYPE, and δ, each
+# traced module's input x, the projections and the V scaling run in GRADIENT_DTYPE, so that only the model's
+# own matmuls round to its dtype. Constants, not options: bench.islands sets them to the model's dtype to
+# measure what each island costs in speed and buys in accuracy.
+LOSS_DTYPE = torch.float32
+GRADIENT_DTYPE = torch.float32
+
 
 def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed token cross-entropy of each example (B,), computed in float32.
@@ -249,7 +256,8 @@ def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    logits = logits.to(LOSS_DTYPE).transpose(1, 2)
+    return nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,7 +451,7 @@ def encode_batch(enc: Encoder, batch: dict[str, torch.Tensor]) -> dict[str, torc
     acc = {"vectors": torch.zeros(B, enc.dim, device=dev)}
     if enc.also_uncorrected:
         acc["vectors_uncorrected"] = torch.zeros(B, enc.dim, device=dev)
-    mask = batch["attention_mask"].unsqueeze(-1).float()
+    mask = batch["attention_mask"].unsqueeze(-1).to(GRADIENT_DTYPE)
     handles = [_trace_inputs_grad(enc.model)]
     for name, module, _, _ in enc.modules:
         handles.append(module.register_forward_hook(_capture(enc, name, mask, acc)))
@@ -473,7 +481,7 @@ def _capture(enc: Encoder, name: str, mask: torch.Tensor, acc: dict) -> Callable
             saved = inputs[0]
             version = saved._version  # weights are frozen, so autograd would not notice an in-place change
         else:
-            x = inputs[0].float() * mask  # (B, T, in); padded positions carry nothing
+            x = inputs[0].to(GRADIENT_DTYPE) * mask  # (B, T, in); padded positions carry nothing
             xs = [x * scale.b] if scale is not None else [x]
             if enc.also_uncorrected:
                 xs.append(x)
@@ -482,7 +490,7 @@ def _capture(enc: Encoder, name: str, mask: torch.Tensor, acc: dict) -> Callable
             if exact and saved._version != version:
                 raise TrackStarError(f"the input of {name} was modified in place after its forward pass; its "
                                      "per-example gradient cannot be formed from it (use --factor-v)")
-            _accumulate(enc, name, saved, g.float() * mask, acc)
+            _accumulate(enc, name, saved, g.to(GRADIENT_DTYPE) * mask, acc)
 
         output.register_hook(hook)
 
@@ -500,8 +508,9 @@ def _accumulate(enc: Encoder, name: str, saved: Any, delta: torch.Tensor, acc: d
         step = max(1, (1 << 26) // (n_out * n_in))
         for lo in range(0, B, step):
             b = min(step, B - lo)
-            grad = _buffer(enc, b * n_out * n_in, delta.device).view(b, n_out, n_in)
-            torch.bmm(delta[lo : lo + b].transpose(1, 2), saved[lo : lo + b].float(), out=grad)  # upcast per slice
+            grad = _buffer(enc, b * n_out * n_in, delta).view(b, n_out, n_in)
+            # x cast to δ's dtype a slice at a time: a float32 copy of all of a bf16 x would take twice its bytes again
+            torch.bmm(delta[lo : lo + b].transpose(1, 2), saved[lo : lo + b].to(delta.dtype), out=grad)
             if scale is not None and enc.also_uncorrected:
                 acc["vectors_uncorrected"][lo : lo + b] += _project(grad, p_out, p_in)
             if isinstance(scale, RankOne):
@@ -536,7 +545,7 @@ def _capture_lookup(enc: Encoder, name: str, mask: torch.Tensor, acc: dict) -> C
         output = output.expand(B, -1, -1)  # per-example δ even where the batch shares one lookup
 
         def accumulate(g: torch.Tensor) -> None:
-            delta = g.float() * keep
+            delta = g.to(GRADIENT_DTYPE) * keep
             out_side = p_out[rows]  # (B, T, s_out)
             ins = {"vectors_uncorrected": delta} if enc.also_uncorrected else {}
             if isinstance(scale, RankOne):
@@ -552,9 +561,10 @@ def _capture_lookup(enc: Encoder, name: str, mask: torch.Tensor, acc: dict) -> C
     return forward_hook
 
 
-def _buffer(enc: Encoder, n: int, device: torch.device) -> torch.Tensor:
-    if enc.buffer is None or enc.buffer.numel() < n or enc.buffer.device != device:
-        enc.buffer = torch.empty(n, device=device)
+def _buffer(enc: Encoder, n: int, like: torch.Tensor) -> torch.Tensor:
+    b = enc.buffer
+    if b is None or b.numel() < n or b.device != like.device or b.dtype != like.dtype:
+        enc.buffer = torch.empty(n, device=like.device, dtype=like.dtype)
     return enc.buffer[:n]
 
 

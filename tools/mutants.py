@@ -35,7 +35,7 @@ DIST_REFUSED = "tests/test_distributed.py::test_a_share_not_of_this_build_or_pla
 # name -> (file, original text, mutated text, tests to run)
 MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
     "loss in the model's dtype (bf16 logits)": (
-        "trackstar.py", "cross_entropy(logits.float().transpose(1, 2)", "cross_entropy(logits.transpose(1, 2)",
+        "trackstar.py", "logits = logits.to(LOSS_DTYPE).transpose(1, 2)", "logits = logits.transpose(1, 2)",
         ["tests/test_precision.py"]),
     "query loss includes the prompt": (
         "trackstar.py", "return p + t, [IGNORE] * len(p) + t", "return p + t, p + t", [CONV, ENC]),
