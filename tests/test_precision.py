@@ -109,3 +109,43 @@ def test_the_precision_bench_compares_each_variant_on_each_path_and_tabulates_tf
     assert "TF32" not in precision.markdown({"sets": sets})
     sets[0]["rows"] = rows + [{**r, "variant": "tf32"} for r in rows if r["variant"] == "bf16"]
     assert "| TF32: mean / min |" in precision.markdown({"sets": sets})
+
+
+def test_the_islands_bench_drops_each_island_it_names_and_puts_everything_back(monkeypatch):
+    """bench.islands on a tiny Llama: each variant runs with the loss's logits and δ in the dtype it names (spied
+    on), the bench ends with both islands back in float32, and every (path, variant) gets a row whose float32
+    variant is its own reference (cosine 1) and whose bf16-with-islands variant has speed ratio 1. A variant
+    that silently kept an island would measure nothing."""
+    from bench import islands
+
+    monkeypatch.setattr(ts, "LOSS_DTYPE", ts.LOSS_DTYPE)  # restored whatever the bench leaves
+    monkeypatch.setattr(ts, "GRADIENT_DTYPE", ts.GRADIENT_DTYPE)
+    seen: set = set()
+    cross_entropy, accumulate = torch.nn.functional.cross_entropy, ts._accumulate
+
+    def spy_cross_entropy(logits, *a, **k):
+        seen.add(("logits", logits.dtype))
+        return cross_entropy(logits, *a, **k)
+
+    def spy_accumulate(enc, name, saved, delta, acc):
+        seen.add(("delta", delta.dtype))
+        return accumulate(enc, name, saved, delta, acc)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy_cross_entropy)
+    monkeypatch.setattr(ts, "_accumulate", spy_accumulate)
+    m32 = tiny_model("llama")
+    models = {torch.float32: m32, torch.bfloat16: copy.deepcopy(m32).to(torch.bfloat16)}
+    rows = islands.measure(models, [[5, 9, 3, 7, 11, 2, 8], [4, 8, 1], [6, 1, 6, 2]], 2, 64, 1, "cpu")
+    assert seen == {(k, d) for k in ("logits", "delta") for d in (torch.float32, torch.bfloat16)}
+    assert (ts.LOSS_DTYPE, ts.GRADIENT_DTYPE) == (torch.float32, torch.float32)
+    assert [(r["path"], r["variant"]) for r in rows] == [(p, v) for p in ("factored, rank-one V", "exact, full V")
+                                                         for v in islands.VARIANTS]
+    by = {(r["path"], r["variant"]): r for r in rows}
+    for path in ("factored, rank-one V", "exact, full V"):
+        assert by[(path, "float32")]["min_cosine"] > 1 - 1e-9
+        assert by[(path, islands.BASE)]["speed_vs_bf16"] == 1.0
+        assert by[(path, islands.BASE)]["min_cosine_to_bf16"] > 1 - 1e-9
+        assert all(0.999 < by[(path, v)]["min_cosine"] for v in islands.VARIANTS)
+    assert "| bf16, no islands |" in islands.markdown({"model": "m", "device": "cpu", "dim": 64, "rounds": 1,
+                                                       "sets": [{"inputs": "real text", "n": 3, "tokens": 14,
+                                                                 "rows": rows}]})
