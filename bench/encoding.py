@@ -36,6 +36,14 @@ def build(arch: str, dtype: str, device: str):
     torch.manual_seed(0)
     if arch == "gpt2-small":  # ~100M parameters, for the GPU
         model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024))
+    elif arch == "llama-1b":  # Llama 3.2 1B's shape: 1.2B parameters (the 128k-row embedding tied to the head)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                             tie_word_embeddings=True, max_position_embeddings=8192))
+    elif arch == "llama-tiny":  # the same code paths in a second: the smoke tests' stand-in for llama-1b
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                             tie_word_embeddings=True, max_position_embeddings=512))
     elif arch == "llama-100m":
         model = LlamaForCausalLM(LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                                              num_attention_heads=12, vocab_size=32000))
@@ -132,7 +140,8 @@ MODES = ("train", "factored", "exact", "factored+emb", "exact+emb")
 @app.command()
 def main(
     dim: int = typer.Option(65536, help="Projection dimension."),
-    arch: str = typer.Option("gpt2-tiny", help="gpt2-tiny (CPU) | gpt2-small | llama-100m (GPU, ~100M)."),
+    arch: str = typer.Option("gpt2-tiny", help="gpt2-tiny (CPU) | gpt2-small | llama-100m (GPU, ~100M) | llama-1b "
+                             "(GPU, Llama 3.2 1B's shape) | llama-tiny."),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("auto"),
     n: int = typer.Option(6, help="Timed batches per mode."),

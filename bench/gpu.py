@@ -1,6 +1,7 @@
 """GPU checks and ratios in one run (a few minutes on one GPU): what a CPU cannot show.
 
-    python -m bench.gpu [--model smollm2] [--device cuda] [--out bench-gpu.json] [--sections fill,scan]
+    python -m bench.gpu [--model smollm2] [--corpus LAMA.jsonl] [--device cuda] [--out bench-gpu.json]
+                        [--sections fill,scan]
     python -m bench.gpu --device cpu --model DIR --small      # the smoke test the suite runs
     python -m bench.gpu --device cpu --sections fill          # the host buffers' fill rate on a CPU alone
 
@@ -9,9 +10,14 @@
    to the model's bytes, and MFU: tokens/s x 6N ÷ the device's matmul peak in that dtype, measured
    in the same run (bench.encoding.summarize). The batches fill the default token budget, so peak
    memory includes the chunked logits.
+   encode_1b: the same for a 1.2B-parameter Llama (Llama 3.2 1B's shape, random weights, d <= 16,384).
 2. precision: cosine of each encoding to the float32 one (matmul precision "highest") on this device:
    TF32 ("high"), a bfloat16 model; and of this device's float32 encoding to the CPU's (P is drawn the
    same on every device, so they must agree to float tolerance).
+   text_precision (with --corpus): bench.precision on this device, by input set (real text, random
+   tokens, long documents, rare tokens); TF32 matmuls among the variants.
+   islands (with --corpus): bench.islands on this device, what each float32 island of a bfloat16
+   encode costs in tokens/s and buys in cosine.
 3. fill: the streamed scan's host side alone, GB/s of filling 1,024-row host buffers (pinned on a
    GPU) from the page cache with 1, 2 (and query.FILL_THREADS) threads, ÷ the page cache's memcpy
    rate: with the host-to-device bandwidth of 4, what the scan from host memory can reach.
@@ -33,6 +39,7 @@ import json
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -45,17 +52,21 @@ import query
 import trackstar as ts
 from bench import encoding as bench_encode
 from bench import indexing as bench_index
+from bench import islands as bench_islands
 from bench import limits
+from bench import precision as bench_precision
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
-def encode_section(model_path: str, device: str, dim: int, n: int, batch: int, length: int) -> list[dict]:
-    """Speed and memory per (dtype, mode), as ratios to a training step in the same dtype, to the device's matmul
-    peak in that dtype measured here (MFU, bench_encode.summarize) and to the model's bytes."""
+def encode_section(load: Callable[[str], torch.nn.Module], device: str, dim: int, n: int, batch: int, length: int
+                   ) -> list[dict]:
+    """Speed and memory per (dtype, mode) of the model `load(dtype)` gives, as ratios to a training step in the
+    same dtype, to the device's matmul peak in that dtype measured here (MFU, bench_encode.summarize) and to the
+    model's bytes."""
     rows = []
     for dtype in ("float32", "bfloat16"):
-        model, _ = ts.load_model(model_path, dtype, device)
+        model = load(dtype)
         data = bench_encode.batches(model.config.vocab_size, n + 1, batch, length, device)
         results = {}
         for mode in ("train", "factored", "exact"):
@@ -64,10 +75,43 @@ def encode_section(model_path: str, device: str, dim: int, n: int, batch: int, l
                 results[mode]["peak_mib"] = float("nan")
         peak = limits.matmul_rate(device, dtype)
         summary = bench_encode.summarize(results, model, dim, length, peak)
-        rows += [{"dtype": dtype, "matmul_gflop_s": peak, **r} for r in summary["modes"]]
+        rows += [{"dtype": dtype, "matmul_gflop_s": peak, "matrix_params": summary["matrix_params"], **r}
+                 for r in summary["modes"]]
         del model, data
         free(device)
     return rows
+
+
+def text_precision_section(model_path: str, device: str, corpus: Path | None, dim: int, n: int, long: int
+                           ) -> dict:
+    """bench.precision on this device: the cosine to float32 of a bfloat16 model's and of TF32 matmuls'
+    encodings, on the corpus's texts, random tokens, long documents and rare tokens."""
+    if corpus is None:
+        return {"skipped": "needs --corpus (a corpus JSONL of real text)"}
+    model, tok = ts.load_model(model_path, "float32", device)
+    texts = [d["text"] for d in ts.read_jsonl(corpus, "corpus")]
+    sets = []
+    for inputs, seqs in bench_precision.input_sets(texts, tok, model.config.vocab_size, n, long,
+                                                   ts.context_length(model)).items():
+        sets.append({"model": Path(model_path).name, "inputs": inputs, "n": len(seqs), "tokens": sum(map(len, seqs)),
+                     "rows": bench_precision.compare(model, seqs, dim, 8)})
+    return {"dim": dim, "sets": sets}
+
+
+def islands_section(model_path: str, device: str, corpus: Path | None, dim: int, n: int, long: int) -> dict:
+    """bench.islands on this device: what each float32 island of a bfloat16 encode costs in tokens/s (on a GPU
+    the islands' matmuls run on fp32 CUDA cores, the model's on bf16 tensor cores) and buys in cosine."""
+    if corpus is None:
+        return {"skipped": "needs --corpus (a corpus JSONL of real text)"}
+    ts.check_bf16_attention(device)
+    m32, tok = ts.load_model(model_path, "float32", device)
+    models = {torch.float32: m32, torch.bfloat16: ts.load_model(model_path, "bfloat16", device)[0]}
+    texts = [d["text"] for d in ts.read_jsonl(corpus, "corpus")]
+    todo = bench_precision.input_sets(texts, tok, m32.config.vocab_size, n, long, ts.context_length(m32))
+    sets = [{"inputs": inputs, "n": len(todo[inputs]), "tokens": sum(map(len, todo[inputs])),
+             "rows": bench_islands.measure(models, todo[inputs], 8 if inputs == "real text" else 4, dim, 2, device)}
+            for inputs in ("real text", "long documents")]
+    return {"model": Path(model_path).name, "device": device, "dim": dim, "rounds": 2, "sets": sets}
 
 
 def precision_section(model_path: str, device: str, dim: int, batch: int, length: int) -> list[dict]:
@@ -216,7 +260,8 @@ def free(device: str) -> None:
 def markdown(r: dict) -> str:
     """The figures as README-ready tables (a failed section as its error; a section not asked for left out)."""
     lines = [f"device: {r['device']}; model: {r['model']}; d = {r['dim']}; torch {r['torch']}, CUDA {r['cuda']}"]
-    for name, table in (("encode", encode_table), ("precision", precision_table), ("fill", fill_table),
+    for name, table in (("encode", encode_table), ("encode_1b", encode_table), ("precision", precision_table),
+                        ("text_precision", text_precision_table), ("islands", islands_table), ("fill", fill_table),
                         ("scan", scan_table), ("tail_patch", tail_patch_table)):
         if name in r:
             part = r[name]
@@ -226,11 +271,20 @@ def markdown(r: dict) -> str:
 
 
 def encode_table(rows: list[dict]) -> list[str]:
-    return ["| dtype | mode | tokens/s | ÷ train | peak MiB | ÷ train | ÷ model | matmul peak GFLOP/s | MFU (6N) |",
+    return [f"N = {rows[0]['matrix_params'] / 1e6:,.1f}M traced matrix parameters", "",
+            "| dtype | mode | tokens/s | ÷ train | peak MiB | ÷ train | ÷ model | matmul peak GFLOP/s | MFU (6N) |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"] + [
         f"| {e['dtype']} | {e['mode']} | {e['tokens_per_s']:.0f} | {e['speed_vs_train']:.2f} | {e['peak_mib']:.0f} | "
         f"{e['memory_vs_train']:.2f} | {e['memory_vs_model']:.2f} | {e['matmul_gflop_s']:.0f} | {e['mfu']:.3f} |"
         for e in rows]
+
+
+def text_precision_table(r: dict) -> list[str]:
+    return [r["skipped"]] if "skipped" in r else bench_precision.markdown(r).splitlines()
+
+
+def islands_table(r: dict) -> list[str]:
+    return [r["skipped"]] if "skipped" in r else bench_islands.markdown(r).splitlines()
 
 
 def precision_table(rows: list[dict]) -> list[str]:
@@ -261,7 +315,7 @@ def tail_patch_table(t: dict) -> list[str]:
             f"{t['peak_vs_model']:.2f}x the model ({t['model_gib']:.2f} GiB)"]
 
 
-SECTIONS = ("encode", "precision", "fill", "scan", "tail_patch")
+SECTIONS = ("encode", "encode_1b", "precision", "text_precision", "islands", "fill", "scan", "tail_patch")
 
 
 @app.command(help=__doc__)
@@ -273,22 +327,30 @@ def main(
     out: Path = typer.Option(Path("bench-gpu.json"), help="Where the figures are written (JSON; .md beside)."),
     sections: str = typer.Option(",".join(SECTIONS), help="Which sections to run, comma-separated."),
     fill_gib: float = typer.Option(1.0, help="GB of index the fill section copies (the page cache holds it)."),
+    corpus: Path | None = typer.Option(None, help="A corpus JSONL of real text (e.g. LAMA sentences) for the "
+                                       "text_precision and islands sections; without it they are skipped."),
 ) -> None:
     device = ts.pick_device(device)
     ts.pin_precision("highest")
     unknown = set(sections.split(",")) - set(SECTIONS)
     if unknown:
         raise ts.TrackStarError(f"--sections: no section {', '.join(sorted(unknown))} (known: {', '.join(SECTIONS)})")
-    if small:
-        dim, n, batch, length, scan_rows, scan_dim, gib, docs = 256, 2, 4, 32, 4096, 256, 0.01, 2
+    if small:  # long documents of 32 tokens: CPU bf16 attention under make's AVX2 pin runs only short sequences
+        dim, n, batch, length, scan_rows, scan_dim, gib, docs, texts = 256, 2, 4, 32, 4096, 256, 0.01, 2, 8
         fill_gib = min(fill_gib, 0.01)
     else:  # 16 x 512 = 8,192 tokens a batch: the default token budget
-        n, batch, length, scan_rows, scan_dim, gib, docs = 5, 16, 512, 524_288, 4096, 1.0, 8
+        n, batch, length, scan_rows, scan_dim, gib, docs, texts = 5, 16, 512, 524_288, 4096, 1.0, 8, 32
+    shape = "llama-tiny" if small else "llama-1b"
     t0 = time.perf_counter()
     result = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "model": model,
               "dim": dim, "torch": torch.__version__, "cuda": torch.version.cuda}
-    run = {"encode": lambda: encode_section(model, device, dim, n, batch, length),
+    run = {"encode": lambda: encode_section(lambda dtype: ts.load_model(model, dtype, device)[0], device, dim, n,
+                                            batch, length),
+           "encode_1b": lambda: encode_section(lambda dtype: bench_encode.build(shape, dtype, device), device,
+                                               min(dim, 16384), n, batch, length),
            "precision": lambda: precision_section(model, device, dim, min(batch, 4), length),
+           "text_precision": lambda: text_precision_section(model, device, corpus, min(dim, 4096), texts, length),
+           "islands": lambda: islands_section(model, device, corpus, min(dim, 4096), texts, length),
            "fill": lambda: fill_section(device, fill_gib, min(scan_dim, 4096)),
            "scan": lambda: scan_section(device, scan_rows, scan_dim, (1, 1024), gib),
            "tail_patch": lambda: tail_patch_section(model, device, docs, length)}

@@ -190,23 +190,32 @@ def test_gpu_scan_block_is_sized_from_free_memory_and_d():
     assert query.default_block("cuda", 10, 1024, free_bytes=80 << 30) == 65536  # small d: as before
 
 
-def test_bench_gpu_script_runs_end_to_end_on_the_cpu(model_dir, tmp_path):
-    """The GPU script (every section: encode ratios and MFU, precision cosines, the host buffers' fill rate, the
-    scan streamed and resident, tail-patch) runs with --device cpu as a smoke test, and its figures are sane: on
-    one device TF32 is a no-op and the CPU's own encodings agree exactly; a bfloat16 model still points the same
-    way; every scan finds the CPU's top-10."""
+def test_bench_gpu_script_runs_end_to_end_on_the_cpu(model_dir, corpus_file, tmp_path):
+    """The GPU script (every section: encode ratios and MFU for the model and for a Llama shape, precision
+    cosines on random and real text, the float32 islands' cost, the host buffers' fill rate, the scan streamed
+    and resident, tail-patch) runs with --device cpu as a smoke test, and its figures are sane: on one device
+    TF32 is a no-op and the CPU's own encodings agree exactly; a bfloat16 model still points the same way; every
+    scan finds the CPU's top-10."""
     from typer.testing import CliRunner
 
     import query
     from bench import gpu as bench_gpu
 
     out = tmp_path / "bench.json"
-    r = CliRunner().invoke(bench_gpu.app, ["--device", "cpu", "--model", str(model_dir), "--small", "--out", str(out)])
+    r = CliRunner().invoke(bench_gpu.app, ["--device", "cpu", "--model", str(model_dir), "--small", "--out", str(out),
+                                           "--corpus", str(corpus_file)])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert {(e["dtype"], e["mode"]) for e in res["encode"]} == {(d, m) for d in ("float32", "bfloat16")
-                                                                 for m in ("train", "factored", "exact")}
-    assert all(e["tokens_per_s"] > 0 for e in res["encode"])
+    for section in ("encode", "encode_1b"):
+        assert {(e["dtype"], e["mode"]) for e in res[section]} == {(d, m) for d in ("float32", "bfloat16")
+                                                                    for m in ("train", "factored", "exact")}
+        assert all(e["tokens_per_s"] > 0 and e["mfu"] > 0 for e in res[section])
+    assert res["encode_1b"][0]["matrix_params"] != res["encode"][0]["matrix_params"]  # another model
+    assert [s["inputs"] for s in res["text_precision"]["sets"]] == ["real text", "random tokens", "long documents",
+                                                                    "rare tokens"]
+    assert all(0.9 < r["min_cosine"] <= 1 + 1e-9 for s in res["text_precision"]["sets"] for r in s["rows"])
+    assert [s["inputs"] for s in res["islands"]["sets"]] == ["real text", "long documents"]
+    assert all(r["speed_vs_bf16"] > 0 and 0.9 < r["min_cosine"] for s in res["islands"]["sets"] for r in s["rows"])
     cos = {(p["mode"], p["vs_float32"]): p["min_cosine"] for p in res["precision"]}
     for mode in ("factored", "exact"):
         assert cos[(mode, "tf32")] == pytest.approx(1, abs=1e-12)
@@ -379,3 +388,23 @@ def test_mfu_counts_six_n_per_token_of_the_traced_matrices_against_the_measured_
     assert train["mfu"] == pytest.approx(1000 * 6 * matrices / 2e9) == train["work_vs_peak"]
     assert exact["mfu"] == pytest.approx(train["mfu"] / 4) and exact["speed_vs_train"] == 0.25
     assert exact["memory_vs_model"] == pytest.approx(6 / model_mib) and exact["memory_vs_train"] == 2
+
+
+def test_the_breakdown_bench_puts_every_operator_in_one_group_and_its_shares_add_up():
+    """bench.breakdown: matmuls, attention, the loss and copies are told apart by operator name, each mode's
+    group shares of its busy time sum to 1, every mode's matmuls have FLOPs counted, and busy time never exceeds
+    the profiled wall time. A grouping that lost an operator or counted one twice would not sum to 1."""
+    from bench import breakdown
+
+    assert [breakdown.group(n) for n in ("aten::mm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                                         "aten::_log_softmax_backward_data", "aten::nll_loss_forward", "aten::copy_",
+                                         "aten::mul")] == ["matmul", "matmul", "attention", "loss", "loss",
+                                                           "copies and casts", "the rest"]
+    model = breakdown.load("llama-tiny", "float32", "cpu")
+    rows = breakdown.breakdown(model, "cpu", 256, 2, 32, 10.0)
+    assert [r["mode"] for r in rows] == ["train", "factored", "exact"]
+    for r in rows:
+        assert sum(r["shares"].values()) == pytest.approx(1)
+        assert r["ops"] > 50 and 0 < r["busy_vs_wall"] <= 1 and r["matmul_vs_peak"] > 0
+    assert "| train |" in breakdown.markdown({"model": "m", "dtype": "float32", "device": "cpu", "batch": 2,
+                                             "length": 32, "dim": 256, "matmul_gflop_s": 10.0, "modes": rows})
