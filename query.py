@@ -1,6 +1,7 @@
 """Exact top-k proponents and opponents per query, and the text baselines: BM25 and dense retrieval.
 
     python query.py --index RUN/index --queries RUN/queries --out RUN/proponents.jsonl [--k 10]
+    python query.py --index RUN/index --queries A/queries --out A.jsonl --queries B/queries --out B.jsonl
     python query.py --index RUN/index --prompt "The capital of France is" --target " Paris"
     python query.py --method bm25 --corpus corpus.jsonl --queries queries.jsonl --out RUN/bm25.jsonl
     python query.py --method dense --corpus corpus.jsonl --index RUN/index-dense [--dense-model DIR]
@@ -17,9 +18,11 @@ normalisation the index recorded. The dense baseline embeds the corpus once into
 own (unit text embeddings, by default all-MiniLM-L6-v2's) and scans it the same way. A blocked scan
 keeps the running top-k (highest scores, proponents) and bottom-k (lowest, opponents) per query; the
 result equals a stable sort of the full score matrix (ties: lower corpus row first), with memory
-bounded by --block, not the corpus. Under torchrun (`torchrun --nproc_per_node W query.py --index ...`)
-each rank scans its share of the index's chunks and rank 0 merges the ranks' lists and writes them:
-the same output, bit for bit, as one process.
+bounded by --block, not the corpus. Several --queries, each with its --out, share one read of the
+index's settings and documents, and on a GPU with room one load of its rows into device memory.
+Under torchrun (`torchrun --nproc_per_node W query.py --index ...`) each rank scans its share of the
+index's chunks and rank 0 merges the ranks' lists and writes them: the same output, bit for bit, as
+one process.
 Output, one line per query, in the queries file's order, each saying what made it (evaluate.py checks it):
 
     {"query_id", "proponents": [{"id", "score", "text"}, ...], "opponents": [...],
@@ -608,34 +611,64 @@ def write_results(out: Path, query_ids: list[str], corpus_rows: list[dict], resu
                          for j, qid in enumerate(query_ids)))
 
 
-def query_runs(index: Path, queries: Path, out: Path, k: int, block: int, device: str,
-               corpus: Path | None = None) -> None:
-    """Every query of an encoded run against the index (the corpus read at `corpus` when given: corpus_rows_for).
-    Under torchrun every rank prepares the (few) queries alike and scans its share; rank 0 reads the texts and
-    writes the results."""
-    rank, _ = ts.distributed()
-    meta, qmeta = read_index_meta(index), ts.read_meta(queries)
+def checked_queries_run(index: Path, meta: dict, queries: Path, rank: int) -> ts.RunSettings:
+    """The settings of the encoded queries run `queries`, refused unless it was encoded as the index's corpus run
+    was (a note on rank 0 when the index's R_eval was fit on other queries)."""
+    qmeta = ts.read_meta(queries)
     if qmeta.kind != "queries":
         raise ts.TrackStarError(f"--queries {queries} holds an encoded {qmeta.kind!r} run, not 'queries'")
     ts.check_same(meta["corpus"], qmeta, ts.COMPATIBLE_KEYS, f"index {index}", f"queries run {queries}")
     if meta["queries_data"] and qmeta.data != meta["queries_data"] and rank == 0:
         typer.echo(f"note: the index's R_eval was fit on {meta['queries_data']}, not on these queries", err=True)
+    return qmeta
+
+
+def resident_for_runs(n_runs: int, segments: list[tuple[Path, int, int]], device: str, build: str | None
+                      ) -> ResidentIndex | None:
+    """The index rows loaded onto the GPU once when several query runs scan them and they fit
+    (resident_if_it_fits), else None. One run reads every row once anyway: loading them first would only take
+    device memory. Under torchrun the ranks may share a GPU, each judging its free memory before the others
+    load their shares, so each rank streams its share as for one run."""
+    if n_runs < 2 or ts.distributed()[1] > 1:
+        return None
+    return resident_if_it_fits(segments, device, build)
+
+
+def scan_run(queries: Path, meta: dict, matrix: torch.Tensor | None, k: int, block: int, device: str,
+             resident: ResidentIndex | None) -> tuple[np.ndarray, tuple | None, float]:
+    """(the run's rows in the queries file's order, search's result, seconds scanning) for one encoded queries
+    run, its vectors transformed by the index's query `matrix`."""
     rows, vectors = ts.read_vectors(queries, meta["vector_dataset"])
     order = np.argsort(rows, kind="stable")  # output in the queries file's order
+    q = transformed_queries(vectors[order], matrix, meta, device)
+    t0 = time.perf_counter()
+    result = search(q, meta["segments"], k, block, device, meta["build"], resident)
+    return rows[order], result, time.perf_counter() - t0
+
+
+def query_runs(index: Path, pairs: list[tuple[Path, Path]], k: int, block: int, device: str,
+               corpus: Path | None = None) -> None:
+    """Every query of each encoded run against the index, written to its paired output (the corpus read at
+    `corpus` when given: corpus_rows_for). The index's settings, query transform and documents are read once,
+    and every run is checked before any is scanned. Under torchrun every rank prepares the (few) queries alike
+    and scans its share; rank 0 reads the texts and writes the results."""
+    rank, _ = ts.distributed()
+    meta = read_index_meta(index)
+    qmetas = [checked_queries_run(index, meta, queries, rank) for queries, _ in pairs]
     if rank == 0:
-        query_rows = read_checked_jsonl(qmeta.data, "queries", qmeta.data_digest)
+        query_rows = [read_checked_jsonl(qmeta.data, "queries", qmeta.data_digest) for qmeta in qmetas]
         c = meta["corpus"]
         corpus_rows = corpus_rows_for(c.data, c.data_digest, c.n_examples, corpus)
-    q = prepare_queries(vectors[order], index, meta, device)
-    t0 = time.perf_counter()
-    result = search(q, meta["segments"], k, block, device, meta["build"])
-    dt = time.perf_counter() - t0
-    if rank != 0:
-        return
-    write_results(out, [query_rows[r]["id"] for r in rows[order]], corpus_rows, result,
-                  made_by("trackstar", k, meta["build"], queries, qmeta.data_digest))
-    typer.echo(f"wrote {out}: {len(rows)} queries x {meta['n_rows']} documents, top/bottom {min(k, meta['n_rows'])}"
-               f" in {dt:.2f} s")
+    matrix = query_matrix(index, meta["build"], device)
+    resident = resident_for_runs(len(pairs), meta["segments"], device, meta["build"])
+    for i, ((queries, out), qmeta) in enumerate(zip(pairs, qmetas, strict=True)):
+        rows, result, dt = scan_run(queries, meta, matrix, k, block, device, resident)
+        if rank != 0:
+            continue
+        write_results(out, [query_rows[i][r]["id"] for r in rows], corpus_rows, result,
+                      made_by("trackstar", k, meta["build"], queries, qmeta.data_digest))
+        typer.echo(f"wrote {out}: {len(rows)} queries x {meta['n_rows']} documents, top/bottom "
+                   f"{min(k, meta['n_rows'])} in {dt:.2f} s")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -763,14 +796,24 @@ def exact_topk_numpy(scores: np.ndarray, k: int, largest: bool = True) -> np.nda
     return candidates[np.argsort(s[candidates], kind="stable")[:k]]
 
 
-def query_bm25(corpus: Path, queries: Path, out: Path, k: int) -> None:
+def read_query_files(pairs: list[tuple[Path, Path]]) -> list[list[dict]]:
+    """The rows of each pair's queries JSONL (the text baselines), each warned about as it is read."""
+    sets = []
+    for queries, _ in pairs:
+        sets.append(ts.read_jsonl(queries, "queries"))
+        warn_unspaced(sets[-1])
+    return sets
+
+
+def query_bm25(corpus: Path, pairs: list[tuple[Path, Path]], k: int) -> None:
+    """Each pair's queries JSONL ranked by BM25 over the corpus, indexed once, into its paired output."""
     docs = ts.read_jsonl(corpus, "corpus")
-    qs = ts.read_jsonl(queries, "queries")
-    warn_unspaced(qs)
+    sets = read_query_files(pairs)
     bm25 = BM25Index([bm25_tokenize(d["text"]) for d in docs])
-    made = made_by("bm25", k, None, queries, ts.data_digest(queries))
-    ts.write_jsonl(out, bm25_results(bm25, docs, qs, k, made))
-    typer.echo(f"wrote {out}: BM25, {len(qs)} queries x {len(docs)} documents")
+    for (queries, out), qs in zip(pairs, sets, strict=True):
+        made = made_by("bm25", k, None, queries, ts.data_digest(queries))
+        ts.write_jsonl(out, bm25_results(bm25, docs, qs, k, made))
+        typer.echo(f"wrote {out}: BM25, {len(qs)} queries x {len(docs)} documents")
 
 
 def bm25_results(bm25: BM25Index, docs: list[dict], qs: list[dict], k: int, made: dict) -> Iterator[dict]:
@@ -912,38 +955,51 @@ def checked_dense_model(meta: dict, index: Path, name: str | None, device: str) 
     return dense
 
 
-def query_dense(index: Path, meta: dict, queries: list[dict], dense: DenseModel, k: int, block: int, device: str
-                ) -> tuple[list[dict], tuple]:
-    """(corpus rows, search result) for queries embedded as prompt + target, from the index build `meta` read."""
-    rows = corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"])
+def query_dense(index: Path, meta: dict, queries: list[dict], dense: DenseModel, k: int, block: int, device: str,
+                resident: ResidentIndex | None = None) -> tuple:
+    """search's result for queries embedded as prompt + target, from the index build `meta` read (its rows
+    scanned from `resident` when given)."""
     q = torch.as_tensor(embed_texts(dense, [query_text(q) for q in queries]), device=device)
-    return rows, search(q, [(index / "index.h5", 0, meta["n_rows"])], k, block, device, meta["build"])
+    return search(q, dense_segments(index, meta), k, block, device, meta["build"], resident)
 
 
-def dense_main(index: Path | None, corpus: Path | None, queries: Path | None, out: Path | None, prompt: str | None,
-               target: str | None, k: int, block: int, device: str, model: str | None) -> None:
-    """--method dense: embed --corpus into --index when given; then answer --queries or --prompt/--target."""
-    if index is None or (corpus is None and queries is None and prompt is None) or (queries and out is None):
+def dense_segments(index: Path, meta: dict) -> list[tuple[Path, int, int]]:
+    """A dense index's rows as search reads them: one file, one segment."""
+    return [(index / "index.h5", 0, meta["n_rows"])]
+
+
+def dense_rows(meta: dict) -> list[dict]:
+    """The documents a dense index embedded, checked by digest."""
+    return corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"])
+
+
+def dense_main(index: Path | None, corpus: Path | None, pairs: list[tuple[Path, Path]], queries_only: bool,
+               prompt: str | None, target: str | None, k: int, block: int, device: str, model: str | None) -> None:
+    """--method dense: embed --corpus into --index when given; then answer each --queries (into its --out) or
+    --prompt/--target. `queries_only`: --queries given without --out."""
+    if index is None or (corpus is None and not pairs and prompt is None) or queries_only:
         raise ts.TrackStarError("--method dense needs --index DIR and --corpus (embed it there), --queries with "
                                 "--out, or --prompt with --target (ask the index)")
     dense = None
     if corpus is not None:
-        index = ts.check_output(index, "dense index", [corpus, queries], option="--index")
+        index = ts.check_output(index, "dense index", [corpus, *(q for q, _ in pairs)], option="--index")
         dense = load_dense_model(model or "minilm", device)
         build_dense_index(index, corpus, dense)
-    if queries is None and prompt is None:
+    if not pairs and prompt is None:
         return
     meta = read_dense_meta(index)
     dense = dense or checked_dense_model(meta, index, model, device)
     if prompt is not None:
         row = {"prompt": prompt, "target": target}
-        return print_adhoc(prompt, target, *query_dense(index, meta, [row], dense, k, block, device))
-    qs = ts.read_jsonl(queries, "queries")
-    warn_unspaced(qs)
-    rows, result = query_dense(index, meta, qs, dense, k, block, device)
-    write_results(out, [q["id"] for q in qs], rows, result,
-                  made_by("dense", k, meta["build"], queries, ts.data_digest(queries)))
-    typer.echo(f"wrote {out}: dense ({dense.name}), {len(qs)} queries x {len(rows)} documents")
+        return print_adhoc(prompt, target, dense_rows(meta), query_dense(index, meta, [row], dense, k, block, device))
+    sets = read_query_files(pairs)
+    rows = dense_rows(meta)
+    resident = resident_for_runs(len(pairs), dense_segments(index, meta), device, meta["build"])
+    for (queries, out), qs in zip(pairs, sets, strict=True):
+        result = query_dense(index, meta, qs, dense, k, block, device, resident)
+        write_results(out, [q["id"] for q in qs], rows, result,
+                      made_by("dense", k, meta["build"], queries, ts.data_digest(queries)))
+        typer.echo(f"wrote {out}: dense ({dense.name}), {len(qs)} queries x {len(rows)} documents")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1022,7 +1078,7 @@ def dense_index(path: Path, device: str, model: str | None, corpus: Path | None 
     meta = read_dense_meta(path)
     dense = checked_dense_model(meta, path, model, device)
     rows = corpus_rows_for(meta["data"], meta["data_digest"], meta["n_examples"], corpus)
-    segments = [(path / "index.h5", 0, meta["n_rows"])]
+    segments = dense_segments(path, meta)
     resident = resident_if_it_fits(segments, device, meta["build"])
 
     def top(prompt: str, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1057,11 +1113,31 @@ def refuse_unused(method: Method, given: dict[str, Any]) -> None:
             raise ts.TrackStarError(f"{option} is not read by --method {method.value}; leave it out")
 
 
+def query_pairs(queries: list[Path], outs: list[Path], inputs: list[Path | None]) -> list[tuple[Path, Path]]:
+    """(--queries, --out) pairs, in the order given; every --out checked (ts.check_output: not one of `inputs`
+    nor any --queries, ...) before any model or index loads, and refused when two name one file. Several of
+    either need as many of the other (one of each, or one alone, is left for each method to judge)."""
+    if max(len(queries), len(outs)) > 1 and len(queries) != len(outs):
+        raise ts.TrackStarError(f"{len(queries)} --queries but {len(outs)} --out: give one --out for each "
+                                "--queries, paired in order")
+    checked = [ts.check_output(out, "proponents", [*inputs, *queries]) for out in outs]
+    seen: dict[str, Path] = {}
+    for given, out in zip(outs, checked, strict=True):
+        if (real := os.path.realpath(out)) in seen:  # the later run would overwrite the earlier one's answers
+            also = "" if str(seen[real]) == str(given) else f" (as --out {seen[real]} too)"
+            raise ts.TrackStarError(f"--out {given} is given twice{also}: give each --queries an --out of its own")
+        seen[real] = given
+    return list(zip(queries, checked, strict=False))  # a lone --queries or --out pairs with nothing
+
+
 @app.command(help=__doc__.replace("\n\n    ", "\n\n\b\n    "))  # \b: click keeps those lines as written
 def main(
     index: Path | None = typer.Option(None, help="Index directory written by index.py (dense: its own index)."),
-    queries: Path | None = typer.Option(None, help="Encoded queries run directory (bm25, dense: the queries JSONL)."),
-    out: Path | None = typer.Option(None, help="Output JSONL of proponents and opponents per query."),
+    queries: list[Path] | None = typer.Option(None, metavar="<path>", help="Encoded queries run directory (bm25, "
+                                              "dense: the queries JSONL). Give it again, each with its --out, to "
+                                              "answer several against one index, read once."),
+    out: list[Path] | None = typer.Option(None, metavar="<path>", help="Output JSONL of proponents and opponents "
+                                          "per query: one per --queries, paired in order."),
     k: int = typer.Option(10, help="Proponents (and opponents) per query."),
     prompt: str | None = typer.Option(None, help="Ad-hoc query prompt (with --target): prints a table."),
     target: str | None = typer.Option(None, help="Ad-hoc query target; its tokens carry the loss. It is the words "
@@ -1089,27 +1165,28 @@ def main(
     if method != Method.trackstar and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ts.TrackStarError(f"--method {method.value} runs in one process; torchrun shares out gradient "
                                 "indexes only")
-    if out is not None:  # checked before any model loads: an input, another artifact, a read-only folder
-        out = ts.check_output(out, "proponents", [index, queries, corpus])
+    queries, out = queries or [], out or []
+    pairs = query_pairs(queries, out, [index, corpus])
     if method == Method.bm25:
-        if corpus is None or queries is None or out is None:
+        if corpus is None or not pairs:
             raise ts.TrackStarError("--method bm25 needs --corpus, --queries (JSONL files) and --out")
-        return query_bm25(corpus, queries, out, k)
+        return query_bm25(corpus, pairs, k)
     adhoc = prompt is not None or target is not None
     if adhoc and not (prompt and prompt.strip() and target and target.strip()):
         raise ts.TrackStarError("an ad-hoc query needs both --prompt and --target, each with some text")
     if adhoc:
         warn_unspaced([{"prompt": prompt, "target": target, "_where": "--target"}])
     if method == Method.dense:
-        return dense_main(index, corpus, queries, out, prompt, target, k, block, ts.pick_device(device), dense_model)
+        return dense_main(index, corpus, pairs, bool(queries) and not out, prompt, target, k, block,
+                          ts.pick_device(device), dense_model)
     if index is None:
         raise ts.TrackStarError("give --index (or --method bm25)")
     device = ts.pick_device(device)
     if adhoc:
         return query_adhoc(index, prompt, target, k, block, device, corpus)
-    if queries is None or out is None:
+    if not pairs:
         raise ts.TrackStarError("give --queries RUN/queries and --out FILE (or --prompt and --target)")
-    query_runs(index, queries, out, k, block, device, corpus)
+    query_runs(index, pairs, k, block, device, corpus)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def two_builds(model_dir, corpus_file, queries_file, tmp_path) -> tuple[Path, Pa
     return tmp_path / "index", tmp_path / "rebuilt", queries
 
 
-@pytest.mark.parametrize("after", ["read_index_meta", "prepare_queries"])
+@pytest.mark.parametrize("after", ["read_index_meta", "transformed_queries"])
 def test_an_index_swapped_between_two_opens_is_refused_naming_both_builds(two_builds, tmp_path, monkeypatch,
                                                                          after):
     """The rebuild lands after the settings were read (before the query transform is) or after the queries were
@@ -108,7 +108,7 @@ def test_an_index_swapped_between_two_opens_is_refused_naming_both_builds(two_bu
     monkeypatch.setattr(query, after, then_swap)
     out = tmp_path / "p.jsonl"
     with pytest.raises(ts.TrackStarError, match="another index build") as e:
-        query.query_runs(index, queries, out, 3, 0, "cpu")
+        query.query_runs(index, [(queries, out)], 3, 0, "cpu")
     assert builds[0] in str(e.value) and builds[1] in str(e.value)
     assert not out.exists()
 
