@@ -15,7 +15,10 @@ its rank-one factors) and without correction, under these variants:
 * tf32 (--device cuda only; a no-op on a CPU): the float32 model with float32 matmuls on TF32 tensor cores
   (`--matmul-precision high`).
 
-The part of bf16's drift that `weights` does not show is the activations' and δ's rounding.
+The part of bf16's drift that `weights` does not show is the activations' and δ's rounding. For each input
+set's worst example (factored path, bf16) a second table says where its drift comes from (`diagnose`): its
+whole gradient's cosine, with no projection or V in the way, the parameters that carry most of that gradient,
+and the largest magnitude in the residual stream, where bf16's spacing is coarsest.
 
 Input sets: the corpus's texts (real text), the same number of sequences of uniformly random tokens of the
 same lengths, long documents (the texts concatenated to --long tokens), and the texts with a third of their
@@ -26,6 +29,7 @@ tokens replaced by ids from the last tenth of the vocabulary (rare tokens: BPE's
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import torch
@@ -94,20 +98,66 @@ def compare(model32: torch.nn.Module, seqs: list[list[int]], dim: int, batch: in
             x = encodings(m, v, gradient, dim, seqs, batch, precision)
             cos = torch.nn.functional.cosine_similarity(x, ref, dim=1)
             rows.append({"path": path, "variant": name, "mean_cosine": float(cos.mean()),
-                         "min_cosine": float(cos.min()), "n": len(seqs)})
+                         "min_cosine": float(cos.min()), "worst": int(cos.argmin()),
+                         "below_0.99": int((cos < 0.99).sum()), "below_0.9": int((cos < 0.9).sum()), "n": len(seqs)})
     return rows
+
+
+def diagnose(model32: torch.nn.Module, seq: list[int], top: int = 5) -> dict:
+    """Where one example's bf16 drift comes from, without projection or V: the cosine of its whole gradient
+    (every parameter) in a bf16 copy of the model to float32's, the parameters that carry most of its float32
+    gradient (share of the squared norm) with each one's cosine, and the largest magnitude in the float32
+    residual stream with bf16's spacing there (8 significant bits: 2^(floor(log2 |h|) - 7))."""
+    grads, biggest = [], 0.0
+    for m in (model32, copy.deepcopy(model32).to(torch.bfloat16)):
+        for p in m.parameters():
+            p.requires_grad_(True)
+        b = ts.collate([(seq, seq)], next(m.parameters()).device)
+        with torch.enable_grad():
+            out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+            loss = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), b["labels"][0, 1:], reduction="sum")
+            loss.backward()
+        biggest = biggest or max(float(h.detach().abs().max()) for h in out.hidden_states)
+        grads.append({n: p.grad.detach().double().flatten().cpu() for n, p in m.named_parameters()})
+        for p in m.parameters():
+            p.grad = None
+            p.requires_grad_(False)
+    g32, g16 = grads
+    total = sum(float(g.pow(2).sum()) for g in g32.values())
+    cos = torch.nn.functional.cosine_similarity
+    params = sorted(({"param": n, "share": float(g.pow(2).sum()) / total, "cosine": float(cos(g, g16[n], dim=0))}
+                     for n, g in g32.items()), key=lambda r: -r["share"])
+    whole = cos(torch.cat(list(g32.values())), torch.cat(list(g16.values())), dim=0)
+    return {"tokens": len(seq), "whole_gradient_cosine": float(whole), "top": params[:top],
+            "max_abs_hidden": biggest, "bf16_spacing": 2.0 ** (math.floor(math.log2(biggest)) - 7)}
 
 
 def markdown(results: dict) -> str:
     names = {"weights": "weights rounded", "bf16": "bf16", "tf32": "TF32"}
     shown = [v for v in names if any(r["variant"] == v for s in results["sets"] for r in s["rows"])]
-    lines = ["| model | inputs | path | " + " | ".join(f"{names[v]}: mean / min" for v in shown) + " |",
-             "| --- | --- | --- | " + " | ".join("---:" for _ in shown) + " |"]
+    counted = all("below_0.9" in r for s in results["sets"] for r in s["rows"])
+    lines = ["| model | inputs | path | " + " | ".join(f"{names[v]}: mean / min" for v in shown)
+             + (" | bf16: examples below 0.99 / 0.9 |" if counted else " |"),
+             "| --- | --- | --- | " + " | ".join("---:" for _ in shown) + (" | ---: |" if counted else " |")]
     for s in results["sets"]:
         by = {(r["path"], r["variant"]): r for r in s["rows"]}
         for path in dict.fromkeys(r["path"] for r in s["rows"]):
             cells = [f"{by[(path, v)]['mean_cosine']:.5f} / {by[(path, v)]['min_cosine']:.5f}" for v in shown]
+            if counted:
+                cells.append(f"{by[(path, 'bf16')]['below_0.99']} / {by[(path, 'bf16')]['below_0.9']}")
             lines.append(f"| {s['model']} | {s['inputs']} ({s['n']}) | {path} | " + " | ".join(cells) + " |")
+    worst = [s for s in results["sets"] if "worst" in s]
+    if worst:
+        lines += ["", "| model | inputs | its worst example (factored, bf16) | whole gradient's cosine | "
+                  "largest residual magnitude (bf16 spacing) | parameters with most of its gradient: share, cosine |",
+                  "| --- | --- | ---: | ---: | ---: | --- |"]
+        for s in worst:
+            w, by = s["worst"], {(r["path"], r["variant"]): r for r in s["rows"]}
+            params = "; ".join(f"{p['param'].removeprefix('model.')} {p['share']:.2f}, {p['cosine']:+.2f}"
+                               for p in w["top"][:3])
+            lines.append(f"| {s['model']} | {s['inputs']} | {by[('factored, rank-one V', 'bf16')]['min_cosine']:.3f}"
+                         f" ({w['tokens']} tokens) | {w['whole_gradient_cosine']:+.3f} | {w['max_abs_hidden']:,.0f} "
+                         f"({w['bf16_spacing']:g}) | {params} |")
     return "\n".join(lines)
 
 
@@ -132,8 +182,10 @@ def main(corpus: Path = typer.Option(..., help="Corpus JSONL whose texts are the
                 if wanted is None or k in wanted}
         label = "SmolLM2-135M" if name == "smollm2" else "fact world" if wanted else Path(name).name
         for inputs, seqs in tqdm(todo.items(), desc=f"precision {label}", unit="set"):
+            rows = compare(m, seqs, dim, batch)
+            worst = next(r["worst"] for r in rows if r["variant"] == "bf16")  # on the factored path
             sets.append({"model": label, "inputs": inputs, "n": len(seqs), "tokens": sum(map(len, seqs)),
-                         "rows": compare(m, seqs, dim, batch)})
+                         "rows": rows, "worst": {"example": worst, **diagnose(m, seqs[worst])}})
     results = {"dim": dim, "sets": sets}
     print(markdown(results))
     if out is not None:

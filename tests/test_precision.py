@@ -149,3 +149,28 @@ def test_the_islands_bench_drops_each_island_it_names_and_puts_everything_back(m
     assert "| bf16, no islands |" in islands.markdown({"model": "m", "device": "cpu", "dim": 64, "rounds": 1,
                                                        "sets": [{"inputs": "real text", "n": 3, "tokens": 14,
                                                                  "rows": rows}]})
+
+
+def test_the_precision_bench_diagnoses_an_example_by_its_whole_gradient_and_leaves_the_model_as_it_was():
+    """bench.precision.diagnose on a tiny Llama: the whole gradient of a bf16 copy points the way float32's does,
+    the parameters are listed by their share of the float32 gradient (largest first, shares of one whole), bf16's
+    spacing is stated at the residual stream's largest magnitude, and the float32 model is left frozen with no
+    gradients (the encodings after it must not change). A diagnosis that compared a parameter with another's
+    gradient would show a low cosine here."""
+    from bench import precision
+
+    model = tiny_model("llama")
+    before = encode(model, "factored")
+    d = precision.diagnose(model, [5, 9, 3, 7, 11, 2, 8, 4, 8, 1], top=50)
+    assert d["whole_gradient_cosine"] > 0.999 and d["tokens"] == 10
+    shares = [p["share"] for p in d["top"]]
+    assert shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 1e-9
+    assert all(p["cosine"] > 0.99 for p in d["top"] if p["share"] > 0.01)
+    assert d["bf16_spacing"] <= d["max_abs_hidden"] / 2**7 < 2 * d["bf16_spacing"]
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+    after = encode(model, "factored")
+    assert torch.equal(before["vectors"], after["vectors"])
+    rows = precision.compare(model, [[5, 9, 3, 7], [4, 8, 1]], 64, 2)
+    table = precision.markdown({"sets": [{"model": "m", "inputs": "real text", "n": 2, "rows": rows,
+                                          "worst": {"example": 0, **d}}]})
+    assert "| bf16: examples below 0.99 / 0.9 |" in table and "whole gradient's cosine" in table
