@@ -14,7 +14,8 @@ and the rest (elementwise: norms, activations, residual adds, the hooks' small o
 * busy ÷ wall: the device's busy time ÷ the profiled step's wall time. Far below 1 on a GPU,
   the step waits on the host (kernel launches, Python): a larger batch or fewer, larger kernels help,
   faster kernels do not;
-* the step's wall time without the profiler, operators per step, and that time ÷ operators (µs each).
+* the step's wall time without the profiler, operators per step, and that time ÷ operators (µs each);
+* the largest operators of the rest, each with its share of the busy time.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def profiled(step, batch: dict, device: str) -> dict:
         wall = time.perf_counter() - t0
     us = dict.fromkeys(GROUPS, 0.0)
     flops = dict.fromkeys(GROUPS, 0.0)
-    ops = 0
+    ops, rest = 0, {}
     for e in prof.key_averages():
         if not e.key.startswith("aten::"):
             continue  # the profiler's own ranges and CUDA runtime calls: no work of their own
@@ -68,7 +69,10 @@ def profiled(step, batch: dict, device: str) -> dict:
         us[group(e.key)] += t
         flops[group(e.key)] += e.flops or 0
         ops += e.count
-    return {"us": us, "flops": flops, "ops": ops, "wall_s": wall}
+        if group(e.key) == "the rest":
+            rest[e.key.removeprefix("aten::")] = t
+    top = sorted(rest.items(), key=lambda kv: -kv[1])[:4]
+    return {"us": us, "flops": flops, "ops": ops, "wall_s": wall, "rest_top": top}
 
 
 def breakdown(model: torch.nn.Module, device: str, dim: int, batch: int, length: int, peak: float) -> list[dict]:
@@ -86,6 +90,7 @@ def breakdown(model: torch.nn.Module, device: str, dim: int, batch: int, length:
                      "shares": {g: p["us"][g] / 1e6 / busy for g in GROUPS},
                      "matmul_vs_peak": p["flops"]["matmul"] / max(mm, 1e-12) / (peak * 1e9),
                      "ops": p["ops"], "us_per_op": wall * 1e6 / max(p["ops"], 1),
+                     "rest_top": [(name, t / 1e6 / busy) for name, t in p["rest_top"]],
                      "tokens": int(data["attention_mask"].sum())})
     return rows
 
@@ -100,12 +105,14 @@ def load(name: str, dtype: str, device: str) -> torch.nn.Module:
 def markdown(r: dict) -> str:
     lines = [f"{r['model']} in {r['dtype']} on {r['device']}, one batch of {r['batch']} × ≤ {r['length']} tokens, "
              f"d = {r['dim']:,}; measured matmul peak {r['matmul_gflop_s']:.0f} GFLOP/s.\n",
-             "| mode | wall s | busy ÷ wall | " + " | ".join(GROUPS) + " | matmul ÷ peak | operators | µs / op |",
-             "| --- | ---: | ---: | " + " | ".join("---:" for _ in GROUPS) + " | ---: | ---: | ---: |"]
+             "| mode | wall s | busy ÷ wall | " + " | ".join(GROUPS) + " | matmul ÷ peak | operators | µs / op | "
+             "the rest's largest: share |",
+             "| --- | ---: | ---: | " + " | ".join("---:" for _ in GROUPS) + " | ---: | ---: | ---: | --- |"]
     for m in r["modes"]:
         shares = " | ".join(f"{m['shares'][g]:.2f}" for g in GROUPS)
         lines.append(f"| {m['mode']} | {m['wall_s']:.3f} | {m['busy_vs_wall']:.2f} | {shares} | "
-                     f"{m['matmul_vs_peak']:.2f} | {m['ops']:,} | {m['us_per_op']:.0f} |")
+                     f"{m['matmul_vs_peak']:.2f} | {m['ops']:,} | {m['us_per_op']:.0f} | "
+                     + "; ".join(f"{n} {x:.2f}" for n, x in m.get("rest_top", [])) + " |")
     return "\n".join(lines)
 
 

@@ -406,5 +406,7 @@ def test_the_breakdown_bench_puts_every_operator_in_one_group_and_its_shares_add
     for r in rows:
         assert sum(r["shares"].values()) == pytest.approx(1)
         assert r["ops"] > 50 and 0 < r["busy_vs_wall"] <= 1 and r["matmul_vs_peak"] > 0
+        assert all(breakdown.group("aten::" + n) == "the rest" for n, _ in r["rest_top"])
+        assert sum(x for _, x in r["rest_top"]) <= r["shares"]["the rest"] + 1e-9
     assert "| train |" in breakdown.markdown({"model": "m", "dtype": "float32", "device": "cpu", "batch": 2,
                                              "length": 32, "dim": 256, "matmul_gflop_s": 10.0, "modes": rows})

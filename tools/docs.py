@@ -25,9 +25,9 @@ from pathlib import Path
 
 import evaluate
 import report
+from bench import breakdown, islands, peer, precision
 from bench import encoding as bench_encode
 from bench import gpu as bench_gpu
-from bench import peer, precision
 from experiments import compare, seeds, sweep, trend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,6 +216,8 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "mfu": lambda rec: bench_encode.markdown(rec["results"]),
     "fill": lambda rec: "\n".join(bench_gpu.fill_table(rec["results"]["fill"])),
     "peer": lambda rec: peer.markdown(rec["results"]),
+    "islands": lambda rec: islands.markdown(rec["results"]),
+    "breakdown": lambda rec: breakdown.markdown(rec["results"]),
 }
 
 
