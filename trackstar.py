@@ -480,12 +480,9 @@ def _capture(enc: Encoder, name: str, mask: torch.Tensor, acc: dict) -> Callable
         if exact:  # keep x itself, in the model's dtype: modules fed the same input (q, k, v) share it
             saved = inputs[0]
             version = saved._version  # weights are frozen, so autograd would not notice an in-place change
-        else:
-            x = inputs[0].to(GRADIENT_DTYPE) * mask  # (B, T, in); padded positions carry nothing
-            xs = [x * scale.b] if scale is not None else [x]
-            if enc.also_uncorrected:
-                xs.append(x)
-            saved = [xi @ p_in for xi in xs]  # (B, T, s_in): keep only the projection
+        else:  # keep only the projection (B, T, s_in); padded positions carry nothing
+            x = inputs[0].to(GRADIENT_DTYPE)
+            saved = [(x @ p) * mask for p in _sides(enc, p_in, scale, "b")]
         def hook(g: torch.Tensor) -> None:
             if exact and saved._version != version:
                 raise TrackStarError(f"the input of {name} was modified in place after its forward pass; its "
@@ -519,11 +516,16 @@ def _accumulate(enc: Encoder, name: str, saved: Any, delta: torch.Tensor, acc: d
                 grad.mul_(scale)
             acc["vectors"][lo : lo + b] += _project(grad, p_out, p_in)
     else:
-        ds = [delta * scale.a] if scale is not None else [delta]
-        if enc.also_uncorrected:
-            ds.append(delta)
-        for key, d, x in zip(["vectors", "vectors_uncorrected"], ds, saved, strict=False):
-            acc[key] += torch.einsum("bto,bti->boi", d @ p_out, x).reshape(B, -1)
+        for key, p, x in zip(["vectors", "vectors_uncorrected"], _sides(enc, p_out, scale, "a"), saved, strict=False):
+            acc[key] += torch.einsum("bto,bti->boi", delta @ p, x).reshape(B, -1)
+
+
+def _sides(enc: Encoder, p: torch.Tensor, scale: RankOne | None, side: str) -> list[torch.Tensor]:
+    """One side's projection for the corrected vectors, then (when asked) the uncorrected ones. V̂ = a ⊗ b scales
+    δ by a and x by b; (δ ⊙ a) P_out = δ (a ⊙ P_out), so the factor goes into P (width x s, a small matrix)
+    instead of into every position's δ or x (B x T x width, which cost as much time as the projections)."""
+    sides = [p * getattr(scale, side)[:, None]] if scale is not None else [p]
+    return sides + [p] if enc.also_uncorrected else sides
 
 
 def _capture_lookup(enc: Encoder, name: str, mask: torch.Tensor, acc: dict) -> Callable:
