@@ -1264,6 +1264,11 @@ def run_cli(app: Callable[[], Any]) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        # a torchrun rank that exits with its gloo group alive can abort at interpreter exit ("terminate called
+        # without an active exception") while the other ranks are still writing; its collectives are done here
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def refuse_empty_values(argv: list[str]) -> None:
