@@ -88,14 +88,9 @@ def text_precision_section(model_path: str, device: str, corpus: Path | None, di
     encodings, on the corpus's texts, random tokens, long documents and rare tokens."""
     if corpus is None:
         return {"skipped": "needs --corpus (a corpus JSONL of real text)"}
-    model, tok = ts.load_model(model_path, "float32", device)
     texts = [d["text"] for d in ts.read_jsonl(corpus, "corpus")]
-    sets = []
-    for inputs, seqs in bench_precision.input_sets(texts, tok, model.config.vocab_size, n, long,
-                                                   ts.context_length(model)).items():
-        sets.append({"model": Path(model_path).name, "inputs": inputs, "n": len(seqs), "tokens": sum(map(len, seqs)),
-                     "rows": bench_precision.compare(model, seqs, dim, 8)})
-    return {"dim": dim, "sets": sets}
+    return {"dim": dim, "sets": bench_precision.measure_sets(model_path, Path(model_path).name, texts, device, n,
+                                                             dim, 8, long)}
 
 
 def islands_section(model_path: str, device: str, corpus: Path | None, dim: int, n: int, long: int) -> dict:
@@ -103,15 +98,7 @@ def islands_section(model_path: str, device: str, corpus: Path | None, dim: int,
     the islands' matmuls run on fp32 CUDA cores, the model's on bf16 tensor cores) and buys in cosine."""
     if corpus is None:
         return {"skipped": "needs --corpus (a corpus JSONL of real text)"}
-    ts.check_bf16_attention(device)
-    m32, tok = ts.load_model(model_path, "float32", device)
-    models = {torch.float32: m32, torch.bfloat16: ts.load_model(model_path, "bfloat16", device)[0]}
-    texts = [d["text"] for d in ts.read_jsonl(corpus, "corpus")]
-    todo = bench_precision.input_sets(texts, tok, m32.config.vocab_size, n, long, ts.context_length(m32))
-    sets = [{"inputs": inputs, "n": len(todo[inputs]), "tokens": sum(map(len, todo[inputs])),
-             "rows": bench_islands.measure(models, todo[inputs], 8 if inputs == "real text" else 4, dim, 2, device)}
-            for inputs in ("real text", "long documents")]
-    return {"model": Path(model_path).name, "device": device, "dim": dim, "rounds": 2, "sets": sets}
+    return bench_islands.islands_of(model_path, corpus, device, n, dim, 8, long, 2)
 
 
 def precision_section(model_path: str, device: str, dim: int, batch: int, length: int) -> list[dict]:

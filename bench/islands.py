@@ -120,16 +120,8 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-@app.command(help=__doc__)
-def main(corpus: Path = typer.Option(..., help="Corpus JSONL whose texts are the inputs."),
-         model: str = typer.Option("smollm2", help="The model (a directory, or smollm2)."),
-         n: int = typer.Option(64, help="Texts encoded (and n/4 long documents)."),
-         dim: int = typer.Option(4096), batch: int = typer.Option(8), long: int = typer.Option(512),
-         rounds: int = typer.Option(3, help="Timed rounds (after one untimed)."),
-         device: str = typer.Option("cpu", help="cpu or cuda."),
-         out: Path | None = typer.Option(None, help="Write the figures here (JSON).")) -> None:
-    device = ts.pick_device(device)
-    ts.pin_precision("highest")
+def islands_of(model: str, corpus: Path, device: str, n: int, dim: int, batch: int, long: int, rounds: int) -> dict:
+    """The figures for `model` on the corpus's texts and long documents (batches of `batch`, halved for those)."""
     ts.check_bf16_attention(device)
     m32, tok = ts.load_model(model, "float32", device)
     models = {torch.float32: m32, torch.bfloat16: ts.load_model(model, "bfloat16", device)[0]}
@@ -141,8 +133,20 @@ def main(corpus: Path = typer.Option(..., help="Corpus JSONL whose texts are the
         b = batch if inputs == "real text" else max(1, batch // 2)
         sets.append({"inputs": inputs, "n": len(seqs), "tokens": sum(map(len, seqs)),
                      "rows": measure(models, seqs, b, dim, rounds, device)})
-    results = {"model": "SmolLM2-135M" if model == "smollm2" else Path(model).name, "device": device, "dim": dim,
-               "rounds": rounds, "sets": sets}
+    return {"model": "SmolLM2-135M" if model == "smollm2" else Path(model).name, "device": device, "dim": dim,
+            "rounds": rounds, "sets": sets}
+
+
+@app.command(help=__doc__)
+def main(corpus: Path = typer.Option(..., help="Corpus JSONL whose texts are the inputs."),
+         model: str = typer.Option("smollm2", help="The model (a directory, or smollm2)."),
+         n: int = typer.Option(64, help="Texts encoded (and n/4 long documents)."),
+         dim: int = typer.Option(4096), batch: int = typer.Option(8), long: int = typer.Option(512),
+         rounds: int = typer.Option(3, help="Timed rounds (after one untimed)."),
+         device: str = typer.Option("cpu", help="cpu or cuda."),
+         out: Path | None = typer.Option(None, help="Write the figures here (JSON).")) -> None:
+    ts.pin_precision("highest")
+    results = islands_of(model, corpus, ts.pick_device(device), n, dim, batch, long, rounds)
     print(markdown(results))
     if out is not None:
         ts.write_json(out, results)

@@ -161,6 +161,22 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def measure_sets(name: str, label: str, texts: list[str], device: str, n: int, dim: int, batch: int, long: int,
+                 wanted: set[str] | None = None) -> list[dict]:
+    """Each input set's rows (compare) and its worst example's diagnosis, for the model `name` on `texts`
+    (`wanted`: the input sets to measure, None for all)."""
+    m, tok = ts.load_model(name, "float32", device)
+    todo = {k: v for k, v in input_sets(texts, tok, m.config.vocab_size, n, long, ts.context_length(m)).items()
+            if wanted is None or k in wanted}
+    sets = []
+    for inputs, seqs in tqdm(todo.items(), desc=f"precision {label}", unit="set"):
+        rows = compare(m, seqs, dim, batch)
+        worst = next(r["worst"] for r in rows if r["variant"] == "bf16")  # on the factored path
+        sets.append({"model": label, "inputs": inputs, "n": len(seqs), "tokens": sum(map(len, seqs)),
+                     "rows": rows, "worst": {"example": worst, **diagnose(m, seqs[worst])}})
+    return sets
+
+
 @app.command()
 def main(corpus: Path = typer.Option(..., help="Corpus JSONL whose texts are the real-text inputs."),
          model: str = typer.Option("smollm2", help="The model (a directory, or smollm2)."),
@@ -177,15 +193,8 @@ def main(corpus: Path = typer.Option(..., help="Corpus JSONL whose texts are the
                      {"real text"}))
     sets = []
     for name, docs, wanted in jobs:
-        m, tok = ts.load_model(name, "float32", device)
-        todo = {k: v for k, v in input_sets(docs, tok, m.config.vocab_size, n, long, ts.context_length(m)).items()
-                if wanted is None or k in wanted}
         label = "SmolLM2-135M" if name == "smollm2" else "fact world" if wanted else Path(name).name
-        for inputs, seqs in tqdm(todo.items(), desc=f"precision {label}", unit="set"):
-            rows = compare(m, seqs, dim, batch)
-            worst = next(r["worst"] for r in rows if r["variant"] == "bf16")  # on the factored path
-            sets.append({"model": label, "inputs": inputs, "n": len(seqs), "tokens": sum(map(len, seqs)),
-                         "rows": rows, "worst": {"example": worst, **diagnose(m, seqs[worst])}})
+        sets += measure_sets(name, label, docs, device, n, dim, batch, long, wanted)
     results = {"dim": dim, "sets": sets}
     print(markdown(results))
     if out is not None:
